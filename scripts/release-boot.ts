@@ -1,0 +1,1792 @@
+#!/usr/bin/env -S deno run --allow-read --allow-write --allow-run --allow-env --allow-net --allow-sys
+/**
+ * release-boot: build a flake's NixOS boot images and publish them as a verified Forgejo
+ * release (or stage the same bundle locally when no server is configured).
+ *
+ * The runbook this replaces, in order (see main()):
+ *   1. read flags and environment; refuse bad input before any work
+ *   2. check the Forgejo server, repository and token (when publishing)
+ *   3. read the flake: its targets and locked inputs
+ *   4. nix build every target in one call
+ *   5. collect the build products and name them as release assets
+ *   6. hash them; write SHA256SUMS and manifest.json
+ *   7. stage locally, or: draft release -> upload what is missing -> checksums -> publish
+ */
+import { Buffer } from "node:buffer";
+import { createHash } from "node:crypto";
+import { createReadStream } from "node:fs";
+import * as fs from "node:fs/promises";
+import * as path from "node:path";
+import process from "node:process";
+import { Readable } from "node:stream";
+import { Worker } from "node:worker_threads";
+import { Agent, request } from "undici";
+import * as v from "valibot";
+import { $, minimist } from "zx";
+import {
+  type Attachment,
+  AttachmentListSchema,
+  AttachmentSchema,
+  type CreateReleaseOption,
+  type EditReleaseOption,
+  type Release,
+  ReleaseListSchema,
+  ReleaseSchema,
+  RepositorySchema,
+  ServerVersionSchema,
+  TagSchema,
+} from "../types/forgejo.ts";
+import {
+  type FlakeInput,
+  type Manifest,
+  type ManifestAsset,
+  ManifestSchema,
+} from "../types/manifest.ts";
+import {
+  AttrNamesSchema,
+  type BuildResult,
+  BuildResultsSchema,
+  type FlakeMetadata,
+  FlakeMetadataSchema,
+  OutPathsSchema,
+} from "../types/nix.ts";
+
+const NIX_FEATURES = ["--extra-experimental-features", "nix-command flakes"];
+const SUMS_NAME = "SHA256SUMS";
+const MANIFEST_NAME = "manifest.json";
+const INDEX_NAMES = new Set([SUMS_NAME, MANIFEST_NAME]);
+const DEFAULT_MIRRORS = "https://codeberg.org";
+const READ_SIZE = 1 << 20;
+
+// ---------------------------------------------------------------------------------------------
+// The runbook
+// ---------------------------------------------------------------------------------------------
+
+async function main(argv: string[], env: Env): Promise<void> {
+  const options = await readOptions(argv, env);
+  if (options.help) return printHelp();
+  hideSecretsFromChildren(env);
+
+  const forgejo = options.publish ? connectForgejo(options, env) : undefined;
+  if (forgejo) await step("Check Forgejo", () => checkForgejo(forgejo));
+  if (forgejo && options.finalize) return await finalizeRelease(forgejo, options);
+
+  const flake = await step("Read the flake", () => readFlake(options));
+  if (forgejo) refuseUntrustedFlake(flake, options);
+  const builds = await step("Build", () => buildTargets(options, flake));
+  const products = await collectProducts(builds);
+  const assets = await step("Hash", () => hashProducts(products));
+  const bundle = bundleRelease(assets, describeRelease(options, flake, assets));
+
+  if (options.dryRun) return printPlan(bundle, options);
+  if (!forgejo) return await stageLocally(bundle, options);
+
+  await step("Check the tag", () => refuseTagOnOtherCommit(forgejo, options));
+  const draft = await step(
+    "Find or create the release",
+    () => findOrCreateRelease(forgejo, options, bundle),
+  );
+  const plan = planUploads(
+    bundle.files,
+    draft.assets,
+    await readRemoteManifest(forgejo, draft),
+    draft.draft,
+    options.replace,
+  );
+  refuseConflicts(plan, draft, options);
+  await step("Upload", () => uploadPlanned(forgejo, draft, plan));
+  const indexed = await step(
+    "Write checksums",
+    () => writeIndex(forgejo, draft.id, bundle, options),
+  );
+  const release = await step("Publish", () => publishWhenComplete(forgejo, indexed, options));
+  await reportRelease(release, bundle, env);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors: one failure model. Every message is one sentence that names the thing and the fix.
+// ---------------------------------------------------------------------------------------------
+
+/** Bad flags or environment: exit 2. */
+export class UsageError extends Error {}
+/** The release could not be made as asked: exit 1, nothing half-done visible. */
+export class ReleaseError extends Error {}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Flags and environment
+// ---------------------------------------------------------------------------------------------
+
+type Env = Record<string, string | undefined>;
+
+export interface Options {
+  help: boolean;
+  flake: string;
+  targets: string[];
+  system: string;
+  tag: string;
+  commit: string;
+  server?: string;
+  repo?: string;
+  out: string;
+  dryRun: boolean;
+  draft: boolean;
+  prerelease: boolean;
+  replace: boolean;
+  finalize: boolean;
+  allowDirty: boolean;
+  timeoutSeconds: number;
+  mirrors: string[];
+  /** True when a server is configured: the bundle goes to Forgejo instead of --out. */
+  publish: boolean;
+  ciRun?: string;
+}
+
+const STRING_FLAGS = [
+  "flake",
+  "targets",
+  "system",
+  "tag",
+  "commit",
+  "server",
+  "repo",
+  "out",
+  "timeout",
+  "mirrors",
+] as const;
+const BOOLEAN_FLAGS = [
+  "help",
+  "dry-run",
+  "draft",
+  "prerelease",
+  "replace",
+  "finalize",
+  "allow-dirty",
+] as const;
+
+const HELP = `release-boot: build a flake's NixOS boot images and publish them as a Forgejo release.
+
+Usage:
+  deno task release [flags]            (same as ./scripts/release-boot.ts [flags])
+
+With no server configured (no --server, no GITHUB_SERVER_URL) the release is staged in
+--out: every asset, SHA256SUMS and manifest.json, exactly as it would be published.
+
+Flags:
+  --flake REF        flake to build (default "."); target N builds REF#packages.<system>.N
+  --targets LIST     comma-separated target names (default "netboot,iso")
+  --system SYSTEM    nix system of the targets (default "x86_64-linux")
+  --tag TAG          release tag; default GITHUB_REF_NAME when GITHUB_REF_TYPE=tag, else
+                     "boot-dev-<first 12 hex of the commit>" (always a pre-release)
+  --commit SHA       full commit SHA the tag must point at; default GITHUB_SHA, else the
+                     output of git rev-parse HEAD
+  --server URL       Forgejo base URL (https; http only for localhost); default
+                     GITHUB_SERVER_URL; with no server: stage locally
+  --repo OWNER/NAME  repository to publish to; default GITHUB_REPOSITORY
+  --out DIR          where a local stage goes (default dist/<tag>)
+  --dry-run          build and hash, print the plan, write nothing anywhere
+  --draft            upload everything but leave the release a draft (multi-job releases)
+  --prerelease       mark the release a pre-release (boot-dev-* tags always are)
+  --replace          when an asset differs from the one already in the release, store the
+                     new bytes, then delete the old asset (never the other way round)
+  --finalize         build nothing: check that every asset of the draft for --tag is
+                     covered by its SHA256SUMS, then publish it (the last job of a matrix)
+  --allow-dirty      publish even from a git checkout with uncommitted changes or a flake
+                     whose inputs are not locked (recorded in manifest.json)
+  --timeout SECONDS  give up on a request that makes no progress for this long (default 600)
+  --mirrors LIST     comma-separated server URLs never published to (default
+                     "${DEFAULT_MIRRORS}": the mirror only distributes)
+  --help             this text
+
+Environment:
+  FORGEJO_TOKEN      token with write access to the repository's releases
+  GITHUB_TOKEN       used when FORGEJO_TOKEN is unset (the workflow token)
+  GITHUB_SERVER_URL, GITHUB_REPOSITORY, GITHUB_SHA, GITHUB_REF_TYPE, GITHUB_REF_NAME,
+  GITHUB_RUN_ID      defaults for the flags above, set by Forgejo Actions
+  GITHUB_OUTPUT      receives release-url, tag and release-id
+  GITHUB_STEP_SUMMARY receives a table of the assets
+
+Examples:
+  deno task release --flake path:./test/fixture --targets netboot,iso
+  deno task release --dry-run --targets netboot
+  FORGEJO_TOKEN=... deno task release --server https://git.example.org --repo ops/runners \\
+      --tag boot-v1.2.0
+  deno task release --targets netboot --draft --tag boot-v1.2.0   # one job of a matrix
+  deno task release --finalize --tag boot-v1.2.0                   # the job after it
+
+Reruns are safe: assets already in the release with the same size and checksum are skipped,
+an interrupted run leaves a draft that the next run completes, and a finished release is
+left untouched. stdout carries only the release URL (or, staged, the directory).
+
+Exit status: 0 done, 1 failed (nothing half-done is visible), 2 bad usage.`;
+
+export function printHelp(): void {
+  console.log(HELP);
+}
+
+/** Git's check-ref-format rules, as they apply to a tag name. */
+export function tagProblem(tag: string): string | undefined {
+  if (tag === "") return "it is empty";
+  // deno-lint-ignore no-control-regex
+  if (/[\x00-\x20\x7f]/.test(tag)) return "it contains a space or a control character";
+  if (/[~^:?*[\\]/.test(tag)) return "it contains one of ~ ^ : ? * [ \\";
+  if (tag.includes("..")) return 'it contains ".."';
+  if (tag.includes("@{")) return 'it contains "@{"';
+  if (tag === "@") return 'it is "@"';
+  if (tag.startsWith("-")) return 'it starts with "-"';
+  if (tag.startsWith("/") || tag.endsWith("/") || tag.includes("//")) {
+    return "it has an empty path component";
+  }
+  if (tag.endsWith(".")) return 'it ends with "."';
+  for (const part of tag.split("/")) {
+    if (part.startsWith(".")) return 'a component starts with "."';
+    if (part.endsWith(".lock")) return 'a component ends with ".lock"';
+  }
+  return undefined;
+}
+
+const TagFlagSchema = v.pipe(
+  v.string(),
+  v.rawCheck(({ dataset, addIssue }) => {
+    if (!dataset.typed) return;
+    const problem = tagProblem(dataset.value);
+    if (problem) addIssue({ message: `${problem} (git's tag rules); use e.g. boot-v1.2.0` });
+  }),
+);
+const TargetsFlagSchema = v.pipe(
+  v.string(),
+  v.transform((list) => list.split(",").map((name) => name.trim())),
+  v.check(
+    (names) => names.every((name) => /^[A-Za-z_][A-Za-z0-9_'-]*$/.test(name)),
+    "target names are nix attribute names separated by commas, e.g. netboot,iso",
+  ),
+  v.check(
+    (names) => new Set(names).size === names.length,
+    "a target is named twice",
+  ),
+);
+const SystemFlagSchema = v.pipe(
+  v.string(),
+  v.regex(/^[a-z0-9_]+-[a-z0-9_]+$/, "a nix system looks like x86_64-linux or aarch64-linux"),
+);
+const CommitFlagSchema = v.pipe(
+  v.string(),
+  v.transform((sha) => sha.toLowerCase()),
+  v.regex(/^([0-9a-f]{40}|[0-9a-f]{64})$/, "a commit is the full 40 (or 64) hex digit SHA"),
+);
+const RepoFlagSchema = v.pipe(
+  v.string(),
+  v.regex(/^[A-Za-z0-9_.-]+\/[A-Za-z0-9_.-]+$/, "a repository is written OWNER/NAME"),
+);
+const ServerFlagSchema = v.pipe(
+  v.string(),
+  v.rawTransform(({ dataset, addIssue, NEVER }) => {
+    const problem = serverProblem(dataset.value);
+    if (problem) {
+      addIssue({ message: problem });
+      return NEVER;
+    }
+    return dataset.value.replace(/\/+$/, "");
+  }),
+);
+const FlakeFlagSchema = v.pipe(
+  v.string(),
+  v.minLength(1, "it is empty"),
+  v.check((ref) => !ref.includes("#"), "give the flake without #: targets are chosen by --targets"),
+);
+const TimeoutFlagSchema = v.pipe(
+  v.string(),
+  v.transform(Number),
+  v.number("it is not a number of seconds"),
+  v.integer("it is not a whole number of seconds"),
+  v.minValue(1, "it must be at least 1 second"),
+);
+
+export function serverProblem(text: string): string | undefined {
+  let url: URL;
+  try {
+    url = new URL(text);
+  } catch {
+    return "it is not a URL; give the Forgejo base URL, e.g. https://git.example.org";
+  }
+  const local = ["localhost", "127.0.0.1", "[::1]"].includes(url.hostname);
+  if (url.protocol !== "https:" && !(url.protocol === "http:" && local)) {
+    return "use https (plain http only for localhost)";
+  }
+  if (url.username || url.password) return "it must not carry credentials; use FORGEJO_TOKEN";
+  if (url.search || url.hash) return "it must not have a query or fragment";
+  return undefined;
+}
+
+/** Reads one flag through its schema; a failure is a UsageError naming the flag. */
+function parseFlag<T>(
+  flag: string,
+  schema: v.GenericSchema<string, T>,
+  value: string,
+  origin = `--${flag}`,
+): T {
+  const result = v.safeParse(schema, value);
+  if (result.success) return result.output;
+  throw new UsageError(`bad ${origin} ${JSON.stringify(value)}: ${result.issues[0].message}`);
+}
+
+/** Flags and environment become Options, or a UsageError before any work is done. */
+export async function readOptions(argv: string[], env: Env): Promise<Options> {
+  const args = minimist(argv, {
+    string: [...STRING_FLAGS],
+    boolean: [...BOOLEAN_FLAGS],
+    unknown: (arg: string) => {
+      throw new UsageError(
+        arg.startsWith("-")
+          ? `unknown flag ${arg}; see --help for the flags release-boot takes`
+          : `unexpected argument ${JSON.stringify(arg)}; flags only, see --help`,
+      );
+    },
+  });
+  const flag = (name: string): string | undefined => {
+    const value = args[name];
+    if (Array.isArray(value)) throw new UsageError(`--${name} is given more than once`);
+    if (value === "") throw new UsageError(`--${name} needs a value; see --help`);
+    return value;
+  };
+  const help = Boolean(args.help);
+  const server = flag("server") ?? (env.GITHUB_SERVER_URL || undefined);
+  const commit = flag("commit") ?? (env.GITHUB_SHA || undefined);
+  const options: Options = {
+    help,
+    flake: parseFlag("flake", FlakeFlagSchema, flag("flake") ?? "."),
+    targets: parseFlag("targets", TargetsFlagSchema, flag("targets") ?? "netboot,iso"),
+    system: parseFlag("system", SystemFlagSchema, flag("system") ?? "x86_64-linux"),
+    server: server === undefined ? undefined : parseFlag(
+      "server",
+      ServerFlagSchema,
+      server,
+      flag("server") ? "--server" : "GITHUB_SERVER_URL",
+    ),
+    repo: undefined,
+    commit: "",
+    tag: "",
+    out: "",
+    dryRun: Boolean(args["dry-run"]),
+    draft: Boolean(args.draft),
+    prerelease: Boolean(args.prerelease),
+    replace: Boolean(args.replace),
+    finalize: Boolean(args.finalize),
+    allowDirty: Boolean(args["allow-dirty"]),
+    timeoutSeconds: parseFlag("timeout", TimeoutFlagSchema, flag("timeout") ?? "600"),
+    mirrors: (flag("mirrors") ?? DEFAULT_MIRRORS).split(",").map((url) =>
+      url.trim().replace(/\/+$/, "")
+    ),
+    publish: false,
+  };
+  const repo = flag("repo") ?? (env.GITHUB_REPOSITORY || undefined);
+  if (repo !== undefined) {
+    options.repo = parseFlag(
+      "repo",
+      RepoFlagSchema,
+      repo,
+      flag("repo") ? "--repo" : "GITHUB_REPOSITORY",
+    );
+  }
+  const tagFlag = flag("tag") ??
+    (env.GITHUB_REF_TYPE === "tag" && env.GITHUB_REF_NAME ? env.GITHUB_REF_NAME : undefined);
+  const outFlag = flag("out");
+  if (help) return options;
+
+  options.publish = options.server !== undefined;
+  if (options.publish && !options.repo) {
+    throw new UsageError(
+      "no repository to publish to: pass --repo OWNER/NAME (or set GITHUB_REPOSITORY)",
+    );
+  }
+  if (options.finalize && !tagFlag) {
+    throw new UsageError("--finalize needs the --tag of the draft to publish");
+  }
+  if (options.finalize && !options.publish) {
+    throw new UsageError(
+      "--finalize publishes a draft on Forgejo: pass --server (or set GITHUB_SERVER_URL)",
+    );
+  }
+  if (options.finalize && options.draft) {
+    throw new UsageError("--finalize publishes the draft; it cannot be combined with --draft");
+  }
+  if (options.finalize) {
+    options.tag = parseFlag("tag", TagFlagSchema, tagFlag!);
+    options.out = "";
+  } else {
+    options.commit = parseFlag(
+      "commit",
+      CommitFlagSchema,
+      commit ?? await gitHead(),
+      commit ? "--commit" : "commit",
+    );
+    options.tag = tagFlag === undefined
+      ? `boot-dev-${options.commit.slice(0, 12)}`
+      : parseFlag("tag", TagFlagSchema, tagFlag, flag("tag") ? "--tag" : "GITHUB_REF_NAME");
+    options.out = outFlag ?? path.join("dist", options.tag);
+  }
+  if (options.tag.startsWith("boot-dev-")) options.prerelease = true;
+  if (env.GITHUB_SERVER_URL && env.GITHUB_REPOSITORY && env.GITHUB_RUN_ID) {
+    options.ciRun = `${
+      env.GITHUB_SERVER_URL.replace(/\/+$/, "")
+    }/${env.GITHUB_REPOSITORY}/actions/runs/${env.GITHUB_RUN_ID}`;
+  }
+  return options;
+}
+
+async function gitHead(): Promise<string> {
+  const head = await $`git rev-parse HEAD`.quiet().nothrow();
+  if (head.exitCode !== 0) {
+    throw new UsageError(
+      "no commit to release: this is not a git checkout and GITHUB_SHA is unset; pass --commit SHA",
+    );
+  }
+  return head.stdout.trim();
+}
+
+/** Child processes (nix, git) never see a token: zx passes $.env to them. */
+function hideSecretsFromChildren(env: Env): void {
+  $.env = Object.fromEntries(
+    Object.entries(env).filter(([name]) => !/TOKEN|SECRET|PASSWORD/i.test(name)),
+  );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Logging: progress on stderr, results on stdout, CI sections when in CI.
+// ---------------------------------------------------------------------------------------------
+
+const inCI = Deno.env.get("CI") === "true" || Deno.env.get("GITHUB_ACTIONS") === "true";
+let secrets: string[] = [];
+
+function redact(text: string): string {
+  return secrets.reduce((out, secret) => out.replaceAll(secret, "***"), text);
+}
+
+function log(message: string): void {
+  console.error(redact(message));
+}
+
+async function step<T>(title: string, work: () => Promise<T>): Promise<T> {
+  log(inCI ? `::group::${title}` : `==> ${title}`);
+  try {
+    return await work();
+  } finally {
+    if (inCI) log("::endgroup::");
+  }
+}
+
+export function formatBytes(bytes: number): string {
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let value = bytes;
+  let unit = 0;
+  while (value >= 1024 && unit < units.length - 1) {
+    value /= 1024;
+    unit++;
+  }
+  return unit === 0 ? `${bytes} B` : `${value.toFixed(1)} ${units[unit]}`;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. The flake: targets, inputs, provenance
+// ---------------------------------------------------------------------------------------------
+
+export interface FlakeInfo {
+  metadata: FlakeMetadata;
+  /** False when flake.lock is missing or stale (nix would have to lock inputs). */
+  locked: boolean;
+  dirty: boolean;
+  nixVersion: string;
+}
+
+function installable(options: Options, target?: string): string {
+  const attr = `packages.${options.system}`;
+  return `${options.flake}#${target ? `${attr}.${target}` : attr}`;
+}
+
+async function nixJson<T>(
+  schema: v.GenericSchema<unknown, T>,
+  args: string[],
+  what: string,
+): Promise<T> {
+  const result = await $`nix ${NIX_FEATURES} ${args}`.quiet().nothrow();
+  if (result.exitCode !== 0) {
+    throw new ReleaseError(`${what} failed: ${nixErrorTail(result.stderr, 1)}`);
+  }
+  return parseJson(schema, result.stdout, `nix ${args[0]} ${args[1] ?? ""}`.trim());
+}
+
+function parseJson<T>(schema: v.GenericSchema<unknown, T>, text: string, source: string): T {
+  let data: unknown;
+  try {
+    data = JSON.parse(text);
+  } catch {
+    throw new ReleaseError(
+      `${source} printed something that is not JSON: ${JSON.stringify(text.slice(0, 120))}`,
+    );
+  }
+  const result = v.safeParse(schema, data);
+  if (!result.success) {
+    throw new ReleaseError(
+      `${source} printed JSON of an unexpected shape: ${v.summarize(result.issues).split("\n")[0]}`,
+    );
+  }
+  return result.output;
+}
+
+/** The last error lines nix printed, without its progress noise. */
+export function nixErrorTail(stderr: string, lines = 12): string {
+  const all = stderr.split("\n").map((line) => line.trimEnd()).filter(Boolean);
+  const start = all.findLastIndex((line) => line.startsWith("error:"));
+  const tail = start >= 0 ? all.slice(start) : all;
+  return tail.slice(0, lines).join("\n").replace(/^error: /, "");
+}
+
+async function readFlake(options: Options): Promise<FlakeInfo> {
+  const available = await listTargets(options);
+  const unknown = options.targets.filter((target) => !available.includes(target));
+  if (unknown.length > 0) {
+    throw new UsageError(
+      `unknown target ${unknown.join(", ")} in --targets: the flake ${options.flake} has ${
+        available.length ? available.join(", ") : "no packages"
+      } for ${options.system}`,
+    );
+  }
+  const version = await $`nix --version`.quiet();
+  const nixVersion = version.stdout.trim().match(/(\d+\.\d+\S*)/)?.[1] ?? version.stdout.trim();
+  const strict =
+    await $`nix ${NIX_FEATURES} flake metadata --json --no-update-lock-file ${options.flake}`
+      .quiet().nothrow();
+  const locked = strict.exitCode === 0;
+  const metadata = locked
+    ? parseJson(FlakeMetadataSchema, strict.stdout, "nix flake metadata")
+    : await nixJson(
+      FlakeMetadataSchema,
+      ["flake", "metadata", "--json", options.flake],
+      "reading the flake's metadata",
+    );
+  const dirty = metadata.locked.type === "git" && !metadata.revision;
+  return { metadata, locked, dirty, nixVersion };
+}
+
+async function listTargets(options: Options): Promise<string[]> {
+  const result = await $`nix ${NIX_FEATURES} eval --json ${
+    installable(options)
+  } --apply builtins.attrNames`
+    .quiet().nothrow();
+  if (result.exitCode === 0) return parseJson(AttrNamesSchema, result.stdout, "nix eval");
+  if (/does not provide attribute/.test(result.stderr)) return [];
+  throw new UsageError(`cannot read the flake ${options.flake}: ${nixErrorTail(result.stderr, 1)}`);
+}
+
+/** Publishing trusts only what can be rebuilt: locked inputs and a committed tree. */
+function refuseUntrustedFlake(flake: FlakeInfo, options: Options): void {
+  if (options.allowDirty) return;
+  if (!flake.locked) {
+    throw new ReleaseError(
+      `the flake ${options.flake} has inputs that flake.lock does not pin: run nix flake lock, commit flake.lock, and rerun (or pass --allow-dirty)`,
+    );
+  }
+  if (flake.dirty) {
+    throw new ReleaseError(
+      `the flake ${options.flake} is a git checkout with uncommitted changes: commit them and rerun (or pass --allow-dirty)`,
+    );
+  }
+  const revision = flake.metadata.revision;
+  if (revision && revision !== options.commit) {
+    throw new ReleaseError(
+      `the flake is at commit ${revision} but the release is for ${options.commit}: check out ${options.commit} or pass --commit ${revision}`,
+    );
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. Build
+// ---------------------------------------------------------------------------------------------
+
+export interface TargetBuild {
+  target: string;
+  system: string;
+  drvPath: string;
+  outPath: string;
+}
+
+/** One nix build for every target: one evaluation, and nix builds them in parallel. */
+async function buildTargets(options: Options, _flake: FlakeInfo): Promise<TargetBuild[]> {
+  const installables = options.targets.map((target) => installable(options, target));
+  const build = $`nix ${NIX_FEATURES} build --json --no-link ${installables}`.quiet().nothrow();
+  build.stderr.on("data", (chunk: Buffer) => process.stderr.write(chunk));
+  const result = await build;
+  if (result.exitCode !== 0) {
+    const failed = await failedTargets(options, result.stderr);
+    throw new ReleaseError(
+      `nix build failed for target ${
+        failed.join(", ")
+      } (${options.system}); nothing was published:\n${nixErrorTail(result.stderr)}`,
+    );
+  }
+  const results: BuildResult[] = parseJson(BuildResultsSchema, result.stdout, "nix build --json");
+  return options.targets.map((target, index) => ({
+    target,
+    system: options.system,
+    drvPath: results[index].drvPath,
+    outPath: results[index].outputs.out,
+  }));
+}
+
+/** Names the targets whose output is still missing after a failed build. */
+async function failedTargets(options: Options, stderr: string): Promise<string[]> {
+  const apply = `ps: builtins.mapAttrs (name: _: ps.\${name}.drvPath) (builtins.fromJSON ''${
+    JSON.stringify(Object.fromEntries(options.targets.map((t) => [t, null])))
+  }'')`;
+  const drvs = await $`nix ${NIX_FEATURES} eval --json ${installable(options)} --apply ${apply}`
+    .quiet().nothrow();
+  if (drvs.exitCode !== 0) return options.targets;
+  const byTarget = parseJson(OutPathsSchema, drvs.stdout, "nix eval");
+  const named = options.targets.filter((target) => stderr.includes(byTarget[target]));
+  return named.length > 0 ? named : options.targets;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. Build products and asset names
+// ---------------------------------------------------------------------------------------------
+
+export interface Product {
+  name: string;
+  path: string;
+  target: string;
+  system: string;
+  drvPath: string;
+}
+
+/** `file <type> <path>` lines of nix-support/hydra-build-products; other kinds are reports. */
+export function parseHydraBuildProducts(text: string): string[] {
+  return text.split("\n")
+    .map((line) => line.trim().match(/^file\s+\S+\s+("?)(\/\S.*?)\1$/))
+    .filter((match): match is RegExpMatchArray => match !== null)
+    .map((match) => match[2]);
+}
+
+const KNOWN_EXTENSIONS = [
+  "img.zst",
+  "img.xz",
+  "img.gz",
+  "tar.zst",
+  "tar.xz",
+  "tar.gz",
+  "iso",
+  "img",
+  "ipxe",
+  "efi",
+  "qcow2",
+  "raw",
+  "vhd",
+  "vhdx",
+  "tar",
+  "zst",
+  "xz",
+  "gz",
+];
+
+/**
+ * `<target>-<system>.<suffix>`: suffix is the file's known extension (an ISO's name carries
+ * the NixOS version, which must not leak into a stable asset name), else the file's name.
+ */
+export function assetName(target: string, system: string, file: string): string {
+  const base = path.basename(file);
+  const extension = KNOWN_EXTENSIONS.find((ext) => base.toLowerCase().endsWith(`.${ext}`));
+  const suffix = extension ? base.slice(base.length - extension.length) : base;
+  return `${target}-${system}.${suffix}`;
+}
+
+async function collectProducts(builds: TargetBuild[]): Promise<Product[]> {
+  const products: Product[] = [];
+  for (const build of builds) {
+    for (const file of await productFiles(build.outPath)) {
+      products.push({
+        name: assetName(build.target, build.system, file),
+        path: file,
+        target: build.target,
+        system: build.system,
+        drvPath: build.drvPath,
+      });
+    }
+  }
+  refuseDuplicateNames(products);
+  return products;
+}
+
+/** The files a build output publishes, with links resolved to the real store files. */
+async function productFiles(outPath: string): Promise<string[]> {
+  const listing = await fs.readFile(
+    path.join(outPath, "nix-support", "hydra-build-products"),
+    "utf8",
+  )
+    .catch(() => undefined);
+  const listed = listing === undefined
+    ? await regularFiles(outPath)
+    : parseHydraBuildProducts(listing);
+  const files = await Promise.all(listed.map((file) => fs.realpath(file)));
+  if (files.length === 0) {
+    throw new ReleaseError(`the build output ${outPath} has no files to publish`);
+  }
+  return files;
+}
+
+async function regularFiles(root: string): Promise<string[]> {
+  const stat = await fs.stat(root);
+  if (stat.isFile()) return [root];
+  const found: string[] = [];
+  for (const entry of (await fs.readdir(root)).sort()) {
+    if (entry === "nix-support") continue;
+    const full = path.join(root, entry);
+    const entryStat = await fs.stat(full);
+    if (entryStat.isDirectory()) found.push(...await regularFiles(full));
+    else if (entryStat.isFile()) found.push(full);
+  }
+  return found;
+}
+
+function refuseDuplicateNames(products: Product[]): void {
+  const seen = new Map<string, string>();
+  for (const product of products) {
+    const earlier = seen.get(product.name);
+    if (earlier) {
+      throw new ReleaseError(
+        `two files of target ${product.target} would both be published as ${product.name} (${earlier} and ${product.path}): give them different extensions in the flake`,
+      );
+    }
+    seen.set(product.name, product.path);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. Hashes, SHA256SUMS, manifest.json
+// ---------------------------------------------------------------------------------------------
+
+export interface FileAsset extends Product {
+  size: number;
+  sha256: string;
+}
+
+/** An asset as published: a file on disk, or the bytes of SHA256SUMS / manifest.json. */
+export interface BundleAsset {
+  name: string;
+  size: number;
+  sha256: string;
+  path?: string;
+  bytes?: Uint8Array;
+}
+
+export interface Bundle {
+  files: BundleAsset[];
+  manifest: Manifest;
+  sums: BundleAsset;
+  manifestAsset: BundleAsset;
+}
+
+// Hashing runs in worker threads: node:crypto's update() is synchronous, so files hash in
+// parallel only on separate threads. 1 MiB reads hash ~1.5x faster than the 64 KiB default.
+const HASH_WORKER = `
+const { parentPort, workerData } = require("node:worker_threads");
+const { createHash } = require("node:crypto");
+const { openSync, readSync, closeSync } = require("node:fs");
+const hash = createHash("sha256");
+const buffer = Buffer.allocUnsafe(workerData.readSize);
+const fd = openSync(workerData.path, "r");
+let size = 0;
+for (let n; (n = readSync(fd, buffer, 0, buffer.length, null)) > 0; size += n) {
+  hash.update(buffer.subarray(0, n));
+}
+closeSync(fd);
+parentPort.postMessage({ sha256: hash.digest("hex"), size });
+`;
+
+export function hashFile(file: string): Promise<{ sha256: string; size: number }> {
+  return new Promise((resolve, reject) => {
+    const worker = new Worker(HASH_WORKER, {
+      eval: true,
+      workerData: { path: file, readSize: READ_SIZE },
+    });
+    worker.once("message", resolve);
+    worker.once("error", reject);
+  });
+}
+
+/** Hashes every file, as many at once as there are cores. */
+export async function hashFiles(files: string[]): Promise<{ sha256: string; size: number }[]> {
+  const results = new Array<{ sha256: string; size: number }>(files.length);
+  let next = 0;
+  const lanes = Math.max(1, Math.min(navigator.hardwareConcurrency || 2, files.length));
+  await Promise.all(Array.from({ length: lanes }, async () => {
+    while (next < files.length) {
+      const index = next++;
+      results[index] = await hashFile(files[index]);
+    }
+  }));
+  return results;
+}
+
+async function hashProducts(products: Product[]): Promise<FileAsset[]> {
+  const hashes = await hashFiles(products.map((product) => product.path));
+  const assets = products.map((product, index) => ({ ...product, ...hashes[index] }));
+  for (const asset of assets) log(`${asset.sha256}  ${asset.name} (${formatBytes(asset.size)})`);
+  return assets;
+}
+
+/** `sha256sum -c` format, sorted by name so the same set always gives the same file. */
+export function renderSums(assets: { name: string; sha256: string }[]): string {
+  return [...assets]
+    .sort((a, b) => a.name < b.name ? -1 : a.name > b.name ? 1 : 0)
+    .map((asset) => `${asset.sha256}  ${asset.name}\n`)
+    .join("");
+}
+
+/** Parses SHA256SUMS text (as sha256sum writes it, text or binary mode) into name -> hash. */
+export function parseSums(text: string): Map<string, string> {
+  const sums = new Map<string, string>();
+  for (const line of text.split("\n")) {
+    const match = line.match(/^([0-9a-f]{64}) [ *](.+)$/);
+    if (match) sums.set(match[2], match[1]);
+  }
+  return sums;
+}
+
+function flakeInputs(metadata: FlakeMetadata): Record<string, FlakeInput> {
+  const nodes = metadata.locks.nodes;
+  const rootInputs = nodes[metadata.locks.root]?.inputs ?? {};
+  const inputs: Record<string, FlakeInput> = {};
+  for (const [name, ref] of Object.entries(rootInputs)) {
+    const node = typeof ref === "string" ? nodes[ref] : undefined;
+    const locked = node?.locked;
+    if (!locked) continue;
+    const url = locked.owner && locked.repo
+      ? `${locked.type}:${locked.owner}/${locked.repo}`
+      : locked.url ?? locked.path;
+    inputs[name] = {
+      type: locked.type,
+      url,
+      rev: locked.rev,
+      narHash: locked.narHash,
+      lastModified: locked.lastModified,
+    };
+  }
+  return inputs;
+}
+
+export function describeRelease(options: Options, flake: FlakeInfo, assets: FileAsset[]): Manifest {
+  return {
+    schema: 1,
+    tag: options.tag,
+    commit: options.commit,
+    flake: {
+      ref: options.flake,
+      url: flake.metadata.url,
+      revision: flake.metadata.revision,
+      narHash: flake.metadata.locked.narHash,
+      locked: flake.locked,
+      dirty: flake.dirty,
+      inputs: flakeInputs(flake.metadata),
+    },
+    nixVersion: flake.nixVersion,
+    ciRun: options.ciRun,
+    createdAt: new Date().toISOString(),
+    assets: assets.map((asset) => ({
+      name: asset.name,
+      size: asset.size,
+      sha256: asset.sha256,
+      target: asset.target,
+      system: asset.system,
+      storePath: asset.path,
+      drvPath: asset.drvPath,
+    })),
+  };
+}
+
+function bytesAsset(name: string, text: string): BundleAsset {
+  const bytes = new TextEncoder().encode(text);
+  return { name, bytes, size: bytes.length, sha256: sha256Hex(bytes) };
+}
+
+function sha256Hex(bytes: Uint8Array): string {
+  return createHash("sha256").update(bytes).digest("hex");
+}
+
+export function bundleRelease(assets: FileAsset[], manifest: Manifest): Bundle {
+  return {
+    files: assets.map((asset) => ({
+      name: asset.name,
+      size: asset.size,
+      sha256: asset.sha256,
+      path: asset.path,
+    })),
+    manifest,
+    sums: bytesAsset(SUMS_NAME, renderSums(manifest.assets)),
+    manifestAsset: bytesAsset(MANIFEST_NAME, `${JSON.stringify(manifest, null, 2)}\n`),
+  };
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7a. Dry run and local stage
+// ---------------------------------------------------------------------------------------------
+
+function printPlan(bundle: Bundle, options: Options): void {
+  const where = options.publish ? `${options.server}/${options.repo}` : options.out;
+  console.log(`Plan for ${options.tag} (commit ${options.commit}) -> ${where}; nothing written:`);
+  for (const asset of [...bundle.files, bundle.sums, bundle.manifestAsset]) {
+    console.log(`  ${asset.sha256}  ${asset.name}  ${formatBytes(asset.size)}`);
+  }
+}
+
+/**
+ * Writes the bundle next to its final place, then renames it in: a failure never leaves a
+ * half-written --out, and a rerun replaces the earlier stage whole.
+ */
+async function stageLocally(bundle: Bundle, options: Options): Promise<void> {
+  const out = path.resolve(options.out);
+  await fs.mkdir(path.dirname(out), { recursive: true });
+  const partial = await fs.mkdtemp(`${out}.partial-`);
+  await fs.chmod(partial, 0o755);
+  try {
+    for (const asset of [...bundle.files, bundle.sums, bundle.manifestAsset]) {
+      const target = path.join(partial, asset.name);
+      if (asset.path) await fs.copyFile(asset.path, target);
+      else await fs.writeFile(target, asset.bytes!);
+      await fs.chmod(target, 0o644);
+    }
+    await fs.rm(out, { recursive: true, force: true });
+    await fs.rename(partial, out);
+  } catch (error) {
+    await fs.rm(partial, { recursive: true, force: true });
+    throw error;
+  }
+  log(`Staged ${bundle.files.length} assets, ${SUMS_NAME} and ${MANIFEST_NAME} in ${out}`);
+  log(`Check them: (cd ${out} && sha256sum -c ${SUMS_NAME})`);
+  log(
+    `Publish them: FORGEJO_TOKEN=... deno task release --server https://FORGEJO --repo OWNER/NAME --tag ${options.tag} --commit ${options.commit} --flake ${options.flake} --targets ${
+      options.targets.join(",")
+    }`,
+  );
+  console.log(out);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7b. Forgejo: one undici Agent, the token only ever sent to the server's own origin
+// ---------------------------------------------------------------------------------------------
+
+export interface Forgejo {
+  server: string;
+  origin: string;
+  repo: string;
+  token: string;
+  agent: Agent;
+  timeoutMs: number;
+}
+
+function connectForgejo(options: Options, env: Env): Forgejo {
+  const server = options.server!;
+  const mirror = options.mirrors.find((url) => url === server || server.startsWith(`${url}/`));
+  if (mirror) {
+    throw new ReleaseError(
+      `refusing to publish to ${server}: it is on the mirror list (${mirror}), which only distributes releases; publish to the primary Forgejo or change --mirrors`,
+    );
+  }
+  const token = env.FORGEJO_TOKEN || env.GITHUB_TOKEN;
+  if (!token) {
+    throw new UsageError(
+      "no token: set FORGEJO_TOKEN to a token that can write releases of " +
+        `${options.repo} (in a workflow: FORGEJO_TOKEN: \${{ secrets.GITHUB_TOKEN }})`,
+    );
+  }
+  secrets = [token];
+  if (inCI) log(`::add-mask::${token}`);
+  const timeoutMs = options.timeoutSeconds * 1000;
+  return {
+    server,
+    origin: new URL(server).origin,
+    repo: options.repo!,
+    token,
+    timeoutMs,
+    agent: new Agent({
+      connect: { timeout: 30_000 },
+      headersTimeout: timeoutMs,
+      bodyTimeout: timeoutMs,
+    }),
+  };
+}
+
+interface Call {
+  method: "GET" | "POST" | "PATCH" | "DELETE";
+  /** Under /api/v1/repos/{owner}/{repo}, or absolute from the server root with `root`. */
+  path: string;
+  root?: boolean;
+  query?: Record<string, string>;
+  json?: unknown;
+  /** Statuses the caller handles itself instead of them being errors. */
+  expect?: number[];
+}
+
+interface Answer {
+  status: number;
+  headers: Record<string, string | string[] | undefined>;
+  text: string;
+}
+
+const RETRIES = 5;
+const RETRYABLE_STATUS = new Set([429, 500, 502, 503, 504]);
+
+class TransientError extends Error {
+  constructor(message: string, readonly retryAfterMs?: number) {
+    super(message);
+  }
+}
+
+function apiUrl(forgejo: Forgejo, call: Pick<Call, "path" | "root" | "query">): URL {
+  const base = call.root
+    ? `${forgejo.server}/api/v1`
+    : `${forgejo.server}/api/v1/repos/${forgejo.repo}`;
+  const url = new URL(`${base}${call.path}`);
+  for (const [key, value] of Object.entries(call.query ?? {})) url.searchParams.set(key, value);
+  return url;
+}
+
+/** Headers for a request to `url`: the token goes only to the Forgejo origin. */
+function headersFor(
+  forgejo: Forgejo,
+  url: URL,
+  extra: Record<string, string> = {},
+): Record<string, string> {
+  const headers: Record<string, string> = { accept: "application/json", ...extra };
+  if (url.origin === forgejo.origin) headers.authorization = `token ${forgejo.token}`;
+  return headers;
+}
+
+/** One API call with bounded retries on connection errors, 5xx and 429. */
+async function api(forgejo: Forgejo, call: Call): Promise<Answer> {
+  const url = apiUrl(forgejo, call);
+  const what = `${call.method} ${url.pathname}`;
+  return await withRetries(what, async () => {
+    const body = call.json === undefined ? undefined : JSON.stringify(call.json);
+    const response = await send(
+      forgejo,
+      url,
+      call.method,
+      body,
+      body ? { "content-type": "application/json" } : {},
+    );
+    const answer = {
+      status: response.statusCode,
+      headers: response.headers,
+      text: await response.body.text(),
+    };
+    throwIfTransient(answer, what);
+    if (answer.status >= 300 && !(call.expect ?? []).includes(answer.status)) {
+      throw new ReleaseError(explainStatus(forgejo, answer, what));
+    }
+    return answer;
+  });
+}
+
+function send(
+  forgejo: Forgejo,
+  url: URL,
+  method: string,
+  body: string | Uint8Array | Readable | undefined,
+  headers: Record<string, string>,
+) {
+  return request(url, {
+    method: method as "GET",
+    body,
+    headers: headersFor(forgejo, url, headers),
+    dispatcher: forgejo.agent,
+  }).catch((error: Error & { code?: string }) => {
+    throw new TransientError(`${error.code ?? error.name}: ${error.message}`);
+  });
+}
+
+function throwIfTransient(answer: Answer, what: string): void {
+  if (!RETRYABLE_STATUS.has(answer.status)) return;
+  throw new TransientError(
+    `Forgejo answered ${answer.status} for ${what}`,
+    retryAfterMs(answer.headers["retry-after"]),
+  );
+}
+
+export function retryAfterMs(header: string | string[] | undefined): number | undefined {
+  const value = Array.isArray(header) ? header[0] : header;
+  if (!value) return undefined;
+  const seconds = Number(value);
+  const ms = Number.isFinite(seconds) ? seconds * 1000 : Date.parse(value) - Date.now();
+  return Number.isFinite(ms) ? Math.min(Math.max(ms, 0), 120_000) : undefined;
+}
+
+async function withRetries<T>(what: string, attempt: (n: number) => Promise<T>): Promise<T> {
+  for (let n = 1;; n++) {
+    try {
+      return await attempt(n);
+    } catch (error) {
+      if (!(error instanceof TransientError)) throw error;
+      if (n >= RETRIES) {
+        throw new ReleaseError(`${what} failed ${RETRIES} times (${error.message})`);
+      }
+      const backoff = error.retryAfterMs ?? 500 * 2 ** (n - 1) * (0.5 + Math.random());
+      log(
+        `${what}: ${error.message}; retrying in ${(backoff / 1000).toFixed(1)}s (${n}/${
+          RETRIES - 1
+        })`,
+      );
+      await new Promise((resolve) => setTimeout(resolve, backoff));
+    }
+  }
+}
+
+function serverMessage(text: string): string | undefined {
+  try {
+    const data = JSON.parse(text);
+    return typeof data?.message === "string" && data.message ? data.message : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** One line that says what failed and what to do about it. */
+export function explainStatus(
+  forgejo: Pick<Forgejo, "repo" | "server">,
+  answer: Pick<Answer, "status" | "text">,
+  what: string,
+): string {
+  const said = serverMessage(answer.text);
+  const quoted = said ? ` ("${said}")` : "";
+  switch (answer.status) {
+    case 401:
+      return `Forgejo answered 401 for ${what}${quoted}: the token is missing, wrong or expired; set FORGEJO_TOKEN (in a workflow the job's GITHUB_TOKEN is valid only while the job runs)`;
+    case 403:
+      return `Forgejo answered 403 for ${what}${quoted}: the token cannot write releases of ${forgejo.repo} (a personal token needs write:repository; the workflow token is read-only for pull requests from forks)`;
+    case 404:
+      return `Forgejo answered 404 for ${what}: ${forgejo.repo} was not found on ${forgejo.server}, or is not visible with this token; check --repo and the token`;
+    case 413:
+      return `Forgejo or its reverse proxy answered 413 for ${what}${quoted}: raise the proxy's body limit (nginx client_max_body_size) or the [quota] limit`;
+    default:
+      return `Forgejo answered ${answer.status} for ${what}${
+        quoted || `: ${answer.text.slice(0, 120).replace(/\s+/g, " ")}`
+      }`;
+  }
+}
+
+function parseAnswer<T>(
+  schema: v.GenericSchema<unknown, T>,
+  answer: Answer,
+  what: string,
+  forgejo: Forgejo,
+): T {
+  try {
+    return parseJson(schema, answer.text, `Forgejo's answer to ${what}`);
+  } catch (error) {
+    throw new ReleaseError(`${(error as Error).message}; is ${forgejo.server} a Forgejo server?`);
+  }
+}
+
+async function getJson<T>(
+  forgejo: Forgejo,
+  schema: v.GenericSchema<unknown, T>,
+  call: Call,
+): Promise<T> {
+  const answer = await api(forgejo, call);
+  return parseAnswer(schema, answer, `${call.method} ${call.path}`, forgejo);
+}
+
+/** Fails early, before a long build, when the server, repository or token is wrong. */
+async function checkForgejo(forgejo: Forgejo): Promise<void> {
+  const version = await api(forgejo, {
+    method: "GET",
+    path: "/version",
+    root: true,
+    expect: [404],
+  });
+  const parsed = version.status === 200
+    ? v.safeParse(ServerVersionSchema, safeJson(version.text))
+    : undefined;
+  if (!parsed?.success) {
+    throw new ReleaseError(
+      `${forgejo.server} does not look like Forgejo: GET /api/v1/version answered ${version.status} without a version; check --server (the base URL of the Forgejo instance)`,
+    );
+  }
+  const repo = await getJson(forgejo, RepositorySchema, { method: "GET", path: "" });
+  if (repo.permissions && repo.permissions.push === false) {
+    throw new ReleaseError(
+      `the token cannot write releases of ${forgejo.repo} (it has read access only): a personal token needs write:repository and a user with write access; the workflow token is read-only for pull requests from forks`,
+    );
+  }
+  log(`Forgejo ${parsed.output.version}, repository ${repo.full_name}`);
+}
+
+function safeJson(text: string): unknown {
+  try {
+    return JSON.parse(text);
+  } catch {
+    return undefined;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7c. The release: find or create the draft, refuse what would change history
+// ---------------------------------------------------------------------------------------------
+
+async function refuseTagOnOtherCommit(forgejo: Forgejo, options: Options): Promise<void> {
+  const answer = await api(forgejo, {
+    method: "GET",
+    path: `/tags/${encodeURIComponent(options.tag)}`,
+    expect: [404],
+  });
+  if (answer.status === 404) return;
+  const tag = parseAnswer(TagSchema, answer, "GET /tags", forgejo);
+  if (tag.commit.sha !== options.commit) {
+    throw new ReleaseError(
+      `the tag ${options.tag} already points at ${tag.commit.sha}, not at ${options.commit}: a tag means one commit; release a new tag, or delete the old tag in Forgejo first`,
+    );
+  }
+}
+
+/** Drafts are visible to writers, but older servers hide them from the tag lookup. */
+async function findRelease(forgejo: Forgejo, tag: string): Promise<Release | undefined> {
+  const byTag = await api(forgejo, {
+    method: "GET",
+    path: `/releases/tags/${encodeURIComponent(tag)}`,
+    expect: [404],
+  });
+  if (byTag.status === 200) return parseAnswer(ReleaseSchema, byTag, "GET /releases/tags", forgejo);
+  for (let page = 1;; page++) {
+    const releases = await getJson(forgejo, ReleaseListSchema, {
+      method: "GET",
+      path: "/releases",
+      query: { draft: "true", page: String(page), limit: "50" },
+    });
+    const draft = releases.find((release) => release.tag_name.toLowerCase() === tag.toLowerCase());
+    if (draft || releases.length < 50) return draft;
+  }
+}
+
+async function findOrCreateRelease(
+  forgejo: Forgejo,
+  options: Options,
+  bundle: Bundle,
+): Promise<Release> {
+  const existing = await findRelease(forgejo, options.tag);
+  if (existing) return checkReleaseCommit(existing, options);
+  const create: CreateReleaseOption = {
+    tag_name: options.tag,
+    // The commit SHA, never a branch: publishing makes the tag from it later.
+    target_commitish: options.commit,
+    name: options.tag,
+    body: releaseBody(bundle.manifest, options),
+    draft: true,
+    prerelease: options.prerelease,
+  };
+  const created = await api(forgejo, {
+    method: "POST",
+    path: "/releases",
+    json: create,
+    expect: [409],
+  });
+  if (created.status === 201) {
+    const release = parseAnswer(ReleaseSchema, created, "POST /releases", forgejo);
+    log(`Created draft release ${release.tag_name} (id ${release.id})`);
+    return release;
+  }
+  // Another job created it between our lookup and our POST: continue with theirs.
+  const raced = await findRelease(forgejo, options.tag);
+  if (!raced) {
+    throw new ReleaseError(
+      `Forgejo says a release for ${options.tag} exists but does not show it; rerun`,
+    );
+  }
+  log(`Another run created ${options.tag} at the same time; continuing with it`);
+  return checkReleaseCommit(raced, options);
+}
+
+function checkReleaseCommit(release: Release, options: Options): Release {
+  const target = release.target_commitish;
+  if (/^[0-9a-f]{40,64}$/i.test(target) && target.toLowerCase() !== options.commit) {
+    throw new ReleaseError(
+      `the release ${release.tag_name} is for commit ${target}, not ${options.commit}: a tag means one commit; release a new tag, or delete that release in Forgejo first`,
+    );
+  }
+  log(
+    `Found ${
+      release.draft ? "draft" : "published"
+    } release ${release.tag_name} (id ${release.id}, ${release.assets.length} assets)`,
+  );
+  return release;
+}
+
+/** The release's own record of what it holds, or undefined when it has none yet. */
+async function readRemoteManifest(
+  forgejo: Forgejo,
+  release: Release,
+): Promise<Manifest | undefined> {
+  const newest = newestByName(release.assets, MANIFEST_NAME);
+  if (!newest) return undefined;
+  const text = await downloadText(forgejo, newest.browser_download_url);
+  return parseJson(ManifestSchema, text, `${MANIFEST_NAME} of ${release.tag_name}`);
+}
+
+function newestByName(assets: Attachment[], name: string): Attachment | undefined {
+  return assets.filter((asset) => asset.name === name).sort((a, b) => b.id - a.id)[0];
+}
+
+/**
+ * Downloads a small file, following redirects by hand so that a redirect to another host
+ * (object storage) never carries the token.
+ */
+async function downloadText(forgejo: Forgejo, address: string): Promise<string> {
+  let url = new URL(address, forgejo.server);
+  for (let hop = 0; hop < 5; hop++) {
+    const what = `GET ${url.pathname}`;
+    const answer = await withRetries(what, async () => {
+      const response = await send(forgejo, url, "GET", undefined, { accept: "*/*" });
+      const text = await response.body.text();
+      const result = { status: response.statusCode, headers: response.headers, text };
+      throwIfTransient(result, what);
+      return result;
+    });
+    const location = answer.headers.location;
+    if (answer.status >= 300 && answer.status < 400 && typeof location === "string") {
+      url = new URL(location, url);
+      continue;
+    }
+    if (answer.status !== 200) throw new ReleaseError(explainStatus(forgejo, answer, what));
+    return answer.text;
+  }
+  throw new ReleaseError(`too many redirects downloading ${address}`);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7d. What to upload: a pure plan from the local bundle and the release's current state
+// ---------------------------------------------------------------------------------------------
+
+export type PlannedAction =
+  /** Already there with the same size and checksum: `remove` lists stray copies to delete. */
+  | { kind: "skip"; asset: BundleAsset; keep: Attachment; remove: Attachment[] }
+  /** Not there (or only partial/unverifiable copies in a draft, removed after the upload). */
+  | { kind: "upload"; asset: BundleAsset; remove: Attachment[] }
+  /** There with other bytes: refused unless --replace, which uploads then removes. */
+  | { kind: "conflict"; asset: BundleAsset; remote: Attachment[]; remoteSha256?: string };
+
+export function planUploads(
+  local: BundleAsset[],
+  remote: Attachment[],
+  remoteManifest: Pick<Manifest, "assets"> | undefined,
+  isDraft: boolean,
+  replace: boolean,
+): PlannedAction[] {
+  const recorded = new Map(
+    (remoteManifest?.assets ?? []).map((asset) => [asset.name, asset.sha256]),
+  );
+  return local.map((asset): PlannedAction => {
+    const copies = remote.filter((attachment) => attachment.name === asset.name);
+    const sha = recorded.get(asset.name);
+    const good = sha === asset.sha256 ? copies.filter((copy) => copy.size === asset.size) : [];
+    if (good.length > 0) {
+      const keep = good.sort((a, b) => a.id - b.id)[0];
+      return { kind: "skip", asset, keep, remove: copies.filter((copy) => copy !== keep) };
+    }
+    if (copies.length === 0) return { kind: "upload", asset, remove: [] };
+    // Same checksum on record but a wrong size: a truncated upload; ours to redo.
+    const truncated = sha === asset.sha256;
+    // No checksum on record in a draft: an upload that a killed run never recorded.
+    const unrecorded = sha === undefined && isDraft;
+    if (truncated || unrecorded || replace) return { kind: "upload", asset, remove: copies };
+    return { kind: "conflict", asset, remote: copies, remoteSha256: sha };
+  });
+}
+
+function refuseConflicts(plan: PlannedAction[], release: Release, options: Options): void {
+  const conflicts = plan.filter((action) => action.kind === "conflict");
+  if (conflicts.length === 0) return;
+  const first = conflicts[0];
+  const theirs = first.remoteSha256
+    ? `sha256 ${first.remoteSha256}`
+    : `${first.remote[0].size} bytes, no checksum`;
+  throw new ReleaseError(
+    `${first.asset.name} in ${
+      release.draft ? "draft" : "published"
+    } release ${options.tag} differs from this build (${theirs} there, sha256 ${first.asset.sha256} here)${
+      conflicts.length > 1 ? ` and ${conflicts.length - 1} more` : ""
+    }; nothing was changed: rerun with --replace to store the new bytes, or release a new tag`,
+  );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7e. Uploads: the raw file streamed with its exact length, the stored size checked
+// ---------------------------------------------------------------------------------------------
+
+async function uploadPlanned(
+  forgejo: Forgejo,
+  release: Release,
+  plan: PlannedAction[],
+): Promise<void> {
+  const uploads = plan.filter((action) => action.kind === "upload");
+  const skipped = plan.filter((action) => action.kind === "skip");
+  for (const action of skipped) log(`${action.asset.name}: already in the release, skipped`);
+  let done = 0;
+  for (const action of uploads) {
+    try {
+      await uploadAsset(forgejo, release.id, action.asset);
+    } catch (error) {
+      if (error instanceof ReleaseError) {
+        throw new ReleaseError(
+          `${error.message}; ${done} of ${uploads.length} uploads had finished and the release stays a draft: rerun the same command to resume`,
+        );
+      }
+      throw error;
+    }
+    done++;
+  }
+  const strays = plan.flatMap((action) => action.kind === "conflict" ? [] : action.remove);
+  for (const stray of strays) {
+    await deleteAsset(forgejo, release.id, stray, "a stray or replaced copy");
+  }
+}
+
+async function uploadAsset(
+  forgejo: Forgejo,
+  releaseId: number,
+  asset: BundleAsset,
+): Promise<Attachment> {
+  const url = apiUrl(forgejo, {
+    path: `/releases/${releaseId}/assets`,
+    query: { name: asset.name },
+  });
+  const what = `upload of ${asset.name} (${formatBytes(asset.size)})`;
+  const before = await listAssets(forgejo, releaseId);
+  return await withRetries(what, async (attempt) => {
+    if (attempt > 1) {
+      // The failed attempt may have been stored after all: look before uploading again.
+      const now = await listAssets(forgejo, releaseId);
+      const arrived = now.filter((a) =>
+        a.name === asset.name && !before.some((b) => b.id === a.id)
+      );
+      const complete = arrived.find((a) => a.size === asset.size);
+      if (complete) return complete;
+      for (const partial of arrived) {
+        await deleteAsset(forgejo, releaseId, partial, "a partial upload");
+      }
+    }
+    const body = asset.bytes ?? Readable.from(readWithProgress(asset));
+    const response = await send(forgejo, url, "POST", body, {
+      "content-type": "application/octet-stream",
+      "content-length": String(asset.size),
+    });
+    const answer = {
+      status: response.statusCode,
+      headers: response.headers,
+      text: await response.body.text(),
+    };
+    throwIfTransient(answer, `POST ${url.pathname}`);
+    if (answer.status !== 201) throw new ReleaseError(explainUploadFailure(forgejo, answer, asset));
+    const stored = parseAnswer(AttachmentSchema, answer, "POST /assets", forgejo);
+    if (stored.size !== asset.size) {
+      await deleteAsset(forgejo, releaseId, stored, "a truncated upload");
+      throw new TransientError(`Forgejo stored ${stored.size} of ${asset.size} bytes`);
+    }
+    return stored;
+  });
+}
+
+function explainUploadFailure(forgejo: Forgejo, answer: Answer, asset: BundleAsset): string {
+  const said = serverMessage(answer.text);
+  if (answer.status === 413) {
+    return `the server or its reverse proxy refused ${asset.name} of ${asset.size} bytes (413${
+      said ? `: ${said}` : ""
+    }): raise the proxy's client_max_body_size or the [quota] limit, then rerun`;
+  }
+  if (answer.status === 400 && said && /type is not allowed/i.test(said)) {
+    return `Forgejo refuses the file type of ${asset.name} ("${said}"): allow it in [repository.release] ALLOWED_TYPES (empty allows every type), then rerun`;
+  }
+  return explainStatus(forgejo, answer, `upload of ${asset.name}`);
+}
+
+async function listAssets(forgejo: Forgejo, releaseId: number): Promise<Attachment[]> {
+  return await getJson(forgejo, AttachmentListSchema, {
+    method: "GET",
+    path: `/releases/${releaseId}/assets`,
+  });
+}
+
+async function deleteAsset(
+  forgejo: Forgejo,
+  releaseId: number,
+  asset: Attachment,
+  why: string,
+): Promise<void> {
+  await api(forgejo, {
+    method: "DELETE",
+    path: `/releases/${releaseId}/assets/${asset.id}`,
+    expect: [404],
+  });
+  log(`Deleted ${why}: ${asset.name} (id ${asset.id}, ${asset.size} bytes)`);
+}
+
+/** Streams a file in 1 MiB chunks and shows progress: a bar on a terminal, a few lines in CI. */
+async function* readWithProgress(asset: BundleAsset): AsyncIterable<Uint8Array> {
+  const terminal = !inCI && Deno.stderr.isTerminal();
+  const large = asset.size >= 64 << 20;
+  let sent = 0;
+  let reported = 0;
+  for await (const chunk of createReadStream(asset.path!, { highWaterMark: READ_SIZE })) {
+    sent += chunk.length;
+    yield chunk;
+    const percent = Math.floor((sent / asset.size) * 100);
+    if (terminal && large) {
+      const bar = "#".repeat(Math.floor(percent / 4)).padEnd(25, ".");
+      Deno.stderr.writeSync(new TextEncoder().encode(`\r${asset.name} [${bar}] ${percent}%`));
+    } else if (large && percent >= reported + 25) {
+      reported = percent - (percent % 25);
+      log(`${asset.name}: ${reported}% of ${formatBytes(asset.size)}`);
+    }
+  }
+  if (terminal && large) Deno.stderr.writeSync(new TextEncoder().encode("\n"));
+  if (sent !== asset.size) throw new ReleaseError(`${asset.path} changed size while uploading`);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7f. SHA256SUMS and manifest.json: the union of every job's assets, written until it holds
+// ---------------------------------------------------------------------------------------------
+
+/**
+ * Merges this run's manifest into the release's: assets of other jobs (a matrix building
+ * one release) are kept, this run's entries win for its own names.
+ */
+export function mergeManifests(remote: Manifest | undefined, local: Manifest): Manifest {
+  if (!remote) return local;
+  const mine = new Set(local.assets.map((asset) => asset.name));
+  const assets: ManifestAsset[] = [
+    ...remote.assets.filter((asset) => !mine.has(asset.name)),
+    ...local.assets,
+  ]
+    .sort((a, b) => a.name < b.name ? -1 : a.name > b.name ? 1 : 0);
+  return {
+    ...local,
+    flake: { ...local.flake, inputs: { ...remote.flake.inputs, ...local.flake.inputs } },
+    assets,
+  };
+}
+
+function sameAssets(a: ManifestAsset[], b: ManifestAsset[]): boolean {
+  const key = (list: ManifestAsset[]) =>
+    renderSums(list) + list.map((x) => `${x.name}:${x.size}`).sort().join(",");
+  return key(a) === key(b);
+}
+
+/**
+ * Writes SHA256SUMS and manifest.json covering every asset, and re-reads until exactly one
+ * of each is there and it covers this run's assets: two jobs writing at once converge.
+ */
+async function writeIndex(
+  forgejo: Forgejo,
+  releaseId: number,
+  bundle: Bundle,
+  options: Options,
+): Promise<Release> {
+  for (let round = 1; round <= 6; round++) {
+    const release = await getJson(forgejo, ReleaseSchema, {
+      method: "GET",
+      path: `/releases/${releaseId}`,
+    });
+    const remote = await readRemoteManifest(forgejo, release);
+    const merged = mergeManifests(remote, bundle.manifest);
+    const upToDate = remote !== undefined && sameAssets(remote.assets, merged.assets) &&
+      release.assets.filter((a) => a.name === SUMS_NAME).length === 1 &&
+      release.assets.filter((a) => a.name === MANIFEST_NAME).length === 1;
+    if (upToDate) {
+      await updateBody(forgejo, release, remote, options);
+      return release;
+    }
+    const fresh = bundleRelease([], merged);
+    const sums = await uploadAsset(forgejo, releaseId, fresh.sums);
+    const manifest = await uploadAsset(forgejo, releaseId, fresh.manifestAsset);
+    for (const old of release.assets.filter((a) => INDEX_NAMES.has(a.name))) {
+      if (old.id < sums.id && old.id < manifest.id) {
+        await deleteAsset(forgejo, releaseId, old, "an older index");
+      }
+    }
+    log(`Wrote ${SUMS_NAME} and ${MANIFEST_NAME} covering ${merged.assets.length} assets`);
+  }
+  throw new ReleaseError(
+    `${SUMS_NAME} of ${options.tag} kept changing under this run (other jobs writing); rerun`,
+  );
+}
+
+async function updateBody(
+  forgejo: Forgejo,
+  release: Release,
+  manifest: Manifest,
+  options: Options,
+): Promise<void> {
+  const body = releaseBody(manifest, options);
+  if (release.body === body) return;
+  const edit: EditReleaseOption = { body };
+  await api(forgejo, { method: "PATCH", path: `/releases/${release.id}`, json: edit });
+}
+
+/** The release page, readably: what it is, where it came from, and how to check it. */
+export function releaseBody(manifest: Manifest, options: Pick<Options, "server" | "repo">): string {
+  const commitUrl = `${options.server}/${options.repo}/commit/${manifest.commit}`;
+  const lines = [
+    `Boot images built from commit [${
+      manifest.commit.slice(0, 12)
+    }](${commitUrl}) with Nix ${manifest.nixVersion}.`,
+    "",
+  ];
+  const inputs = Object.entries(manifest.flake.inputs);
+  if (inputs.length > 0) {
+    lines.push("| flake input | source | rev |", "|---|---|---|");
+    for (const [name, input] of inputs) {
+      lines.push(
+        `| ${name} | ${input.url ?? input.type} | \`${input.rev ?? input.narHash ?? "?"}\` |`,
+      );
+    }
+    lines.push("");
+  }
+  lines.push("| asset | size | sha256 |", "|---|---|---|");
+  for (const asset of manifest.assets) {
+    lines.push(`| ${asset.name} | ${formatBytes(asset.size)} | \`${asset.sha256}\` |`);
+  }
+  lines.push("", `Verify a download: \`sha256sum -c --ignore-missing ${SUMS_NAME}\`.`);
+  if (manifest.ciRun) lines.push("", `Built by [CI run](${manifest.ciRun}).`);
+  return `${lines.join("\n")}\n`;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7g. Publish once everything is there, then confirm it
+// ---------------------------------------------------------------------------------------------
+
+/** Names the problems that keep a release from being complete; empty when it is. */
+export function incompleteness(
+  release: Pick<Release, "assets">,
+  manifest: Manifest | undefined,
+): string[] {
+  if (!manifest) return [`it has no ${MANIFEST_NAME}`];
+  const problems: string[] = [];
+  const counts = new Map<string, Attachment[]>();
+  for (const asset of release.assets) {
+    counts.set(asset.name, [...counts.get(asset.name) ?? [], asset]);
+  }
+  for (const [name, copies] of counts) {
+    if (copies.length > 1) problems.push(`${name} is there ${copies.length} times`);
+    else if (!INDEX_NAMES.has(name) && !manifest.assets.some((asset) => asset.name === name)) {
+      problems.push(`${name} is not covered by ${SUMS_NAME}`);
+    }
+  }
+  for (const asset of manifest.assets) {
+    const copy = counts.get(asset.name)?.[0];
+    if (!copy) problems.push(`${asset.name} is listed in ${SUMS_NAME} but missing`);
+    else if (copy.size !== asset.size) {
+      problems.push(`${asset.name} has ${copy.size} bytes, not ${asset.size}`);
+    }
+  }
+  return problems;
+}
+
+async function publishWhenComplete(
+  forgejo: Forgejo,
+  indexed: Release,
+  options: Options,
+): Promise<Release> {
+  const release = await getJson(forgejo, ReleaseSchema, {
+    method: "GET",
+    path: `/releases/${indexed.id}`,
+  });
+  const problems = incompleteness(release, await readRemoteManifest(forgejo, release));
+  if (problems.length > 0 && release.draft) {
+    log(
+      `The draft stays a draft: ${
+        problems.join("; ")
+      }. Another job may still be adding assets; the last one to finish publishes it (or run --finalize).`,
+    );
+    return release;
+  }
+  if (problems.length > 0) {
+    throw new ReleaseError(`release ${options.tag} is incomplete: ${problems.join("; ")}`);
+  }
+  if (release.draft && !options.draft) return await publishDraft(forgejo, release);
+  if (release.draft) {
+    log(`Left ${options.tag} a draft (--draft): publish it with --finalize --tag ${options.tag}`);
+  }
+  return release;
+}
+
+async function publishDraft(forgejo: Forgejo, release: Release): Promise<Release> {
+  const edit: EditReleaseOption = { draft: false };
+  await api(forgejo, { method: "PATCH", path: `/releases/${release.id}`, json: edit });
+  const published = await getJson(forgejo, ReleaseSchema, {
+    method: "GET",
+    path: `/releases/${release.id}`,
+  });
+  if (published.draft) {
+    throw new ReleaseError(`Forgejo did not publish ${release.tag_name}; rerun to try again`);
+  }
+  log(`Published ${published.tag_name}`);
+  return published;
+}
+
+/** The last job of a matrix: no build, just check the assembled draft and publish it. */
+async function finalizeRelease(forgejo: Forgejo, options: Options): Promise<void> {
+  const release = await findRelease(forgejo, options.tag);
+  if (!release) {
+    throw new ReleaseError(
+      `there is no release ${options.tag} to finalize: run the build jobs first (with --draft)`,
+    );
+  }
+  const manifest = await readRemoteManifest(forgejo, release);
+  const problems = incompleteness(release, manifest);
+  if (problems.length > 0) {
+    throw new ReleaseError(
+      `release ${options.tag} is not complete, so it stays a draft: ${problems.join("; ")}`,
+    );
+  }
+  const published = release.draft ? await publishDraft(forgejo, release) : release;
+  const bundle = bundleRelease([], manifest!);
+  await reportRelease(published, bundle, Deno.env.toObject());
+}
+
+async function reportRelease(release: Release, bundle: Bundle, env: Env): Promise<void> {
+  if (env.GITHUB_OUTPUT) {
+    await fs.appendFile(
+      env.GITHUB_OUTPUT,
+      `release-url=${release.html_url}\ntag=${release.tag_name}\nrelease-id=${release.id}\n`,
+    );
+  }
+  if (env.GITHUB_STEP_SUMMARY) {
+    const rows = bundle.manifest.assets.map((a) =>
+      `| ${a.name} | ${formatBytes(a.size)} | \`${a.sha256}\` |`
+    );
+    await fs.appendFile(
+      env.GITHUB_STEP_SUMMARY,
+      [
+        `### Release [${release.tag_name}](${release.html_url})${release.draft ? " (draft)" : ""}`,
+        "",
+        "| asset | size | sha256 |",
+        "|---|---|---|",
+        ...rows,
+        "",
+      ].join("\n"),
+    );
+  }
+  log(`Release ${release.tag_name}${release.draft ? " (draft)" : ""}: ${release.html_url}`);
+  console.log(release.html_url);
+}
+
+// ---------------------------------------------------------------------------------------------
+
+if (import.meta.main) {
+  try {
+    await main(Deno.args, Deno.env.toObject());
+  } catch (error) {
+    const known = error instanceof UsageError || error instanceof ReleaseError;
+    const message = known
+      ? (error as Error).message
+      : `unexpected error: ${(error as Error)?.stack ?? error}`;
+    log(`release-boot: ${message}`);
+    if (inCI) log(`::error::${message.split("\n")[0]}`);
+    Deno.exit(error instanceof UsageError ? 2 : 1);
+  }
+}

@@ -1,0 +1,80 @@
+/**
+ * The parts of Forgejo's REST API (v1) that release-boot reads and writes, as valibot schemas
+ * named after the definitions in Forgejo's OpenAPI document. Only the fields the script uses
+ * are modelled: `v.object` drops the rest, so newer servers that add fields still parse.
+ */
+import * as v from "valibot";
+
+/** `GET /api/v1/version`: every Forgejo (and Gitea) answers this without a token. */
+export const ServerVersionSchema = v.object({ version: v.string() });
+export type ServerVersion = v.InferOutput<typeof ServerVersionSchema>;
+
+/** Error bodies: `{"message": "...", "url": "..."}`. A proxy in front may send HTML instead. */
+export const APIErrorSchema = v.object({
+  message: v.optional(v.string()),
+  url: v.optional(v.string()),
+});
+export type APIError = v.InferOutput<typeof APIErrorSchema>;
+
+export const PermissionSchema = v.object({
+  admin: v.optional(v.boolean()),
+  push: v.optional(v.boolean()),
+  pull: v.optional(v.boolean()),
+});
+
+/** `GET /repos/{owner}/{repo}`. */
+export const RepositorySchema = v.object({
+  full_name: v.string(),
+  html_url: v.string(),
+  private: v.optional(v.boolean()),
+  permissions: v.optional(PermissionSchema),
+});
+export type Repository = v.InferOutput<typeof RepositorySchema>;
+
+/** `GET /repos/{owner}/{repo}/tags/{tag}`. */
+export const TagSchema = v.object({
+  name: v.string(),
+  commit: v.object({ sha: v.string() }),
+});
+export type Tag = v.InferOutput<typeof TagSchema>;
+
+/** A release asset. `size` is the number of bytes the server stored. */
+export const AttachmentSchema = v.object({
+  id: v.number(),
+  name: v.string(),
+  size: v.number(),
+  uuid: v.optional(v.string()),
+  browser_download_url: v.string(),
+  type: v.optional(v.picklist(["attachment", "external"])),
+});
+export type Attachment = v.InferOutput<typeof AttachmentSchema>;
+
+export const AttachmentListSchema = v.array(AttachmentSchema);
+
+export const ReleaseSchema = v.object({
+  id: v.number(),
+  tag_name: v.string(),
+  target_commitish: v.string(),
+  name: v.string(),
+  body: v.string(),
+  html_url: v.string(),
+  draft: v.boolean(),
+  prerelease: v.boolean(),
+  assets: v.array(AttachmentSchema),
+});
+export type Release = v.InferOutput<typeof ReleaseSchema>;
+
+export const ReleaseListSchema = v.array(ReleaseSchema);
+
+/** Body of `POST /repos/{owner}/{repo}/releases`. */
+export type CreateReleaseOption = {
+  tag_name: string;
+  target_commitish: string;
+  name: string;
+  body: string;
+  draft: boolean;
+  prerelease: boolean;
+};
+
+/** Body of `PATCH /repos/{owner}/{repo}/releases/{id}`: only the fields sent change. */
+export type EditReleaseOption = Partial<CreateReleaseOption>;

@@ -1,0 +1,50 @@
+/**
+ * manifest.json: the record that ties every asset of a release to the commit, flake inputs
+ * and nix derivation it came from. release-boot writes it and reads it back from a release
+ * (to resume, to merge the assets of several jobs, and to verify downloads).
+ */
+import * as v from "valibot";
+
+const Sha256Schema = v.pipe(v.string(), v.regex(/^[0-9a-f]{64}$/));
+
+export const ManifestAssetSchema = v.object({
+  name: v.string(),
+  size: v.pipe(v.number(), v.integer(), v.minValue(0)),
+  sha256: Sha256Schema,
+  target: v.string(),
+  system: v.string(),
+  storePath: v.string(),
+  drvPath: v.string(),
+});
+export type ManifestAsset = v.InferOutput<typeof ManifestAssetSchema>;
+
+export const FlakeInputSchema = v.object({
+  type: v.string(),
+  url: v.optional(v.string()),
+  rev: v.optional(v.string()),
+  narHash: v.optional(v.string()),
+  lastModified: v.optional(v.number()),
+});
+export type FlakeInput = v.InferOutput<typeof FlakeInputSchema>;
+
+export const ManifestSchema = v.object({
+  schema: v.literal(1),
+  tag: v.string(),
+  commit: v.string(),
+  flake: v.object({
+    ref: v.string(),
+    url: v.string(),
+    revision: v.optional(v.string()),
+    narHash: v.optional(v.string()),
+    /** True when every input is locked (a flake with no inputs is locked by definition). */
+    locked: v.boolean(),
+    /** True when the flake is a git checkout with uncommitted changes. */
+    dirty: v.boolean(),
+    inputs: v.record(v.string(), FlakeInputSchema),
+  }),
+  nixVersion: v.string(),
+  ciRun: v.optional(v.string()),
+  createdAt: v.string(),
+  assets: v.array(ManifestAssetSchema),
+});
+export type Manifest = v.InferOutput<typeof ManifestSchema>;

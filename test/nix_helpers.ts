@@ -1,0 +1,30 @@
+/** Real-nix tests: loud when skipped, and failing instead when REQUIRE_NIX=1 (as in CI). */
+const found = new Deno.Command("nix", { args: ["--version"], stdout: "null", stderr: "null" })
+  .output().then((output) => output.success, () => false);
+
+export const nixAvailable: boolean = await found;
+const required = Deno.env.get("REQUIRE_NIX") === "1";
+
+export const NIX_FLAGS = [
+  "--extra-experimental-features",
+  "nix-command flakes",
+  "--option",
+  "substituters",
+  "",
+];
+
+export function nixTest(name: string, fn: () => Promise<void>): void {
+  if (!nixAvailable && !required) {
+    console.error(
+      `\n!!! SKIPPED (nix is not installed): ${name}\n!!! Install nix-bin, or run .ci/run.\n`,
+    );
+  }
+  Deno.test({
+    name,
+    ignore: !nixAvailable && !required,
+    fn: async () => {
+      if (!nixAvailable) throw new Error("REQUIRE_NIX=1 but nix is not on PATH: install nix-bin");
+      await fn();
+    },
+  });
+}

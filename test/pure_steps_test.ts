@@ -1,0 +1,336 @@
+/** The pipeline's pure steps: names, sums, plans, merges and messages. */
+import assert from "node:assert/strict";
+import {
+  assetName,
+  type BundleAsset,
+  explainStatus,
+  incompleteness,
+  mergeManifests,
+  parseHydraBuildProducts,
+  parseSums,
+  planUploads,
+  readOptions,
+  releaseBody,
+  renderSums,
+  retryAfterMs,
+  serverProblem,
+  tagProblem,
+  UsageError,
+} from "../scripts/release-boot.ts";
+import type { Attachment } from "../types/forgejo.ts";
+import type { Manifest } from "../types/manifest.ts";
+
+const COMMIT = "0123456789abcdef0123456789abcdef01234567";
+const SHA_A = "a".repeat(64);
+const SHA_B = "b".repeat(64);
+
+Deno.test("tags that git would refuse are named with the reason", () => {
+  for (
+    const bad of [
+      "a b",
+      "x..y",
+      "-x",
+      "a:b",
+      "a~1",
+      "end.",
+      "a//b",
+      "/a",
+      "x.lock",
+      "a@{b",
+      "tab\tx",
+      "q?",
+    ]
+  ) {
+    assert.ok(tagProblem(bad), `expected ${JSON.stringify(bad)} to be refused`);
+  }
+  for (const good of ["boot-v1.2.0", "boot-dev-0123456789ab", "2026.03", "releases/boot-v1"]) {
+    assert.equal(tagProblem(good), undefined, good);
+  }
+});
+
+Deno.test("server URLs must be https except on localhost, without credentials", () => {
+  assert.equal(serverProblem("https://git.example.org"), undefined);
+  assert.equal(serverProblem("http://127.0.0.1:3000"), undefined);
+  assert.match(serverProblem("http://git.example.org")!, /https/);
+  assert.match(serverProblem("https://u:p@git.example.org")!, /credentials/);
+  assert.match(serverProblem("git.example.org")!, /not a URL/);
+});
+
+Deno.test("asset names are stable: target, system and extension, never the NixOS version", () => {
+  assert.equal(
+    assetName(
+      "iso",
+      "x86_64-linux",
+      "/nix/store/x-iso/iso/nixos-runner-25.05.20260101.abcdef0-x86_64-linux.iso",
+    ),
+    "iso-x86_64-linux.iso",
+  );
+  assert.equal(
+    assetName("sd", "aarch64-linux", "/nix/store/x/sd-image/nixos-image-sd-card-25.05.img.zst"),
+    "sd-aarch64-linux.img.zst",
+  );
+  assert.equal(
+    assetName("netboot", "x86_64-linux", "/nix/store/x/bzImage"),
+    "netboot-x86_64-linux.bzImage",
+  );
+  assert.equal(
+    assetName("netboot", "x86_64-linux", "/nix/store/x/netboot.ipxe"),
+    "netboot-x86_64-linux.ipxe",
+  );
+});
+
+Deno.test("hydra-build-products yields only file lines", () => {
+  const text = [
+    "file bzImage /nix/store/aaa-linux/bzImage",
+    "file iso /nix/store/bbb-iso/iso/nixos.iso",
+    "doc manual /nix/store/ccc-manual",
+    "report coverage /nix/store/ddd",
+    'file sd-image "/nix/store/eee/sd-image/x.img.zst"',
+    "",
+  ].join("\n");
+  assert.deepEqual(parseHydraBuildProducts(text), [
+    "/nix/store/aaa-linux/bzImage",
+    "/nix/store/bbb-iso/iso/nixos.iso",
+    "/nix/store/eee/sd-image/x.img.zst",
+  ]);
+});
+
+Deno.test("SHA256SUMS is sorted sha256sum format and parses back", () => {
+  const text = renderSums([{ name: "z.iso", sha256: SHA_B }, { name: "a.ipxe", sha256: SHA_A }]);
+  assert.equal(text, `${SHA_A}  a.ipxe\n${SHA_B}  z.iso\n`);
+  assert.deepEqual([...parseSums(text)], [["a.ipxe", SHA_A], ["z.iso", SHA_B]]);
+  assert.equal(parseSums(`${SHA_A} *bin.img\n`).get("bin.img"), SHA_A);
+});
+
+function attachment(id: number, name: string, size: number): Attachment {
+  return { id, name, size, browser_download_url: `http://x/attachments/${id}` };
+}
+function local(name: string, size: number, sha256: string): BundleAsset {
+  return { name, size, sha256, path: `/nix/store/x/${name}` };
+}
+function manifest(
+  assets: { name: string; size: number; sha256: string }[],
+  extra: Partial<Manifest> = {},
+): Manifest {
+  return {
+    schema: 1,
+    tag: "boot-v1",
+    commit: COMMIT,
+    flake: { ref: ".", url: "path:.", locked: true, dirty: false, inputs: {} },
+    nixVersion: "2.8.0",
+    createdAt: "2026-11-26T00:00:00.000Z",
+    assets: assets.map((a) => ({
+      ...a,
+      target: "t",
+      system: "x86_64-linux",
+      storePath: "/nix/store/x",
+      drvPath: "/nix/store/x.drv",
+    })),
+    ...extra,
+  };
+}
+
+Deno.test("plan: identical assets are skipped, missing ones uploaded", () => {
+  const plan = planUploads(
+    [local("a.iso", 10, SHA_A), local("b.ipxe", 5, SHA_B)],
+    [attachment(1, "a.iso", 10)],
+    manifest([{ name: "a.iso", size: 10, sha256: SHA_A }]),
+    false,
+    false,
+  );
+  assert.deepEqual(plan.map((p) => [p.asset.name, p.kind]), [["a.iso", "skip"], [
+    "b.ipxe",
+    "upload",
+  ]]);
+});
+
+Deno.test("plan: different bytes are a conflict unless --replace, which uploads then removes", () => {
+  const remote = [attachment(1, "a.iso", 10)];
+  const recorded = manifest([{ name: "a.iso", size: 10, sha256: SHA_B }]);
+  const refused = planUploads([local("a.iso", 10, SHA_A)], remote, recorded, false, false);
+  assert.equal(refused[0].kind, "conflict");
+  const replaced = planUploads([local("a.iso", 10, SHA_A)], remote, recorded, false, true);
+  assert.deepEqual(replaced[0], {
+    kind: "upload",
+    asset: local("a.iso", 10, SHA_A),
+    remove: remote,
+  });
+});
+
+Deno.test("plan: duplicates and truncated copies are cleaned up, one good copy kept", () => {
+  const recorded = manifest([{ name: "a.iso", size: 10, sha256: SHA_A }]);
+  const skip = planUploads(
+    [local("a.iso", 10, SHA_A)],
+    [attachment(3, "a.iso", 10), attachment(2, "a.iso", 10), attachment(4, "a.iso", 7)],
+    recorded,
+    true,
+    false,
+  )[0];
+  assert.equal(skip.kind, "skip");
+  assert.equal(skip.kind === "skip" && skip.keep.id, 2);
+  assert.deepEqual(skip.kind === "skip" && skip.remove.map((a) => a.id), [3, 4]);
+  const truncated = planUploads(
+    [local("a.iso", 10, SHA_A)],
+    [attachment(4, "a.iso", 7)],
+    recorded,
+    false,
+    false,
+  )[0];
+  assert.equal(truncated.kind, "upload");
+});
+
+Deno.test("plan: an unrecorded copy is redone in a draft but refused in a published release", () => {
+  const remote = [attachment(5, "a.iso", 10)];
+  assert.equal(
+    planUploads([local("a.iso", 10, SHA_A)], remote, undefined, true, false)[0].kind,
+    "upload",
+  );
+  assert.equal(
+    planUploads([local("a.iso", 10, SHA_A)], remote, undefined, false, false)[0].kind,
+    "conflict",
+  );
+});
+
+Deno.test("merge keeps other jobs' assets and this run's own entries", () => {
+  const remote = manifest([{ name: "iso.iso", size: 1, sha256: SHA_A }, {
+    name: "net.ipxe",
+    size: 2,
+    sha256: SHA_A,
+  }]);
+  const mine = manifest([{ name: "net.ipxe", size: 3, sha256: SHA_B }]);
+  const merged = mergeManifests(remote, mine);
+  assert.deepEqual(merged.assets.map((a) => [a.name, a.sha256]), [["iso.iso", SHA_A], [
+    "net.ipxe",
+    SHA_B,
+  ]]);
+});
+
+Deno.test("a release is complete only when every asset is there once and covered", () => {
+  const record = manifest([{ name: "a.iso", size: 10, sha256: SHA_A }]);
+  const index = [attachment(8, "SHA256SUMS", 80), attachment(9, "manifest.json", 900)];
+  assert.deepEqual(incompleteness({ assets: [attachment(1, "a.iso", 10), ...index] }, record), []);
+  assert.deepEqual(incompleteness({ assets: [...index] }, record), [
+    "a.iso is listed in SHA256SUMS but missing",
+  ]);
+  assert.deepEqual(
+    incompleteness(
+      { assets: [attachment(1, "a.iso", 10), attachment(2, "x.img", 1), ...index] },
+      record,
+    ),
+    [
+      "x.img is not covered by SHA256SUMS",
+    ],
+  );
+  assert.deepEqual(
+    incompleteness(
+      { assets: [attachment(1, "a.iso", 10), attachment(2, "a.iso", 10), ...index] },
+      record,
+    ),
+    [
+      "a.iso is there 2 times",
+    ],
+  );
+  assert.deepEqual(incompleteness({ assets: [attachment(1, "a.iso", 10)] }, undefined), [
+    "it has no manifest.json",
+  ]);
+});
+
+Deno.test("errors say what failed and what to do", () => {
+  const forgejo = { repo: "ops/runners", server: "https://git.example.org" };
+  assert.match(
+    explainStatus(
+      forgejo,
+      { status: 401, text: '{"message":"token is required"}' },
+      "POST /releases",
+    ),
+    /401.*token is required.*FORGEJO_TOKEN/,
+  );
+  assert.match(
+    explainStatus(forgejo, { status: 403, text: "{}" }, "POST /releases"),
+    /cannot write releases of ops\/runners.*write:repository/,
+  );
+  assert.match(
+    explainStatus(forgejo, { status: 404, text: "" }, "GET /"),
+    /ops\/runners was not found/,
+  );
+  assert.match(
+    explainStatus(forgejo, { status: 502, text: "<html><body>Bad Gateway</body></html>" }, "GET /"),
+    /502.*Bad Gateway/,
+  );
+});
+
+Deno.test("Retry-After is honoured in seconds and as a date, and bounded", () => {
+  assert.equal(retryAfterMs("2"), 2000);
+  assert.equal(retryAfterMs(undefined), undefined);
+  assert.equal(retryAfterMs("99999"), 120_000);
+  const inAMoment = new Date(Date.now() + 5000).toUTCString();
+  assert.ok(retryAfterMs(inAMoment)! > 3000);
+});
+
+Deno.test("the release body links the commit and lists inputs, sizes and sums", () => {
+  const body = releaseBody(
+    manifest([{ name: "iso-x86_64-linux.iso", size: 2048, sha256: SHA_A }], {
+      flake: {
+        ref: ".",
+        url: "git+file:///src",
+        locked: true,
+        dirty: false,
+        inputs: { nixpkgs: { type: "github", url: "github:NixOS/nixpkgs", rev: "f".repeat(40) } },
+      },
+      ciRun: "https://git.example.org/ops/runners/actions/runs/7",
+    }),
+    { server: "https://git.example.org", repo: "ops/runners" },
+  );
+  assert.match(
+    body,
+    /\[0123456789ab\]\(https:\/\/git\.example\.org\/ops\/runners\/commit\/0123456789abcdef/,
+  );
+  assert.match(body, /\| nixpkgs \| github:NixOS\/nixpkgs \| `f{40}` \|/);
+  assert.match(body, /\| iso-x86_64-linux\.iso \| 2\.0 KiB \| `a{64}` \|/);
+  assert.match(body, /actions\/runs\/7/);
+});
+
+Deno.test("options: a tag push names the release, other runs get a boot-dev pre-release", async () => {
+  const ci = {
+    GITHUB_SHA: COMMIT,
+    GITHUB_REF_TYPE: "tag",
+    GITHUB_REF_NAME: "boot-v1.0.0",
+    GITHUB_SERVER_URL: "https://git.example.org/",
+    GITHUB_REPOSITORY: "ops/runners",
+    GITHUB_RUN_ID: "42",
+  };
+  const tagged = await readOptions([], ci);
+  assert.equal(tagged.tag, "boot-v1.0.0");
+  assert.equal(tagged.prerelease, false);
+  assert.equal(tagged.server, "https://git.example.org");
+  assert.equal(tagged.publish, true);
+  assert.equal(tagged.ciRun, "https://git.example.org/ops/runners/actions/runs/42");
+  const dispatched = await readOptions([], {
+    ...ci,
+    GITHUB_REF_TYPE: "branch",
+    GITHUB_REF_NAME: "main",
+  });
+  assert.equal(dispatched.tag, "boot-dev-0123456789ab");
+  assert.equal(dispatched.prerelease, true);
+  const local = await readOptions(["--commit", COMMIT.toUpperCase(), "--targets", "netboot"], {});
+  assert.deepEqual([local.commit, local.targets, local.publish, local.out], [
+    COMMIT,
+    ["netboot"],
+    false,
+    "dist/boot-dev-0123456789ab",
+  ]);
+});
+
+Deno.test("options: unknown, repeated and empty flags are usage errors", async () => {
+  await assert.rejects(
+    readOptions(["--taget", "x"], {}),
+    (e: Error) => e instanceof UsageError && /unknown flag --taget/.test(e.message),
+  );
+  await assert.rejects(readOptions(["--tag", "a", "--tag", "b"], {}), /more than once/);
+  await assert.rejects(readOptions(["--tag="], {}), /needs a value/);
+  await assert.rejects(
+    readOptions(["--tag", "v1", "--commit", COMMIT, "--server", "https://x.org"], {}),
+    /--repo OWNER\/NAME/,
+  );
+  await assert.rejects(readOptions(["--finalize"], {}), /--finalize needs the --tag/);
+});

@@ -1,0 +1,81 @@
+/** Runs release-boot as operators do: a child process with its own flags and environment. */
+import * as fs from "node:fs/promises";
+import * as os from "node:os";
+import * as path from "node:path";
+
+export const repoRoot = path.resolve(import.meta.dirname!, "..");
+export const script = path.join(repoRoot, "scripts", "release-boot.ts");
+export const fixtureDir = path.join(repoRoot, "test", "fixture");
+
+export interface Run {
+  code: number;
+  stdout: string;
+  stderr: string;
+}
+
+/**
+ * A minimal environment: nothing from the caller's CI leaks in, and nix never waits on the
+ * public binary cache, which these machines cannot reach.
+ */
+export function baseEnv(extra: Record<string, string> = {}): Record<string, string> {
+  const env: Record<string, string> = {
+    PATH: Deno.env.get("PATH") ?? "/usr/bin:/bin",
+    HOME: Deno.env.get("HOME") ?? "/root",
+    NIX_CONFIG: "substituters =\nexperimental-features = nix-command flakes",
+    NO_COLOR: "1",
+  };
+  const denoDir = Deno.env.get("DENO_DIR");
+  if (denoDir) env.DENO_DIR = denoDir;
+  return { ...env, ...extra };
+}
+
+export async function runRelease(
+  args: string[],
+  options: { env?: Record<string, string>; cwd?: string; signal?: AbortSignal } = {},
+): Promise<Run> {
+  const command = new Deno.Command(Deno.execPath(), {
+    args: ["run", "--allow-all", "--config", path.join(repoRoot, "deno.json"), script, ...args],
+    cwd: options.cwd ?? repoRoot,
+    env: options.env ?? baseEnv(),
+    clearEnv: true,
+    stdout: "piped",
+    stderr: "piped",
+    stdin: "null",
+    signal: options.signal,
+  });
+  const output = await command.output();
+  const decoder = new TextDecoder();
+  return {
+    code: output.code,
+    stdout: decoder.decode(output.stdout),
+    stderr: decoder.decode(output.stderr),
+  };
+}
+
+/** A copy of the fixture flake whose files carry `salt`, so its bytes differ per salt. */
+export async function makeFixture(salt: string): Promise<{ dir: string; ref: string }> {
+  const dir = await fs.mkdtemp(path.join(os.tmpdir(), "release-boot-fixture-"));
+  await fs.copyFile(path.join(fixtureDir, "flake.nix"), path.join(dir, "flake.nix"));
+  await fs.writeFile(path.join(dir, "salt.nix"), `${JSON.stringify(salt)}\n`);
+  return { dir, ref: `path:${dir}` };
+}
+
+/** A scratch git checkout to run from, so the default commit comes from git rev-parse HEAD. */
+export async function makeWorkdir(): Promise<{ dir: string; commit: string }> {
+  const dir = await fs.mkdtemp(path.join(os.tmpdir(), "release-boot-work-"));
+  const git = (...args: string[]) =>
+    new Deno.Command("git", {
+      args: ["-c", "user.name=t", "-c", "user.email=t@example.org", ...args],
+      cwd: dir,
+      stdout: "piped",
+      stderr: "null",
+    }).output();
+  await git("init", "-q");
+  await git("commit", "-q", "--allow-empty", "-m", "release");
+  const head = await git("rev-parse", "HEAD");
+  return { dir, commit: new TextDecoder().decode(head.stdout).trim() };
+}
+
+export async function exists(file: string): Promise<boolean> {
+  return await fs.stat(file).then(() => true, () => false);
+}

@@ -1,0 +1,219 @@
+/** The core pipeline end to end with real nix: build, name, hash, stage or refuse. */
+import assert from "node:assert/strict";
+import * as fs from "node:fs/promises";
+import * as path from "node:path";
+import { nixTest } from "./nix_helpers.ts";
+import { exists, fixtureDir, makeFixture, makeWorkdir, runRelease } from "./run_helpers.ts";
+
+const FIXTURE = `path:${fixtureDir}`;
+
+async function sha256sumCheck(dir: string): Promise<{ code: number; stdout: string }> {
+  const output = await new Deno.Command("sha256sum", {
+    args: ["-c", "SHA256SUMS"],
+    cwd: dir,
+    stdout: "piped",
+    stderr: "piped",
+  })
+    .output();
+  return { code: output.code, stdout: new TextDecoder().decode(output.stdout) };
+}
+
+nixTest(
+  "with no server, netboot and iso are staged in dist/<tag> and sha256sum -c passes",
+  async () => {
+    const work = await makeWorkdir();
+    const run = await runRelease(["--flake", FIXTURE, "--targets", "netboot,iso"], {
+      cwd: work.dir,
+    });
+    assert.equal(run.code, 0, run.stderr);
+    const out = path.join(work.dir, "dist", `boot-dev-${work.commit.slice(0, 12)}`);
+    assert.equal(run.stdout.trim(), out, "stdout carries only the staged directory");
+    assert.deepEqual((await fs.readdir(out)).sort(), [
+      "SHA256SUMS",
+      "iso-x86_64-linux.iso",
+      "manifest.json",
+      "netboot-x86_64-linux.bzImage",
+      "netboot-x86_64-linux.initrd",
+      "netboot-x86_64-linux.ipxe",
+    ]);
+    const check = await sha256sumCheck(out);
+    assert.equal(check.code, 0, check.stdout);
+    assert.equal(
+      check.stdout.trim().split("\n").length,
+      4,
+      "SHA256SUMS lists every asset but itself and the manifest",
+    );
+    const manifest = JSON.parse(await fs.readFile(path.join(out, "manifest.json"), "utf8"));
+    assert.equal(manifest.commit, work.commit);
+    assert.equal(manifest.tag, `boot-dev-${work.commit.slice(0, 12)}`);
+    assert.equal(manifest.flake.locked, true);
+    assert.match(manifest.nixVersion, /^\d+\.\d+/);
+    const iso = manifest.assets.find((a: { name: string }) => a.name === "iso-x86_64-linux.iso");
+    assert.match(
+      iso.storePath,
+      /^\/nix\/store\/.*-nixos-runner-iso\/iso\/nixos-runner-25\.05.*\.iso$/,
+    );
+    assert.match(iso.drvPath, /^\/nix\/store\/.*-nixos-runner-iso\.drv$/);
+    assert.equal(iso.size, (await fs.stat(path.join(out, "iso-x86_64-linux.iso"))).size);
+    assert.match(run.stderr, /Publish them: FORGEJO_TOKEN=\.\.\. deno task release --server/);
+    await fs.rm(work.dir, { recursive: true });
+  },
+);
+
+nixTest("a rerun of a stage replaces it whole", async () => {
+  const work = await makeWorkdir();
+  const out = path.join(work.dir, "staged");
+  for (const salt of ["first", "second"]) {
+    const fixture = await makeFixture(salt);
+    const run = await runRelease([
+      "--flake",
+      fixture.ref,
+      "--targets",
+      "netboot",
+      "--out",
+      out,
+      "--tag",
+      "boot-v0.1.0",
+    ], {
+      cwd: work.dir,
+    });
+    assert.equal(run.code, 0, run.stderr);
+    await fs.rm(fixture.dir, { recursive: true });
+  }
+  assert.equal((await sha256sumCheck(out)).code, 0);
+  assert.match(await fs.readFile(path.join(out, "netboot-x86_64-linux.initrd"), "utf8"), /second/);
+  const leftovers = (await fs.readdir(work.dir)).filter((name) => name.includes("partial"));
+  assert.deepEqual(leftovers, []);
+  await fs.rm(work.dir, { recursive: true });
+});
+
+nixTest(
+  "without hydra-build-products every regular file is published, links followed",
+  async () => {
+    const work = await makeWorkdir();
+    const run = await runRelease(["--flake", FIXTURE, "--targets", "plain", "--out", "out"], {
+      cwd: work.dir,
+    });
+    assert.equal(run.code, 0, run.stderr);
+    const names = (await fs.readdir(path.join(work.dir, "out"))).sort();
+    assert.deepEqual(names, [
+      "SHA256SUMS",
+      "manifest.json",
+      "plain-x86_64-linux.NOTES",
+      "plain-x86_64-linux.bzImage",
+      "plain-x86_64-linux.img",
+    ]);
+    await fs.rm(work.dir, { recursive: true });
+  },
+);
+
+nixTest("a failing target exits 1 naming it and writes nothing", async () => {
+  const work = await makeWorkdir();
+  const run = await runRelease(["--flake", FIXTURE, "--targets", "netboot,broken"], {
+    cwd: work.dir,
+  });
+  assert.equal(run.code, 1);
+  assert.match(run.stderr, /nix build failed for target broken \(x86_64-linux\)/);
+  assert.match(run.stderr, /the runner image failed to assemble/);
+  assert.equal(await exists(path.join(work.dir, "dist")), false);
+  await fs.rm(work.dir, { recursive: true });
+});
+
+nixTest("an unknown target exits 2 before building and lists the flake's targets", async () => {
+  const work = await makeWorkdir();
+  const run = await runRelease(["--flake", FIXTURE, "--targets", "netboot,isoo"], {
+    cwd: work.dir,
+  });
+  assert.equal(run.code, 2);
+  assert.match(
+    run.stderr,
+    /unknown target isoo in --targets: the flake .* has broken, iso, netboot, plain for x86_64-linux/,
+  );
+  assert.doesNotMatch(run.stderr, /==> Build/);
+  const other = await runRelease([
+    "--flake",
+    FIXTURE,
+    "--system",
+    "aarch64-linux",
+    "--targets",
+    "sd",
+  ], { cwd: work.dir });
+  assert.equal(other.code, 2);
+  assert.match(other.stderr, /has no packages for aarch64-linux/);
+  assert.equal(await exists(path.join(work.dir, "dist")), false);
+  await fs.rm(work.dir, { recursive: true });
+});
+
+nixTest("--dry-run prints the plan with sizes and sums and writes nothing", async () => {
+  const work = await makeWorkdir();
+  const run = await runRelease(["--flake", FIXTURE, "--targets", "netboot", "--dry-run"], {
+    cwd: work.dir,
+  });
+  assert.equal(run.code, 0, run.stderr);
+  assert.match(run.stdout, /^Plan for boot-dev-[0-9a-f]{12}/);
+  assert.match(run.stdout, /[0-9a-f]{64} {2}netboot-x86_64-linux\.initrd {2}1\.2 KiB/);
+  assert.match(run.stdout, /SHA256SUMS/);
+  assert.deepEqual(
+    await fs.readdir(work.dir).then((names) => names.filter((n) => n !== ".git")),
+    [],
+  );
+  await fs.rm(work.dir, { recursive: true });
+});
+
+Deno.test("each bad input exits 2 with one line and leaves nothing behind", async () => {
+  const work = await makeWorkdir();
+  const cases: [string[], RegExp][] = [
+    [["--tag", "boot v1"], /bad --tag "boot v1": it contains a space/],
+    [["--tag", "boot..v1"], /bad --tag "boot\.\.v1": it contains "\.\."/],
+    [["--tag=-v1"], /bad --tag "-v1": it starts with "-"/],
+    [["--targets", "netboot,,iso"], /bad --targets/],
+    [["--system", "linux"], /bad --system "linux"/],
+    [
+      ["--repo", "runners", "--server", "https://git.example.org"],
+      /bad --repo "runners": a repository is written OWNER\/NAME/,
+    ],
+    [["--server", "http://git.example.org", "--repo", "ops/runners"], /bad --server .*use https/],
+    [["--commit", "abc123"], /bad --commit "abc123": a commit is the full 40/],
+    [["--timeout", "soon"], /bad --timeout "soon"/],
+    [["--frobnicate"], /unknown flag --frobnicate/],
+  ];
+  for (const [args, message] of cases) {
+    const run = await runRelease(args, { cwd: work.dir });
+    assert.equal(run.code, 2, `${args.join(" ")}: ${run.stderr}`);
+    const lines = run.stderr.trim().split("\n");
+    assert.equal(lines.length, 1, `one line for ${args.join(" ")}: ${run.stderr}`);
+    assert.match(lines[0], message);
+  }
+  assert.deepEqual((await fs.readdir(work.dir)).filter((n) => n !== ".git"), []);
+  await fs.rm(work.dir, { recursive: true });
+});
+
+Deno.test("--help documents every flag and the token variables", async () => {
+  const run = await runRelease(["--help"]);
+  assert.equal(run.code, 0);
+  for (
+    const flag of [
+      "--flake",
+      "--targets",
+      "--system",
+      "--tag",
+      "--commit",
+      "--server",
+      "--repo",
+      "--out",
+      "--dry-run",
+      "--draft",
+      "--prerelease",
+      "--replace",
+      "--finalize",
+      "--allow-dirty",
+      "--timeout",
+      "--mirrors",
+    ]
+  ) {
+    assert.match(run.stdout, new RegExp(`^  ${flag}\\b`, "m"), flag);
+  }
+  assert.match(run.stdout, /FORGEJO_TOKEN/);
+  assert.match(run.stdout, /GITHUB_TOKEN/);
+  assert.match(run.stdout, /Exit status: 0 done, 1 failed/);
+});

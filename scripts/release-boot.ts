@@ -67,7 +67,7 @@ async function main(argv: string[], env: Env): Promise<void> {
   if (options.help) return printHelp();
   hideSecretsFromChildren(env);
 
-  const forgejo = options.publish ? connectForgejo(options, env) : undefined;
+  const forgejo = options.publish && !options.dryRun ? connectForgejo(options, env) : undefined;
   if (forgejo) await step("Check Forgejo", () => checkForgejo(forgejo));
   if (forgejo && options.finalize) return await finalizeRelease(forgejo, options);
 
@@ -86,13 +86,8 @@ async function main(argv: string[], env: Env): Promise<void> {
     "Find or create the release",
     () => findOrCreateRelease(forgejo, options, bundle),
   );
-  const plan = planUploads(
-    bundle.files,
-    draft.assets,
-    await readRemoteManifest(forgejo, draft),
-    draft.draft,
-    options.replace,
-  );
+  const recorded = await readRecordedSums(forgejo, draft);
+  const plan = planUploads(bundle.files, draft.assets, recorded, draft.draft, options.replace);
   refuseConflicts(plan, draft, options);
   await step("Upload", () => uploadPlanned(forgejo, draft, plan));
   const indexed = await step(
@@ -1317,6 +1312,59 @@ function checkReleaseCommit(release: Release, options: Options): Release {
   return release;
 }
 
+/**
+ * Which attachment holds which bytes, kept in the release body as an HTML comment (invisible
+ * on the release page) and updated after each upload. It lets a rerun trust a copy by its id
+ * instead of uploading it again, and tells a replaced copy from the new one.
+ */
+export type UploadRecord = Record<string, { id: number; size: number; sha256: string }>;
+
+const RECORD_PATTERN = /\n?<!-- release-boot:uploaded (\{.*?\}) -->\n?/s;
+
+export function readUploadRecord(body: string): UploadRecord {
+  const match = body.match(RECORD_PATTERN);
+  if (!match) return {};
+  const parsed = v.safeParse(UploadRecordSchema, safeJson(match[1]));
+  return parsed.success ? parsed.output : {};
+}
+
+export function withUploadRecord(body: string, record: UploadRecord): string {
+  const text = body.replace(RECORD_PATTERN, "\n").trimEnd();
+  return `${text}\n\n<!-- release-boot:uploaded ${JSON.stringify(record)} -->\n`;
+}
+
+const UploadRecordSchema = v.record(
+  v.string(),
+  v.object({ id: v.number(), size: v.number(), sha256: v.string() }),
+);
+
+/** A copy's sha256 from the upload record, else (for older copies) from manifest.json. */
+async function readRecordedSums(forgejo: Forgejo, release: Release): Promise<RecordedSha> {
+  const record = readUploadRecord(release.body);
+  const manifest = await readRemoteManifest(forgejo, release);
+  return (copy) => {
+    const entry = record[copy.name];
+    if (entry) return entry.id === copy.id ? entry.sha256 : undefined;
+    return manifest?.assets.find((asset) => asset.name === copy.name)?.sha256;
+  };
+}
+
+async function recordUpload(
+  forgejo: Forgejo,
+  releaseId: number,
+  asset: BundleAsset,
+  stored: Attachment,
+): Promise<void> {
+  const release = await getJson(forgejo, ReleaseSchema, {
+    method: "GET",
+    path: `/releases/${releaseId}`,
+  });
+  const record = readUploadRecord(release.body);
+  record[asset.name] = { id: stored.id, size: stored.size, sha256: asset.sha256 };
+  const edit: EditReleaseOption = { body: withUploadRecord(release.body, record) };
+  await api(forgejo, { method: "PATCH", path: `/releases/${releaseId}`, json: edit });
+}
+
 /** The release's own record of what it holds, or undefined when it has none yet. */
 async function readRemoteManifest(
   forgejo: Forgejo,
@@ -1370,31 +1418,33 @@ export type PlannedAction =
   /** There with other bytes: refused unless --replace, which uploads then removes. */
   | { kind: "conflict"; asset: BundleAsset; remote: Attachment[]; remoteSha256?: string };
 
+/** What the release says a stored copy holds: its sha256, or undefined when unknown. */
+export type RecordedSha = (copy: Attachment) => string | undefined;
+
 export function planUploads(
   local: BundleAsset[],
   remote: Attachment[],
-  remoteManifest: Pick<Manifest, "assets"> | undefined,
+  recordedSha: RecordedSha,
   isDraft: boolean,
   replace: boolean,
 ): PlannedAction[] {
-  const recorded = new Map(
-    (remoteManifest?.assets ?? []).map((asset) => [asset.name, asset.sha256]),
-  );
   return local.map((asset): PlannedAction => {
     const copies = remote.filter((attachment) => attachment.name === asset.name);
-    const sha = recorded.get(asset.name);
-    const good = sha === asset.sha256 ? copies.filter((copy) => copy.size === asset.size) : [];
+    const good = copies.filter((copy) =>
+      copy.size === asset.size && recordedSha(copy) === asset.sha256
+    );
     if (good.length > 0) {
       const keep = good.sort((a, b) => a.id - b.id)[0];
       return { kind: "skip", asset, keep, remove: copies.filter((copy) => copy !== keep) };
     }
     if (copies.length === 0) return { kind: "upload", asset, remove: [] };
-    // Same checksum on record but a wrong size: a truncated upload; ours to redo.
-    const truncated = sha === asset.sha256;
-    // No checksum on record in a draft: an upload that a killed run never recorded.
-    const unrecorded = sha === undefined && isDraft;
+    const known = copies.map(recordedSha).filter((sha) => sha !== undefined);
+    // Our checksum on record but a wrong size: a truncated upload, ours to redo.
+    const truncated = known.length > 0 && known.every((sha) => sha === asset.sha256);
+    // Nothing on record in a draft: an upload that a killed run never got to record.
+    const unrecorded = known.length === 0 && isDraft;
     if (truncated || unrecorded || replace) return { kind: "upload", asset, remove: copies };
-    return { kind: "conflict", asset, remote: copies, remoteSha256: sha };
+    return { kind: "conflict", asset, remote: copies, remoteSha256: known[0] };
   });
 }
 
@@ -1429,7 +1479,8 @@ async function uploadPlanned(
   let done = 0;
   for (const action of uploads) {
     try {
-      await uploadAsset(forgejo, release.id, action.asset);
+      const stored = await uploadAsset(forgejo, release.id, action.asset, release.assets);
+      await recordUpload(forgejo, release.id, action.asset, stored);
     } catch (error) {
       if (error instanceof ReleaseError) {
         throw new ReleaseError(
@@ -1446,23 +1497,24 @@ async function uploadPlanned(
   }
 }
 
+/** `existing`: the release's assets before this upload, to tell a retry's leftovers apart. */
 async function uploadAsset(
   forgejo: Forgejo,
   releaseId: number,
   asset: BundleAsset,
+  existing: Attachment[],
 ): Promise<Attachment> {
   const url = apiUrl(forgejo, {
     path: `/releases/${releaseId}/assets`,
     query: { name: asset.name },
   });
   const what = `upload of ${asset.name} (${formatBytes(asset.size)})`;
-  const before = await listAssets(forgejo, releaseId);
   return await withRetries(what, async (attempt) => {
     if (attempt > 1) {
       // The failed attempt may have been stored after all: look before uploading again.
       const now = await listAssets(forgejo, releaseId);
       const arrived = now.filter((a) =>
-        a.name === asset.name && !before.some((b) => b.id === a.id)
+        a.name === asset.name && !existing.some((b) => b.id === a.id)
       );
       const complete = arrived.find((a) => a.size === asset.size);
       if (complete) return complete;
@@ -1601,8 +1653,8 @@ async function writeIndex(
       return release;
     }
     const fresh = bundleRelease([], merged);
-    const sums = await uploadAsset(forgejo, releaseId, fresh.sums);
-    const manifest = await uploadAsset(forgejo, releaseId, fresh.manifestAsset);
+    const sums = await uploadAsset(forgejo, releaseId, fresh.sums, release.assets);
+    const manifest = await uploadAsset(forgejo, releaseId, fresh.manifestAsset, release.assets);
     for (const old of release.assets.filter((a) => INDEX_NAMES.has(a.name))) {
       if (old.id < sums.id && old.id < manifest.id) {
         await deleteAsset(forgejo, releaseId, old, "an older index");
@@ -1621,7 +1673,7 @@ async function updateBody(
   manifest: Manifest,
   options: Options,
 ): Promise<void> {
-  const body = releaseBody(manifest, options);
+  const body = withUploadRecord(releaseBody(manifest, options), readUploadRecord(release.body));
   if (release.body === body) return;
   const edit: EditReleaseOption = { body };
   await api(forgejo, { method: "PATCH", path: `/releases/${release.id}`, json: edit });

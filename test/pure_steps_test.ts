@@ -10,12 +10,14 @@ import {
   parseSums,
   planUploads,
   readOptions,
+  readUploadRecord,
   releaseBody,
   renderSums,
   retryAfterMs,
   serverProblem,
   tagProblem,
   UsageError,
+  withUploadRecord,
 } from "../scripts/release-boot.ts";
 import type { Attachment } from "../types/forgejo.ts";
 import type { Manifest } from "../types/manifest.ts";
@@ -130,11 +132,16 @@ function manifest(
   };
 }
 
+/** The recorded sha of each copy by name, as readRecordedSums would answer. */
+function recorded(sums: Record<string, string>) {
+  return (copy: Attachment) => sums[copy.name];
+}
+
 Deno.test("plan: identical assets are skipped, missing ones uploaded", () => {
   const plan = planUploads(
     [local("a.iso", 10, SHA_A), local("b.ipxe", 5, SHA_B)],
     [attachment(1, "a.iso", 10)],
-    manifest([{ name: "a.iso", size: 10, sha256: SHA_A }]),
+    recorded({ "a.iso": SHA_A }),
     false,
     false,
   );
@@ -146,10 +153,10 @@ Deno.test("plan: identical assets are skipped, missing ones uploaded", () => {
 
 Deno.test("plan: different bytes are a conflict unless --replace, which uploads then removes", () => {
   const remote = [attachment(1, "a.iso", 10)];
-  const recorded = manifest([{ name: "a.iso", size: 10, sha256: SHA_B }]);
-  const refused = planUploads([local("a.iso", 10, SHA_A)], remote, recorded, false, false);
+  const theirs = recorded({ "a.iso": SHA_B });
+  const refused = planUploads([local("a.iso", 10, SHA_A)], remote, theirs, false, false);
   assert.equal(refused[0].kind, "conflict");
-  const replaced = planUploads([local("a.iso", 10, SHA_A)], remote, recorded, false, true);
+  const replaced = planUploads([local("a.iso", 10, SHA_A)], remote, theirs, false, true);
   assert.deepEqual(replaced[0], {
     kind: "upload",
     asset: local("a.iso", 10, SHA_A),
@@ -158,11 +165,11 @@ Deno.test("plan: different bytes are a conflict unless --replace, which uploads 
 });
 
 Deno.test("plan: duplicates and truncated copies are cleaned up, one good copy kept", () => {
-  const recorded = manifest([{ name: "a.iso", size: 10, sha256: SHA_A }]);
+  const ours = recorded({ "a.iso": SHA_A });
   const skip = planUploads(
     [local("a.iso", 10, SHA_A)],
     [attachment(3, "a.iso", 10), attachment(2, "a.iso", 10), attachment(4, "a.iso", 7)],
-    recorded,
+    ours,
     true,
     false,
   )[0];
@@ -172,7 +179,7 @@ Deno.test("plan: duplicates and truncated copies are cleaned up, one good copy k
   const truncated = planUploads(
     [local("a.iso", 10, SHA_A)],
     [attachment(4, "a.iso", 7)],
-    recorded,
+    ours,
     false,
     false,
   )[0];
@@ -182,13 +189,25 @@ Deno.test("plan: duplicates and truncated copies are cleaned up, one good copy k
 Deno.test("plan: an unrecorded copy is redone in a draft but refused in a published release", () => {
   const remote = [attachment(5, "a.iso", 10)];
   assert.equal(
-    planUploads([local("a.iso", 10, SHA_A)], remote, undefined, true, false)[0].kind,
+    planUploads([local("a.iso", 10, SHA_A)], remote, recorded({}), true, false)[0].kind,
     "upload",
   );
   assert.equal(
-    planUploads([local("a.iso", 10, SHA_A)], remote, undefined, false, false)[0].kind,
+    planUploads([local("a.iso", 10, SHA_A)], remote, recorded({}), false, false)[0].kind,
     "conflict",
   );
+});
+
+Deno.test("the upload record survives in the release body and trusts copies by id", () => {
+  const body = withUploadRecord("Boot images.\n", { "a.iso": { id: 7, size: 10, sha256: SHA_A } });
+  assert.match(body, /^Boot images\.\n\n<!-- release-boot:uploaded \{.*\} -->\n$/);
+  const again = withUploadRecord(body, {
+    ...readUploadRecord(body),
+    "b.img": { id: 8, size: 1, sha256: SHA_B },
+  });
+  assert.equal(again.match(/release-boot:uploaded/g)?.length, 1);
+  assert.deepEqual(Object.keys(readUploadRecord(again)), ["a.iso", "b.img"]);
+  assert.deepEqual(readUploadRecord("no record <!-- release-boot:uploaded {broken -->"), {});
 });
 
 Deno.test("merge keeps other jobs' assets and this run's own entries", () => {

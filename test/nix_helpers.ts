@@ -1,8 +1,19 @@
 /** Real-nix tests: loud when skipped, and failing instead when REQUIRE_NIX=1 (as in CI). */
-const found = new Deno.Command("nix", { args: ["--version"], stdout: "null", stderr: "null" })
-  .output().then((output) => output.success, () => false);
+/** Deno.Command.output() throws synchronously when the program is missing, so try/catch. */
+async function nixRuns(): Promise<boolean> {
+  try {
+    const command = new Deno.Command("nix", {
+      args: ["--version"],
+      stdout: "null",
+      stderr: "null",
+    });
+    return (await command.output()).success;
+  } catch {
+    return false;
+  }
+}
 
-export const nixAvailable: boolean = await found;
+export const nixAvailable: boolean = await nixRuns();
 const required = Deno.env.get("REQUIRE_NIX") === "1";
 
 export const NIX_FLAGS = [

@@ -1,0 +1,105 @@
+# legacyPackages.<system> of the stand-in: the packages and builders release-boot's
+# flake.nix names, each a tiny derivation built by /bin/sh. Debian's nix builds without a
+# sandbox, so the host's /bin tools are reachable; only x86_64-linux ones can be built here.
+{ system }:
+let
+  sh =
+    name: attrs: script:
+    derivation (
+      {
+        inherit name system;
+        builder = "/bin/sh";
+        args = [
+          "-c"
+          script
+        ];
+        PATH = "/usr/bin:/bin";
+      }
+      // attrs
+    );
+
+  # A program that prints which stand-in it is and the arguments it got, one per line.
+  program =
+    name:
+    sh "${name}-stand-in" { } ''
+      mkdir -p $out/bin
+      printf '#!/bin/sh\necho "stand-in ${name}"\nprintf "%%s\\n" "$@"\n' > $out/bin/${name}
+      chmod +x $out/bin/${name}
+    '';
+
+  binPath = packages: builtins.concatStringsSep ":" (map (p: "${p}/bin") packages);
+
+  kernelTargets = {
+    x86_64-linux = "bzImage";
+    aarch64-linux = "Image";
+  };
+in
+{
+  stdenv.hostPlatform = {
+    inherit system;
+    linux-kernel.target = kernelTargets.${system};
+  };
+
+  deno = program "deno";
+  nix = program "nix";
+  forgejo-runner = program "forgejo-runner";
+  nixfmt = program "nixfmt";
+  bash = program "bash";
+  coreutils = program "coreutils";
+  curl = program "curl";
+  gawk = program "gawk";
+  gitMinimal = program "git";
+  gnused = program "sed";
+  nodejs = program "node";
+  wget = program "wget";
+
+  runCommand = name: env: script: sh name env script;
+
+  # Like nixpkgs' symlinkJoin: the union of the paths' trees as symlinks, then postBuild.
+  symlinkJoin =
+    {
+      name,
+      postBuild ? "",
+      ...
+    }@args:
+    sh name (removeAttrs args [ "postBuild" ]) ''
+      mkdir -p $out
+      for path in $paths; do
+        cp -rs --remove-destination "$path"/* $out/
+        chmod -R u+w $out
+      done
+      ${postBuild}
+    '';
+
+  # Like nixpkgs' writeShellApplication, minus shellcheck and bash's strict mode.
+  writeShellApplication =
+    {
+      name,
+      text,
+      runtimeInputs ? [ ],
+      ...
+    }:
+    sh name
+      {
+        inherit text;
+        path = binPath runtimeInputs;
+      }
+      ''
+        mkdir -p $out/bin
+        {
+          echo '#!/bin/sh'
+          echo "export PATH=\"$path:\$PATH\""
+          printf '%s\n' "$text"
+        } > $out/bin/${name}
+        chmod +x $out/bin/${name}
+      '';
+
+  mkShell =
+    {
+      packages ? [ ],
+      ...
+    }:
+    sh "nix-shell" { path = binPath packages; } ''
+      echo "export PATH=\"$path:\$PATH\"" > $out
+    '';
+}

@@ -1,0 +1,382 @@
+/**
+ * The Forgejo emulator behaves as shared/forgejo/API-FACTS.md says real Forgejo does.
+ * Each test starts its own emulator on loopback and talks to it over HTTP with fetch.
+ */
+import assert from "node:assert/strict";
+import { mkdtemp, readdir, rm } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { type Emulator, type EmulatorOptions, startForgejo } from "./forgejo/emulator.ts";
+
+const TOKEN = "test-token";
+const BUILT_SHA = "1111111111111111111111111111111111111111";
+const OTHER_SHA = "2222222222222222222222222222222222222222";
+
+interface Answer {
+  status: number;
+  headers: Headers;
+  text: string;
+  // deno-lint-ignore no-explicit-any
+  json: any;
+}
+
+interface CallOptions {
+  token?: string | null;
+  json?: unknown;
+  bytes?: Uint8Array<ArrayBuffer>;
+  headers?: Record<string, string>;
+  client?: Deno.HttpClient;
+}
+
+/** One API call on the emulated repository; the body is always read so no resource leaks. */
+async function call(
+  em: Emulator,
+  method: string,
+  path: string,
+  options: CallOptions = {},
+): Promise<Answer> {
+  const headers: Record<string, string> = { ...options.headers };
+  const token = options.token === undefined ? TOKEN : options.token;
+  if (token !== null) headers.authorization = `token ${token}`;
+  let body: BodyInit | undefined;
+  if (options.json !== undefined) {
+    headers["content-type"] = "application/json";
+    body = JSON.stringify(options.json);
+  } else if (options.bytes !== undefined) {
+    headers["content-type"] ??= "application/octet-stream";
+    body = options.bytes;
+  }
+  const url = path.startsWith("http") ? path : `${em.url}/api/v1/repos/ops/runners${path}`;
+  const res = await fetch(url, {
+    method,
+    headers,
+    body,
+    redirect: "manual",
+    client: options.client,
+  });
+  const text = await res.text();
+  let json: unknown = undefined;
+  try {
+    json = JSON.parse(text);
+  } catch {
+    // not JSON: HTML pages, file bytes, empty bodies
+  }
+  return { status: res.status, headers: res.headers, text, json };
+}
+
+async function withForgejo(
+  options: EmulatorOptions,
+  test: (em: Emulator) => Promise<void>,
+): Promise<void> {
+  const em = await startForgejo(options);
+  try {
+    await test(em);
+  } finally {
+    await em.close();
+  }
+}
+
+async function createRelease(em: Emulator, fields: Record<string, unknown>) {
+  const answer = await call(em, "POST", "/releases", { json: fields });
+  assert.equal(answer.status, 201, answer.text);
+  return answer.json;
+}
+
+async function upload(
+  em: Emulator,
+  releaseId: number,
+  name: string,
+  bytes: Uint8Array<ArrayBuffer>,
+) {
+  const query = `?name=${encodeURIComponent(name)}`;
+  return await call(em, "POST", `/releases/${releaseId}/assets${query}`, { bytes });
+}
+
+function bytesOf(text: string): Uint8Array<ArrayBuffer> {
+  return new TextEncoder().encode(text);
+}
+
+Deno.test("a draft creates no tag; publishing creates it from the stored target_commitish", async () => {
+  await withForgejo({}, async (em) => {
+    em.addCommit(BUILT_SHA);
+    const draft = await createRelease(em, {
+      tag_name: "boot-v1",
+      target_commitish: BUILT_SHA,
+      draft: true,
+    });
+    assert.deepEqual(em.tags(), {});
+    assert.equal((await call(em, "GET", "/tags/boot-v1")).status, 404);
+
+    const published = await call(em, "PATCH", `/releases/${draft.id}`, { json: { draft: false } });
+    assert.equal(published.status, 200);
+    assert.equal(published.json.draft, false);
+    assert.equal(published.json.name, "", "v11 keeps an empty name");
+    assert.deepEqual(em.tags(), { "boot-v1": BUILT_SHA });
+    const tag = await call(em, "GET", "/tags/boot-v1");
+    assert.equal(tag.json.commit.sha, BUILT_SHA);
+  });
+});
+
+Deno.test("a published create tags the default branch HEAD when target_commitish is empty", async () => {
+  await withForgejo({ defaultBranchSha: OTHER_SHA, version: "15.0.3" }, async (em) => {
+    const rel = await createRelease(em, { tag_name: "boot-v1" });
+    assert.equal(rel.target_commitish, "main");
+    assert.equal(rel.name, "boot-v1", "v14.0.2+ names the release after its tag");
+    assert.deepEqual(em.tags(), { "boot-v1": OTHER_SHA });
+  });
+});
+
+Deno.test("creating a release for a tag that has one answers 409, draft or not, in any case", async () => {
+  await withForgejo({}, async (em) => {
+    await createRelease(em, { tag_name: "boot-v1", draft: true });
+    const again = await call(em, "POST", "/releases", { json: { tag_name: "BOOT-V1" } });
+    assert.equal(again.status, 409);
+    assert.deepEqual(Object.keys(again.json).sort(), ["message", "url"]);
+    assert.equal(em.releases().length, 1);
+  });
+});
+
+Deno.test("a tag without a release becomes the release and keeps its own commit", async () => {
+  await withForgejo({}, async (em) => {
+    em.addCommit(BUILT_SHA);
+    em.addTag("boot-v1", OTHER_SHA);
+    const rel = await createRelease(em, { tag_name: "boot-v1", target_commitish: BUILT_SHA });
+    assert.equal(rel.tag_name, "boot-v1");
+    assert.deepEqual(em.tags(), { "boot-v1": OTHER_SHA });
+  });
+});
+
+Deno.test("an unknown target answers 404 and creates neither release nor tag", async () => {
+  await withForgejo({}, async (em) => {
+    const answer = await call(em, "POST", "/releases", {
+      json: { tag_name: "boot-v1", target_commitish: "no-such-branch" },
+    });
+    assert.equal(answer.status, 404);
+    assert.deepEqual(em.tags(), {});
+    assert.deepEqual(em.releases(), []);
+  });
+});
+
+Deno.test("deleting a release removes its assets and keeps the git tag", async () => {
+  await withForgejo({}, async (em) => {
+    const rel = await createRelease(em, { tag_name: "boot-v1" });
+    await upload(em, rel.id, "a.iso", bytesOf("iso"));
+    assert.equal((await call(em, "DELETE", `/releases/${rel.id}`)).status, 204);
+    assert.deepEqual(em.releases(), []);
+    assert.deepEqual(await em.assetBytes(rel.id, "a.iso"), []);
+    assert.ok("boot-v1" in em.tags());
+    assert.equal((await call(em, "DELETE", "/tags/boot-v1")).status, 204);
+    assert.deepEqual(em.tags(), {});
+  });
+});
+
+Deno.test("duplicate asset names switch every browser_download_url to the uuid form", async () => {
+  await withForgejo({}, async (em) => {
+    const rel = await createRelease(em, { tag_name: "boot-v1" });
+    const first = await upload(em, rel.id, "boot.iso", bytesOf("one"));
+    assert.equal(first.status, 201);
+    assert.equal(first.json.browser_download_url, `${em.url}/attachments/${first.json.uuid}`);
+    await upload(em, rel.id, "SHA256SUMS", bytesOf("sums"));
+
+    const unique = await call(em, "GET", `/releases/${rel.id}/assets`);
+    assert.deepEqual(unique.json.map((a: { name: string }) => a.name), ["SHA256SUMS", "boot.iso"]);
+    assert.equal(
+      unique.json[1].browser_download_url,
+      `${em.url}/ops/runners/releases/download/boot-v1/boot.iso`,
+    );
+
+    const second = await upload(em, rel.id, "boot.iso", bytesOf("two"));
+    assert.equal(second.status, 201);
+    const duplicated = await call(em, "GET", `/releases/${rel.id}`);
+    for (const asset of duplicated.json.assets) {
+      assert.equal(asset.browser_download_url, `${em.url}/attachments/${asset.uuid}`);
+    }
+    const stored = await em.assetBytes(rel.id, "boot.iso");
+    assert.deepEqual(stored.map((b) => new TextDecoder().decode(b)), ["one", "two"]);
+  });
+});
+
+Deno.test("auth: 401 without or with an unknown token, 403 for read and no-scope tokens, 404 elsewhere", async () => {
+  const tokens = { [TOKEN]: "write", reader: "read", personal: "no-scope" } as const;
+  await withForgejo({ tokens }, async (em) => {
+    const create = (token: string | null) =>
+      call(em, "POST", "/releases", { token, json: { tag_name: "boot-v1" } });
+
+    const anonymous = await create(null);
+    assert.equal(anonymous.status, 401);
+    assert.equal(anonymous.json.message, "token is required");
+    assert.equal((await create("wrong")).status, 401);
+    assert.equal((await create("reader")).status, 403);
+    const personal = await create("personal");
+    assert.equal(personal.status, 403);
+    assert.equal(
+      personal.json.message,
+      "token does not have at least one of required scope(s): [write:repository]",
+    );
+    const elsewhere = await call(em, "POST", `${em.url}/api/v1/repos/ops/other/releases`, {
+      json: { tag_name: "boot-v1" },
+    });
+    assert.equal(elsewhere.status, 404);
+    assert.deepEqual(em.releases(), []);
+  });
+});
+
+Deno.test("drafts are hidden from readers and anonymous callers, and shown to writers", async () => {
+  await withForgejo({ tokens: { [TOKEN]: "write", reader: "read" } }, async (em) => {
+    const draft = await createRelease(em, { tag_name: "boot-v1", draft: true });
+    for (const token of ["reader", null]) {
+      assert.equal((await call(em, "GET", "/releases/tags/boot-v1", { token })).status, 404);
+      assert.equal((await call(em, "GET", `/releases/${draft.id}`, { token })).status, 404);
+      assert.deepEqual((await call(em, "GET", "/releases", { token })).json, []);
+    }
+    assert.equal((await call(em, "GET", "/releases/tags/boot-v1")).status, 200);
+  });
+});
+
+Deno.test("a private repository answers 404 to anonymous reads", async () => {
+  await withForgejo({ private: true }, async (em) => {
+    assert.equal((await call(em, "GET", "", { token: null })).status, 404);
+    const repo = await call(em, "GET", "");
+    assert.equal(repo.status, 200);
+    assert.deepEqual(repo.json.permissions, { admin: false, push: true, pull: true });
+  });
+});
+
+Deno.test("the release list is newest first, paged, and counted in X-Total-Count and Link", async () => {
+  await withForgejo({}, async (em) => {
+    for (const tag of ["v1", "v2", "v3"]) await createRelease(em, { tag_name: tag });
+    const page = await call(em, "GET", "/releases?limit=2");
+    assert.deepEqual(page.json.map((r: { tag_name: string }) => r.tag_name), ["v3", "v2"]);
+    assert.equal(page.headers.get("x-total-count"), "3");
+    assert.match(page.headers.get("link") ?? "", /[?&]page=2>; rel="next"/);
+    const clamped = await call(em, "GET", "/releases?limit=500");
+    assert.equal(clamped.json.length, 3);
+    assert.equal(clamped.headers.get("link"), null);
+  });
+});
+
+Deno.test("a body over proxyBodyLimit gets nginx's HTML 413 and stores nothing", async () => {
+  await withForgejo({ proxyBodyLimit: 1024 }, async (em) => {
+    const rel = await createRelease(em, { tag_name: "boot-v1" });
+    const answer = await upload(em, rel.id, "boot.iso", new Uint8Array(64 * 1024));
+    assert.equal(answer.status, 413);
+    assert.match(answer.headers.get("content-type") ?? "", /text\/html/);
+    assert.match(answer.text, /<title>413 Request Entity Too Large<\/title>/);
+    assert.deepEqual(await em.assetBytes(rel.id, "boot.iso"), []);
+    assert.equal(em.requests.at(-1)?.bodyBytes, 0);
+  });
+});
+
+Deno.test("uploads past the quota get JSON 413 and disallowed types get 400", async () => {
+  await withForgejo({ quotaBytes: 10, allowedTypes: [".iso"] }, async (em) => {
+    const rel = await createRelease(em, { tag_name: "boot-v1" });
+    assert.equal((await upload(em, rel.id, "notes.md", bytesOf("x"))).status, 400);
+    // Forgejo checks usage before an upload, so the one that crosses the quota still lands.
+    assert.equal((await upload(em, rel.id, "a.iso", new Uint8Array(20))).status, 201);
+    const refused = await upload(em, rel.id, "b.iso", new Uint8Array(1));
+    assert.equal(refused.status, 413);
+    assert.equal(refused.json.message, "quota exceeded");
+  });
+});
+
+Deno.test("downloads serve the bytes and honour Range: bytes=N-", async () => {
+  await withForgejo({}, async (em) => {
+    const rel = await createRelease(em, { tag_name: "boot-v1" });
+    await upload(em, rel.id, "boot.iso", bytesOf("0123456789"));
+    const url = `${em.url}/ops/runners/releases/download/boot-v1/boot.iso`;
+    const whole = await call(em, "GET", url, { token: null });
+    assert.equal(whole.status, 200);
+    assert.equal(whole.headers.get("content-length"), "10");
+    const tail = await call(em, "GET", url, { token: null, headers: { range: "bytes=6-" } });
+    assert.equal(tail.status, 206);
+    assert.equal(tail.headers.get("content-range"), "bytes 6-9/10");
+    assert.equal(tail.text, "6789");
+  });
+});
+
+Deno.test("with serveDirect a download answers 303 to the storage host, which needs no token", async () => {
+  await withForgejo({ serveDirect: true }, async (em) => {
+    const rel = await createRelease(em, { tag_name: "boot-v1", draft: true });
+    const asset = (await upload(em, rel.id, "boot.iso", bytesOf("0123456789"))).json;
+    const redirect = await call(em, "GET", asset.browser_download_url);
+    assert.equal(redirect.status, 303);
+    const location = redirect.headers.get("location") ?? "";
+    assert.ok(location.startsWith(`${em.storageUrl}/`), location);
+
+    const part = await call(em, "GET", location, { token: null, headers: { range: "bytes=4-" } });
+    assert.equal(part.status, 206);
+    assert.equal(part.text, "456789");
+    const storageRequests = em.requests.filter((r) => r.host === "storage");
+    assert.equal(storageRequests.length, 1);
+    assert.equal(storageRequests[0].headers.authorization, undefined);
+    // Like S3, the storage host refuses a presigned URL that also carries a token.
+    assert.equal((await call(em, "GET", location)).status, 400);
+  });
+});
+
+Deno.test("a reset fault drops the connection without an answer and stores nothing", async () => {
+  const storageDir = await mkdtemp(join(tmpdir(), "forgejo-emulator-test-"));
+  try {
+    await withForgejo({ storageDir }, async (em) => {
+      const rel = await createRelease(em, { tag_name: "boot-v1" });
+      em.addFault({ method: "POST", path: "/assets", fault: { kind: "reset", afterBytes: 1000 } });
+      // Deno's fetch silently re-sends a request whose reused keep-alive connection drops,
+      // which would hide the reset; a fresh client has no connection to reuse.
+      const client = Deno.createHttpClient({});
+      try {
+        const bytes = new Uint8Array(256 * 1024);
+        const query = "?name=boot.iso";
+        await assert.rejects(
+          call(em, "POST", `/releases/${rel.id}/assets${query}`, { bytes, client }),
+        );
+      } finally {
+        client.close();
+      }
+      const dropped = em.requests.at(-1)!;
+      assert.equal(dropped.status, 0);
+      assert.ok(dropped.bodyBytes >= 1000);
+      assert.deepEqual(await em.assetBytes(rel.id, "boot.iso"), []);
+      assert.deepEqual(await readdir(storageDir), []);
+      // The fault was used up: the retry lands.
+      assert.equal((await upload(em, rel.id, "boot.iso", new Uint8Array(10))).status, 201);
+    });
+  } finally {
+    await rm(storageDir, { recursive: true, force: true });
+  }
+});
+
+Deno.test("a truncate fault hits the matching upload only, stores the kept bytes, answers 201", async () => {
+  await withForgejo({}, async (em) => {
+    const rel = await createRelease(em, { tag_name: "boot-v1" });
+    em.addFault({
+      path: /\/assets$/,
+      query: { name: "boot.iso" },
+      fault: { kind: "truncate", keepBytes: 4 },
+    });
+    assert.equal((await upload(em, rel.id, "SHA256SUMS", bytesOf("sums"))).json.size, 4);
+    const answer = await upload(em, rel.id, "boot.iso", bytesOf("0123456789"));
+    assert.equal(answer.status, 201);
+    assert.equal(answer.json.size, 4);
+    assert.deepEqual(await em.assetBytes(rel.id, "boot.iso"), [bytesOf("0123")]);
+  });
+});
+
+Deno.test("status faults answer without doing the work; hang faults never answer", async () => {
+  await withForgejo({}, async (em) => {
+    em.addFault({
+      method: "POST",
+      path: "/releases",
+      fault: { kind: "status", status: 503, html: true, retryAfter: 7 },
+    });
+    const busy = await call(em, "POST", "/releases", { json: { tag_name: "boot-v1" } });
+    assert.equal(busy.status, 503);
+    assert.equal(busy.headers.get("retry-after"), "7");
+    assert.match(busy.text, /nginx/);
+    assert.deepEqual(em.releases(), []);
+
+    em.addFault({ path: "/version", fault: { kind: "hang" } });
+    const hung = fetch(`${em.url}/api/v1/version`, { signal: AbortSignal.timeout(200) });
+    await assert.rejects(hung);
+    assert.equal(em.requests.at(-1)?.status, 0);
+  });
+});

@@ -52,6 +52,9 @@ import {
 } from "../types/nix.ts";
 
 const NIX_FEATURES = ["--extra-experimental-features", "nix-command flakes"];
+// Never change the operator's flake: an unlocked input is locked in memory, not on disk.
+// (Nix takes this flag only after the subcommand.)
+const KEEP_LOCK = "--no-write-lock-file";
 const SUMS_NAME = "SHA256SUMS";
 const MANIFEST_NAME = "manifest.json";
 const INDEX_NAMES = new Set([SUMS_NAME, MANIFEST_NAME]);
@@ -183,7 +186,7 @@ Flags:
   --prerelease       mark the release a pre-release (boot-dev-* tags always are)
   --replace          when an asset differs from the one already in the release, store the
                      new bytes, then delete the old asset (never the other way round)
-  --finalize         build nothing: check that every asset of the draft for --tag is
+  --finalize         build nothing: check that every asset of the draft for the tag is
                      covered by its SHA256SUMS, then publish it (the last job of a matrix)
   --allow-dirty      publish even from a git checkout with uncommitted changes or a flake
                      whose inputs are not locked (recorded in manifest.json)
@@ -393,9 +396,6 @@ export async function readOptions(argv: string[], env: Env): Promise<Options> {
       "no repository to publish to: pass --repo OWNER/NAME (or set GITHUB_REPOSITORY)",
     );
   }
-  if (options.finalize && !tagFlag) {
-    throw new UsageError("--finalize needs the --tag of the draft to publish");
-  }
   if (options.finalize && !options.publish) {
     throw new UsageError(
       "--finalize publishes a draft on Forgejo: pass --server (or set GITHUB_SERVER_URL)",
@@ -404,21 +404,16 @@ export async function readOptions(argv: string[], env: Env): Promise<Options> {
   if (options.finalize && options.draft) {
     throw new UsageError("--finalize publishes the draft; it cannot be combined with --draft");
   }
-  if (options.finalize) {
-    options.tag = parseFlag("tag", TagFlagSchema, tagFlag!);
-    options.out = "";
-  } else {
-    options.commit = parseFlag(
-      "commit",
-      CommitFlagSchema,
-      commit ?? await gitHead(),
-      commit ? "--commit" : "commit",
-    );
-    options.tag = tagFlag === undefined
-      ? `boot-dev-${options.commit.slice(0, 12)}`
-      : parseFlag("tag", TagFlagSchema, tagFlag, flag("tag") ? "--tag" : "GITHUB_REF_NAME");
-    options.out = outFlag ?? path.join("dist", options.tag);
-  }
+  options.commit = parseFlag(
+    "commit",
+    CommitFlagSchema,
+    commit ?? await gitHead(),
+    commit ? "--commit" : "commit",
+  );
+  options.tag = tagFlag === undefined
+    ? `boot-dev-${options.commit.slice(0, 12)}`
+    : parseFlag("tag", TagFlagSchema, tagFlag, flag("tag") ? "--tag" : "GITHUB_REF_NAME");
+  options.out = outFlag ?? path.join("dist", options.tag);
   if (options.tag.startsWith("boot-dev-")) options.prerelease = true;
   if (env.GITHUB_SERVER_URL && env.GITHUB_REPOSITORY && env.GITHUB_RUN_ID) {
     options.ciRun = `${
@@ -547,15 +542,19 @@ async function readFlake(options: Options): Promise<FlakeInfo> {
   }
   const version = await $`nix --version`.quiet();
   const nixVersion = version.stdout.trim().match(/(\d+\.\d+\S*)/)?.[1] ?? version.stdout.trim();
+  // Without KEEP_LOCK: nix then fails, instead of warning, when flake.lock is not complete.
   const strict =
     await $`nix ${NIX_FEATURES} flake metadata --json --no-update-lock-file ${options.flake}`
       .quiet().nothrow();
   const locked = strict.exitCode === 0;
+  if (!locked && !/requires lock file changes/.test(strict.stderr)) {
+    throw new ReleaseError(`cannot read the flake's metadata: ${nixErrorTail(strict.stderr, 1)}`);
+  }
   const metadata = locked
     ? parseJson(FlakeMetadataSchema, strict.stdout, "nix flake metadata")
     : await nixJson(
       FlakeMetadataSchema,
-      ["flake", "metadata", "--json", options.flake],
+      ["flake", "metadata", KEEP_LOCK, "--json", options.flake],
       "reading the flake's metadata",
     );
   const dirty = metadata.locked.type === "git" && !metadata.revision;
@@ -563,7 +562,7 @@ async function readFlake(options: Options): Promise<FlakeInfo> {
 }
 
 async function listTargets(options: Options): Promise<string[]> {
-  const result = await $`nix ${NIX_FEATURES} eval --json ${
+  const result = await $`nix ${NIX_FEATURES} eval ${KEEP_LOCK} --json ${
     installable(options)
   } --apply builtins.attrNames`
     .quiet().nothrow();
@@ -607,7 +606,8 @@ export interface TargetBuild {
 /** One nix build for every target: one evaluation, and nix builds them in parallel. */
 async function buildTargets(options: Options, _flake: FlakeInfo): Promise<TargetBuild[]> {
   const installables = options.targets.map((target) => installable(options, target));
-  const build = $`nix ${NIX_FEATURES} build --json --no-link ${installables}`.quiet().nothrow();
+  const build = $`nix ${NIX_FEATURES} build ${KEEP_LOCK} --json --no-link ${installables}`.quiet()
+    .nothrow();
   build.stderr.on("data", (chunk: Buffer) => process.stderr.write(chunk));
   const result = await build;
   if (result.exitCode !== 0) {
@@ -632,7 +632,9 @@ async function failedTargets(options: Options, stderr: string): Promise<string[]
   const apply = `ps: builtins.mapAttrs (name: _: ps.\${name}.drvPath) (builtins.fromJSON ''${
     JSON.stringify(Object.fromEntries(options.targets.map((t) => [t, null])))
   }'')`;
-  const drvs = await $`nix ${NIX_FEATURES} eval --json ${installable(options)} --apply ${apply}`
+  const drvs = await $`nix ${NIX_FEATURES} eval ${KEEP_LOCK} --json ${
+    installable(options)
+  } --apply ${apply}`
     .quiet().nothrow();
   if (drvs.exitCode !== 0) return options.targets;
   const byTarget = parseJson(OutPathsSchema, drvs.stdout, "nix eval");
@@ -991,8 +993,9 @@ function connectForgejo(options: Options, env: Env): Forgejo {
         `${options.repo} (in a workflow: FORGEJO_TOKEN: \${{ secrets.GITHUB_TOKEN }})`,
     );
   }
+  // The mask command is the one line that must carry the token itself.
+  if (inCI) console.error(`::add-mask::${token}`);
   secrets = [token];
-  if (inCI) log(`::add-mask::${token}`);
   const timeoutMs = options.timeoutSeconds * 1000;
   return {
     server,
@@ -1099,8 +1102,9 @@ function send(
 
 function throwIfTransient(answer: Answer, what: string): void {
   if (!RETRYABLE_STATUS.has(answer.status)) return;
+  const said = serverMessage(answer.text);
   throw new TransientError(
-    `Forgejo answered ${answer.status} for ${what}`,
+    `Forgejo answered ${answer.status} for ${what}${said ? ` ("${said}")` : ""}`,
     retryAfterMs(answer.headers["retry-after"]),
   );
 }
@@ -1341,7 +1345,7 @@ const UploadRecordSchema = v.record(
 /** A copy's sha256 from the upload record, else (for older copies) from manifest.json. */
 async function readRecordedSums(forgejo: Forgejo, release: Release): Promise<RecordedSha> {
   const record = readUploadRecord(release.body);
-  const manifest = await readRemoteManifest(forgejo, release);
+  const { manifest } = await readIndex(forgejo, release);
   return (copy) => {
     const entry = record[copy.name];
     if (entry) return entry.id === copy.id ? entry.sha256 : undefined;
@@ -1365,19 +1369,40 @@ async function recordUpload(
   await api(forgejo, { method: "PATCH", path: `/releases/${releaseId}`, json: edit });
 }
 
-/** The release's own record of what it holds, or undefined when it has none yet. */
-async function readRemoteManifest(
-  forgejo: Forgejo,
-  release: Release,
-): Promise<Manifest | undefined> {
-  const newest = newestByName(release.assets, MANIFEST_NAME);
-  if (!newest) return undefined;
-  const text = await downloadText(forgejo, newest.browser_download_url);
-  return parseJson(ManifestSchema, text, `${MANIFEST_NAME} of ${release.tag_name}`);
+/** Every copy of SHA256SUMS and manifest.json in a release, read back. */
+export interface RemoteIndex {
+  /** The union of every manifest.json copy (a newer copy wins per name), if any. */
+  manifest?: Manifest;
+  manifests: { copy: Attachment; manifest: Manifest }[];
+  sums: { copy: Attachment; text: string }[];
 }
 
-function newestByName(assets: Attachment[], name: string): Attachment | undefined {
-  return assets.filter((asset) => asset.name === name).sort((a, b) => b.id - a.id)[0];
+async function readIndex(forgejo: Forgejo, release: Release): Promise<RemoteIndex> {
+  const oldestFirst = [...release.assets].sort((a, b) => a.id - b.id);
+  const manifests = [];
+  const sums = [];
+  for (const copy of oldestFirst) {
+    if (copy.name === MANIFEST_NAME) {
+      const text = await downloadAsset(forgejo, copy);
+      const manifest = parseJson(ManifestSchema, text, `${MANIFEST_NAME} of ${release.tag_name}`);
+      manifests.push({ copy, manifest });
+    } else if (copy.name === SUMS_NAME) {
+      sums.push({ copy, text: await downloadAsset(forgejo, copy) });
+    }
+  }
+  const manifest = manifests.map((m) => m.manifest).reduce<Manifest | undefined>(
+    (union, next) => mergeManifests(union, next),
+    undefined,
+  );
+  return { manifest, manifests, sums };
+}
+
+function downloadAsset(forgejo: Forgejo, copy: Attachment): Promise<string> {
+  // The uuid form works for drafts and duplicate names alike; the tag form may not.
+  const address = copy.uuid
+    ? `${forgejo.server}/attachments/${copy.uuid}`
+    : copy.browser_download_url;
+  return downloadText(forgejo, address);
 }
 
 /**
@@ -1400,7 +1425,11 @@ async function downloadText(forgejo: Forgejo, address: string): Promise<string> 
       url = new URL(location, url);
       continue;
     }
-    if (answer.status !== 200) throw new ReleaseError(explainStatus(forgejo, answer, what));
+    if (answer.status !== 200) {
+      throw new ReleaseError(
+        `Forgejo answered ${answer.status} for ${what}: the release's own file cannot be read back; rerun, and check the token can read ${forgejo.repo}`,
+      );
+    }
     return answer.text;
   }
   throw new ReleaseError(`too many redirects downloading ${address}`);
@@ -1622,15 +1651,31 @@ export function mergeManifests(remote: Manifest | undefined, local: Manifest): M
   };
 }
 
-function sameAssets(a: ManifestAsset[], b: ManifestAsset[]): boolean {
-  const key = (list: ManifestAsset[]) =>
-    renderSums(list) + list.map((x) => `${x.name}:${x.size}`).sort().join(",");
-  return key(a) === key(b);
+/** True when `covering` lists every asset of `covered` with the same checksum. */
+function covers(covering: ManifestAsset[], covered: { name: string; sha256: string }[]): boolean {
+  return covered.every((asset) =>
+    covering.some((mine) => mine.name === asset.name && mine.sha256 === asset.sha256)
+  );
+}
+
+/** True when `covering` names every asset of `covered` (a --replace may change the bytes). */
+function namesAll(covering: ManifestAsset[], covered: { name: string }[]): boolean {
+  return covered.every((asset) => covering.some((mine) => mine.name === asset.name));
+}
+
+/** Exactly one SHA256SUMS and one manifest.json, agreeing, and holding `wanted`. */
+function indexSettled(index: RemoteIndex, wanted: ManifestAsset[]): boolean {
+  if (index.manifests.length !== 1 || index.sums.length !== 1) return false;
+  const remote = index.manifests[0].manifest.assets;
+  return covers(remote, wanted) && covers(wanted, remote) &&
+    index.sums[0].text === renderSums(remote);
 }
 
 /**
  * Writes SHA256SUMS and manifest.json covering every asset, and re-reads until exactly one
- * of each is there and it covers this run's assets: two jobs writing at once converge.
+ * of each is there. Jobs writing at once converge: each writes the union of every copy it
+ * sees, and deletes only older copies whose every name its own lists, so no job's entries
+ * are lost.
  */
 async function writeIndex(
   forgejo: Forgejo,
@@ -1638,28 +1683,30 @@ async function writeIndex(
   bundle: Bundle,
   options: Options,
 ): Promise<Release> {
-  for (let round = 1; round <= 6; round++) {
+  for (let round = 1; round <= 8; round++) {
     const release = await getJson(forgejo, ReleaseSchema, {
       method: "GET",
       path: `/releases/${releaseId}`,
     });
-    const remote = await readRemoteManifest(forgejo, release);
-    const merged = mergeManifests(remote, bundle.manifest);
-    const upToDate = remote !== undefined && sameAssets(remote.assets, merged.assets) &&
-      release.assets.filter((a) => a.name === SUMS_NAME).length === 1 &&
-      release.assets.filter((a) => a.name === MANIFEST_NAME).length === 1;
-    if (upToDate) {
-      await updateBody(forgejo, release, remote, options);
+    const index = await readIndex(forgejo, release);
+    const merged = mergeManifests(index.manifest, bundle.manifest);
+    if (indexSettled(index, merged.assets)) {
+      await updateBody(forgejo, release, index.manifests[0].manifest, options);
       return release;
     }
     const fresh = bundleRelease([], merged);
     const sums = await uploadAsset(forgejo, releaseId, fresh.sums, release.assets);
     const manifest = await uploadAsset(forgejo, releaseId, fresh.manifestAsset, release.assets);
-    for (const old of release.assets.filter((a) => INDEX_NAMES.has(a.name))) {
-      if (old.id < sums.id && old.id < manifest.id) {
-        await deleteAsset(forgejo, releaseId, old, "an older index");
-      }
-    }
+    const older = [
+      ...index.manifests.filter((m) =>
+        m.copy.id < manifest.id && namesAll(merged.assets, m.manifest.assets)
+      ),
+      ...index.sums.filter((s) =>
+        s.copy.id < sums.id &&
+        namesAll(merged.assets, [...parseSums(s.text).keys()].map((name) => ({ name })))
+      ),
+    ];
+    for (const { copy } of older) await deleteAsset(forgejo, releaseId, copy, "an older index");
     log(`Wrote ${SUMS_NAME} and ${MANIFEST_NAME} covering ${merged.assets.length} assets`);
   }
   throw new ReleaseError(
@@ -1747,7 +1794,7 @@ async function publishWhenComplete(
     method: "GET",
     path: `/releases/${indexed.id}`,
   });
-  const problems = incompleteness(release, await readRemoteManifest(forgejo, release));
+  const problems = incompleteness(release, (await readIndex(forgejo, release)).manifest);
   if (problems.length > 0 && release.draft) {
     log(
       `The draft stays a draft: ${
@@ -1782,13 +1829,14 @@ async function publishDraft(forgejo: Forgejo, release: Release): Promise<Release
 
 /** The last job of a matrix: no build, just check the assembled draft and publish it. */
 async function finalizeRelease(forgejo: Forgejo, options: Options): Promise<void> {
-  const release = await findRelease(forgejo, options.tag);
+  const found = await findRelease(forgejo, options.tag);
+  const release = found && checkReleaseCommit(found, options);
   if (!release) {
     throw new ReleaseError(
       `there is no release ${options.tag} to finalize: run the build jobs first (with --draft)`,
     );
   }
-  const manifest = await readRemoteManifest(forgejo, release);
+  const { manifest } = await readIndex(forgejo, release);
   const problems = incompleteness(release, manifest);
   if (problems.length > 0) {
     throw new ReleaseError(

@@ -351,5 +351,8 @@ Deno.test("options: unknown, repeated and empty flags are usage errors", async (
     readOptions(["--tag", "v1", "--commit", COMMIT, "--server", "https://x.org"], {}),
     /--repo OWNER\/NAME/,
   );
-  await assert.rejects(readOptions(["--finalize"], {}), /--finalize needs the --tag/);
+  await assert.rejects(
+    readOptions(["--finalize", "--commit", COMMIT], {}),
+    /--finalize publishes a draft on Forgejo: pass --server/,
+  );
 });

@@ -1,0 +1,803 @@
+/**
+ * Publishing end to end: real nix builds of the fixture flake, published by the real script
+ * (a child process) to the Forgejo emulator on a loopback socket.
+ */
+import assert from "node:assert/strict";
+import { createHash } from "node:crypto";
+import * as fs from "node:fs/promises";
+import * as os from "node:os";
+import * as path from "node:path";
+import * as v from "valibot";
+import { $ } from "zx";
+import { type Release, ReleaseSchema } from "../types/forgejo.ts";
+import { type Emulator, type EmulatorOptions, startForgejo } from "./forgejo/emulator.ts";
+import { NIX_FLAGS, nixTest } from "./nix_helpers.ts";
+import { baseEnv, makeFixture, makeWorkdir, type Run, runRelease } from "./run_helpers.ts";
+
+const TOKEN = "test-token";
+const TAG = "boot-v1.0.0";
+const NETBOOT = [
+  "netboot-x86_64-linux.bzImage",
+  "netboot-x86_64-linux.initrd",
+  "netboot-x86_64-linux.ipxe",
+];
+const ALL = [...NETBOOT, "iso-x86_64-linux.iso"];
+
+interface World {
+  forgejo: Emulator;
+  work: { dir: string; commit: string };
+  fixture: { dir: string; ref: string };
+  /** Runs release-boot against the emulator with the fixture flake. */
+  publish(args?: string[], env?: Record<string, string>, fixtureRef?: string): Promise<Run>;
+  release(): Release;
+  close(): Promise<void>;
+}
+
+async function world(options: EmulatorOptions = {}, salt = "one"): Promise<World> {
+  const forgejo = await startForgejo(options);
+  const work = await makeWorkdir();
+  const fixture = await makeFixture(salt);
+  forgejo.addCommit(work.commit);
+  return {
+    forgejo,
+    work,
+    fixture,
+    publish: (args = [], env = {}, fixtureRef = fixture.ref) =>
+      runRelease(
+        [
+          "--server",
+          forgejo.url,
+          "--repo",
+          "ops/runners",
+          "--flake",
+          fixtureRef,
+          "--tag",
+          TAG,
+          ...(args.includes("--timeout") ? [] : ["--timeout", "3"]),
+          ...args,
+        ],
+        { cwd: work.dir, env: baseEnv({ FORGEJO_TOKEN: TOKEN, ...env }) },
+      ),
+    release: () => {
+      const releases = forgejo.releases().map((r) => v.parse(ReleaseSchema, r));
+      assert.equal(releases.length, 1, "exactly one release");
+      return releases[0];
+    },
+    close: async () => {
+      await forgejo.close();
+      await fs.rm(work.dir, { recursive: true, force: true });
+      await fs.rm(fixture.dir, { recursive: true, force: true });
+    },
+  };
+}
+
+function names(release: Release): string[] {
+  return release.assets.map((a) => a.name).sort();
+}
+
+function writes(forgejo: Emulator) {
+  return forgejo.requests.filter((r) => r.host === "forgejo" && r.method !== "GET");
+}
+
+function uploadsOf(forgejo: Emulator, name: string) {
+  return forgejo.requests.filter((r) =>
+    r.method === "POST" && r.path.endsWith("/assets") && r.query.name === name && r.status === 201
+  );
+}
+
+function sha256(bytes: Uint8Array): string {
+  return createHash("sha256").update(bytes).digest("hex");
+}
+
+/** Reads the release's SHA256SUMS and checks every listed asset's stored bytes against it. */
+async function verifyAgainstSums(
+  forgejo: Emulator,
+  release: Release,
+): Promise<Map<string, string>> {
+  const [sumsBytes] = await forgejo.assetBytes(release.id, "SHA256SUMS");
+  const sums = new Map(
+    new TextDecoder().decode(sumsBytes).trim().split("\n").map((line) => {
+      const [sum, name] = line.split("  ");
+      return [name, sum] as [string, string];
+    }),
+  );
+  for (const [name, sum] of sums) {
+    const copies = await forgejo.assetBytes(release.id, name);
+    assert.equal(copies.length, 1, `${name} stored once`);
+    assert.equal(sha256(copies[0]), sum, `${name} matches SHA256SUMS`);
+  }
+  return sums;
+}
+
+function assertNoToken(run: Run, forgejo: Emulator) {
+  assert.doesNotMatch(
+    run.stdout + run.stderr,
+    new RegExp(TOKEN),
+    "the token never appears in output",
+  );
+  for (const request of forgejo.requests.filter((r) => r.host === "storage")) {
+    assert.equal(request.headers.authorization, undefined, "no token sent to the storage host");
+  }
+}
+
+nixTest(
+  "publishes a complete release: draft at the commit, assets, then checksums, then publish",
+  async () => {
+    const w = await world();
+    try {
+      const summary = path.join(w.work.dir, "summary.md");
+      const output = path.join(w.work.dir, "output.txt");
+      const run = await w.publish(["--targets", "netboot,iso"], {
+        GITHUB_OUTPUT: output,
+        GITHUB_STEP_SUMMARY: summary,
+      });
+      assert.equal(run.code, 0, run.stderr);
+      const release = w.release();
+      assert.equal(release.draft, false);
+      assert.equal(release.target_commitish, w.work.commit);
+      assert.equal(
+        w.forgejo.tags()[TAG],
+        w.work.commit,
+        "publishing made the tag at the built commit",
+      );
+      assert.deepEqual(names(release), [...ALL, "SHA256SUMS", "manifest.json"].sort());
+      const sums = await verifyAgainstSums(w.forgejo, release);
+      assert.deepEqual([...sums.keys()].sort(), [...ALL].sort());
+      assert.equal(run.stdout, `${release.html_url}\n`, "stdout carries the release URL only");
+
+      // The draft is created first, the index files come after every image, publish is last.
+      const order = writes(w.forgejo).map((r) => `${r.method} ${r.query.name ?? r.path}`);
+      const create = order.indexOf("POST /api/v1/repos/ops/runners/releases");
+      const lastImage = Math.max(...ALL.map((name) => order.indexOf(`POST ${name}`)));
+      assert.ok(create >= 0 && create < lastImage);
+      assert.ok(lastImage < order.indexOf("POST SHA256SUMS"));
+      assert.ok(lastImage < order.indexOf("POST manifest.json"));
+      const created = w.forgejo.requests.find((r) =>
+        r.method === "POST" && r.path.endsWith("/releases")
+      );
+      assert.ok(created);
+
+      const manifest = JSON.parse(
+        new TextDecoder().decode((await w.forgejo.assetBytes(release.id, "manifest.json"))[0]),
+      );
+      assert.equal(manifest.commit, w.work.commit);
+      assert.deepEqual(
+        manifest.assets.map((a: { name: string }) => a.name).sort(),
+        [...ALL].sort(),
+      );
+      assert.match(release.body, new RegExp(`commit/${w.work.commit}`));
+      assert.match(release.body, /iso-x86_64-linux\.iso \| 1014 B \| `[0-9a-f]{64}`/);
+
+      assert.equal(
+        await fs.readFile(output, "utf8"),
+        `release-url=${release.html_url}\ntag=${TAG}\nrelease-id=${release.id}\n`,
+      );
+      assert.match(await fs.readFile(summary, "utf8"), /\| iso-x86_64-linux\.iso \| 1014 B \|/);
+      assertNoToken(run, w.forgejo);
+    } finally {
+      await w.close();
+    }
+  },
+);
+
+nixTest("a rerun of a finished release uploads nothing and changes nothing", async () => {
+  const w = await world({ serveDirect: true });
+  try {
+    assert.equal((await w.publish(["--targets", "netboot,iso"])).code, 0);
+    const before = w.forgejo.requests.length;
+    const rerun = await w.publish(["--targets", "netboot,iso"]);
+    assert.equal(rerun.code, 0, rerun.stderr);
+    const after = w.forgejo.requests.slice(before);
+    assert.deepEqual(after.filter((r) => r.method !== "GET"), [], "only reads on a rerun");
+    assert.equal(after.reduce((sum, r) => sum + r.bodyBytes, 0), 0, "zero bytes uploaded");
+    assert.ok(after.some((r) => r.host === "storage"), "index files were read through the 303");
+    assertNoToken(rerun, w.forgejo);
+    assert.equal(rerun.stdout, `${w.release().html_url}\n`);
+  } finally {
+    await w.close();
+  }
+});
+
+const ISO_UPLOAD = { method: "POST", path: "/assets", query: { name: "iso-x86_64-linux.iso" } };
+
+nixTest(
+  "a run killed mid-upload leaves a draft without a tag; the next run finishes it",
+  async () => {
+    const w = await world();
+    try {
+      w.forgejo.addFault({ ...ISO_UPLOAD, fault: { kind: "hang" } });
+      const running = w.publish(["--targets", "netboot,iso", "--timeout", "600"]);
+      const started = Date.now();
+      while (!w.forgejo.requests.some((r) => r.query.name === "iso-x86_64-linux.iso")) {
+        if (Date.now() - started > 60_000) throw new Error("the iso upload never started");
+        await new Promise((resolve) => setTimeout(resolve, 50));
+      }
+      await killProcessesWithArg(w.fixture.ref);
+      assert.notEqual((await running).code, 0);
+      const interrupted = w.release();
+      assert.equal(interrupted.draft, true, "an interrupted run leaves a draft");
+      assert.equal(w.forgejo.tags()[TAG], undefined, "a draft makes no tag");
+      assert.deepEqual(names(interrupted), NETBOOT);
+
+      const resumed = await w.publish(["--targets", "netboot,iso"]);
+      assert.equal(resumed.code, 0, resumed.stderr);
+      const release = w.release();
+      assert.equal(release.draft, false);
+      assert.deepEqual(names(release), [...ALL, "SHA256SUMS", "manifest.json"].sort());
+      for (const name of NETBOOT) {
+        assert.equal(
+          uploadsOf(w.forgejo, name).length,
+          1,
+          `${name} uploaded once`,
+        );
+      }
+      await verifyAgainstSums(w.forgejo, release);
+    } finally {
+      await w.close();
+    }
+  },
+);
+
+/** Kills the release-boot child processes whose command line names `marker`. */
+async function killProcessesWithArg(marker: string): Promise<void> {
+  for (const pid of await fs.readdir("/proc")) {
+    if (!/^\d+$/.test(pid)) continue;
+    const cmdline = await fs.readFile(`/proc/${pid}/cmdline`, "utf8").catch(() => "");
+    if (cmdline.includes("release-boot.ts") && cmdline.includes(marker)) {
+      Deno.kill(Number(pid), "SIGKILL");
+    }
+  }
+}
+
+nixTest(
+  "a connection lost for good says how far it got; a rerun resumes without re-uploading",
+  async () => {
+    const w = await world();
+    try {
+      w.forgejo.addFault({ ...ISO_UPLOAD, times: 5, fault: { kind: "reset", afterBytes: 10 } });
+      const first = await w.publish(["--targets", "netboot,iso"]);
+      assert.equal(first.code, 1);
+      assert.match(
+        first.stderr,
+        /upload of iso-x86_64-linux\.iso .*failed 5 times .*; 3 of 4 uploads had finished and the release stays a draft: rerun the same command to resume/,
+      );
+      assert.equal(w.release().draft, true);
+      assert.deepEqual(names(w.release()), NETBOOT, "a dropped upload stores nothing");
+
+      const rerun = await w.publish(["--targets", "netboot,iso"]);
+      assert.equal(rerun.code, 0, rerun.stderr);
+      for (const name of NETBOOT) {
+        assert.equal(
+          uploadsOf(w.forgejo, name).length,
+          1,
+          `${name} uploaded once`,
+        );
+      }
+      assert.equal(w.release().draft, false);
+    } finally {
+      await w.close();
+    }
+  },
+);
+
+nixTest(
+  "transient faults are retried: 502 page, 429 with Retry-After, a reset mid-body; no duplicates",
+  async () => {
+    const w = await world();
+    try {
+      w.forgejo.addFault({
+        method: "POST",
+        path: /\/releases$/,
+        fault: { kind: "status", status: 502, html: true },
+      });
+      w.forgejo.addFault({
+        method: "POST",
+        path: "/assets",
+        fault: { kind: "status", status: 429, retryAfter: 1 },
+      });
+      w.forgejo.addFault({
+        method: "POST",
+        path: "/assets",
+        fault: { kind: "reset", afterBytes: 100 },
+      });
+      w.forgejo.addFault({
+        method: "POST",
+        path: "/assets",
+        fault: { kind: "truncate", keepBytes: 7 },
+      });
+      w.forgejo.addFault({ method: "GET", path: "/tags/", fault: { kind: "hang" } });
+      const run = await w.publish(["--targets", "netboot,iso"]);
+      assert.equal(run.code, 0, run.stderr);
+      assert.match(run.stderr, /Forgejo answered 502 for POST .*retrying/);
+      assert.match(run.stderr, /Forgejo answered 429 for POST .*retrying in 1\.0s/);
+      assert.match(run.stderr, /Forgejo stored 7 of \d+ bytes/);
+      const release = w.release();
+      assert.equal(release.draft, false);
+      assert.deepEqual(
+        names(release),
+        [...ALL, "SHA256SUMS", "manifest.json"].sort(),
+        "every asset exactly once",
+      );
+      await verifyAgainstSums(w.forgejo, release);
+    } finally {
+      await w.close();
+    }
+  },
+);
+
+nixTest(
+  "two jobs publishing the same tag at once end with one release, every asset once, sums over all",
+  async () => {
+    const w = await world();
+    try {
+      const [netboot, iso] = await Promise.all([
+        w.publish(["--targets", "netboot"]),
+        w.publish(["--targets", "iso"]),
+      ]);
+      assert.equal(netboot.code, 0, netboot.stderr);
+      assert.equal(iso.code, 0, iso.stderr);
+      const release = w.release();
+      assert.equal(release.draft, false, "the job that completed the set published it");
+      assert.deepEqual(names(release), [...ALL, "SHA256SUMS", "manifest.json"].sort());
+      const sums = await verifyAgainstSums(w.forgejo, release);
+      assert.deepEqual([...sums.keys()].sort(), [...ALL].sort());
+    } finally {
+      await w.close();
+    }
+  },
+);
+
+nixTest(
+  "a matrix of --draft jobs is published once by --finalize after checking coverage",
+  async () => {
+    const w = await world();
+    try {
+      const early = await w.publish(["--finalize"]);
+      assert.equal(early.code, 1);
+      assert.match(early.stderr, /there is no release boot-v1\.0\.0 to finalize/);
+      assert.equal((await w.publish(["--targets", "netboot", "--draft"])).code, 0);
+      assert.equal((await w.publish(["--targets", "iso", "--draft"])).code, 0);
+      assert.equal(w.release().draft, true);
+      assert.equal(w.forgejo.tags()[TAG], undefined);
+      const output = path.join(w.work.dir, "out.txt");
+      const final = await w.publish(["--finalize"], { GITHUB_OUTPUT: output });
+      assert.equal(final.code, 0, final.stderr);
+      assert.doesNotMatch(final.stderr, /==> Build/, "--finalize builds nothing");
+      const release = w.release();
+      assert.equal(release.draft, false);
+      assert.equal(w.forgejo.tags()[TAG], w.work.commit);
+      const sums = await verifyAgainstSums(w.forgejo, release);
+      assert.deepEqual([...sums.keys()].sort(), [...ALL].sort());
+      assert.match(await fs.readFile(output, "utf8"), /^release-url=/);
+    } finally {
+      await w.close();
+    }
+  },
+);
+
+nixTest("--finalize refuses a draft with an asset its checksums do not cover", async () => {
+  const w = await world();
+  try {
+    assert.equal((await w.publish(["--targets", "netboot", "--draft"])).code, 0);
+    const draft = w.release();
+    const stray = await fetch(
+      `${w.forgejo.url}/api/v1/repos/ops/runners/releases/${draft.id}/assets?name=extra.img`,
+      {
+        method: "POST",
+        headers: { authorization: `token ${TOKEN}`, "content-type": "application/octet-stream" },
+        body: "not built by release-boot",
+      },
+    );
+    assert.equal(stray.status, 201);
+    await stray.body?.cancel();
+    const final = await w.publish(["--finalize"]);
+    assert.equal(final.code, 1);
+    assert.match(
+      final.stderr,
+      /not complete, so it stays a draft: extra\.img is not covered by SHA256SUMS/,
+    );
+    assert.equal(w.release().draft, true);
+  } finally {
+    await w.close();
+  }
+});
+
+nixTest(
+  "different bytes are refused untouched; --replace stores the new bytes before deleting the old",
+  async () => {
+    const w = await world();
+    const other = await makeFixture("two");
+    try {
+      assert.equal((await w.publish(["--targets", "netboot"])).code, 0);
+      const mark = w.forgejo.requests.length;
+      const refused = await w.publish(["--targets", "netboot"], {}, other.ref);
+      assert.equal(refused.code, 1);
+      assert.match(
+        refused.stderr,
+        /netboot-x86_64-linux\.(bzImage|initrd) in published release boot-v1\.0\.0 differs from this build .*rerun with --replace/,
+      );
+      assert.deepEqual(
+        w.forgejo.requests.slice(mark).filter((r) => r.method !== "GET"),
+        [],
+        "nothing touched",
+      );
+
+      const replaced = await w.publish(["--targets", "netboot", "--replace"], {}, other.ref);
+      assert.equal(replaced.code, 0, replaced.stderr);
+      const release = w.release();
+      assert.deepEqual(
+        names(release),
+        [...NETBOOT, "SHA256SUMS", "manifest.json"].sort(),
+        "one asset per name",
+      );
+      const initrd = await w.forgejo.assetBytes(release.id, "netboot-x86_64-linux.initrd");
+      assert.match(new TextDecoder().decode(initrd[0]), /initrd two line 0/);
+      await verifyAgainstSums(w.forgejo, release);
+      // The new copy was stored before the old one was deleted.
+      const later = w.forgejo.requests.slice(mark);
+      const upload = later.findIndex((r) =>
+        r.method === "POST" && r.query.name === "netboot-x86_64-linux.initrd"
+      );
+      const firstDelete = later.findIndex((r) => r.method === "DELETE");
+      assert.ok(upload >= 0 && firstDelete > upload);
+    } finally {
+      await fs.rm(other.dir, { recursive: true, force: true });
+      await w.close();
+    }
+  },
+);
+
+nixTest(
+  "a tag on another commit is refused with both SHAs, before anything is written",
+  async () => {
+    const w = await world();
+    try {
+      const elsewhere = "f".repeat(40);
+      w.forgejo.addTag(TAG, elsewhere);
+      const run = await w.publish(["--targets", "netboot"]);
+      assert.equal(run.code, 1);
+      assert.match(
+        run.stderr,
+        new RegExp(`tag boot-v1\\.0\\.0 already points at ${elsewhere}, not at ${w.work.commit}`),
+      );
+      assert.deepEqual(writes(w.forgejo), []);
+    } finally {
+      await w.close();
+    }
+  },
+);
+
+nixTest(
+  "an older server that hides drafts from the tag lookup still gets one release",
+  async () => {
+    const w = await world({ draftsHiddenFromTagLookup: true });
+    try {
+      assert.equal((await w.publish(["--targets", "netboot", "--draft"])).code, 0);
+      assert.equal((await w.publish(["--targets", "iso"])).code, 0);
+      const release = w.release();
+      assert.equal(release.draft, false);
+      assert.deepEqual(names(release), [...ALL, "SHA256SUMS", "manifest.json"].sort());
+    } finally {
+      await w.close();
+    }
+  },
+);
+
+nixTest(
+  "in CI: the token is masked, phases are grouped, and it never reaches the output otherwise",
+  async () => {
+    const w = await world();
+    try {
+      const run = await w.publish(["--targets", "netboot"], { CI: "true", GITHUB_ACTIONS: "true" });
+      assert.equal(run.code, 0, run.stderr);
+      const lines = run.stderr.split("\n");
+      assert.deepEqual(lines.filter((l) => l.includes(TOKEN)), [`::add-mask::${TOKEN}`]);
+      for (
+        const phase of ["Check Forgejo", "Build", "Hash", "Upload", "Write checksums", "Publish"]
+      ) {
+        assert.ok(lines.includes(`::group::${phase}`), phase);
+      }
+      assert.equal(
+        lines.filter((l) => l === "::endgroup::").length,
+        lines.filter((l) => l.startsWith("::group::")).length,
+      );
+      assert.doesNotMatch(run.stdout, new RegExp(TOKEN));
+    } finally {
+      await w.close();
+    }
+  },
+);
+
+nixTest("the build happens before any write: a failing target publishes nothing", async () => {
+  const w = await world();
+  try {
+    const run = await w.publish(["--targets", "netboot,broken"]);
+    assert.equal(run.code, 1);
+    assert.match(run.stderr, /nix build failed for target broken/);
+    assert.deepEqual(writes(w.forgejo), []);
+    assert.equal(w.forgejo.releases().length, 0);
+  } finally {
+    await w.close();
+  }
+});
+
+Deno.test("errors a user must understand at once: one line, exit 1, token never printed", async (t) => {
+  // These fail before the build, so they need no nix.
+  const cases: {
+    name: string;
+    options?: EmulatorOptions;
+    token?: string;
+    args?: string[];
+    fault?: Parameters<Emulator["addFault"]>[0];
+    message: RegExp;
+  }[] = [
+    {
+      name: "expired token",
+      token: "expired-0c4f9a",
+      message: /401 .*token is missing, wrong or expired; set FORGEJO_TOKEN/,
+    },
+    {
+      name: "read-only token",
+      options: { tokens: { [TOKEN]: "read" } },
+      message:
+        /cannot write releases of ops\/runners .*write:repository.*read-only for pull requests from forks/,
+    },
+    {
+      name: "wrong repository",
+      args: ["--repo", "ops/nope"],
+      message: /404 .*ops\/nope was not found on .*not visible with this token/,
+    },
+    {
+      name: "not Forgejo",
+      fault: {
+        method: "GET",
+        path: "/api/v1/version",
+        fault: { kind: "status", status: 404, html: true },
+      },
+      message: /does not look like Forgejo: GET \/api\/v1\/version answered 404/,
+    },
+    {
+      name: "connection lost after all retries",
+      fault: { method: "GET", path: "/api/v1/version", times: 9, fault: { kind: "reset" } },
+      message: /GET \/api\/v1\/version failed 5 times/,
+    },
+  ];
+  for (const c of cases) {
+    await t.step(c.name, async () => {
+      const forgejo = await startForgejo(c.options);
+      const work = await makeWorkdir();
+      try {
+        if (c.fault) forgejo.addFault(c.fault);
+        const run = await runRelease(
+          ["--server", forgejo.url, "--tag", TAG, ...(c.args ?? ["--repo", "ops/runners"])],
+          { cwd: work.dir, env: baseEnv({ FORGEJO_TOKEN: c.token ?? TOKEN }) },
+        );
+        assert.equal(run.code, 1, run.stderr);
+        const errors = run.stderr.split("\n").filter((l) => l.startsWith("release-boot:"));
+        assert.equal(errors.length, 1);
+        assert.match(errors[0], c.message);
+        assert.doesNotMatch(run.stdout + run.stderr, new RegExp(c.token ?? TOKEN));
+        assert.deepEqual(writes(forgejo), []);
+      } finally {
+        await forgejo.close();
+        await fs.rm(work.dir, { recursive: true, force: true });
+      }
+    });
+  }
+});
+
+nixTest(
+  "a token without write:repository is refused at the first write, with the fix",
+  async () => {
+    const w = await world({ tokens: { [TOKEN]: "no-scope" } });
+    try {
+      const run = await w.publish(["--targets", "netboot"]);
+      assert.equal(run.code, 1);
+      assert.match(
+        run.stderr,
+        /403 for POST .*token does not have at least one of required scope\(s\): \[write:repository\].*a personal token needs write:repository/,
+      );
+      assert.equal(w.forgejo.releases().length, 0);
+    } finally {
+      await w.close();
+    }
+  },
+);
+
+nixTest(
+  "an asset over the proxy's body limit is refused with its size and the setting to raise",
+  async () => {
+    const w = await world({ proxyBodyLimit: 1100 });
+    try {
+      const run = await w.publish(["--targets", "netboot"]);
+      assert.equal(run.code, 1);
+      assert.match(
+        run.stderr,
+        /refused netboot-x86_64-linux\.(bzImage|initrd) of 1206 bytes \(413\): raise the proxy's client_max_body_size or the \[quota\] limit/,
+      );
+      assert.equal(w.release().draft, true, "nothing half-done is published");
+    } finally {
+      await w.close();
+    }
+  },
+);
+
+nixTest("a file type the server does not allow names ALLOWED_TYPES", async () => {
+  const w = await world({ allowedTypes: [".iso", ".json"] });
+  try {
+    const run = await w.publish(["--targets", "netboot"]);
+    assert.equal(run.code, 1);
+    assert.match(
+      run.stderr,
+      /refuses the file type of netboot-x86_64-linux\.\w+ .*\[repository\.release\] ALLOWED_TYPES/,
+    );
+  } finally {
+    await w.close();
+  }
+});
+
+Deno.test("the mirror guard refuses before any network call", async () => {
+  const forgejo = await startForgejo();
+  const work = await makeWorkdir();
+  try {
+    const run = await runRelease(
+      [
+        "--server",
+        forgejo.url,
+        "--repo",
+        "ops/runners",
+        "--mirrors",
+        `https://codeberg.org,${forgejo.url}`,
+      ],
+      { cwd: work.dir, env: baseEnv({ FORGEJO_TOKEN: TOKEN }) },
+    );
+    assert.equal(run.code, 1);
+    assert.match(
+      run.stderr,
+      /refusing to publish to http:\/\/127\.0\.0\.1:\d+: it is on the mirror list/,
+    );
+    assert.deepEqual(forgejo.requests, []);
+    const codeberg = await runRelease(
+      ["--server", "https://codeberg.org", "--repo", "ops/runners"],
+      {
+        cwd: work.dir,
+        env: baseEnv({ FORGEJO_TOKEN: TOKEN }),
+      },
+    );
+    assert.equal(codeberg.code, 1);
+    assert.match(codeberg.stderr, /mirror list \(https:\/\/codeberg\.org\)/);
+  } finally {
+    await forgejo.close();
+    await fs.rm(work.dir, { recursive: true, force: true });
+  }
+});
+
+Deno.test("a missing token is a usage error that says where to set it", async () => {
+  const work = await fs.mkdtemp(path.join(os.tmpdir(), "release-boot-"));
+  const run = await runRelease(
+    ["--server", "https://git.example.org", "--repo", "ops/runners", "--commit", "a".repeat(40)],
+    { cwd: work },
+  );
+  assert.equal(run.code, 2);
+  assert.match(run.stderr, /no token: set FORGEJO_TOKEN/);
+  await fs.rm(work, { recursive: true });
+});
+
+/** A copy of the fixture with one input, `dep`, that no flake.lock pins yet. */
+async function fixtureWithInput(): Promise<{ dir: string; ref: string; dep: string }> {
+  const fixture = await makeFixture("locked?");
+  const dep = await fs.mkdtemp(path.join(os.tmpdir(), "release-boot-dep-"));
+  await fs.writeFile(path.join(dep, "flake.nix"), "{ outputs = _: { }; }\n");
+  const flakeFile = path.join(fixture.dir, "flake.nix");
+  const text = await fs.readFile(flakeFile, "utf8");
+  await fs.writeFile(
+    flakeFile,
+    text.replace("{\n  outputs =", `{\n  inputs.dep.url = "path:${dep}";\n  outputs =`)
+      .replace("{ self }:", "{ self, dep }:"),
+  );
+  return { ...fixture, dep };
+}
+
+nixTest(
+  "publishing refuses unlocked inputs (staging records them) until flake.lock pins them",
+  async () => {
+    const w = await world();
+    const flake = await fixtureWithInput();
+    try {
+      const refused = await w.publish(["--targets", "netboot"], {}, flake.ref);
+      assert.equal(refused.code, 1);
+      assert.match(
+        refused.stderr,
+        /has inputs that flake\.lock does not pin: run nix flake lock, commit flake\.lock/,
+      );
+      assert.deepEqual(writes(w.forgejo), []);
+
+      const staged = await runRelease([
+        "--flake",
+        flake.ref,
+        "--targets",
+        "netboot",
+        "--out",
+        "out",
+      ], {
+        cwd: w.work.dir,
+      });
+      assert.equal(staged.code, 0, staged.stderr);
+      const manifest = JSON.parse(
+        await fs.readFile(path.join(w.work.dir, "out", "manifest.json"), "utf8"),
+      );
+      assert.equal(manifest.flake.locked, false);
+      assert.equal(manifest.flake.inputs.dep.type, "path");
+      assert.equal(
+        await fs.stat(path.join(flake.dir, "flake.lock")).catch(() => null),
+        null,
+        "the flake was not changed",
+      );
+
+      await $`nix ${NIX_FLAGS} flake lock ${flake.ref}`.quiet();
+      const published = await w.publish(["--targets", "netboot"], {}, flake.ref);
+      assert.equal(published.code, 0, published.stderr);
+      const record = JSON.parse(
+        new TextDecoder().decode((await w.forgejo.assetBytes(w.release().id, "manifest.json"))[0]),
+      );
+      assert.equal(record.flake.locked, true);
+      assert.match(record.flake.inputs.dep.narHash, /^sha256-/);
+    } finally {
+      await fs.rm(flake.dep, { recursive: true, force: true });
+      await fs.rm(flake.dir, { recursive: true, force: true });
+      await w.close();
+    }
+  },
+);
+
+nixTest(
+  "publishing refuses a git checkout with uncommitted changes unless --allow-dirty",
+  async () => {
+    const w = await world();
+    const repo = await fs.mkdtemp(path.join(os.tmpdir(), "release-boot-repo-"));
+    try {
+      await fs.copyFile(path.join(w.fixture.dir, "flake.nix"), path.join(repo, "flake.nix"));
+      await fs.writeFile(path.join(repo, "salt.nix"), '"committed"\n');
+      const git = $({ cwd: repo, quiet: true });
+      await git`git init -q`;
+      await git`git add flake.nix salt.nix`;
+      await git`git -c user.name=t -c user.email=t@example.org commit -qm images`;
+      const commit = (await git`git rev-parse HEAD`).stdout.trim();
+      w.forgejo.addCommit(commit);
+      await fs.writeFile(path.join(repo, "salt.nix"), '"edited"\n');
+
+      const args = [
+        "--server",
+        w.forgejo.url,
+        "--repo",
+        "ops/runners",
+        "--tag",
+        TAG,
+        "--targets",
+        "netboot",
+      ];
+      const env = baseEnv({ FORGEJO_TOKEN: TOKEN });
+      const refused = await runRelease(["--flake", repo, ...args], { cwd: repo, env });
+      assert.equal(refused.code, 1);
+      assert.match(
+        refused.stderr,
+        /is a git checkout with uncommitted changes: commit them and rerun \(or pass --allow-dirty\)/,
+      );
+      assert.deepEqual(writes(w.forgejo), []);
+
+      const allowed = await runRelease(["--flake", repo, "--allow-dirty", ...args], {
+        cwd: repo,
+        env,
+      });
+      assert.equal(allowed.code, 0, allowed.stderr);
+      const record = JSON.parse(
+        new TextDecoder().decode((await w.forgejo.assetBytes(w.release().id, "manifest.json"))[0]),
+      );
+      assert.equal(record.flake.dirty, true);
+      assert.equal(record.commit, commit);
+    } finally {
+      await fs.rm(repo, { recursive: true, force: true });
+      await w.close();
+    }
+  },
+);

@@ -14,11 +14,12 @@
  */
 import { Buffer } from "node:buffer";
 import { createHash } from "node:crypto";
-import { createReadStream } from "node:fs";
+import { createReadStream, createWriteStream } from "node:fs";
 import * as fs from "node:fs/promises";
 import * as path from "node:path";
 import process from "node:process";
 import { Readable } from "node:stream";
+import { pipeline } from "node:stream/promises";
 import { Worker } from "node:worker_threads";
 import { Agent, request } from "undici";
 import * as v from "valibot";
@@ -32,6 +33,7 @@ import {
   type Release,
   ReleaseListSchema,
   ReleaseSchema,
+  type Repository,
   RepositorySchema,
   ServerVersionSchema,
   TagSchema,
@@ -70,15 +72,21 @@ async function main(argv: string[], env: Env): Promise<void> {
   if (options.help) return printHelp();
   hideSecretsFromChildren(env);
 
-  const forgejo = options.publish && !options.dryRun ? connectForgejo(options, env) : undefined;
-  if (forgejo) await step("Check Forgejo", () => checkForgejo(forgejo));
+  if (options.command === "fetch") {
+    return await fetchForBoot(connectForgejo(options, readToken(env)), options);
+  }
+  const forgejo = options.publish && !options.dryRun
+    ? connectForgejo(refuseMirror(options), requireToken(options, env))
+    : undefined;
+  const site = forgejo && await step("Check Forgejo", () => checkForgejo(forgejo));
   if (forgejo && options.finalize) return await finalizeRelease(forgejo, options);
 
   const flake = await step("Read the flake", () => readFlake(options));
   if (forgejo) refuseUntrustedFlake(flake, options);
   const builds = await step("Build", () => buildTargets(options, flake));
   const products = await collectProducts(builds);
-  const assets = await step("Hash", () => hashProducts(products));
+  const hashed = await step("Hash", () => hashProducts(products));
+  const assets = await pointIpxeAtRelease(hashed, downloadBase(options, site));
   const bundle = bundleRelease(assets, describeRelease(options, flake, assets));
 
   if (options.dryRun) return printPlan(bundle, options);
@@ -117,6 +125,8 @@ export class ReleaseError extends Error {}
 type Env = Record<string, string | undefined>;
 
 export interface Options {
+  /** "release" builds and publishes (or stages); "fetch" downloads a release for booting. */
+  command: "release" | "fetch";
   help: boolean;
   flake: string;
   targets: string[];
@@ -165,6 +175,8 @@ const HELP = `release-boot: build a flake's NixOS boot images and publish them a
 
 Usage:
   deno task release [flags]            (same as ./scripts/release-boot.ts [flags])
+  deno task release fetch --server URL --repo OWNER/NAME --tag TAG|latest --out DIR
+                    [--targets netboot] [--system x86_64-linux]
 
 With no server configured (no --server, no GITHUB_SERVER_URL) the release is staged in
 --out: every asset, SHA256SUMS and manifest.json, exactly as it would be published.
@@ -195,6 +207,12 @@ Flags:
                      "${DEFAULT_MIRRORS}": the mirror only distributes)
   --help             this text
 
+fetch downloads a published release's files for the targets (default netboot), checks
+each against the release's SHA256SUMS before it gets its final name (a mismatch is deleted),
+resumes an interrupted download, and writes netboot.ipxe to load kernel and initrd from the
+same directory, so any HTTP server can serve DIR as it is. "latest" is the newest published
+boot-v* release. A token is optional for a public repository.
+
 Environment:
   FORGEJO_TOKEN      token with write access to the repository's releases
   GITHUB_TOKEN       used when FORGEJO_TOKEN is unset (the workflow token)
@@ -210,6 +228,8 @@ Examples:
       --tag boot-v1.2.0
   deno task release --targets netboot --draft --tag boot-v1.2.0   # one job of a matrix
   deno task release --finalize --tag boot-v1.2.0                   # the job after it
+  deno task release fetch --server https://git.example.org --repo ops/runners \\
+      --tag latest --out /srv/pxe
 
 Reruns are safe: assets already in the release with the same size and checksum are skipped,
 an interrupted run leaves a draft that the next run completes, and a finished release is
@@ -329,7 +349,8 @@ function parseFlag<T>(
 
 /** Flags and environment become Options, or a UsageError before any work is done. */
 export async function readOptions(argv: string[], env: Env): Promise<Options> {
-  const args = minimist(argv, {
+  const command = argv[0] === "fetch" ? "fetch" : "release";
+  const args = minimist(command === "fetch" ? argv.slice(1) : argv, {
     string: [...STRING_FLAGS],
     boolean: [...BOOLEAN_FLAGS],
     unknown: (arg: string) => {
@@ -350,9 +371,14 @@ export async function readOptions(argv: string[], env: Env): Promise<Options> {
   const server = flag("server") ?? (env.GITHUB_SERVER_URL || undefined);
   const commit = flag("commit") ?? (env.GITHUB_SHA || undefined);
   const options: Options = {
+    command,
     help,
     flake: parseFlag("flake", FlakeFlagSchema, flag("flake") ?? "."),
-    targets: parseFlag("targets", TargetsFlagSchema, flag("targets") ?? "netboot,iso"),
+    targets: parseFlag(
+      "targets",
+      TargetsFlagSchema,
+      flag("targets") ?? (command === "fetch" ? "netboot" : "netboot,iso"),
+    ),
     system: parseFlag("system", SystemFlagSchema, flag("system") ?? "x86_64-linux"),
     server: server === undefined ? undefined : parseFlag(
       "server",
@@ -389,6 +415,7 @@ export async function readOptions(argv: string[], env: Env): Promise<Options> {
     (env.GITHUB_REF_TYPE === "tag" && env.GITHUB_REF_NAME ? env.GITHUB_REF_NAME : undefined);
   const outFlag = flag("out");
   if (help) return options;
+  if (command === "fetch") return fetchOptions(options, args, tagFlag, outFlag);
 
   options.publish = options.server !== undefined;
   if (options.publish && !options.repo) {
@@ -420,6 +447,44 @@ export async function readOptions(argv: string[], env: Env): Promise<Options> {
       env.GITHUB_SERVER_URL.replace(/\/+$/, "")
     }/${env.GITHUB_REPOSITORY}/actions/runs/${env.GITHUB_RUN_ID}`;
   }
+  return options;
+}
+
+const RELEASE_ONLY_FLAGS = [
+  "flake",
+  "commit",
+  "mirrors",
+  "dry-run",
+  "draft",
+  "prerelease",
+  "replace",
+  "finalize",
+  "allow-dirty",
+];
+
+/** `fetch` reads a published release: it needs where, which tag, and where to put it. */
+function fetchOptions(
+  options: Options,
+  args: Record<string, unknown>,
+  tag: string | undefined,
+  out: string | undefined,
+): Options {
+  const misplaced = RELEASE_ONLY_FLAGS.find((name) =>
+    args[name] !== undefined && args[name] !== false
+  );
+  if (misplaced) {
+    throw new UsageError(`--${misplaced} is for making a release, not for fetch; see --help`);
+  }
+  if (!options.server) throw new UsageError("fetch needs --server URL (or GITHUB_SERVER_URL)");
+  if (!options.repo) throw new UsageError("fetch needs --repo OWNER/NAME (or GITHUB_REPOSITORY)");
+  if (!tag) {
+    throw new UsageError("fetch needs --tag TAG, or --tag latest for the newest boot-v* release");
+  }
+  if (!out) {
+    throw new UsageError("fetch needs --out DIR: the directory to lay the boot files out in");
+  }
+  options.tag = tag === "latest" ? tag : parseFlag("tag", TagFlagSchema, tag);
+  options.out = out;
   return options;
 }
 
@@ -762,6 +827,8 @@ function refuseDuplicateNames(products: Product[]): void {
 export interface FileAsset extends Product {
   size: number;
   sha256: string;
+  /** Content made by release-boot from `path` (a rewritten iPXE script) instead of the file. */
+  bytes?: Uint8Array;
 }
 
 /** An asset as published: a file on disk, or the bytes of SHA256SUMS / manifest.json. */
@@ -913,12 +980,86 @@ export function bundleRelease(assets: FileAsset[], manifest: Manifest): Bundle {
       name: asset.name,
       size: asset.size,
       sha256: asset.sha256,
-      path: asset.path,
+      ...(asset.bytes ? { bytes: asset.bytes } : { path: asset.path }),
     })),
     manifest,
     sums: bytesAsset(SUMS_NAME, renderSums(manifest.assets)),
     manifestAsset: bytesAsset(MANIFEST_NAME, `${JSON.stringify(manifest, null, 2)}\n`),
   };
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6b. iPXE scripts that boot straight from the release
+// ---------------------------------------------------------------------------------------------
+
+/** iPXE commands whose first argument (after options) is an image URI. */
+const IPXE_FETCHING = new Set(["kernel", "initrd", "imgfetch", "module", "chain", "imgexec"]);
+/** iPXE image options that take a value. */
+const IPXE_VALUE_OPTIONS = new Set(["-n", "--name", "-t", "--timeout"]);
+
+/**
+ * Points an iPXE script's image URIs at new locations. `locate` maps a file name the script
+ * fetches (e.g. "bzImage") to its new URI, or undefined to leave it. iPXE names a fetched
+ * image after its URI's last segment, so the kernel's `initrd=` argument follows the rename.
+ * Everything else (init=, ${cmdline}, comments) stays as built.
+ */
+export function rewriteIpxe(script: string, locate: (file: string) => string | undefined): string {
+  return script.split("\n").map((line) => {
+    const indent = line.match(/^\s*/)![0];
+    const words = line.trim().split(/\s+/);
+    if (!IPXE_FETCHING.has(words[0])) return line;
+    let at = 1;
+    while (at < words.length && words[at].startsWith("-")) {
+      at += IPXE_VALUE_OPTIONS.has(words[at]) ? 2 : 1;
+    }
+    if (at >= words.length) return line;
+    words[at] = locate(words[at]) ?? words[at];
+    for (let arg = at + 1; arg < words.length; arg++) {
+      const initrd = words[arg].match(/^initrd=(.+)$/);
+      const moved = initrd && locate(initrd[1]);
+      if (moved) words[arg] = `initrd=${moved.split("/").pop()}`;
+    }
+    return indent + words.join(" ");
+  }).join("\n");
+}
+
+/** Where the release's files will be downloadable from; relative for a local stage. */
+function downloadBase(options: Options, site: Repository | undefined): string {
+  if (!options.publish) return "";
+  const repoUrl = site?.html_url.replace(/\/+$/, "") ?? `${options.server}/${options.repo}`;
+  return `${repoUrl}/releases/download/${encodeURIComponent(options.tag)}/`;
+}
+
+/** Built iPXE script of a target: `<target>-<system>.built.ipxe`, kept as nix built it. */
+export function builtScriptName(name: string): string {
+  return name.replace(/\.ipxe$/, ".built.ipxe");
+}
+
+/**
+ * For every built iPXE script, publishes a copy under the stable `<target>-<system>.ipxe`
+ * name whose kernel and initrd come from `base` (the release's download URLs), and keeps
+ * the script as built under `<target>-<system>.built.ipxe`.
+ */
+async function pointIpxeAtRelease(assets: FileAsset[], base: string): Promise<FileAsset[]> {
+  const result: FileAsset[] = [];
+  for (const asset of assets) {
+    if (!asset.name.endsWith(".ipxe")) {
+      result.push(asset);
+      continue;
+    }
+    const siblings = assets.filter((a) => a.target === asset.target && a.system === asset.system);
+    const locate = (file: string) => {
+      const found = siblings.find((a) => a !== asset && path.basename(a.path) === file);
+      return found && `${base}${encodeURIComponent(found.name)}`;
+    };
+    const bytes = new TextEncoder().encode(
+      rewriteIpxe(await fs.readFile(asset.path, "utf8"), locate),
+    );
+    result.push({ ...asset, name: builtScriptName(asset.name) });
+    result.push({ ...asset, bytes, size: bytes.length, sha256: sha256Hex(bytes) });
+    log(`${asset.name}: boots from ${base || "the directory it is served from"}`);
+  }
+  return result;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -973,12 +1114,13 @@ export interface Forgejo {
   server: string;
   origin: string;
   repo: string;
-  token: string;
+  /** Absent for anonymous downloads of a public repository. */
+  token?: string;
   agent: Agent;
   timeoutMs: number;
 }
 
-function connectForgejo(options: Options, env: Env): Forgejo {
+function refuseMirror(options: Options): Options {
   const server = options.server!;
   const mirror = options.mirrors.find((url) => url === server || server.startsWith(`${url}/`));
   if (mirror) {
@@ -986,16 +1128,31 @@ function connectForgejo(options: Options, env: Env): Forgejo {
       `refusing to publish to ${server}: it is on the mirror list (${mirror}), which only distributes releases; publish to the primary Forgejo or change --mirrors`,
     );
   }
-  const token = env.FORGEJO_TOKEN || env.GITHUB_TOKEN;
+  return options;
+}
+
+function readToken(env: Env): string | undefined {
+  return env.FORGEJO_TOKEN || env.GITHUB_TOKEN || undefined;
+}
+
+function requireToken(options: Options, env: Env): string {
+  const token = readToken(env);
   if (!token) {
     throw new UsageError(
       "no token: set FORGEJO_TOKEN to a token that can write releases of " +
         `${options.repo} (in a workflow: FORGEJO_TOKEN: \${{ secrets.GITHUB_TOKEN }})`,
     );
   }
-  // The mask command is the one line that must carry the token itself.
-  if (inCI) console.error(`::add-mask::${token}`);
-  secrets = [token];
+  return token;
+}
+
+function connectForgejo(options: Options, token: string | undefined): Forgejo {
+  if (token) {
+    // The mask command is the one line that must carry the token itself.
+    if (inCI) console.error(`::add-mask::${token}`);
+    secrets = [token];
+  }
+  const server = options.server!;
   const timeoutMs = options.timeoutSeconds * 1000;
   return {
     server,
@@ -1053,7 +1210,9 @@ function headersFor(
   extra: Record<string, string> = {},
 ): Record<string, string> {
   const headers: Record<string, string> = { accept: "application/json", ...extra };
-  if (url.origin === forgejo.origin) headers.authorization = `token ${forgejo.token}`;
+  if (forgejo.token && url.origin === forgejo.origin) {
+    headers.authorization = `token ${forgejo.token}`;
+  }
   return headers;
 }
 
@@ -1193,7 +1352,7 @@ async function getJson<T>(
 }
 
 /** Fails early, before a long build, when the server, repository or token is wrong. */
-async function checkForgejo(forgejo: Forgejo): Promise<void> {
+async function checkForgejo(forgejo: Forgejo): Promise<Repository> {
   const version = await api(forgejo, {
     method: "GET",
     path: "/version",
@@ -1215,6 +1374,7 @@ async function checkForgejo(forgejo: Forgejo): Promise<void> {
     );
   }
   log(`Forgejo ${parsed.output.version}, repository ${repo.full_name}`);
+  return repo;
 }
 
 function safeJson(text: string): unknown {
@@ -1398,11 +1558,12 @@ async function readIndex(forgejo: Forgejo, release: Release): Promise<RemoteInde
 }
 
 function downloadAsset(forgejo: Forgejo, copy: Attachment): Promise<string> {
-  // The uuid form works for drafts and duplicate names alike; the tag form may not.
-  const address = copy.uuid
-    ? `${forgejo.server}/attachments/${copy.uuid}`
-    : copy.browser_download_url;
-  return downloadText(forgejo, address);
+  return downloadText(forgejo, assetAddress(forgejo, copy));
+}
+
+/** The uuid form works for drafts and duplicate names alike; the tag form may not. */
+function assetAddress(forgejo: Forgejo, copy: Attachment): string {
+  return copy.uuid ? `${forgejo.server}/attachments/${copy.uuid}` : copy.browser_download_url;
 }
 
 /**
@@ -1876,6 +2037,203 @@ async function reportRelease(release: Release, bundle: Bundle, env: Env): Promis
 }
 
 // ---------------------------------------------------------------------------------------------
+
+// ---------------------------------------------------------------------------------------------
+// 8. fetch: a published release laid out for booting, every byte checked before it is kept
+// ---------------------------------------------------------------------------------------------
+
+async function fetchForBoot(forgejo: Forgejo, options: Options): Promise<void> {
+  const release = await step("Find the release", () => findBootRelease(forgejo, options.tag));
+  const { manifest, sums } = await readPublishedIndex(forgejo, release);
+  const wanted = chooseAssets(manifest, sums, options.targets, options.system, release.tag_name);
+  const out = path.resolve(options.out);
+  await fs.mkdir(out, { recursive: true });
+  await step("Download and verify", async () => {
+    for (const asset of wanted) await downloadVerified(forgejo, release, asset, out);
+  });
+  await writeBootDirectory(out, wanted);
+  log(
+    `${release.tag_name}: ${wanted.length} files verified in ${out}; serve it over HTTP and chain netboot.ipxe`,
+  );
+  console.log(out);
+}
+
+/** `latest` is the newest published boot-v* release: never a draft, pre-release or boot-dev. */
+async function findBootRelease(forgejo: Forgejo, tag: string): Promise<Release> {
+  if (tag === "latest") {
+    for (let page = 1;; page++) {
+      const releases = await getJson(forgejo, ReleaseListSchema, {
+        method: "GET",
+        path: "/releases",
+        query: { draft: "false", "pre-release": "false", page: String(page), limit: "50" },
+      });
+      const found = releases.find((r) =>
+        r.tag_name.startsWith("boot-v") && !r.draft && !r.prerelease
+      );
+      if (found) return found;
+      if (releases.length < 50) {
+        throw new ReleaseError(`${forgejo.repo} has no published boot-v* release yet; pass --tag`);
+      }
+    }
+  }
+  const answer = await api(forgejo, {
+    method: "GET",
+    path: `/releases/tags/${encodeURIComponent(tag)}`,
+    expect: [404],
+  });
+  if (answer.status === 404) {
+    throw new ReleaseError(
+      `${forgejo.repo} has no release ${tag} that this token can see; check --tag`,
+    );
+  }
+  const release = parseAnswer(ReleaseSchema, answer, "GET /releases/tags", forgejo);
+  if (release.draft) {
+    throw new ReleaseError(`${tag} is still a draft: publish it before booting from it`);
+  }
+  return release;
+}
+
+async function readPublishedIndex(
+  forgejo: Forgejo,
+  release: Release,
+): Promise<{ manifest: Manifest; sums: Map<string, string> }> {
+  const index = await readIndex(forgejo, release);
+  const newestSums = index.sums.at(-1);
+  if (!index.manifest || !newestSums) {
+    throw new ReleaseError(
+      `${release.tag_name} has no ${SUMS_NAME} and ${MANIFEST_NAME}: it was not made by release-boot, or not finished; nothing can be verified`,
+    );
+  }
+  return { manifest: index.manifest, sums: parseSums(newestSums.text) };
+}
+
+/** The assets of the chosen targets, each with the checksum SHA256SUMS gives it. */
+export function chooseAssets(
+  manifest: Pick<Manifest, "assets">,
+  sums: Map<string, string>,
+  targets: string[],
+  system: string,
+  tag: string,
+): ManifestAsset[] {
+  for (const target of targets) {
+    if (!manifest.assets.some((a) => a.target === target && a.system === system)) {
+      throw new ReleaseError(
+        `${tag} has no ${target} files for ${system}; it has ${
+          [...new Set(manifest.assets.map((a) => `${a.target} (${a.system})`))].join(", ")
+        }`,
+      );
+    }
+  }
+  const wanted = manifest.assets.filter((a) => targets.includes(a.target) && a.system === system);
+  for (const asset of wanted) {
+    if (sums.get(asset.name) !== asset.sha256) {
+      throw new ReleaseError(
+        `${asset.name} is not listed in ${tag}'s ${SUMS_NAME} as ${MANIFEST_NAME} says: the release is inconsistent, refusing to trust it`,
+      );
+    }
+  }
+  return wanted;
+}
+
+/**
+ * Downloads into `<name>.part` (resuming one left by an interrupted run), checks the whole
+ * file against SHA256SUMS, and only then renames it to its final name. A file that does
+ * not match is deleted.
+ */
+async function downloadVerified(
+  forgejo: Forgejo,
+  release: Release,
+  asset: ManifestAsset,
+  out: string,
+): Promise<void> {
+  const final = path.join(out, asset.name);
+  const existing = await fs.stat(final).catch(() => undefined);
+  if (existing && (await hashFile(final)).sha256 === asset.sha256) {
+    log(`${asset.name}: already here and verified`);
+    return;
+  }
+  const copy = release.assets.find((a) => a.name === asset.name);
+  if (!copy) throw new ReleaseError(`${release.tag_name} lists ${asset.name} but does not hold it`);
+  const part = `${final}.part`;
+  await withRetries(`download of ${asset.name}`, () => downloadToPart(forgejo, copy, part));
+  const got = await hashFile(part);
+  if (got.sha256 !== asset.sha256) {
+    await fs.rm(part, { force: true });
+    throw new ReleaseError(
+      `${asset.name} does not match ${SUMS_NAME} (expected ${asset.sha256}, got ${got.sha256} for ${got.size} bytes); the download was deleted: rerun, and if it persists the release's file is damaged`,
+    );
+  }
+  await fs.rename(part, final);
+  log(`${asset.name}: ${formatBytes(got.size)}, sha256 verified`);
+}
+
+/** One GET of an asset into `part`, from where it stopped, following redirects by hand. */
+async function downloadToPart(forgejo: Forgejo, copy: Attachment, part: string): Promise<void> {
+  const have = (await fs.stat(part).catch(() => undefined))?.size ?? 0;
+  let url = new URL(assetAddress(forgejo, copy));
+  for (let hop = 0; hop < 5; hop++) {
+    const headers: Record<string, string> = { accept: "*/*" };
+    if (have > 0) headers.range = `bytes=${have}-`;
+    const response = await send(forgejo, url, "GET", undefined, headers);
+    const location = response.headers.location;
+    if (response.statusCode >= 300 && response.statusCode < 400 && typeof location === "string") {
+      await response.body.dump();
+      url = new URL(location, url);
+      continue;
+    }
+    if (response.statusCode === 416 && have > 0) {
+      await response.body.dump();
+      return; // The part already holds every byte; the checksum decides.
+    }
+    if (response.statusCode !== 200 && response.statusCode !== 206) {
+      const answer = {
+        status: response.statusCode,
+        headers: response.headers,
+        text: await response.body.text(),
+      };
+      throwIfTransient(answer, `GET ${url.pathname}`);
+      throw new ReleaseError(explainStatus(forgejo, answer, `download of ${copy.name}`));
+    }
+    if (have > 0 && response.statusCode === 206) {
+      log(`${copy.name}: resuming after ${formatBytes(have)}`);
+    }
+    const flags = response.statusCode === 206 ? "a" : "w";
+    await pipeline(response.body, createWriteStream(part, { flags })).catch((error: Error) => {
+      throw new TransientError(`the download stopped: ${error.message}`);
+    });
+    return;
+  }
+  throw new ReleaseError(`too many redirects downloading ${copy.name}`);
+}
+
+/**
+ * Makes the directory servable as it is: its own SHA256SUMS, and netboot.ipxe rewritten
+ * from the script as built so that kernel and initrd load from beside it.
+ */
+async function writeBootDirectory(out: string, assets: ManifestAsset[]): Promise<void> {
+  await writeAtomically(path.join(out, SUMS_NAME), renderSums(assets));
+  const scripts = assets.filter((a) => a.name.endsWith(".built.ipxe"));
+  for (const script of scripts) {
+    const locate = (file: string) => {
+      const found = assets.find((a) =>
+        a.target === script.target && a.system === script.system && a !== script &&
+        !a.name.endsWith(".ipxe") && path.basename(a.storePath) === file
+      );
+      return found && encodeURIComponent(found.name);
+    };
+    const name = scripts.length === 1
+      ? "netboot.ipxe"
+      : script.name.replace(/\.built\.ipxe$/, ".local.ipxe");
+    const built = await fs.readFile(path.join(out, script.name), "utf8");
+    await writeAtomically(path.join(out, name), rewriteIpxe(built, locate));
+    log(`${name}: loads its kernel and initrd from the same directory`);
+  }
+}
+
+async function writeAtomically(file: string, text: string): Promise<void> {
+  await fs.writeFile(`${file}.part`, text);
+  await fs.rename(`${file}.part`, file);
+}
 
 if (import.meta.main) {
   try {

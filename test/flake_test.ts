@@ -283,6 +283,7 @@ nixTest(
           "SHA256SUMS",
           "iso-x86_64-linux.iso",
           "manifest.json",
+          "netboot-x86_64-linux.built.ipxe",
           "netboot-x86_64-linux.bzImage",
           "netboot-x86_64-linux.initrd",
           "netboot-x86_64-linux.ipxe",

@@ -3,6 +3,7 @@ import assert from "node:assert/strict";
 import {
   assetName,
   type BundleAsset,
+  chooseAssets,
   explainStatus,
   incompleteness,
   mergeManifests,
@@ -14,6 +15,7 @@ import {
   releaseBody,
   renderSums,
   retryAfterMs,
+  rewriteIpxe,
   serverProblem,
   tagProblem,
   UsageError,
@@ -354,5 +356,69 @@ Deno.test("options: unknown, repeated and empty flags are usage errors", async (
   await assert.rejects(
     readOptions(["--finalize", "--commit", COMMIT], {}),
     /--finalize publishes a draft on Forgejo: pass --server/,
+  );
+});
+
+// nixpkgs' netboot.nix script as built (nixos/modules/installer/netboot/netboot.nix).
+const BUILT_IPXE = `#!ipxe
+# Use the cmdline variable to allow the user to specify custom kernel params
+# when chainloading this script from other iPXE scripts like netboot.xyz
+kernel bzImage init=/nix/store/5c0l5x2d7sqmqj3v7nh5zw2q8ihkq9wz-nixos-system-runner-26.05/init initrd=initrd nohibernate loglevel=4 \${cmdline}
+initrd initrd
+boot
+`;
+
+Deno.test("the iPXE script loads kernel and initrd from the release, initrd= renamed to match", () => {
+  const base = "https://git.example.org/ops/runners/releases/download/boot-v1.2.0/";
+  const names: Record<string, string> = {
+    bzImage: "netboot-x86_64-linux.bzImage",
+    initrd: "netboot-x86_64-linux.initrd",
+  };
+  const rewritten = rewriteIpxe(BUILT_IPXE, (file) => names[file] && base + names[file]);
+  const lines = rewritten.split("\n");
+  assert.equal(
+    lines[3],
+    `kernel ${base}netboot-x86_64-linux.bzImage init=/nix/store/5c0l5x2d7sqmqj3v7nh5zw2q8ihkq9wz-nixos-system-runner-26.05/init initrd=netboot-x86_64-linux.initrd nohibernate loglevel=4 \${cmdline}`,
+  );
+  assert.equal(lines[4], `initrd ${base}netboot-x86_64-linux.initrd`);
+  assert.deepEqual(lines.slice(0, 3), BUILT_IPXE.split("\n").slice(0, 3), "comments unchanged");
+  assert.equal(lines[5], "boot");
+});
+
+Deno.test("the iPXE rewrite skips image options and leaves unknown files alone", () => {
+  const script = "#!ipxe\nimgfetch --name vmlinuz bzImage\nkernel other.efi initrd=initrd\n";
+  const rewritten = rewriteIpxe(script, (file) => file === "bzImage" ? "k.bzImage" : undefined);
+  assert.equal(
+    rewritten,
+    "#!ipxe\nimgfetch --name vmlinuz k.bzImage\nkernel other.efi initrd=initrd\n",
+  );
+});
+
+Deno.test("fetch chooses the target's assets and refuses ones SHA256SUMS does not vouch for", () => {
+  const record = manifest([
+    { name: "netboot-x86_64-linux.initrd", size: 1, sha256: SHA_A },
+    { name: "iso-x86_64-linux.iso", size: 2, sha256: SHA_B },
+  ]);
+  record.assets[0].target = "netboot";
+  record.assets[1].target = "iso";
+  const sums = new Map([["netboot-x86_64-linux.initrd", SHA_A], ["iso-x86_64-linux.iso", SHA_B]]);
+  assert.deepEqual(
+    chooseAssets(record, sums, ["netboot"], "x86_64-linux", "boot-v1").map((a) => a.name),
+    ["netboot-x86_64-linux.initrd"],
+  );
+  assert.throws(
+    () => chooseAssets(record, sums, ["sd"], "aarch64-linux", "boot-v1"),
+    /boot-v1 has no sd files for aarch64-linux; it has netboot \(x86_64-linux\), iso \(x86_64-linux\)/,
+  );
+  assert.throws(
+    () =>
+      chooseAssets(
+        record,
+        new Map([["netboot-x86_64-linux.initrd", SHA_B]]),
+        ["netboot"],
+        "x86_64-linux",
+        "boot-v1",
+      ),
+    /not listed in boot-v1's SHA256SUMS as manifest.json says/,
   );
 });

@@ -32,6 +32,7 @@ nixTest(
       "SHA256SUMS",
       "iso-x86_64-linux.iso",
       "manifest.json",
+      "netboot-x86_64-linux.built.ipxe",
       "netboot-x86_64-linux.bzImage",
       "netboot-x86_64-linux.initrd",
       "netboot-x86_64-linux.ipxe",
@@ -40,7 +41,7 @@ nixTest(
     assert.equal(check.code, 0, check.stdout);
     assert.equal(
       check.stdout.trim().split("\n").length,
-      4,
+      5,
       "SHA256SUMS lists every asset but itself and the manifest",
     );
     const manifest = JSON.parse(await fs.readFile(path.join(out, "manifest.json"), "utf8"));

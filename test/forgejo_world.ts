@@ -1,0 +1,117 @@
+/**
+ * A Forgejo emulator, a scratch git checkout and a fixture flake, wired together so a test
+ * can run release-boot against them and inspect what the server ended up holding.
+ */
+import assert from "node:assert/strict";
+import { createHash } from "node:crypto";
+import * as fs from "node:fs/promises";
+import * as v from "valibot";
+import { type Release, ReleaseSchema } from "../types/forgejo.ts";
+import { type Emulator, type EmulatorOptions, startForgejo } from "./forgejo/emulator.ts";
+import { baseEnv, makeFixture, makeWorkdir, type Run, runRelease } from "./run_helpers.ts";
+
+export const TOKEN = "test-token";
+export const TAG = "boot-v1.0.0";
+export const NETBOOT = [
+  "netboot-x86_64-linux.built.ipxe",
+  "netboot-x86_64-linux.bzImage",
+  "netboot-x86_64-linux.initrd",
+  "netboot-x86_64-linux.ipxe",
+];
+export const ALL = [...NETBOOT, "iso-x86_64-linux.iso"];
+
+export interface World {
+  forgejo: Emulator;
+  work: { dir: string; commit: string };
+  fixture: { dir: string; ref: string };
+  /** Runs release-boot against the emulator with the fixture flake. */
+  publish(args?: string[], env?: Record<string, string>, fixtureRef?: string): Promise<Run>;
+  release(): Release;
+  close(): Promise<void>;
+}
+
+export async function world(options: EmulatorOptions = {}, salt = "one"): Promise<World> {
+  const forgejo = await startForgejo(options);
+  const work = await makeWorkdir();
+  const fixture = await makeFixture(salt);
+  forgejo.addCommit(work.commit);
+  return {
+    forgejo,
+    work,
+    fixture,
+    publish: (args = [], env = {}, fixtureRef = fixture.ref) =>
+      runRelease(
+        [
+          "--server",
+          forgejo.url,
+          "--repo",
+          "ops/runners",
+          "--flake",
+          fixtureRef,
+          ...(args.includes("--tag") ? [] : ["--tag", TAG]),
+          ...(args.includes("--timeout") ? [] : ["--timeout", "3"]),
+          ...args,
+        ],
+        { cwd: work.dir, env: baseEnv({ FORGEJO_TOKEN: TOKEN, ...env }) },
+      ),
+    release: () => {
+      const releases = forgejo.releases().map((r) => v.parse(ReleaseSchema, r));
+      assert.equal(releases.length, 1, "exactly one release");
+      return releases[0];
+    },
+    close: async () => {
+      await forgejo.close();
+      await fs.rm(work.dir, { recursive: true, force: true });
+      await fs.rm(fixture.dir, { recursive: true, force: true });
+    },
+  };
+}
+
+export function names(release: Release): string[] {
+  return release.assets.map((a) => a.name).sort();
+}
+
+export function writes(forgejo: Emulator) {
+  return forgejo.requests.filter((r) => r.host === "forgejo" && r.method !== "GET");
+}
+
+export function uploadsOf(forgejo: Emulator, name: string) {
+  return forgejo.requests.filter((r) =>
+    r.method === "POST" && r.path.endsWith("/assets") && r.query.name === name && r.status === 201
+  );
+}
+
+export function sha256(bytes: Uint8Array): string {
+  return createHash("sha256").update(bytes).digest("hex");
+}
+
+/** Reads the release's SHA256SUMS and checks every listed asset's stored bytes against it. */
+export async function verifyAgainstSums(
+  forgejo: Emulator,
+  release: Release,
+): Promise<Map<string, string>> {
+  const [sumsBytes] = await forgejo.assetBytes(release.id, "SHA256SUMS");
+  const sums = new Map(
+    new TextDecoder().decode(sumsBytes).trim().split("\n").map((line) => {
+      const [sum, name] = line.split("  ");
+      return [name, sum] as [string, string];
+    }),
+  );
+  for (const [name, sum] of sums) {
+    const copies = await forgejo.assetBytes(release.id, name);
+    assert.equal(copies.length, 1, `${name} stored once`);
+    assert.equal(sha256(copies[0]), sum, `${name} matches SHA256SUMS`);
+  }
+  return sums;
+}
+
+export function assertNoToken(run: Run, forgejo: Emulator) {
+  assert.doesNotMatch(
+    run.stdout + run.stderr,
+    new RegExp(TOKEN),
+    "the token never appears in output",
+  );
+  for (const request of forgejo.requests.filter((r) => r.host === "storage")) {
+    assert.equal(request.headers.authorization, undefined, "no token sent to the storage host");
+  }
+}

@@ -1,0 +1,256 @@
+/** `release-boot fetch`: from a published release to a directory a PXE server can serve. */
+import assert from "node:assert/strict";
+import * as fs from "node:fs/promises";
+import * as os from "node:os";
+import * as path from "node:path";
+import { nixTest } from "./nix_helpers.ts";
+import { baseEnv, runRelease } from "./run_helpers.ts";
+import { sha256, TAG, TOKEN, type World, world } from "./forgejo_world.ts";
+
+const NETBOOT_FILES = [
+  "SHA256SUMS",
+  "netboot-x86_64-linux.built.ipxe",
+  "netboot-x86_64-linux.bzImage",
+  "netboot-x86_64-linux.initrd",
+  "netboot-x86_64-linux.ipxe",
+  "netboot.ipxe",
+];
+
+async function fetchInto(w: World, out: string, args: string[] = [], token?: string) {
+  return await runRelease(
+    [
+      "fetch",
+      "--server",
+      w.forgejo.url,
+      "--repo",
+      "ops/runners",
+      "--out",
+      out,
+      "--timeout",
+      "3",
+      ...args,
+    ],
+    { cwd: w.work.dir, env: baseEnv(token ? { FORGEJO_TOKEN: token } : {}) },
+  );
+}
+
+async function scratch(): Promise<string> {
+  return await fs.mkdtemp(path.join(os.tmpdir(), "release-boot-pxe-"));
+}
+
+async function sha256sumCheck(dir: string): Promise<number> {
+  const output = await new Deno.Command("sha256sum", {
+    args: ["-c", "SHA256SUMS"],
+    cwd: dir,
+    stdout: "null",
+    stderr: "null",
+  })
+    .output();
+  return output.code;
+}
+
+nixTest(
+  "fetch lays out a verified directory anonymously, with netboot.ipxe loading from beside it",
+  async () => {
+    const w = await world();
+    const out = await scratch();
+    try {
+      assert.equal((await w.publish(["--targets", "netboot,iso"])).code, 0);
+      const release = w.release();
+      const [published] = await w.forgejo.assetBytes(release.id, "netboot-x86_64-linux.ipxe");
+      const base = `${w.forgejo.url}/ops/runners/releases/download/${TAG}/`;
+      assert.match(
+        new TextDecoder().decode(published),
+        new RegExp(
+          `^kernel ${base}netboot-x86_64-linux\\.bzImage .*initrd=netboot-x86_64-linux\\.initrd .*\\$\\{cmdline\\}$`,
+          "m",
+        ),
+      );
+      assert.match(
+        new TextDecoder().decode(published),
+        new RegExp(`^initrd ${base}netboot-x86_64-linux\\.initrd$`, "m"),
+      );
+
+      const mark = w.forgejo.requests.length;
+      const run = await fetchInto(w, out, ["--tag", TAG]);
+      assert.equal(run.code, 0, run.stderr);
+      assert.equal(run.stdout.trim(), out);
+      assert.deepEqual(
+        (await fs.readdir(out)).sort(),
+        NETBOOT_FILES,
+        "netboot only, no iso, no partial files",
+      );
+      assert.equal(await sha256sumCheck(out), 0);
+      const local = await fs.readFile(path.join(out, "netboot.ipxe"), "utf8");
+      assert.match(
+        local,
+        /^kernel netboot-x86_64-linux\.bzImage init=\S+\/init initrd=netboot-x86_64-linux\.initrd .*\$\{cmdline\}$/m,
+      );
+      assert.match(local, /^initrd netboot-x86_64-linux\.initrd$/m);
+      const anonymous = w.forgejo.requests.slice(mark);
+      assert.ok(anonymous.length > 0);
+      assert.ok(anonymous.every((r) => r.headers.authorization === undefined), "no token was used");
+
+      const again = await fetchInto(w, out, ["--tag", TAG]);
+      assert.equal(again.code, 0, again.stderr);
+      assert.match(again.stderr, /netboot-x86_64-linux\.initrd: already here and verified/);
+    } finally {
+      await fs.rm(out, { recursive: true, force: true });
+      await w.close();
+    }
+  },
+);
+
+nixTest("a file that does not match SHA256SUMS is refused and nothing of it is left", async () => {
+  const w = await world();
+  const out = await scratch();
+  try {
+    assert.equal((await w.publish(["--targets", "netboot"])).code, 0);
+    const release = w.release();
+    // Someone swaps the initrd behind release-boot's back, keeping its name.
+    const api = `${w.forgejo.url}/api/v1/repos/ops/runners/releases/${release.id}/assets`;
+    const auth = { authorization: `token ${TOKEN}` };
+    const initrd = release.assets.find((a) => a.name === "netboot-x86_64-linux.initrd")!;
+    await (await fetch(`${api}/${initrd.id}`, { method: "DELETE", headers: auth })).body?.cancel();
+    const swapped = await fetch(`${api}?name=netboot-x86_64-linux.initrd`, {
+      method: "POST",
+      headers: { ...auth, "content-type": "application/octet-stream" },
+      body: "not the initrd that was built",
+    });
+    assert.equal(swapped.status, 201);
+    await swapped.body?.cancel();
+
+    const run = await fetchInto(w, out, ["--tag", TAG]);
+    assert.equal(run.code, 1);
+    assert.match(
+      run.stderr,
+      /netboot-x86_64-linux\.initrd does not match SHA256SUMS \(expected [0-9a-f]{64}, got [0-9a-f]{64} for 29 bytes\); the download was deleted/,
+    );
+    const left = await fs.readdir(out);
+    assert.ok(
+      !left.some((name) => name.startsWith("netboot-x86_64-linux.initrd")),
+      `left: ${left}`,
+    );
+    assert.ok(!left.includes("netboot.ipxe"), "no boot script pointing at a missing file");
+  } finally {
+    await fs.rm(out, { recursive: true, force: true });
+    await w.close();
+  }
+});
+
+nixTest("an interrupted download resumes where it stopped", async () => {
+  const w = await world();
+  const out = await scratch();
+  try {
+    assert.equal((await w.publish(["--targets", "netboot"])).code, 0);
+    const [initrd] = await w.forgejo.assetBytes(w.release().id, "netboot-x86_64-linux.initrd");
+    await fs.writeFile(path.join(out, "netboot-x86_64-linux.initrd.part"), initrd.subarray(0, 500));
+    const run = await fetchInto(w, out, ["--tag", TAG]);
+    assert.equal(run.code, 0, run.stderr);
+    assert.match(run.stderr, /netboot-x86_64-linux\.initrd: resuming after 500 B/);
+    assert.ok(w.forgejo.requests.some((r) => r.headers.range === "bytes=500-"));
+    assert.equal(
+      sha256(await fs.readFile(path.join(out, "netboot-x86_64-linux.initrd"))),
+      sha256(initrd),
+    );
+  } finally {
+    await fs.rm(out, { recursive: true, force: true });
+    await w.close();
+  }
+});
+
+nixTest("downloads follow a 303 to object storage without sending the token there", async () => {
+  const w = await world({ serveDirect: true });
+  const out = await scratch();
+  try {
+    assert.equal((await w.publish(["--targets", "netboot"])).code, 0);
+    const run = await fetchInto(w, out, ["--tag", TAG], TOKEN);
+    assert.equal(run.code, 0, run.stderr);
+    const storage = w.forgejo.requests.filter((r) => r.host === "storage");
+    assert.ok(storage.length >= 4, "the files came from the storage host");
+    assert.ok(storage.every((r) => r.headers.authorization === undefined));
+    assert.doesNotMatch(run.stdout + run.stderr, new RegExp(TOKEN));
+    assert.equal(await sha256sumCheck(out), 0);
+  } finally {
+    await fs.rm(out, { recursive: true, force: true });
+    await w.close();
+  }
+});
+
+nixTest(
+  "latest is the newest published boot-v* release, never a draft or a boot-dev one",
+  async () => {
+    const w = await world();
+    const out = await scratch();
+    try {
+      assert.equal((await w.publish(["--targets", "netboot", "--tag", "boot-v1.1.0"])).code, 0);
+      assert.equal((await w.publish(["--targets", "netboot", "--tag", "boot-v1.2.0"])).code, 0);
+      assert.equal(
+        (await w.publish(["--targets", "netboot", "--tag", "boot-v2.0.0", "--draft"])).code,
+        0,
+      );
+      assert.equal(
+        (await w.publish(["--targets", "netboot", "--tag", "boot-dev-0123456789ab"])).code,
+        0,
+      );
+      const run = await fetchInto(w, out, ["--tag", "latest"]);
+      assert.equal(run.code, 0, run.stderr);
+      assert.match(run.stderr, /^boot-v1\.2\.0: 4 files verified/m);
+
+      const draft = await fetchInto(w, out, ["--tag", "boot-v2.0.0"], TOKEN);
+      assert.equal(draft.code, 1);
+      assert.match(
+        draft.stderr,
+        /boot-v2\.0\.0 is still a draft: publish it before booting from it/,
+      );
+      const missing = await fetchInto(w, out, ["--tag", "boot-v9.9.9"]);
+      assert.equal(missing.code, 1);
+      assert.match(
+        missing.stderr,
+        /ops\/runners has no release boot-v9\.9\.9 that this token can see/,
+      );
+    } finally {
+      await fs.rm(out, { recursive: true, force: true });
+      await w.close();
+    }
+  },
+);
+
+Deno.test("fetch says what it needs, one line each", async () => {
+  const cases: [string[], RegExp][] = [
+    [
+      ["fetch", "--repo", "ops/runners", "--tag", "latest", "--out", "x"],
+      /fetch needs --server URL/,
+    ],
+    [
+      ["fetch", "--server", "https://git.example.org", "--tag", "latest", "--out", "x"],
+      /fetch needs --repo/,
+    ],
+    [
+      ["fetch", "--server", "https://git.example.org", "--repo", "ops/runners", "--out", "x"],
+      /fetch needs --tag TAG, or --tag latest/,
+    ],
+    [
+      ["fetch", "--server", "https://git.example.org", "--repo", "ops/runners", "--tag", "latest"],
+      /fetch needs --out DIR/,
+    ],
+    [[
+      "fetch",
+      "--server",
+      "https://git.example.org",
+      "--repo",
+      "a/b",
+      "--tag",
+      "v1",
+      "--out",
+      "x",
+      "--replace",
+    ], /--replace is for making a release, not for fetch/],
+  ];
+  for (const [args, message] of cases) {
+    const run = await runRelease(args);
+    assert.equal(run.code, 2, run.stderr);
+    assert.equal(run.stderr.trim().split("\n").length, 1);
+    assert.match(run.stderr, message);
+  }
+});

@@ -1845,6 +1845,8 @@ async function writeIndex(
   options: Options,
 ): Promise<Release> {
   for (let round = 1; round <= 8; round++) {
+    // Jobs that collide back off by different amounts, so one of them settles first.
+    if (round > 1) await new Promise((resolve) => setTimeout(resolve, 100 + Math.random() * 400));
     const release = await getJson(forgejo, ReleaseSchema, {
       method: "GET",
       path: `/releases/${releaseId}`,
@@ -1855,9 +1857,8 @@ async function writeIndex(
       await updateBody(forgejo, release, index.manifests[0].manifest, options);
       return release;
     }
-    const fresh = bundleRelease([], merged);
-    const sums = await uploadAsset(forgejo, releaseId, fresh.sums, release.assets);
-    const manifest = await uploadAsset(forgejo, releaseId, fresh.manifestAsset, release.assets);
+    const { sums, manifest } = newestIndexHolds(index, merged.assets) ??
+      await uploadIndex(forgejo, releaseId, merged, release.assets);
     const older = [
       ...index.manifests.filter((m) =>
         m.copy.id < manifest.id && namesAll(merged.assets, m.manifest.assets)
@@ -1868,11 +1869,37 @@ async function writeIndex(
       ),
     ];
     for (const { copy } of older) await deleteAsset(forgejo, releaseId, copy, "an older index");
-    log(`Wrote ${SUMS_NAME} and ${MANIFEST_NAME} covering ${merged.assets.length} assets`);
   }
   throw new ReleaseError(
     `${SUMS_NAME} of ${options.tag} kept changing under this run (other jobs writing); rerun`,
   );
+}
+
+/** The newest copies, when they already say what this run would write (another job wrote them). */
+function newestIndexHolds(
+  index: RemoteIndex,
+  wanted: ManifestAsset[],
+): { sums: Attachment; manifest: Attachment } | undefined {
+  const manifest = index.manifests.at(-1);
+  const sums = index.sums.at(-1);
+  if (!manifest || !sums) return undefined;
+  const same = covers(manifest.manifest.assets, wanted) &&
+    covers(wanted, manifest.manifest.assets) &&
+    sums.text === renderSums(wanted);
+  return same ? { sums: sums.copy, manifest: manifest.copy } : undefined;
+}
+
+async function uploadIndex(
+  forgejo: Forgejo,
+  releaseId: number,
+  merged: Manifest,
+  existing: Attachment[],
+): Promise<{ sums: Attachment; manifest: Attachment }> {
+  const fresh = bundleRelease([], merged);
+  const sums = await uploadAsset(forgejo, releaseId, fresh.sums, existing);
+  const manifest = await uploadAsset(forgejo, releaseId, fresh.manifestAsset, existing);
+  log(`Wrote ${SUMS_NAME} and ${MANIFEST_NAME} covering ${merged.assets.length} assets`);
+  return { sums, manifest };
 }
 
 async function updateBody(

@@ -638,6 +638,12 @@ async function listTargets(options: Options): Promise<string[]> {
 
 /** Publishing trusts only what can be rebuilt: locked inputs and a committed tree. */
 function refuseUntrustedFlake(flake: FlakeInfo, options: Options): void {
+  const revision = flake.metadata.revision;
+  if (revision && revision !== options.commit) {
+    throw new ReleaseError(
+      `the flake is at commit ${revision} but the release is for ${options.commit}: check out ${options.commit} or pass --commit ${revision}`,
+    );
+  }
   if (options.allowDirty) return;
   if (!flake.locked) {
     throw new ReleaseError(
@@ -647,12 +653,6 @@ function refuseUntrustedFlake(flake: FlakeInfo, options: Options): void {
   if (flake.dirty) {
     throw new ReleaseError(
       `the flake ${options.flake} is a git checkout with uncommitted changes: commit them and rerun (or pass --allow-dirty)`,
-    );
-  }
-  const revision = flake.metadata.revision;
-  if (revision && revision !== options.commit) {
-    throw new ReleaseError(
-      `the flake is at commit ${revision} but the release is for ${options.commit}: check out ${options.commit} or pass --commit ${revision}`,
     );
   }
 }

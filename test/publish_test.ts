@@ -655,7 +655,7 @@ nixTest(
 );
 
 nixTest(
-  "publishing refuses a git checkout with uncommitted changes unless --allow-dirty",
+  "publishing refuses a checkout at another commit, and uncommitted changes unless --allow-dirty",
   async () => {
     const w = await world();
     const repo = await fs.mkdtemp(path.join(os.tmpdir(), "release-boot-repo-"));
@@ -668,8 +668,6 @@ nixTest(
       await git`git -c user.name=t -c user.email=t@example.org commit -qm images`;
       const commit = (await git`git rev-parse HEAD`).stdout.trim();
       w.forgejo.addCommit(commit);
-      await fs.writeFile(path.join(repo, "salt.nix"), '"edited"\n');
-
       const args = [
         "--server",
         w.forgejo.url,
@@ -681,6 +679,17 @@ nixTest(
         "netboot",
       ];
       const env = baseEnv({ FORGEJO_TOKEN: TOKEN });
+      const elsewhere = await runRelease(
+        ["--flake", repo, "--commit", "f".repeat(40), ...args],
+        { cwd: repo, env },
+      );
+      assert.equal(elsewhere.code, 1);
+      assert.match(
+        elsewhere.stderr,
+        new RegExp(`the flake is at commit ${commit} but the release is for f{40}`),
+      );
+      await fs.writeFile(path.join(repo, "salt.nix"), '"edited"\n');
+
       const refused = await runRelease(["--flake", repo, ...args], { cwd: repo, env });
       assert.equal(refused.code, 1);
       assert.match(

@@ -25,6 +25,7 @@ import { Agent, request } from "undici";
 import * as v from "valibot";
 import { $, minimist } from "zx";
 import {
+  APIErrorSchema,
   type Attachment,
   AttachmentListSchema,
   AttachmentSchema,
@@ -1296,13 +1297,10 @@ async function withRetries<T>(what: string, attempt: (n: number) => Promise<T>):
   }
 }
 
+/** Forgejo's own error message, when the body is its JSON error (a proxy's HTML is not). */
 function serverMessage(text: string): string | undefined {
-  try {
-    const data = JSON.parse(text);
-    return typeof data?.message === "string" && data.message ? data.message : undefined;
-  } catch {
-    return undefined;
-  }
+  const parsed = v.safeParse(APIErrorSchema, safeJson(text));
+  return parsed.success && parsed.output.message ? parsed.output.message : undefined;
 }
 
 /** One line that says what failed and what to do about it. */

@@ -66,15 +66,17 @@ export type Release = v.InferOutput<typeof ReleaseSchema>;
 
 export const ReleaseListSchema = v.array(ReleaseSchema);
 
-/** Body of `POST /repos/{owner}/{repo}/releases`. */
-export type CreateReleaseOption = {
-  tag_name: string;
-  target_commitish: string;
-  name: string;
-  body: string;
-  draft: boolean;
-  prerelease: boolean;
-};
+/** Body of `POST /repos/{owner}/{repo}/releases` (CreateReleaseOption). */
+export const CreateReleaseOptionSchema = v.object({
+  tag_name: v.pipe(v.string(), v.minLength(1)),
+  target_commitish: v.string(),
+  name: v.string(),
+  body: v.string(),
+  draft: v.boolean(),
+  prerelease: v.boolean(),
+});
+export type CreateReleaseOption = v.InferOutput<typeof CreateReleaseOptionSchema>;
 
-/** Body of `PATCH /repos/{owner}/{repo}/releases/{id}`: only the fields sent change. */
-export type EditReleaseOption = Partial<CreateReleaseOption>;
+/** Body of `PATCH /repos/{owner}/{repo}/releases/{id}` (EditReleaseOption): only sent fields change. */
+export const EditReleaseOptionSchema = v.partial(CreateReleaseOptionSchema);
+export type EditReleaseOption = v.InferOutput<typeof EditReleaseOptionSchema>;

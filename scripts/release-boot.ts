@@ -11,6 +11,8 @@
  *   5. collect the build products and name them as release assets
  *   6. hash them; write SHA256SUMS and manifest.json
  *   7. stage locally, or: draft release -> upload what is missing -> checksums -> publish
+ *
+ * `release-boot fetch` is the way back: a published release, verified, laid out for PXE.
  */
 import { Buffer } from "node:buffer";
 import { createHash } from "node:crypto";
@@ -84,7 +86,7 @@ async function main(argv: string[], env: Env): Promise<void> {
 
   const flake = await step("Read the flake", () => readFlake(options));
   if (forgejo) refuseUntrustedFlake(flake, options);
-  const builds = await step("Build", () => buildTargets(options, flake));
+  const builds = await step("Build", () => buildTargets(options));
   const products = await collectProducts(builds);
   const hashed = await step("Hash", () => hashProducts(products));
   const assets = await pointIpxeAtRelease(hashed, downloadBase(options, site));
@@ -670,7 +672,7 @@ export interface TargetBuild {
 }
 
 /** One nix build for every target: one evaluation, and nix builds them in parallel. */
-async function buildTargets(options: Options, _flake: FlakeInfo): Promise<TargetBuild[]> {
+async function buildTargets(options: Options): Promise<TargetBuild[]> {
   const installables = options.targets.map((target) => installable(options, target));
   const build = $`nix ${NIX_FEATURES} build ${KEEP_LOCK} --json --no-link ${installables}`.quiet()
     .nothrow();

@@ -453,16 +453,12 @@ export async function readOptions(argv: string[], env: Env): Promise<Options> {
   return options;
 }
 
+/** Flags that shape a release; fetch only reads one. */
 const RELEASE_ONLY_FLAGS = [
   "flake",
   "commit",
   "mirrors",
-  "dry-run",
-  "draft",
-  "prerelease",
-  "replace",
-  "finalize",
-  "allow-dirty",
+  ...BOOLEAN_FLAGS.filter((name) => name !== "help"),
 ];
 
 /** `fetch` reads a published release: it needs where, which tag, and where to put it. */

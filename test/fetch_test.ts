@@ -4,7 +4,7 @@ import * as fs from "node:fs/promises";
 import * as os from "node:os";
 import * as path from "node:path";
 import { nixTest } from "./nix_helpers.ts";
-import { baseEnv, runRelease } from "./run_helpers.ts";
+import { baseEnv, runRelease, sha256sumCheck } from "./run_helpers.ts";
 import { sha256, TAG, TOKEN, type World, world } from "./forgejo_world.ts";
 
 const NETBOOT_FILES = [
@@ -38,17 +38,6 @@ async function scratch(): Promise<string> {
   return await fs.mkdtemp(path.join(os.tmpdir(), "release-boot-pxe-"));
 }
 
-async function sha256sumCheck(dir: string): Promise<number> {
-  const output = await new Deno.Command("sha256sum", {
-    args: ["-c", "SHA256SUMS"],
-    cwd: dir,
-    stdout: "null",
-    stderr: "null",
-  })
-    .output();
-  return output.code;
-}
-
 nixTest(
   "fetch lays out a verified directory anonymously, with netboot.ipxe loading from beside it",
   async () => {
@@ -80,7 +69,7 @@ nixTest(
         NETBOOT_FILES,
         "netboot only, no iso, no partial files",
       );
-      assert.equal(await sha256sumCheck(out), 0);
+      assert.equal((await sha256sumCheck(out)).code, 0);
       const local = await fs.readFile(path.join(out, "netboot.ipxe"), "utf8");
       assert.match(
         local,
@@ -170,7 +159,7 @@ nixTest("downloads follow a 303 to object storage without sending the token ther
     assert.ok(storage.length >= 4, "the files came from the storage host");
     assert.ok(storage.every((r) => r.headers.authorization === undefined));
     assert.doesNotMatch(run.stdout + run.stderr, new RegExp(TOKEN));
-    assert.equal(await sha256sumCheck(out), 0);
+    assert.equal((await sha256sumCheck(out)).code, 0);
   } finally {
     await fs.rm(out, { recursive: true, force: true });
     await w.close();

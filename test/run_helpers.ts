@@ -79,3 +79,14 @@ export async function makeWorkdir(): Promise<{ dir: string; commit: string }> {
 export async function exists(file: string): Promise<boolean> {
   return await fs.stat(file).then(() => true, () => false);
 }
+
+/** `sha256sum -c SHA256SUMS` in `dir`, as an operator checks a download. */
+export async function sha256sumCheck(dir: string): Promise<{ code: number; stdout: string }> {
+  const output = await new Deno.Command("sha256sum", {
+    args: ["-c", "SHA256SUMS"],
+    cwd: dir,
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  return { code: output.code, stdout: new TextDecoder().decode(output.stdout) };
+}

@@ -3,20 +3,16 @@ import assert from "node:assert/strict";
 import * as fs from "node:fs/promises";
 import * as path from "node:path";
 import { nixTest } from "./nix_helpers.ts";
-import { exists, fixtureDir, makeFixture, makeWorkdir, runRelease } from "./run_helpers.ts";
+import {
+  exists,
+  fixtureDir,
+  makeFixture,
+  makeWorkdir,
+  runRelease,
+  sha256sumCheck,
+} from "./run_helpers.ts";
 
 const FIXTURE = `path:${fixtureDir}`;
-
-async function sha256sumCheck(dir: string): Promise<{ code: number; stdout: string }> {
-  const output = await new Deno.Command("sha256sum", {
-    args: ["-c", "SHA256SUMS"],
-    cwd: dir,
-    stdout: "piped",
-    stderr: "piped",
-  })
-    .output();
-  return { code: output.code, stdout: new TextDecoder().decode(output.stdout) };
-}
 
 nixTest(
   "with no server, netboot and iso are staged in dist/<tag> and sha256sum -c passes",

@@ -65,6 +65,7 @@ const MANIFEST_NAME = "manifest.json";
 const INDEX_NAMES = new Set([SUMS_NAME, MANIFEST_NAME]);
 const DEFAULT_MIRRORS = "https://codeberg.org";
 const READ_SIZE = 1 << 20;
+const MAX_HASH_WORKERS = 4;
 
 // ---------------------------------------------------------------------------------------------
 // The runbook
@@ -878,7 +879,12 @@ export function hashFile(file: string): Promise<{ sha256: string; size: number }
 export async function hashFiles(files: string[]): Promise<{ sha256: string; size: number }[]> {
   const results = new Array<{ sha256: string; size: number }>(files.length);
   let next = 0;
-  const lanes = Math.max(1, Math.min(navigator.hardwareConcurrency || 2, files.length));
+  // Each worker costs ~15 MiB of RSS: four keep a large runner under 200 MiB, and hashing
+  // four files at once already outruns the disk and the upload.
+  const lanes = Math.max(
+    1,
+    Math.min(navigator.hardwareConcurrency || 2, files.length, MAX_HASH_WORKERS),
+  );
   await Promise.all(Array.from({ length: lanes }, async () => {
     while (next < files.length) {
       const index = next++;

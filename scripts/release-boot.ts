@@ -42,6 +42,7 @@ import {
   TagSchema,
 } from "../types/forgejo.ts";
 import {
+  ASSET_NAME,
   type FlakeInput,
   type Manifest,
   type ManifestAsset,
@@ -575,13 +576,13 @@ function parseJson<T>(schema: v.GenericSchema<unknown, T>, text: string, source:
     data = JSON.parse(text);
   } catch {
     throw new ReleaseError(
-      `${source} printed something that is not JSON: ${JSON.stringify(text.slice(0, 120))}`,
+      `${source}: not JSON: ${JSON.stringify(text.slice(0, 120))}`,
     );
   }
   const result = v.safeParse(schema, data);
   if (!result.success) {
     throw new ReleaseError(
-      `${source} printed JSON of an unexpected shape: ${v.summarize(result.issues).split("\n")[0]}`,
+      `${source}: unexpected JSON (${v.summarize(result.issues).split("\n")[0]})`,
     );
   }
   return result.output;
@@ -772,7 +773,7 @@ async function collectProducts(builds: TargetBuild[]): Promise<Product[]> {
       });
     }
   }
-  refuseDuplicateNames(products);
+  refuseBadNames(products);
   return products;
 }
 
@@ -807,9 +808,16 @@ async function regularFiles(root: string): Promise<string[]> {
   return found;
 }
 
-function refuseDuplicateNames(products: Product[]): void {
+function refuseBadNames(products: Product[]): void {
   const seen = new Map<string, string>();
   for (const product of products) {
+    if (!ASSET_NAME.test(product.name)) {
+      throw new ReleaseError(
+        `${product.path} would be published as ${
+          JSON.stringify(product.name)
+        }, which is not a plain file name: rename it in the flake`,
+      );
+    }
     const earlier = seen.get(product.name);
     if (earlier) {
       throw new ReleaseError(

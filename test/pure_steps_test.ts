@@ -22,7 +22,8 @@ import {
   withUploadRecord,
 } from "../scripts/release-boot.ts";
 import type { Attachment } from "../types/forgejo.ts";
-import type { Manifest } from "../types/manifest.ts";
+import { type Manifest, ManifestAssetSchema } from "../types/manifest.ts";
+import * as v from "valibot";
 
 const COMMIT = "0123456789abcdef0123456789abcdef01234567";
 const SHA_A = "a".repeat(64);
@@ -420,5 +421,22 @@ Deno.test("fetch chooses the target's assets and refuses ones SHA256SUMS does no
         "boot-v1",
       ),
     /not listed in boot-v1's SHA256SUMS as manifest.json says/,
+  );
+});
+
+Deno.test("asset names read from a release must be plain file names, never paths", () => {
+  const entry = {
+    size: 1,
+    sha256: SHA_A,
+    target: "t",
+    system: "s",
+    storePath: "/x",
+    drvPath: "/y",
+  };
+  for (const name of ["../../etc/cron.d/x", "sub/file", ".hidden", "a b", ""]) {
+    assert.equal(v.safeParse(ManifestAssetSchema, { ...entry, name }).success, false, name);
+  }
+  assert.ok(
+    v.safeParse(ManifestAssetSchema, { ...entry, name: "netboot-x86_64-linux.bzImage" }).success,
   );
 });

@@ -7,8 +7,15 @@ import * as v from "valibot";
 
 const Sha256Schema = v.pipe(v.string(), v.regex(/^[0-9a-f]{64}$/));
 
+/**
+ * A plain file name: it becomes a download URL segment and, in `fetch`, a file under --out,
+ * so a name from a server must never carry a path.
+ */
+export const ASSET_NAME = /^[A-Za-z0-9][A-Za-z0-9._+=-]*$/;
+export const AssetNameSchema = v.pipe(v.string(), v.regex(ASSET_NAME, "not a plain file name"));
+
 export const ManifestAssetSchema = v.object({
-  name: v.string(),
+  name: AssetNameSchema,
   size: v.pipe(v.number(), v.integer(), v.minValue(0)),
   sha256: Sha256Schema,
   target: v.string(),

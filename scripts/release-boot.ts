@@ -764,8 +764,10 @@ async function collectProducts(builds: TargetBuild[]): Promise<Product[]> {
   const products: Product[] = [];
   for (const build of builds) {
     for (const file of await productFiles(build.outPath)) {
+      const name = assetName(build.target, build.system, file);
       products.push({
-        name: assetName(build.target, build.system, file),
+        // The plain .ipxe name goes to the script that boots from the release.
+        name: name.endsWith(".ipxe") ? builtScriptName(name) : name,
         path: file,
         target: build.target,
         system: build.system,
@@ -1055,22 +1057,27 @@ export function builtScriptName(name: string): string {
  */
 async function pointIpxeAtRelease(assets: FileAsset[], base: string): Promise<FileAsset[]> {
   const result: FileAsset[] = [];
-  for (const asset of assets) {
-    if (!asset.name.endsWith(".ipxe")) {
-      result.push(asset);
-      continue;
-    }
-    const siblings = assets.filter((a) => a.target === asset.target && a.system === asset.system);
+  for (const built of assets) {
+    result.push(built);
+    if (!built.name.endsWith(".built.ipxe")) continue;
+    const siblings = assets.filter((a) => a.target === built.target && a.system === built.system);
     const locate = (file: string) => {
-      const found = siblings.find((a) => a !== asset && path.basename(a.path) === file);
+      const found = siblings.find((a) => a !== built && path.basename(a.path) === file);
       return found && `${base}${encodeURIComponent(found.name)}`;
     };
-    const bytes = new TextEncoder().encode(
-      rewriteIpxe(await fs.readFile(asset.path, "utf8"), locate),
+    const text = rewriteIpxe(await fs.readFile(built.path, "utf8"), locate);
+    const bytes = new TextEncoder().encode(text);
+    const script = {
+      ...built,
+      name: built.name.replace(/\.built\.ipxe$/, ".ipxe"),
+      bytes,
+      size: bytes.length,
+      sha256: sha256Hex(bytes),
+    };
+    result.push(script);
+    log(
+      `${script.sha256}  ${script.name} (boots from ${base || "the directory it is served from"})`,
     );
-    result.push({ ...asset, name: builtScriptName(asset.name) });
-    result.push({ ...asset, bytes, size: bytes.length, sha256: sha256Hex(bytes) });
-    log(`${asset.name}: boots from ${base || "the directory it is served from"}`);
   }
   return result;
 }

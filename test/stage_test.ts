@@ -53,6 +53,12 @@ nixTest(
     assert.match(iso.drvPath, /^\/nix\/store\/.*-nixos-runner-iso\.drv$/);
     assert.equal(iso.size, (await fs.stat(path.join(out, "iso-x86_64-linux.iso"))).size);
     assert.match(run.stderr, /Publish them: FORGEJO_TOKEN=\.\.\. deno task release --server/);
+    const script = await fs.readFile(path.join(out, "netboot-x86_64-linux.ipxe"), "utf8");
+    assert.match(
+      script,
+      /^kernel netboot-x86_64-linux\.bzImage .*initrd=netboot-x86_64-linux\.initrd /m,
+    );
+    assert.match(script, /^initrd netboot-x86_64-linux\.initrd$/m);
     await fs.rm(work.dir, { recursive: true });
   },
 );

@@ -73,12 +73,14 @@ const MAX_HASH_WORKERS = 4;
 // ---------------------------------------------------------------------------------------------
 
 async function main(argv: string[], env: Env): Promise<void> {
-  const options = await readOptions(argv, env);
-  if (options.help) return printHelp();
+  if (argv.includes("--help") || argv.includes("-h")) return printHelp();
   hideSecretsFromChildren(env);
+  const options = await readOptions(argv, env);
 
   if (options.command === "fetch") {
-    return await fetchForBoot(connectForgejo(options, readToken(env)), options);
+    // A mirror serves public files; the primary server's token has no business there.
+    const token = mirrorOf(options.server!, options.mirrors) ? undefined : readToken(env);
+    return await fetchForBoot(connectForgejo(options, token), options);
   }
   const forgejo = options.publish && !options.dryRun
     ? connectForgejo(refuseMirror(options), requireToken(options, env))
@@ -132,7 +134,6 @@ type Env = Record<string, string | undefined>;
 export interface Options {
   /** "release" builds and publishes (or stages); "fetch" downloads a release for booting. */
   command: "release" | "fetch";
-  help: boolean;
   flake: string;
   targets: string[];
   system: string;
@@ -167,7 +168,6 @@ const STRING_FLAGS = [
   "mirrors",
 ] as const;
 const BOOLEAN_FLAGS = [
-  "help",
   "dry-run",
   "draft",
   "prerelease",
@@ -208,8 +208,8 @@ Flags:
   --allow-dirty      publish even from a git checkout with uncommitted changes or a flake
                      whose inputs are not locked (recorded in manifest.json)
   --timeout SECONDS  give up on a request that makes no progress for this long (default 600)
-  --mirrors LIST     comma-separated server URLs never published to (default
-                     "${DEFAULT_MIRRORS}": the mirror only distributes)
+  --mirrors LIST     comma-separated server URLs never published to and never sent the
+                     token (default "${DEFAULT_MIRRORS}": the mirror only distributes)
   --help             this text
 
 fetch downloads a published release's files for the targets (default netboot), checks
@@ -372,12 +372,10 @@ export async function readOptions(argv: string[], env: Env): Promise<Options> {
     if (value === "") throw new UsageError(`--${name} needs a value; see --help`);
     return value;
   };
-  const help = Boolean(args.help);
   const server = flag("server") ?? (env.GITHUB_SERVER_URL || undefined);
   const commit = flag("commit") ?? (env.GITHUB_SHA || undefined);
   const options: Options = {
     command,
-    help,
     flake: parseFlag("flake", FlakeFlagSchema, flag("flake") ?? "."),
     targets: parseFlag(
       "targets",
@@ -419,7 +417,6 @@ export async function readOptions(argv: string[], env: Env): Promise<Options> {
   const tagFlag = flag("tag") ??
     (env.GITHUB_REF_TYPE === "tag" && env.GITHUB_REF_NAME ? env.GITHUB_REF_NAME : undefined);
   const outFlag = flag("out");
-  if (help) return options;
   if (command === "fetch") return fetchOptions(options, args, tagFlag, outFlag);
 
   options.publish = options.server !== undefined;
@@ -459,8 +456,7 @@ export async function readOptions(argv: string[], env: Env): Promise<Options> {
 const RELEASE_ONLY_FLAGS = [
   "flake",
   "commit",
-  "mirrors",
-  ...BOOLEAN_FLAGS.filter((name) => name !== "help"),
+  ...BOOLEAN_FLAGS,
 ];
 
 /** `fetch` reads a published release: it needs where, which tag, and where to put it. */
@@ -654,6 +650,11 @@ function refuseUntrustedFlake(flake: FlakeInfo, options: Options): void {
   if (flake.dirty) {
     throw new ReleaseError(
       `the flake ${options.flake} is a git checkout with uncommitted changes: commit them and rerun (or pass --allow-dirty)`,
+    );
+  }
+  if (!flake.metadata.revision) {
+    throw new ReleaseError(
+      `the flake ${options.flake} is not a git checkout or a pinned revision, so nothing ties its files to commit ${options.commit}: publish from the repository (--flake .), or pass --allow-dirty`,
     );
   }
 }
@@ -1094,12 +1095,23 @@ function printPlan(bundle: Bundle, options: Options): void {
   }
 }
 
+/** A stage replaces --out whole, so --out must be new, empty, or an earlier stage. */
+async function refuseForeignDirectory(out: string): Promise<void> {
+  const entries: string[] = await fs.readdir(out).catch(() => []);
+  if (entries.length > 0 && !entries.includes(MANIFEST_NAME)) {
+    throw new UsageError(
+      `--out ${out} holds files that are not an earlier stage (no ${MANIFEST_NAME}), and a stage replaces it whole: choose a new or empty directory`,
+    );
+  }
+}
+
 /**
  * Writes the bundle next to its final place, then renames it in: a failure never leaves a
  * half-written --out, and a rerun replaces the earlier stage whole.
  */
 async function stageLocally(bundle: Bundle, options: Options): Promise<void> {
   const out = path.resolve(options.out);
+  await refuseForeignDirectory(out);
   await fs.mkdir(path.dirname(out), { recursive: true });
   const partial = await fs.mkdtemp(`${out}.partial-`);
   await fs.chmod(partial, 0o755);
@@ -1140,17 +1152,26 @@ export interface Forgejo {
   timeoutMs: number;
 }
 
+/** The mirror-list entry that `server` falls under, compared as URLs, not as strings. */
+export function mirrorOf(server: string, mirrors: string[]): string | undefined {
+  const target = new URL(server);
+  return mirrors.find((mirror) => {
+    const url = URL.canParse(mirror) ? new URL(mirror) : undefined;
+    if (!url || url.origin !== target.origin) return false;
+    const base = url.pathname.replace(/\/+$/, "");
+    return target.pathname === base || target.pathname.startsWith(`${base}/`);
+  });
+}
+
 function refuseMirror(options: Options): Options {
-  const server = options.server!;
-  const mirror = options.mirrors.find((url) => url === server || server.startsWith(`${url}/`));
+  const mirror = mirrorOf(options.server!, options.mirrors);
   if (mirror) {
     throw new ReleaseError(
-      `refusing to publish to ${server}: it is on the mirror list (${mirror}), which only distributes releases; publish to the primary Forgejo or change --mirrors`,
+      `refusing to publish to ${options.server}: it is on the mirror list (${mirror}), which only distributes releases; publish to the primary Forgejo or change --mirrors`,
     );
   }
   return options;
 }
-
 function readToken(env: Env): string | undefined {
   return env.FORGEJO_TOKEN || env.GITHUB_TOKEN || undefined;
 }
@@ -1436,7 +1457,8 @@ async function findRelease(forgejo: Forgejo, tag: string): Promise<Release | und
       query: { draft: "true", page: String(page), limit: "50" },
     });
     const draft = releases.find((release) => release.tag_name.toLowerCase() === tag.toLowerCase());
-    if (draft || releases.length < 50) return draft;
+    // Stop at an empty page: a server may cap pages below the limit asked for.
+    if (draft || releases.length === 0) return draft;
   }
 }
 
@@ -1446,7 +1468,9 @@ async function findOrCreateRelease(
   bundle: Bundle,
 ): Promise<Release> {
   const existing = await findRelease(forgejo, options.tag);
-  if (existing) return checkReleaseCommit(existing, options);
+  if (existing) {
+    return await markPrerelease(forgejo, checkReleaseCommit(existing, options), options);
+  }
   const create: CreateReleaseOption = {
     tag_name: options.tag,
     // The commit SHA, never a branch: publishing makes the tag from it later.
@@ -1476,6 +1500,18 @@ async function findOrCreateRelease(
   }
   log(`Another run created ${options.tag} at the same time; continuing with it`);
   return checkReleaseCommit(raced, options);
+}
+
+/** --prerelease also applies to a draft an earlier run created; a published release stays. */
+async function markPrerelease(
+  forgejo: Forgejo,
+  release: Release,
+  options: Options,
+): Promise<Release> {
+  if (!release.draft || release.prerelease === options.prerelease) return release;
+  const edit: EditReleaseOption = { prerelease: options.prerelease };
+  await api(forgejo, { method: "PATCH", path: `/releases/${release.id}`, json: edit });
+  return { ...release, prerelease: options.prerelease };
 }
 
 function checkReleaseCommit(release: Release, options: Options): Release {
@@ -1717,8 +1753,10 @@ async function uploadAsset(
   });
   const what = `upload of ${asset.name} (${formatBytes(asset.size)})`;
   return await withRetries(what, async (attempt) => {
-    if (attempt > 1) {
-      // The failed attempt may have been stored after all: look before uploading again.
+    // The failed attempt may have been stored after all: look before uploading again. Not
+    // for SHA256SUMS and manifest.json, whose new copies may be another job's; writeIndex
+    // tidies their copies itself.
+    if (attempt > 1 && asset.path) {
       const now = await listAssets(forgejo, releaseId);
       const arrived = now.filter((a) =>
         a.name === asset.name && !existing.some((b) => b.id === a.id)
@@ -1852,8 +1890,8 @@ function indexSettled(index: RemoteIndex, wanted: ManifestAsset[]): boolean {
 /**
  * Writes SHA256SUMS and manifest.json covering every asset, and re-reads until exactly one
  * of each is there. Jobs writing at once converge: each writes the union of every copy it
- * sees, and deletes only older copies whose every name its own lists, so no job's entries
- * are lost.
+ * sees, and deletes only older manifest copies whose every name its own lists, so no job's
+ * entries are lost.
  */
 async function writeIndex(
   forgejo: Forgejo,
@@ -1880,10 +1918,8 @@ async function writeIndex(
       ...index.manifests.filter((m) =>
         m.copy.id < manifest.id && namesAll(merged.assets, m.manifest.assets)
       ),
-      ...index.sums.filter((s) =>
-        s.copy.id < sums.id &&
-        namesAll(merged.assets, [...parseSums(s.text).keys()].map((name) => ({ name })))
-      ),
+      // Older SHA256SUMS copies only restate manifests that were merged above.
+      ...index.sums.filter((s) => s.copy.id < sums.id),
     ];
     for (const { copy } of older) await deleteAsset(forgejo, releaseId, copy, "an older index");
   }
@@ -1913,8 +1949,9 @@ async function uploadIndex(
   existing: Attachment[],
 ): Promise<{ sums: Attachment; manifest: Attachment }> {
   const fresh = bundleRelease([], merged);
-  const sums = await uploadAsset(forgejo, releaseId, fresh.sums, existing);
+  // manifest.json first: every SHA256SUMS copy then has its manifest there to be merged from.
   const manifest = await uploadAsset(forgejo, releaseId, fresh.manifestAsset, existing);
+  const sums = await uploadAsset(forgejo, releaseId, fresh.sums, existing);
   log(`Wrote ${SUMS_NAME} and ${MANIFEST_NAME} covering ${merged.assets.length} assets`);
   return { sums, manifest };
 }
@@ -1966,10 +2003,16 @@ export function releaseBody(manifest: Manifest, options: Pick<Options, "server" 
 /** Names the problems that keep a release from being complete; empty when it is. */
 export function incompleteness(
   release: Pick<Release, "assets">,
-  manifest: Manifest | undefined,
+  index: Pick<RemoteIndex, "manifest" | "sums">,
 ): string[] {
+  const manifest = index.manifest;
   if (!manifest) return [`it has no ${MANIFEST_NAME}`];
   const problems: string[] = [];
+  const sums = index.sums.at(-1);
+  if (!sums) problems.push(`it has no ${SUMS_NAME}`);
+  else if (sums.text !== renderSums(manifest.assets)) {
+    problems.push(`${SUMS_NAME} does not agree with ${MANIFEST_NAME}`);
+  }
   const counts = new Map<string, Attachment[]>();
   for (const asset of release.assets) {
     counts.set(asset.name, [...counts.get(asset.name) ?? [], asset]);
@@ -1989,35 +2032,46 @@ export function incompleteness(
   }
   return problems;
 }
-
+/**
+ * Publishes the draft once it is complete. When another job's assets are there but not yet
+ * covered, that job is still writing: wait (up to --timeout) for it to cover them.
+ */
 async function publishWhenComplete(
   forgejo: Forgejo,
   indexed: Release,
   options: Options,
 ): Promise<Release> {
-  const release = await getJson(forgejo, ReleaseSchema, {
-    method: "GET",
-    path: `/releases/${indexed.id}`,
-  });
-  const problems = incompleteness(release, (await readIndex(forgejo, release)).manifest);
-  if (problems.length > 0 && release.draft) {
-    log(
-      `The draft stays a draft: ${
-        problems.join("; ")
-      }. Another job may still be adding assets; the last one to finish publishes it (or run --finalize).`,
-    );
-    return release;
+  const deadline = Date.now() + options.timeoutSeconds * 1000;
+  for (let waited = false;; waited = true) {
+    if (waited) await new Promise((resolve) => setTimeout(resolve, 1000));
+    const release = await getJson(forgejo, ReleaseSchema, {
+      method: "GET",
+      path: `/releases/${indexed.id}`,
+    });
+    const problems = incompleteness(release, await readIndex(forgejo, release));
+    if (problems.length === 0) {
+      if (release.draft && !options.draft) return await publishDraft(forgejo, release);
+      if (release.draft) {
+        log(
+          `Left ${options.tag} a draft (--draft): publish it with --finalize --tag ${options.tag}`,
+        );
+      }
+      return release;
+    }
+    if (release.draft && options.draft) {
+      log(`${options.tag} stays a draft until every job is in: ${problems.join("; ")}`);
+      return release;
+    }
+    if (Date.now() > deadline) {
+      throw new ReleaseError(
+        `release ${options.tag} ${release.draft ? "stays a draft" : "is incomplete"} because ${
+          problems.join("; ")
+        }: if another job is still adding assets, it completes the release when it finishes; otherwise rerun with every target, or delete what does not belong`,
+      );
+    }
+    if (!waited) log(`Waiting for another job to finish ${options.tag}: ${problems.join("; ")}`);
   }
-  if (problems.length > 0) {
-    throw new ReleaseError(`release ${options.tag} is incomplete: ${problems.join("; ")}`);
-  }
-  if (release.draft && !options.draft) return await publishDraft(forgejo, release);
-  if (release.draft) {
-    log(`Left ${options.tag} a draft (--draft): publish it with --finalize --tag ${options.tag}`);
-  }
-  return release;
 }
-
 async function publishDraft(forgejo: Forgejo, release: Release): Promise<Release> {
   const edit: EditReleaseOption = { draft: false };
   await api(forgejo, { method: "PATCH", path: `/releases/${release.id}`, json: edit });
@@ -2041,15 +2095,15 @@ async function finalizeRelease(forgejo: Forgejo, options: Options): Promise<void
       `there is no release ${options.tag} to finalize: run the build jobs first (with --draft)`,
     );
   }
-  const { manifest } = await readIndex(forgejo, release);
-  const problems = incompleteness(release, manifest);
+  const index = await readIndex(forgejo, release);
+  const problems = incompleteness(release, index);
   if (problems.length > 0) {
     throw new ReleaseError(
       `release ${options.tag} is not complete, so it stays a draft: ${problems.join("; ")}`,
     );
   }
   const published = release.draft ? await publishDraft(forgejo, release) : release;
-  const bundle = bundleRelease([], manifest!);
+  const bundle = bundleRelease([], index.manifest!);
   await reportRelease(published, bundle, Deno.env.toObject());
 }
 
@@ -2115,7 +2169,7 @@ async function findBootRelease(forgejo: Forgejo, tag: string): Promise<Release> 
         r.tag_name.startsWith("boot-v") && !r.draft && !r.prerelease
       );
       if (found) return found;
-      if (releases.length < 50) {
+      if (releases.length === 0) {
         throw new ReleaseError(`${forgejo.repo} has no published boot-v* release yet; pass --tag`);
       }
     }
@@ -2198,7 +2252,9 @@ async function downloadVerified(
   }
   const copy = release.assets.find((a) => a.name === asset.name);
   if (!copy) throw new ReleaseError(`${release.tag_name} lists ${asset.name} but does not hold it`);
-  const part = `${final}.part`;
+  // The checksum is in the name, so a part left by another release is never resumed.
+  const part = `${final}.${asset.sha256.slice(0, 16)}.part`;
+  await removeStaleParts(out, asset.name, part);
   await withRetries(`download of ${asset.name}`, () => downloadToPart(forgejo, copy, part));
   const got = await hashFile(part);
   if (got.sha256 !== asset.sha256) {
@@ -2209,6 +2265,15 @@ async function downloadVerified(
   }
   await fs.rename(part, final);
   log(`${asset.name}: ${formatBytes(got.size)}, sha256 verified`);
+}
+
+async function removeStaleParts(out: string, name: string, keep: string): Promise<void> {
+  for (const entry of await fs.readdir(out)) {
+    const file = path.join(out, entry);
+    if (entry.startsWith(`${name}.`) && entry.endsWith(".part") && file !== keep) {
+      await fs.rm(file, { force: true });
+    }
+  }
 }
 
 /** One GET of an asset into `part`, from where it stopped, following redirects by hand. */
@@ -2237,6 +2302,14 @@ async function downloadToPart(forgejo: Forgejo, copy: Attachment, part: string):
       };
       throwIfTransient(answer, `GET ${url.pathname}`);
       throw new ReleaseError(explainStatus(forgejo, answer, `download of ${copy.name}`));
+    }
+    const range = String(response.headers["content-range"] ?? "");
+    if (response.statusCode === 206 && !range.startsWith(`bytes ${have}-`)) {
+      await response.body.dump();
+      await fs.rm(part, { force: true });
+      throw new TransientError(
+        `the server resumed at ${range || "an unknown offset"}, not at ${have}`,
+      );
     }
     if (have > 0 && response.statusCode === 206) {
       log(`${copy.name}: resuming after ${formatBytes(have)}`);

@@ -133,7 +133,11 @@ nixTest("an interrupted download resumes where it stopped", async () => {
   try {
     assert.equal((await w.publish(["--targets", "netboot"])).code, 0);
     const [initrd] = await w.forgejo.assetBytes(w.release().id, "netboot-x86_64-linux.initrd");
-    await fs.writeFile(path.join(out, "netboot-x86_64-linux.initrd.part"), initrd.subarray(0, 500));
+    const part = `netboot-x86_64-linux.initrd.${sha256(initrd).slice(0, 16)}.part`;
+    await fs.writeFile(path.join(out, part), initrd.subarray(0, 500));
+    // A part left by another release's fetch is never resumed into this one.
+    const stale = "netboot-x86_64-linux.initrd.0123456789abcdef.part";
+    await fs.writeFile(path.join(out, stale), "bytes of another initrd");
     const run = await fetchInto(w, out, ["--tag", TAG]);
     assert.equal(run.code, 0, run.stderr);
     assert.match(run.stderr, /netboot-x86_64-linux\.initrd: resuming after 500 B/);
@@ -142,6 +146,7 @@ nixTest("an interrupted download resumes where it stopped", async () => {
       sha256(await fs.readFile(path.join(out, "netboot-x86_64-linux.initrd"))),
       sha256(initrd),
     );
+    assert.deepEqual((await fs.readdir(out)).filter((name) => name.endsWith(".part")), []);
   } finally {
     await fs.rm(out, { recursive: true, force: true });
     await w.close();
@@ -160,6 +165,21 @@ nixTest("downloads follow a 303 to object storage without sending the token ther
     assert.ok(storage.every((r) => r.headers.authorization === undefined));
     assert.doesNotMatch(run.stdout + run.stderr, new RegExp(TOKEN));
     assert.equal((await sha256sumCheck(out)).code, 0);
+  } finally {
+    await fs.rm(out, { recursive: true, force: true });
+    await w.close();
+  }
+});
+
+nixTest("a token is never sent to a server on the mirror list", async () => {
+  const w = await world();
+  const out = await scratch();
+  try {
+    assert.equal((await w.publish(["--targets", "netboot"])).code, 0);
+    const mark = w.forgejo.requests.length;
+    const run = await fetchInto(w, out, ["--tag", TAG, "--mirrors", w.forgejo.url], TOKEN);
+    assert.equal(run.code, 0, run.stderr);
+    assert.ok(w.forgejo.requests.slice(mark).every((r) => r.headers.authorization === undefined));
   } finally {
     await fs.rm(out, { recursive: true, force: true });
     await w.close();

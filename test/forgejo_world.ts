@@ -50,6 +50,8 @@ export async function world(options: EmulatorOptions = {}, salt = "one"): Promis
           fixtureRef,
           ...(args.includes("--tag") ? [] : ["--tag", TAG]),
           ...(args.includes("--timeout") ? [] : ["--timeout", "3"]),
+          // The fixture copies are path: flakes, not git checkouts tied to the commit.
+          ...(fixtureRef.startsWith("path:") ? ["--allow-dirty"] : []),
           ...args,
         ],
         { cwd: work.dir, env: baseEnv({ FORGEJO_TOKEN: TOKEN, ...env }) },

@@ -20,6 +20,7 @@ import {
   TOKEN,
   uploadsOf,
   verifyAgainstSums,
+  type World,
   world,
   writes,
 } from "./forgejo_world.ts";
@@ -307,6 +308,42 @@ nixTest("--finalize refuses a draft with an asset its checksums do not cover", a
 });
 
 nixTest(
+  "a run that cannot complete the release fails after waiting, and leaves it a draft",
+  async () => {
+    const w = await world();
+    try {
+      assert.equal((await w.publish(["--targets", "netboot", "--draft"])).code, 0);
+      const draft = w.release();
+      const stray = await fetch(
+        `${w.forgejo.url}/api/v1/repos/ops/runners/releases/${draft.id}/assets?name=extra.img`,
+        {
+          method: "POST",
+          headers: { authorization: `token ${TOKEN}`, "content-type": "application/octet-stream" },
+          body: "left by a run with other targets",
+        },
+      );
+      await stray.body?.cancel();
+      const started = Date.now();
+      const run = await w.publish(["--targets", "netboot", "--timeout", "2"]);
+      assert.equal(run.code, 1);
+      assert.ok(Date.now() - started >= 2000, "it waited for another job first");
+      assert.match(
+        run.stderr,
+        /Waiting for another job to finish boot-v1\.0\.0: extra\.img is not covered/,
+      );
+      assert.match(
+        run.stderr,
+        /release boot-v1\.0\.0 stays a draft because extra\.img is not covered by SHA256SUMS: .*rerun with every target/,
+      );
+      assert.equal(w.release().draft, true);
+      assert.equal(w.forgejo.tags()[TAG], undefined);
+    } finally {
+      await w.close();
+    }
+  },
+);
+
+nixTest(
   "different bytes are refused untouched; --replace stores the new bytes before deleting the old",
   async () => {
     const w = await world();
@@ -587,28 +624,45 @@ Deno.test("a missing token is a usage error that says where to set it", async ()
   await fs.rm(work, { recursive: true });
 });
 
-/** A copy of the fixture with one input, `dep`, that no flake.lock pins yet. */
-async function fixtureWithInput(): Promise<{ dir: string; ref: string; dep: string }> {
-  const fixture = await makeFixture("locked?");
-  const dep = await fs.mkdtemp(path.join(os.tmpdir(), "release-boot-dep-"));
-  await fs.writeFile(path.join(dep, "flake.nix"), "{ outputs = _: { }; }\n");
-  const flakeFile = path.join(fixture.dir, "flake.nix");
-  const text = await fs.readFile(flakeFile, "utf8");
-  await fs.writeFile(
-    flakeFile,
-    text.replace("{\n  outputs =", `{\n  inputs.dep.url = "path:${dep}";\n  outputs =`)
-      .replace("{ self }:", "{ self, dep }:"),
+/** A git checkout of the fixture flake, committed; `commit()` records further changes. */
+async function gitFlake(salt: string) {
+  const fixture = await makeFixture(salt);
+  const git = $({ cwd: fixture.dir, quiet: true });
+  const commit = async () => {
+    await git`git add -A`;
+    await git`git -c user.name=t -c user.email=t@example.org commit -qm images`;
+    return (await git`git rev-parse HEAD`).stdout.trim();
+  };
+  await git`git init -q`;
+  return { dir: fixture.dir, commit, head: await commit() };
+}
+
+/** Runs release-boot from inside `dir` (so the commit is its HEAD) with `--flake dir`. */
+function publishFrom(w: World, dir: string, args: string[]) {
+  return runRelease(
+    ["--server", w.forgejo.url, "--repo", "ops/runners", "--tag", TAG, "--flake", dir, ...args],
+    { cwd: dir, env: baseEnv({ FORGEJO_TOKEN: TOKEN }) },
   );
-  return { ...fixture, dep };
 }
 
 nixTest(
   "publishing refuses unlocked inputs (staging records them) until flake.lock pins them",
   async () => {
     const w = await world();
-    const flake = await fixtureWithInput();
+    const repo = await gitFlake("locked?");
+    const dep = await fs.mkdtemp(path.join(os.tmpdir(), "release-boot-dep-"));
     try {
-      const refused = await w.publish(["--targets", "netboot"], {}, flake.ref);
+      await fs.writeFile(path.join(dep, "flake.nix"), "{ outputs = _: { }; }\n");
+      const flakeFile = path.join(repo.dir, "flake.nix");
+      const text = await fs.readFile(flakeFile, "utf8");
+      await fs.writeFile(
+        flakeFile,
+        text.replace("{\n  outputs =", `{\n  inputs.dep.url = "path:${dep}";\n  outputs =`)
+          .replace("{ self }:", "{ self, dep }:"),
+      );
+      w.forgejo.addCommit(await repo.commit());
+
+      const refused = await publishFrom(w, repo.dir, ["--targets", "netboot"]);
       assert.equal(refused.code, 1);
       assert.match(
         refused.stderr,
@@ -616,43 +670,64 @@ nixTest(
       );
       assert.deepEqual(writes(w.forgejo), []);
 
-      const staged = await runRelease([
-        "--flake",
-        flake.ref,
-        "--targets",
-        "netboot",
-        "--out",
-        "out",
-      ], {
-        cwd: w.work.dir,
+      const out = path.join(w.work.dir, "out");
+      const staged = await runRelease(["--flake", repo.dir, "--targets", "netboot", "--out", out], {
+        cwd: repo.dir,
       });
       assert.equal(staged.code, 0, staged.stderr);
-      const manifest = JSON.parse(
-        await fs.readFile(path.join(w.work.dir, "out", "manifest.json"), "utf8"),
-      );
+      const manifest = JSON.parse(await fs.readFile(path.join(out, "manifest.json"), "utf8"));
       assert.equal(manifest.flake.locked, false);
       assert.equal(manifest.flake.inputs.dep.type, "path");
       assert.equal(
-        await fs.stat(path.join(flake.dir, "flake.lock")).catch(() => null),
+        await fs.stat(path.join(repo.dir, "flake.lock")).catch(() => null),
         null,
         "the flake was not changed",
       );
 
-      await $`nix ${NIX_FLAGS} flake lock ${flake.ref}`.quiet();
-      const published = await w.publish(["--targets", "netboot"], {}, flake.ref);
+      await $`nix ${NIX_FLAGS} flake lock ${repo.dir}`.quiet();
+      w.forgejo.addCommit(await repo.commit());
+      const published = await publishFrom(w, repo.dir, ["--targets", "netboot"]);
       assert.equal(published.code, 0, published.stderr);
       const record = JSON.parse(
         new TextDecoder().decode((await w.forgejo.assetBytes(w.release().id, "manifest.json"))[0]),
       );
       assert.equal(record.flake.locked, true);
       assert.match(record.flake.inputs.dep.narHash, /^sha256-/);
+      assert.equal(record.flake.revision, record.commit);
     } finally {
-      await fs.rm(flake.dep, { recursive: true, force: true });
-      await fs.rm(flake.dir, { recursive: true, force: true });
+      await fs.rm(dep, { recursive: true, force: true });
+      await fs.rm(repo.dir, { recursive: true, force: true });
       await w.close();
     }
   },
 );
+
+nixTest("publishing refuses a flake that is not a git checkout unless --allow-dirty", async () => {
+  const w = await world();
+  try {
+    const refused = await runRelease(
+      [
+        "--server",
+        w.forgejo.url,
+        "--repo",
+        "ops/runners",
+        "--flake",
+        w.fixture.ref,
+        "--targets",
+        "netboot",
+      ],
+      { cwd: w.work.dir, env: baseEnv({ FORGEJO_TOKEN: TOKEN }) },
+    );
+    assert.equal(refused.code, 1);
+    assert.match(
+      refused.stderr,
+      /is not a git checkout or a pinned revision, so nothing ties its files to commit [0-9a-f]{40}/,
+    );
+    assert.deepEqual(writes(w.forgejo), []);
+  } finally {
+    await w.close();
+  }
+});
 
 nixTest(
   "publishing refuses a checkout at another commit, and uncommitted changes unless --allow-dirty",

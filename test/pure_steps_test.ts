@@ -7,6 +7,7 @@ import {
   explainStatus,
   incompleteness,
   mergeManifests,
+  mirrorOf,
   parseHydraBuildProducts,
   parseSums,
   planUploads,
@@ -229,32 +230,48 @@ Deno.test("merge keeps other jobs' assets and this run's own entries", () => {
 
 Deno.test("a release is complete only when every asset is there once and covered", () => {
   const record = manifest([{ name: "a.iso", size: 10, sha256: SHA_A }]);
-  const index = [attachment(8, "SHA256SUMS", 80), attachment(9, "manifest.json", 900)];
-  assert.deepEqual(incompleteness({ assets: [attachment(1, "a.iso", 10), ...index] }, record), []);
-  assert.deepEqual(incompleteness({ assets: [...index] }, record), [
+  const sums = [{ copy: attachment(8, "SHA256SUMS", 80), text: renderSums(record.assets) }];
+  const index = { manifest: record, sums };
+  const indexFiles = [attachment(8, "SHA256SUMS", 80), attachment(9, "manifest.json", 900)];
+  const iso = attachment(1, "a.iso", 10);
+  assert.deepEqual(incompleteness({ assets: [iso, ...indexFiles] }, index), []);
+  assert.deepEqual(incompleteness({ assets: indexFiles }, index), [
     "a.iso is listed in SHA256SUMS but missing",
   ]);
   assert.deepEqual(
-    incompleteness(
-      { assets: [attachment(1, "a.iso", 10), attachment(2, "x.img", 1), ...index] },
-      record,
-    ),
-    [
-      "x.img is not covered by SHA256SUMS",
-    ],
+    incompleteness({ assets: [iso, attachment(2, "x.img", 1), ...indexFiles] }, index),
+    ["x.img is not covered by SHA256SUMS"],
   );
   assert.deepEqual(
-    incompleteness(
-      { assets: [attachment(1, "a.iso", 10), attachment(2, "a.iso", 10), ...index] },
-      record,
-    ),
-    [
-      "a.iso is there 2 times",
-    ],
+    incompleteness({ assets: [iso, attachment(2, "a.iso", 10), ...indexFiles] }, index),
+    ["a.iso is there 2 times"],
   );
-  assert.deepEqual(incompleteness({ assets: [attachment(1, "a.iso", 10)] }, undefined), [
+  assert.deepEqual(
+    incompleteness({ assets: [iso, ...indexFiles] }, { manifest: record, sums: [] }),
+    ["it has no SHA256SUMS"],
+  );
+  assert.deepEqual(
+    incompleteness({ assets: [iso, ...indexFiles] }, {
+      manifest: record,
+      sums: [{ copy: sums[0].copy, text: `${SHA_B}  a.iso\n` }],
+    }),
+    ["SHA256SUMS does not agree with manifest.json"],
+  );
+  assert.deepEqual(incompleteness({ assets: [iso] }, { manifest: undefined, sums: [] }), [
     "it has no manifest.json",
   ]);
+});
+
+Deno.test("servers on the mirror list are matched as URLs", () => {
+  const mirrors = ["https://codeberg.org"];
+  assert.equal(mirrorOf("https://Codeberg.org", mirrors), "https://codeberg.org");
+  assert.equal(mirrorOf("https://codeberg.org:443/", mirrors), "https://codeberg.org");
+  assert.equal(mirrorOf("https://codeberg.org.example.net", mirrors), undefined);
+  assert.equal(mirrorOf("https://git.example.org", ["https://git.example.org/mirror"]), undefined);
+  assert.equal(
+    mirrorOf("https://git.example.org/mirror", ["https://git.example.org/mirror/"]),
+    "https://git.example.org/mirror/",
+  );
 });
 
 Deno.test("errors say what failed and what to do", () => {

@@ -90,6 +90,23 @@ nixTest("a rerun of a stage replaces it whole", async () => {
   await fs.rm(work.dir, { recursive: true });
 });
 
+nixTest("a stage never replaces a directory that is not an earlier stage", async () => {
+  const work = await makeWorkdir();
+  const precious = path.join(work.dir, "srv");
+  await fs.mkdir(precious);
+  await fs.writeFile(path.join(precious, "keep.txt"), "operator data\n");
+  const run = await runRelease(["--flake", FIXTURE, "--targets", "netboot", "--out", precious], {
+    cwd: work.dir,
+  });
+  assert.equal(run.code, 2);
+  assert.match(
+    run.stderr,
+    /--out .*srv holds files that are not an earlier stage \(no manifest\.json\)/,
+  );
+  assert.deepEqual(await fs.readdir(precious), ["keep.txt"]);
+  await fs.rm(work.dir, { recursive: true });
+});
+
 nixTest(
   "without hydra-build-products every regular file is published, links followed",
   async () => {

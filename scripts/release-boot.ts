@@ -2095,6 +2095,7 @@ async function finalizeRelease(forgejo: Forgejo, options: Options): Promise<void
       `there is no release ${options.tag} to finalize: run the build jobs first (with --draft)`,
     );
   }
+  await refuseTagOnOtherCommit(forgejo, options);
   const index = await readIndex(forgejo, release);
   const problems = incompleteness(release, index);
   if (problems.length > 0) {

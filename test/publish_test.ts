@@ -280,6 +280,26 @@ nixTest(
   },
 );
 
+nixTest(
+  "--finalize refuses to publish when the tag was made on another commit meanwhile",
+  async () => {
+    const w = await world();
+    try {
+      assert.equal((await w.publish(["--targets", "netboot", "--draft"])).code, 0);
+      w.forgejo.addTag(TAG, "e".repeat(40));
+      const final = await w.publish(["--finalize"]);
+      assert.equal(final.code, 1);
+      assert.match(
+        final.stderr,
+        /the tag boot-v1\.0\.0 already points at e{40}, not at [0-9a-f]{40}/,
+      );
+      assert.equal(w.release().draft, true);
+    } finally {
+      await w.close();
+    }
+  },
+);
+
 nixTest("--finalize refuses a draft with an asset its checksums do not cover", async () => {
   const w = await world();
   try {

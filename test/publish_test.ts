@@ -9,7 +9,7 @@ import * as path from "node:path";
 import { $ } from "zx";
 import { type Emulator, type EmulatorOptions, startForgejo } from "./forgejo/emulator.ts";
 import { NIX_FLAGS, nixTest } from "./nix_helpers.ts";
-import { baseEnv, makeFixture, makeWorkdir, runRelease } from "./run_helpers.ts";
+import { baseEnv, makeFixture, makeWorkdir, repoRoot, runRelease } from "./run_helpers.ts";
 
 import {
   ALL,
@@ -474,6 +474,54 @@ nixTest(
     }
   },
 );
+
+nixTest("upload progress: a few percentage lines in CI, a bar on a terminal", async () => {
+  const w = await world();
+  try {
+    const ci = await w.publish(["--targets", "large"], { CI: "true" });
+    assert.equal(ci.code, 0, ci.stderr);
+    const lines = ci.stderr.split("\n").filter((l) => l.startsWith("large-x86_64-linux.img: "));
+    assert.deepEqual(
+      lines,
+      [25, 50, 75, 100].map((p) => `large-x86_64-linux.img: ${p}% of 64.0 MiB`),
+    );
+
+    // `script` runs release-boot on a pseudo-terminal, as an operator's shell would.
+    const args = [
+      "run",
+      "--allow-all",
+      "--config",
+      `${repoRoot}/deno.json`,
+      `${repoRoot}/scripts/release-boot.ts`,
+      "--server",
+      w.forgejo.url,
+      "--repo",
+      "ops/runners",
+      "--flake",
+      w.fixture.ref,
+      "--allow-dirty",
+      "--targets",
+      "large",
+      "--tag",
+      "boot-v1.0.1",
+    ];
+    const command = [Deno.execPath(), ...args].map((a) => `'${a}'`).join(" ");
+    const tty = await new Deno.Command("script", {
+      args: ["-qec", command, "/dev/null"],
+      cwd: w.work.dir,
+      env: baseEnv({ FORGEJO_TOKEN: TOKEN }),
+      clearEnv: true,
+      stdout: "piped",
+      stderr: "piped",
+    }).output();
+    const screen = new TextDecoder().decode(tty.stdout);
+    assert.equal(tty.code, 0, screen);
+    assert.match(screen, /\rlarge-x86_64-linux\.img \[#{25}\] 100%/);
+    assert.doesNotMatch(screen, /% of 64\.0 MiB/, "no CI lines on a terminal");
+  } finally {
+    await w.close();
+  }
+});
 
 nixTest("the build happens before any write: a failing target publishes nothing", async () => {
   const w = await world();

@@ -617,6 +617,8 @@ async function runReleaseBoot(
       SCRIPT,
       ...["--server", bench.forgejo.url, "--repo", REPO, "--flake", bench.flakeRef],
       ...["--targets", targets.map((t) => t.name).join(","), "--tag", tag, "--commit", COMMIT],
+      // The bench flake is a generated path: flake, not a git checkout of COMMIT.
+      "--allow-dirty",
     ],
     env,
     bench.dir,

@@ -117,3 +117,16 @@ export function assertNoToken(run: Run, forgejo: Emulator) {
     assert.equal(request.headers.authorization, undefined, "no token sent to the storage host");
   }
 }
+
+/** Runs `test` in a fresh world and tears the world down afterwards, whatever the outcome. */
+export async function withWorld(
+  test: (w: World) => Promise<void>,
+  options: EmulatorOptions = {},
+): Promise<void> {
+  const w = await world(options);
+  try {
+    await test(w);
+  } finally {
+    await w.close();
+  }
+}

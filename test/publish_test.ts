@@ -20,6 +20,7 @@ import {
   TOKEN,
   uploadsOf,
   verifyAgainstSums,
+  withWorld,
   type World,
   world,
   writes,
@@ -28,8 +29,7 @@ import {
 nixTest(
   "publishes a complete release: draft at the commit, assets, then checksums, then publish",
   async () => {
-    const w = await world();
-    try {
+    await withWorld(async (w) => {
       const summary = path.join(w.work.dir, "summary.md");
       const output = path.join(w.work.dir, "output.txt");
       const run = await w.publish(["--targets", "netboot,iso"], {
@@ -79,15 +79,12 @@ nixTest(
       );
       assert.match(await fs.readFile(summary, "utf8"), /\| iso-x86_64-linux\.iso \| 1014 B \|/);
       assertNoToken(run, w.forgejo);
-    } finally {
-      await w.close();
-    }
+    });
   },
 );
 
 nixTest("a rerun of a finished release uploads nothing and changes nothing", async () => {
-  const w = await world({ serveDirect: true });
-  try {
+  await withWorld(async (w) => {
     assert.equal((await w.publish(["--targets", "netboot,iso"])).code, 0);
     const before = w.forgejo.requests.length;
     const rerun = await w.publish(["--targets", "netboot,iso"]);
@@ -98,9 +95,7 @@ nixTest("a rerun of a finished release uploads nothing and changes nothing", asy
     assert.ok(after.some((r) => r.host === "storage"), "index files were read through the 303");
     assertNoToken(rerun, w.forgejo);
     assert.equal(rerun.stdout, `${w.release().html_url}\n`);
-  } finally {
-    await w.close();
-  }
+  }, { serveDirect: true });
 });
 
 const ISO_UPLOAD = { method: "POST", path: "/assets", query: { name: "iso-x86_64-linux.iso" } };
@@ -108,8 +103,7 @@ const ISO_UPLOAD = { method: "POST", path: "/assets", query: { name: "iso-x86_64
 nixTest(
   "a run killed mid-upload leaves a draft without a tag; the next run finishes it",
   async () => {
-    const w = await world();
-    try {
+    await withWorld(async (w) => {
       w.forgejo.addFault({ ...ISO_UPLOAD, fault: { kind: "hang" } });
       const running = w.publish(["--targets", "netboot,iso", "--timeout", "600"]);
       const started = Date.now();
@@ -137,9 +131,7 @@ nixTest(
         );
       }
       await verifyAgainstSums(w.forgejo, release);
-    } finally {
-      await w.close();
-    }
+    });
   },
 );
 
@@ -157,8 +149,7 @@ async function killProcessesWithArg(marker: string): Promise<void> {
 nixTest(
   "a connection lost for good says how far it got; a rerun resumes without re-uploading",
   async () => {
-    const w = await world();
-    try {
+    await withWorld(async (w) => {
       w.forgejo.addFault({ ...ISO_UPLOAD, times: 5, fault: { kind: "reset", afterBytes: 10 } });
       const first = await w.publish(["--targets", "netboot,iso"]);
       assert.equal(first.code, 1);
@@ -179,17 +170,14 @@ nixTest(
         );
       }
       assert.equal(w.release().draft, false);
-    } finally {
-      await w.close();
-    }
+    });
   },
 );
 
 nixTest(
   "transient faults are retried: 502 page, 429 with Retry-After, a reset mid-body; no duplicates",
   async () => {
-    const w = await world();
-    try {
+    await withWorld(async (w) => {
       w.forgejo.addFault({
         method: "POST",
         path: /\/releases$/,
@@ -224,23 +212,20 @@ nixTest(
         "every asset exactly once",
       );
       await verifyAgainstSums(w.forgejo, release);
-    } finally {
-      await w.close();
-    }
+    });
   },
 );
 
 nixTest(
   "three jobs publishing the same tag at once end with one release, every asset once, sums over all",
   async () => {
-    const w = await world();
     const plain = [
       "plain-x86_64-linux.NOTES",
       "plain-x86_64-linux.bzImage",
       "plain-x86_64-linux.img",
     ];
     const every = [...ALL, ...plain].sort();
-    try {
+    await withWorld(async (w) => {
       const runs = await Promise.all(
         ["netboot", "iso", "plain"].map((target) =>
           w.publish(["--targets", target, "--timeout", "20"])
@@ -252,17 +237,14 @@ nixTest(
       assert.deepEqual(names(release), [...every, "SHA256SUMS", "manifest.json"].sort());
       const sums = await verifyAgainstSums(w.forgejo, release);
       assert.deepEqual([...sums.keys()].sort(), every);
-    } finally {
-      await w.close();
-    }
+    });
   },
 );
 
 nixTest(
   "a matrix of --draft jobs is published once by --finalize after checking coverage",
   async () => {
-    const w = await world();
-    try {
+    await withWorld(async (w) => {
       const early = await w.publish(["--finalize"]);
       assert.equal(early.code, 1);
       assert.match(early.stderr, /there is no release boot-v1\.0\.0 to finalize/);
@@ -280,17 +262,14 @@ nixTest(
       const sums = await verifyAgainstSums(w.forgejo, release);
       assert.deepEqual([...sums.keys()].sort(), [...ALL].sort());
       assert.match(await fs.readFile(output, "utf8"), /^release-url=/);
-    } finally {
-      await w.close();
-    }
+    });
   },
 );
 
 nixTest(
   "--finalize refuses to publish when the tag was made on another commit meanwhile",
   async () => {
-    const w = await world();
-    try {
+    await withWorld(async (w) => {
       assert.equal((await w.publish(["--targets", "netboot", "--draft"])).code, 0);
       w.forgejo.addTag(TAG, "e".repeat(40));
       const final = await w.publish(["--finalize"]);
@@ -300,15 +279,12 @@ nixTest(
         /the tag boot-v1\.0\.0 already points at e{40}, not at [0-9a-f]{40}/,
       );
       assert.equal(w.release().draft, true);
-    } finally {
-      await w.close();
-    }
+    });
   },
 );
 
 nixTest("--finalize refuses a draft with an asset its checksums do not cover", async () => {
-  const w = await world();
-  try {
+  await withWorld(async (w) => {
     assert.equal((await w.publish(["--targets", "netboot", "--draft"])).code, 0);
     const draft = w.release();
     const stray = await fetch(
@@ -328,16 +304,13 @@ nixTest("--finalize refuses a draft with an asset its checksums do not cover", a
       /not complete, so it stays a draft: extra\.img is not covered by SHA256SUMS/,
     );
     assert.equal(w.release().draft, true);
-  } finally {
-    await w.close();
-  }
+  });
 });
 
 nixTest(
   "a run that cannot complete the release fails after waiting, and leaves it a draft",
   async () => {
-    const w = await world();
-    try {
+    await withWorld(async (w) => {
       assert.equal((await w.publish(["--targets", "netboot", "--draft"])).code, 0);
       const draft = w.release();
       const stray = await fetch(
@@ -363,9 +336,7 @@ nixTest(
       );
       assert.equal(w.release().draft, true);
       assert.equal(w.forgejo.tags()[TAG], undefined);
-    } finally {
-      await w.close();
-    }
+    });
   },
 );
 
@@ -417,8 +388,7 @@ nixTest(
 nixTest(
   "a tag on another commit is refused with both SHAs, before anything is written",
   async () => {
-    const w = await world();
-    try {
+    await withWorld(async (w) => {
       const elsewhere = "f".repeat(40);
       w.forgejo.addTag(TAG, elsewhere);
       const run = await w.publish(["--targets", "netboot"]);
@@ -428,33 +398,27 @@ nixTest(
         new RegExp(`tag boot-v1\\.0\\.0 already points at ${elsewhere}, not at ${w.work.commit}`),
       );
       assert.deepEqual(writes(w.forgejo), []);
-    } finally {
-      await w.close();
-    }
+    });
   },
 );
 
 nixTest(
   "an older server that hides drafts from the tag lookup still gets one release",
   async () => {
-    const w = await world({ draftsHiddenFromTagLookup: true });
-    try {
+    await withWorld(async (w) => {
       assert.equal((await w.publish(["--targets", "netboot", "--draft"])).code, 0);
       assert.equal((await w.publish(["--targets", "iso"])).code, 0);
       const release = w.release();
       assert.equal(release.draft, false);
       assert.deepEqual(names(release), [...ALL, "SHA256SUMS", "manifest.json"].sort());
-    } finally {
-      await w.close();
-    }
+    }, { draftsHiddenFromTagLookup: true });
   },
 );
 
 nixTest(
   "in CI: the token is masked, phases are grouped, and it never reaches the output otherwise",
   async () => {
-    const w = await world();
-    try {
+    await withWorld(async (w) => {
       const run = await w.publish(["--targets", "netboot"], { CI: "true", GITHUB_ACTIONS: "true" });
       assert.equal(run.code, 0, run.stderr);
       const lines = run.stderr.split("\n");
@@ -469,15 +433,12 @@ nixTest(
         lines.filter((l) => l.startsWith("::group::")).length,
       );
       assert.doesNotMatch(run.stdout, new RegExp(TOKEN));
-    } finally {
-      await w.close();
-    }
+    });
   },
 );
 
 nixTest("upload progress: a few percentage lines in CI, a bar on a terminal", async () => {
-  const w = await world();
-  try {
+  await withWorld(async (w) => {
     const ci = await w.publish(["--targets", "large"], { CI: "true" });
     assert.equal(ci.code, 0, ci.stderr);
     const lines = ci.stderr.split("\n").filter((l) => l.startsWith("large-x86_64-linux.img: "));
@@ -518,22 +479,17 @@ nixTest("upload progress: a few percentage lines in CI, a bar on a terminal", as
     assert.equal(tty.code, 0, screen);
     assert.match(screen, /\rlarge-x86_64-linux\.img \[#{25}\] 100%/);
     assert.doesNotMatch(screen, /% of 64\.0 MiB/, "no CI lines on a terminal");
-  } finally {
-    await w.close();
-  }
+  });
 });
 
 nixTest("the build happens before any write: a failing target publishes nothing", async () => {
-  const w = await world();
-  try {
+  await withWorld(async (w) => {
     const run = await w.publish(["--targets", "netboot,broken"]);
     assert.equal(run.code, 1);
     assert.match(run.stderr, /nix build failed for target broken/);
     assert.deepEqual(writes(w.forgejo), []);
     assert.equal(w.forgejo.releases().length, 0);
-  } finally {
-    await w.close();
-  }
+  });
 });
 
 Deno.test("errors a user must understand at once: one line, exit 1, token never printed", async (t) => {
@@ -604,8 +560,7 @@ Deno.test("errors a user must understand at once: one line, exit 1, token never 
 nixTest(
   "a token without write:repository is refused at the first write, with the fix",
   async () => {
-    const w = await world({ tokens: { [TOKEN]: "no-scope" } });
-    try {
+    await withWorld(async (w) => {
       const run = await w.publish(["--targets", "netboot"]);
       assert.equal(run.code, 1);
       assert.match(
@@ -613,17 +568,14 @@ nixTest(
         /403 for POST .*token does not have at least one of required scope\(s\): \[write:repository\].*a personal token needs write:repository/,
       );
       assert.equal(w.forgejo.releases().length, 0);
-    } finally {
-      await w.close();
-    }
+    }, { tokens: { [TOKEN]: "no-scope" } });
   },
 );
 
 nixTest(
   "an asset over the proxy's body limit is refused with its size and the setting to raise",
   async () => {
-    const w = await world({ proxyBodyLimit: 1100 });
-    try {
+    await withWorld(async (w) => {
       const run = await w.publish(["--targets", "netboot"]);
       assert.equal(run.code, 1);
       assert.match(
@@ -631,24 +583,19 @@ nixTest(
         /refused netboot-x86_64-linux\.(bzImage|initrd) of 1206 bytes \(413\): raise the proxy's client_max_body_size or the \[quota\] limit/,
       );
       assert.equal(w.release().draft, true, "nothing half-done is published");
-    } finally {
-      await w.close();
-    }
+    }, { proxyBodyLimit: 1100 });
   },
 );
 
 nixTest("a file type the server does not allow names ALLOWED_TYPES", async () => {
-  const w = await world({ allowedTypes: [".iso", ".json"] });
-  try {
+  await withWorld(async (w) => {
     const run = await w.publish(["--targets", "netboot"]);
     assert.equal(run.code, 1);
     assert.match(
       run.stderr,
       /refuses the file type of netboot-x86_64-linux\.\w+ .*\[repository\.release\] ALLOWED_TYPES/,
     );
-  } finally {
-    await w.close();
-  }
+  }, { allowedTypes: [".iso", ".json"] });
 });
 
 Deno.test("the mirror guard refuses before any network call", async () => {
@@ -777,8 +724,7 @@ nixTest(
 );
 
 nixTest("publishing refuses a flake that is not a git checkout unless --allow-dirty", async () => {
-  const w = await world();
-  try {
+  await withWorld(async (w) => {
     const refused = await runRelease(
       [
         "--server",
@@ -798,9 +744,7 @@ nixTest("publishing refuses a flake that is not a git checkout unless --allow-di
       /is not a git checkout or a pinned revision, so nothing ties its files to commit [0-9a-f]{40}/,
     );
     assert.deepEqual(writes(w.forgejo), []);
-  } finally {
-    await w.close();
-  }
+  });
 });
 
 nixTest(

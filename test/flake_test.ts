@@ -9,7 +9,7 @@ import * as os from "node:os";
 import * as path from "node:path";
 import { $ } from "zx";
 import { NIX_FLAGS, nixTest } from "./nix_helpers.ts";
-import { repoRoot, runRelease } from "./run_helpers.ts";
+import { repoRoot, runRelease, STAGED_NETBOOT_ISO } from "./run_helpers.ts";
 
 const STAND_IN = `path:${path.join(repoRoot, "test", "stand-in-nixpkgs")}`;
 /** Every input replaced by the stand-in, so nix never fetches nixpkgs or writes a lock. */
@@ -279,15 +279,7 @@ nixTest(
           out,
         ]);
         assert.equal(run.code, 0, run.stderr);
-        assert.deepEqual((await fs.readdir(out)).sort(), [
-          "SHA256SUMS",
-          "iso-x86_64-linux.iso",
-          "manifest.json",
-          "netboot-x86_64-linux.built.ipxe",
-          "netboot-x86_64-linux.bzImage",
-          "netboot-x86_64-linux.initrd",
-          "netboot-x86_64-linux.ipxe",
-        ]);
+        assert.deepEqual((await fs.readdir(out)).sort(), STAGED_NETBOOT_ISO);
       } finally {
         await fs.rm(out, { recursive: true, force: true });
       }

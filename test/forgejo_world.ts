@@ -130,3 +130,18 @@ export async function withWorld(
     await w.close();
   }
 }
+
+/** Uploads `body` as asset `name` straight through the API, as someone other than release-boot. */
+export async function uploadBehindItsBack(w: World, name: string, body: string): Promise<void> {
+  const release = w.release();
+  const answer = await fetch(
+    `${w.forgejo.url}/api/v1/repos/ops/runners/releases/${release.id}/assets?name=${name}`,
+    {
+      method: "POST",
+      headers: { authorization: `token ${TOKEN}`, "content-type": "application/octet-stream" },
+      body,
+    },
+  );
+  await answer.body?.cancel();
+  assert.equal(answer.status, 201);
+}

@@ -18,6 +18,7 @@ import {
   NETBOOT,
   TAG,
   TOKEN,
+  uploadBehindItsBack,
   uploadsOf,
   verifyAgainstSums,
   withWorld,
@@ -286,17 +287,7 @@ nixTest(
 nixTest("--finalize refuses a draft with an asset its checksums do not cover", async () => {
   await withWorld(async (w) => {
     assert.equal((await w.publish(["--targets", "netboot", "--draft"])).code, 0);
-    const draft = w.release();
-    const stray = await fetch(
-      `${w.forgejo.url}/api/v1/repos/ops/runners/releases/${draft.id}/assets?name=extra.img`,
-      {
-        method: "POST",
-        headers: { authorization: `token ${TOKEN}`, "content-type": "application/octet-stream" },
-        body: "not built by release-boot",
-      },
-    );
-    assert.equal(stray.status, 201);
-    await stray.body?.cancel();
+    await uploadBehindItsBack(w, "extra.img", "not built by release-boot");
     const final = await w.publish(["--finalize"]);
     assert.equal(final.code, 1);
     assert.match(
@@ -312,16 +303,7 @@ nixTest(
   async () => {
     await withWorld(async (w) => {
       assert.equal((await w.publish(["--targets", "netboot", "--draft"])).code, 0);
-      const draft = w.release();
-      const stray = await fetch(
-        `${w.forgejo.url}/api/v1/repos/ops/runners/releases/${draft.id}/assets?name=extra.img`,
-        {
-          method: "POST",
-          headers: { authorization: `token ${TOKEN}`, "content-type": "application/octet-stream" },
-          body: "left by a run with other targets",
-        },
-      );
-      await stray.body?.cancel();
+      await uploadBehindItsBack(w, "extra.img", "left by a run with other targets");
       const started = Date.now();
       const run = await w.publish(["--targets", "netboot", "--timeout", "2"]);
       assert.equal(run.code, 1);

@@ -90,3 +90,14 @@ export async function sha256sumCheck(dir: string): Promise<{ code: number; stdou
   }).output();
   return { code: output.code, stdout: new TextDecoder().decode(output.stdout) };
 }
+
+/** What a stage of the netboot and iso targets holds, by the documented naming scheme. */
+export const STAGED_NETBOOT_ISO = [
+  "SHA256SUMS",
+  "iso-x86_64-linux.iso",
+  "manifest.json",
+  "netboot-x86_64-linux.built.ipxe",
+  "netboot-x86_64-linux.bzImage",
+  "netboot-x86_64-linux.initrd",
+  "netboot-x86_64-linux.ipxe",
+];

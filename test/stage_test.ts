@@ -10,6 +10,7 @@ import {
   makeWorkdir,
   runRelease,
   sha256sumCheck,
+  STAGED_NETBOOT_ISO,
 } from "./run_helpers.ts";
 
 const FIXTURE = `path:${fixtureDir}`;
@@ -24,15 +25,7 @@ nixTest(
     assert.equal(run.code, 0, run.stderr);
     const out = path.join(work.dir, "dist", `boot-dev-${work.commit.slice(0, 12)}`);
     assert.equal(run.stdout.trim(), out, "stdout carries only the staged directory");
-    assert.deepEqual((await fs.readdir(out)).sort(), [
-      "SHA256SUMS",
-      "iso-x86_64-linux.iso",
-      "manifest.json",
-      "netboot-x86_64-linux.built.ipxe",
-      "netboot-x86_64-linux.bzImage",
-      "netboot-x86_64-linux.initrd",
-      "netboot-x86_64-linux.ipxe",
-    ]);
+    assert.deepEqual((await fs.readdir(out)).sort(), STAGED_NETBOOT_ISO);
     const check = await sha256sumCheck(out);
     assert.equal(check.code, 0, check.stdout);
     assert.equal(

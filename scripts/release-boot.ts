@@ -23,9 +23,9 @@ import process from "node:process";
 import { Readable } from "node:stream";
 import { pipeline } from "node:stream/promises";
 import { Worker } from "node:worker_threads";
-import { Agent, request } from "undici";
+import { Agent, type Dispatcher, interceptors, request, type RetryHandler } from "undici";
 import * as v from "valibot";
-import { $, minimist } from "zx";
+import { $, minimist, sleep } from "zx";
 import {
   APIErrorSchema,
   type Attachment,
@@ -39,6 +39,7 @@ import {
   type Repository,
   RepositorySchema,
   ServerVersionSchema,
+  type Tag,
   TagSchema,
 } from "../types/forgejo.ts";
 import {
@@ -73,27 +74,29 @@ const MAX_HASH_WORKERS = 4;
 // ---------------------------------------------------------------------------------------------
 
 async function main(argv: string[], env: Env): Promise<void> {
+  configureOutput(env);
   if (argv.includes("--help") || argv.includes("-h")) return printHelp();
   hideSecretsFromChildren(env);
   const options = await readOptions(argv, env);
+  if (options.command === "fetch") return await fetchForBoot(options, env);
 
-  if (options.command === "fetch") {
-    // A mirror serves public files; the primary server's token has no business there.
-    const token = mirrorOf(options.server!, options.mirrors) ? undefined : readToken(env);
-    return await fetchForBoot(connectForgejo(options, token), options);
-  }
-  const forgejo = options.publish && !options.dryRun
-    ? connectForgejo(refuseMirror(options), requireToken(options, env))
+  const forgejo = options.site && !options.dryRun
+    ? connectForgejo(
+      refuseMirror(options.site, options.mirrors),
+      requireToken(options, env),
+      options,
+    )
     : undefined;
-  const site = forgejo && await step("Check Forgejo", () => checkForgejo(forgejo));
-  if (forgejo && options.finalize) return await finalizeRelease(forgejo, options);
+  if (!forgejo && !options.dryRun) await refuseForeignOut(options.out);
+  const repository = forgejo && await step("Check Forgejo", () => checkForgejo(forgejo));
+  if (forgejo && options.finalize) return await finalizeRelease(forgejo, options, env);
 
   const flake = await step("Read the flake", () => readFlake(options));
   if (forgejo) refuseUntrustedFlake(flake, options);
   const builds = await step("Build", () => buildTargets(options));
   const products = await collectProducts(builds);
   const hashed = await step("Hash", () => hashProducts(products));
-  const assets = await pointIpxeAtRelease(hashed, downloadBase(options, site));
+  const assets = await pointIpxeAtRelease(hashed, downloadBase(options, repository));
   const bundle = bundleRelease(assets, describeRelease(options, flake, assets));
 
   if (options.dryRun) return printPlan(bundle, options);
@@ -101,29 +104,87 @@ async function main(argv: string[], env: Env): Promise<void> {
 
   await step("Check the tag", () => refuseTagOnOtherCommit(forgejo, options));
   const draft = await step(
-    "Find or create the release",
-    () => findOrCreateRelease(forgejo, options, bundle),
+    "Find or create the draft",
+    () => findOrCreateDraft(forgejo, options, bundle),
   );
-  const recorded = await readRecordedSums(forgejo, draft);
-  const plan = planUploads(bundle.files, draft.assets, recorded, draft.draft, options.replace);
+  const plan = planUploads(
+    bundle.files,
+    draft.assets,
+    await readRecordedSums(forgejo, draft),
+    draft.draft,
+    options.replace,
+  );
   refuseConflicts(plan, draft, options);
   await step("Upload", () => uploadPlanned(forgejo, draft, plan));
-  const indexed = await step(
-    "Write checksums",
-    () => writeIndex(forgejo, draft.id, bundle, options),
-  );
-  const release = await step("Publish", () => publishWhenComplete(forgejo, indexed, options));
-  await reportRelease(release, bundle, env);
+  await step("Write checksums", () => writeIndex(forgejo, draft, bundle, plan, options));
+  const release = await step("Publish", () => publishWhenComplete(forgejo, draft, options));
+  await reportRelease(release, bundle.manifest, env);
 }
 
 // ---------------------------------------------------------------------------------------------
 // Errors: one failure model. Every message is one sentence that names the thing and the fix.
 // ---------------------------------------------------------------------------------------------
 
-/** Bad flags or environment: exit 2. */
+/** Bad flags or environment: exit 2, and nothing was done. */
 export class UsageError extends Error {}
 /** The release could not be made as asked: exit 1, nothing half-done visible. */
 export class ReleaseError extends Error {}
+
+// ---------------------------------------------------------------------------------------------
+// Output: progress and problems on stderr, results on stdout, secrets never shown
+// ---------------------------------------------------------------------------------------------
+
+const output = { ci: false, secrets: [] as string[] };
+
+function configureOutput(env: Env): void {
+  output.ci = env.CI === "true" || env.GITHUB_ACTIONS === "true";
+}
+
+/** Registers a secret: masked by the CI log, and replaced by *** in everything we print. */
+function mask(secret: string): void {
+  // The mask command is the one line that must carry the secret itself.
+  if (output.ci) console.error(`::add-mask::${secret}`);
+  output.secrets.push(secret);
+}
+
+function redact(text: string): string {
+  return output.secrets.reduce((out, secret) => out.replaceAll(secret, "***"), text);
+}
+
+/** Progress and problems, for people: stderr. */
+function log(message: string): void {
+  console.error(redact(message));
+}
+
+/** The result a caller may capture (a URL, a directory, a plan): stdout. */
+function result(line: string): void {
+  console.log(redact(line));
+}
+
+/** Rewrites the current terminal line: upload progress bars. */
+function drawProgress(line: string): void {
+  Deno.stderr.writeSync(new TextEncoder().encode(redact(line)));
+}
+
+async function step<T>(title: string, work: () => Promise<T>): Promise<T> {
+  log(output.ci ? `::group::${title}` : `==> ${title}`);
+  try {
+    return await work();
+  } finally {
+    if (output.ci) log("::endgroup::");
+  }
+}
+
+export function formatBytes(bytes: number): string {
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let value = bytes;
+  let unit = 0;
+  while (value >= 1024 && unit < units.length - 1) {
+    value /= 1024;
+    unit++;
+  }
+  return unit === 0 ? `${bytes} B` : `${value.toFixed(1)} ${units[unit]}`;
+}
 
 // ---------------------------------------------------------------------------------------------
 // 1. Flags and environment
@@ -131,16 +192,37 @@ export class ReleaseError extends Error {}
 
 type Env = Record<string, string | undefined>;
 
-export interface Options {
-  /** "release" builds and publishes (or stages); "fetch" downloads a release for booting. */
-  command: "release" | "fetch";
+/** Where releases live: a Forgejo base URL and a repository on it. */
+export interface Site {
+  server: string;
+  /** OWNER/NAME, each part valid as Forgejo names them. */
+  repo: string;
+}
+
+/** How every HTTP request behaves: the tests shrink the delays. */
+export interface HttpSettings {
+  /** A request making no progress for this long fails (then is retried). */
+  timeoutMs: number;
+  /** The first retry waits about this long; each further one twice as long. */
+  retryDelayMs: number;
+}
+
+interface CommonOptions {
+  /** Servers never published to and never sent the token. */
+  mirrors: string[];
+  http: HttpSettings;
+}
+
+/** Build the images and stage them in `out`, or publish them to `site`. */
+export interface ReleaseOptions extends CommonOptions {
+  command: "release";
   flake: string;
   targets: string[];
   system: string;
   tag: string;
   commit: string;
-  server?: string;
-  repo?: string;
+  /** Absent: no server configured, the release is staged in `out`. */
+  site?: Site;
   out: string;
   dryRun: boolean;
   draft: boolean;
@@ -148,12 +230,21 @@ export interface Options {
   replace: boolean;
   finalize: boolean;
   allowDirty: boolean;
-  timeoutSeconds: number;
-  mirrors: string[];
-  /** True when a server is configured: the bundle goes to Forgejo instead of --out. */
-  publish: boolean;
   ciRun?: string;
 }
+
+/** Download a published release's boot files into `out`. */
+export interface FetchOptions extends CommonOptions {
+  command: "fetch";
+  site: Site;
+  /** A tag, or "latest": the newest published boot-v* release. */
+  tag: string;
+  out: string;
+  targets: string[];
+  system: string;
+}
+
+export type Options = ReleaseOptions | FetchOptions;
 
 const STRING_FLAGS = [
   "flake",
@@ -175,6 +266,8 @@ const BOOLEAN_FLAGS = [
   "finalize",
   "allow-dirty",
 ] as const;
+type StringFlag = typeof STRING_FLAGS[number];
+type BooleanFlag = typeof BOOLEAN_FLAGS[number];
 
 const HELP = `release-boot: build a flake's NixOS boot images and publish them as a Forgejo release.
 
@@ -197,17 +290,19 @@ Flags:
   --server URL       Forgejo base URL (https; http only for localhost); default
                      GITHUB_SERVER_URL; with no server: stage locally
   --repo OWNER/NAME  repository to publish to; default GITHUB_REPOSITORY
-  --out DIR          where a local stage goes (default dist/<tag>)
+  --out DIR          where a local stage goes (default dist/<tag>); it must be new, empty,
+                     or an earlier stage: anything else is refused before the build
   --dry-run          build and hash, print the plan, write nothing anywhere
   --draft            upload everything but leave the release a draft (multi-job releases)
   --prerelease       mark the release a pre-release (boot-dev-* tags always are)
   --replace          when an asset differs from the one already in the release, store the
-                     new bytes, then delete the old asset (never the other way round)
+                     new bytes and the new SHA256SUMS, then delete the old copies
   --finalize         build nothing: check that every asset of the draft for the tag is
                      covered by its SHA256SUMS, then publish it (the last job of a matrix)
   --allow-dirty      publish even from a git checkout with uncommitted changes or a flake
                      whose inputs are not locked (recorded in manifest.json)
-  --timeout SECONDS  give up on a request that makes no progress for this long (default 600)
+  --timeout SECONDS  give up on a request that makes no progress for this long (default
+                     600; a whole request may take this long plus 1 s per MiB it carries)
   --mirrors LIST     comma-separated server URLs never published to and never sent the
                      token (default "${DEFAULT_MIRRORS}": the mirror only distributes)
   --help             this text
@@ -225,6 +320,7 @@ Environment:
   GITHUB_RUN_ID      defaults for the flags above, set by Forgejo Actions
   GITHUB_OUTPUT      receives release-url, tag and release-id
   GITHUB_STEP_SUMMARY receives a table of the assets
+  RELEASE_BOOT_RETRY_DELAY_MS  first retry delay in milliseconds (default 500)
 
 Examples:
   deno task release --flake path:./test/fixture --targets netboot,iso
@@ -243,7 +339,7 @@ left untouched. stdout carries only the release URL (or, staged, the directory).
 Exit status: 0 done, 1 failed (nothing half-done is visible), 2 bad usage.`;
 
 export function printHelp(): void {
-  console.log(HELP);
+  result(HELP);
 }
 
 /** Git's check-ref-format rules, as they apply to a tag name. */
@@ -267,14 +363,41 @@ export function tagProblem(tag: string): string | undefined {
   return undefined;
 }
 
-const TagFlagSchema = v.pipe(
-  v.string(),
-  v.rawCheck(({ dataset, addIssue }) => {
-    if (!dataset.typed) return;
-    const problem = tagProblem(dataset.value);
-    if (problem) addIssue({ message: `${problem} (git's tag rules); use e.g. boot-v1.2.0` });
-  }),
-);
+/**
+ * Forgejo's rules for the two halves of OWNER/NAME (models/user and models/repo): an owner is
+ * letters, digits, "-", "_", "." with no two of the latter in a row and none at either end; a
+ * repository name is letters, digits, "-", "_", "." but never "." or "..", nor ending in
+ * ".git" or ".wiki". Anything else could only reach another API route.
+ */
+export function repoProblem(repo: string): string | undefined {
+  const parts = repo.split("/");
+  if (parts.length !== 2) return "a repository is written OWNER/NAME";
+  const [owner, name] = parts;
+  if (!/^[A-Za-z0-9](?:[A-Za-z0-9_.-]*[A-Za-z0-9])?$/.test(owner) || /[-._]{2}/.test(owner)) {
+    return `the owner ${JSON.stringify(owner)} is not a Forgejo user or organisation name`;
+  }
+  if (!/^[A-Za-z0-9_.-]+$/.test(name) || /^\.+$/.test(name) || /\.(git|wiki)$/i.test(name)) {
+    return `the name ${JSON.stringify(name)} is not a Forgejo repository name`;
+  }
+  return undefined;
+}
+
+/** A schema that accepts a string when `problem` finds nothing wrong with it. */
+function ruled(problem: (text: string) => string | undefined) {
+  return v.pipe(
+    v.string(),
+    v.rawCheck(({ dataset, addIssue }) => {
+      const found = dataset.typed ? problem(dataset.value) : undefined;
+      if (found) addIssue({ message: found });
+    }),
+  );
+}
+
+const TagFlagSchema = ruled((tag) => {
+  const problem = tagProblem(tag);
+  return problem && `${problem} (git's tag rules); use e.g. boot-v1.2.0`;
+});
+const RepoFlagSchema = ruled(repoProblem);
 const TargetsFlagSchema = v.pipe(
   v.string(),
   v.transform((list) => list.split(",").map((name) => name.trim())),
@@ -296,32 +419,33 @@ const CommitFlagSchema = v.pipe(
   v.transform((sha) => sha.toLowerCase()),
   v.regex(/^([0-9a-f]{40}|[0-9a-f]{64})$/, "a commit is the full 40 (or 64) hex digit SHA"),
 );
-const RepoFlagSchema = v.pipe(
-  v.string(),
-  v.regex(/^[A-Za-z0-9_.-]+\/[A-Za-z0-9_.-]+$/, "a repository is written OWNER/NAME"),
-);
 const ServerFlagSchema = v.pipe(
-  v.string(),
-  v.rawTransform(({ dataset, addIssue, NEVER }) => {
-    const problem = serverProblem(dataset.value);
-    if (problem) {
-      addIssue({ message: problem });
-      return NEVER;
-    }
-    return dataset.value.replace(/\/+$/, "");
-  }),
+  ruled(serverProblem),
+  v.transform((url) => url.replace(/\/+$/, "")),
 );
 const FlakeFlagSchema = v.pipe(
   v.string(),
   v.minLength(1, "it is empty"),
   v.check((ref) => !ref.includes("#"), "give the flake without #: targets are chosen by --targets"),
 );
-const TimeoutFlagSchema = v.pipe(
+const WholeNumberSchema = (unit: string, min: number) =>
+  v.pipe(
+    v.string(),
+    v.transform(Number),
+    v.number(`it is not a number of ${unit}`),
+    v.integer(`it is not a whole number of ${unit}`),
+    v.minValue(min, `it must be at least ${min} ${unit}`),
+  );
+const TimeoutFlagSchema = WholeNumberSchema("seconds", 1);
+const RetryDelaySchema = WholeNumberSchema("milliseconds", 0);
+/**
+ * A token is one opaque word. Whitespace or a control character (a pasted newline, a CR from
+ * a Windows file) would only ever produce a confusing "invalid header" error, retried.
+ */
+const TokenSchema = v.pipe(
   v.string(),
-  v.transform(Number),
-  v.number("it is not a number of seconds"),
-  v.integer("it is not a whole number of seconds"),
-  v.minValue(1, "it must be at least 1 second"),
+  // deno-lint-ignore no-control-regex
+  v.regex(/^[^\s\x00-\x1f\x7f]+$/, "it contains whitespace or a control character"),
 );
 
 export function serverProblem(text: string): string | undefined {
@@ -331,8 +455,7 @@ export function serverProblem(text: string): string | undefined {
   } catch {
     return "it is not a URL; give the Forgejo base URL, e.g. https://git.example.org";
   }
-  const local = ["localhost", "127.0.0.1", "[::1]"].includes(url.hostname);
-  if (url.protocol !== "https:" && !(url.protocol === "http:" && local)) {
+  if (url.protocol !== "https:" && !(url.protocol === "http:" && isLoopback(url))) {
     return "use https (plain http only for localhost)";
   }
   if (url.username || url.password) return "it must not carry credentials; use FORGEJO_TOKEN";
@@ -340,22 +463,33 @@ export function serverProblem(text: string): string | undefined {
   return undefined;
 }
 
-/** Reads one flag through its schema; a failure is a UsageError naming the flag. */
+function isLoopback(url: URL): boolean {
+  const host = url.hostname.replace(/\.$/, "");
+  return host === "localhost" || host === "[::1]" || /^127(\.\d{1,3}){3}$/.test(host);
+}
+
+/** Reads one value through its schema; a failure is a UsageError naming where it came from. */
 function parseFlag<T>(
   flag: string,
   schema: v.GenericSchema<string, T>,
   value: string,
   origin = `--${flag}`,
 ): T {
-  const result = v.safeParse(schema, value);
-  if (result.success) return result.output;
-  throw new UsageError(`bad ${origin} ${JSON.stringify(value)}: ${result.issues[0].message}`);
+  const parsed = v.safeParse(schema, value);
+  if (parsed.success) return parsed.output;
+  throw new UsageError(`bad ${origin} ${JSON.stringify(value)}: ${parsed.issues[0].message}`);
 }
 
-/** Flags and environment become Options, or a UsageError before any work is done. */
-export async function readOptions(argv: string[], env: Env): Promise<Options> {
-  const command = argv[0] === "fetch" ? "fetch" : "release";
-  const args = minimist(command === "fetch" ? argv.slice(1) : argv, {
+/** The command line as given: every flag declared, unknown ones refused. */
+interface Flags {
+  value(name: StringFlag): string | undefined;
+  on(name: BooleanFlag): boolean;
+  /** Names of the flags given, for refusing those a command does not take. */
+  given: string[];
+}
+
+function readFlags(args: string[]): Flags {
+  const parsed = minimist(args, {
     string: [...STRING_FLAGS],
     boolean: [...BOOLEAN_FLAGS],
     unknown: (arg: string) => {
@@ -366,123 +500,135 @@ export async function readOptions(argv: string[], env: Env): Promise<Options> {
       );
     },
   });
-  const flag = (name: string): string | undefined => {
-    const value = args[name];
-    if (Array.isArray(value)) throw new UsageError(`--${name} is given more than once`);
-    if (value === "") throw new UsageError(`--${name} needs a value; see --help`);
-    return value;
+  return {
+    value(name) {
+      const value = parsed[name];
+      if (Array.isArray(value)) throw new UsageError(`--${name} is given more than once`);
+      if (value === "") throw new UsageError(`--${name} needs a value; see --help`);
+      return value;
+    },
+    on: (name) => parsed[name] === true,
+    given: [...STRING_FLAGS, ...BOOLEAN_FLAGS].filter((name) =>
+      parsed[name] !== undefined && parsed[name] !== false
+    ),
   };
-  const server = flag("server") ?? (env.GITHUB_SERVER_URL || undefined);
-  const commit = flag("commit") ?? (env.GITHUB_SHA || undefined);
-  const options: Options = {
-    command,
-    flake: parseFlag("flake", FlakeFlagSchema, flag("flake") ?? "."),
-    targets: parseFlag(
-      "targets",
-      TargetsFlagSchema,
-      flag("targets") ?? (command === "fetch" ? "netboot" : "netboot,iso"),
-    ),
-    system: parseFlag("system", SystemFlagSchema, flag("system") ?? "x86_64-linux"),
-    server: server === undefined ? undefined : parseFlag(
-      "server",
-      ServerFlagSchema,
-      server,
-      flag("server") ? "--server" : "GITHUB_SERVER_URL",
-    ),
-    repo: undefined,
-    commit: "",
-    tag: "",
-    out: "",
-    dryRun: Boolean(args["dry-run"]),
-    draft: Boolean(args.draft),
-    prerelease: Boolean(args.prerelease),
-    replace: Boolean(args.replace),
-    finalize: Boolean(args.finalize),
-    allowDirty: Boolean(args["allow-dirty"]),
-    timeoutSeconds: parseFlag("timeout", TimeoutFlagSchema, flag("timeout") ?? "600"),
-    mirrors: (flag("mirrors") ?? DEFAULT_MIRRORS).split(",").map((url) =>
-      url.trim().replace(/\/+$/, "")
-    ),
-    publish: false,
-  };
-  const repo = flag("repo") ?? (env.GITHUB_REPOSITORY || undefined);
-  if (repo !== undefined) {
-    options.repo = parseFlag(
-      "repo",
-      RepoFlagSchema,
-      repo,
-      flag("repo") ? "--repo" : "GITHUB_REPOSITORY",
-    );
-  }
-  const tagFlag = flag("tag") ??
-    (env.GITHUB_REF_TYPE === "tag" && env.GITHUB_REF_NAME ? env.GITHUB_REF_NAME : undefined);
-  const outFlag = flag("out");
-  if (command === "fetch") return fetchOptions(options, args, tagFlag, outFlag);
+}
 
-  options.publish = options.server !== undefined;
-  if (options.publish && !options.repo) {
+/** A flag, else the environment variable Forgejo Actions sets for it; parsed by `schema`. */
+function flagOrEnv<T>(
+  flags: Flags,
+  name: StringFlag,
+  env: Env,
+  variable: string,
+  schema: v.GenericSchema<string, T>,
+): T | undefined {
+  const given = flags.value(name);
+  const value = given ?? (env[variable] || undefined);
+  return value === undefined
+    ? undefined
+    : parseFlag(name, schema, value, given === undefined ? variable : `--${name}`);
+}
+
+/** Flags and environment become Options, or a UsageError before any work is done. */
+export async function readOptions(argv: string[], env: Env): Promise<Options> {
+  const fetching = argv[0] === "fetch";
+  const flags = readFlags(fetching ? argv.slice(1) : argv);
+  const common: CommonOptions = {
+    mirrors: (flags.value("mirrors") ?? DEFAULT_MIRRORS).split(",").map((url) => url.trim()),
+    http: {
+      timeoutMs: 1000 * parseFlag("timeout", TimeoutFlagSchema, flags.value("timeout") ?? "600"),
+      retryDelayMs: parseFlag(
+        "retry delay",
+        RetryDelaySchema,
+        env.RELEASE_BOOT_RETRY_DELAY_MS || "500",
+        "RELEASE_BOOT_RETRY_DELAY_MS",
+      ),
+    },
+  };
+  return fetching ? fetchOptions(flags, env, common) : await releaseOptions(flags, env, common);
+}
+
+async function releaseOptions(
+  flags: Flags,
+  env: Env,
+  common: CommonOptions,
+): Promise<ReleaseOptions> {
+  const server = flagOrEnv(flags, "server", env, "GITHUB_SERVER_URL", ServerFlagSchema);
+  const repo = flagOrEnv(flags, "repo", env, "GITHUB_REPOSITORY", RepoFlagSchema);
+  if (server && !repo) {
     throw new UsageError(
       "no repository to publish to: pass --repo OWNER/NAME (or set GITHUB_REPOSITORY)",
     );
   }
-  if (options.finalize && !options.publish) {
+  if (flags.on("finalize") && !server) {
     throw new UsageError(
       "--finalize publishes a draft on Forgejo: pass --server (or set GITHUB_SERVER_URL)",
     );
   }
-  if (options.finalize && options.draft) {
+  if (flags.on("finalize") && flags.on("draft")) {
     throw new UsageError("--finalize publishes the draft; it cannot be combined with --draft");
   }
-  options.commit = parseFlag(
-    "commit",
-    CommitFlagSchema,
-    commit ?? await gitHead(),
-    commit ? "--commit" : "commit",
-  );
-  options.tag = tagFlag === undefined
-    ? `boot-dev-${options.commit.slice(0, 12)}`
-    : parseFlag("tag", TagFlagSchema, tagFlag, flag("tag") ? "--tag" : "GITHUB_REF_NAME");
-  options.out = outFlag ?? path.join("dist", options.tag);
-  if (options.tag.startsWith("boot-dev-")) options.prerelease = true;
-  if (env.GITHUB_SERVER_URL && env.GITHUB_REPOSITORY && env.GITHUB_RUN_ID) {
-    options.ciRun = `${
-      env.GITHUB_SERVER_URL.replace(/\/+$/, "")
-    }/${env.GITHUB_REPOSITORY}/actions/runs/${env.GITHUB_RUN_ID}`;
-  }
-  return options;
+  const commit = flagOrEnv(flags, "commit", env, "GITHUB_SHA", CommitFlagSchema) ??
+    parseFlag("commit", CommitFlagSchema, await gitHead(), "commit");
+  const tag = (flags.value("tag") === undefined && env.GITHUB_REF_TYPE !== "tag")
+    ? `boot-dev-${commit.slice(0, 12)}`
+    : flagOrEnv(flags, "tag", env, "GITHUB_REF_NAME", TagFlagSchema) ??
+      `boot-dev-${commit.slice(0, 12)}`;
+  return {
+    command: "release",
+    flake: parseFlag("flake", FlakeFlagSchema, flags.value("flake") ?? "."),
+    targets: parseFlag("targets", TargetsFlagSchema, flags.value("targets") ?? "netboot,iso"),
+    system: parseFlag("system", SystemFlagSchema, flags.value("system") ?? "x86_64-linux"),
+    tag,
+    commit,
+    site: server && repo ? { server, repo } : undefined,
+    out: flags.value("out") ?? path.join("dist", tag),
+    dryRun: flags.on("dry-run"),
+    draft: flags.on("draft"),
+    prerelease: flags.on("prerelease") || tag.startsWith("boot-dev-"),
+    replace: flags.on("replace"),
+    finalize: flags.on("finalize"),
+    allowDirty: flags.on("allow-dirty"),
+    ciRun: env.GITHUB_SERVER_URL && env.GITHUB_REPOSITORY && env.GITHUB_RUN_ID
+      ? `${
+        env.GITHUB_SERVER_URL.replace(/\/+$/, "")
+      }/${env.GITHUB_REPOSITORY}/actions/runs/${env.GITHUB_RUN_ID}`
+      : undefined,
+    ...common,
+  };
 }
 
 /** Flags that shape a release; fetch only reads one. */
-const RELEASE_ONLY_FLAGS = [
-  "flake",
-  "commit",
-  ...BOOLEAN_FLAGS,
-];
+const RELEASE_ONLY_FLAGS = ["flake", "commit", ...BOOLEAN_FLAGS];
 
 /** `fetch` reads a published release: it needs where, which tag, and where to put it. */
-function fetchOptions(
-  options: Options,
-  args: Record<string, unknown>,
-  tag: string | undefined,
-  out: string | undefined,
-): Options {
-  const misplaced = RELEASE_ONLY_FLAGS.find((name) =>
-    args[name] !== undefined && args[name] !== false
-  );
+function fetchOptions(flags: Flags, env: Env, common: CommonOptions): FetchOptions {
+  const misplaced = flags.given.find((name) => RELEASE_ONLY_FLAGS.includes(name));
   if (misplaced) {
     throw new UsageError(`--${misplaced} is for making a release, not for fetch; see --help`);
   }
-  if (!options.server) throw new UsageError("fetch needs --server URL (or GITHUB_SERVER_URL)");
-  if (!options.repo) throw new UsageError("fetch needs --repo OWNER/NAME (or GITHUB_REPOSITORY)");
+  const server = flagOrEnv(flags, "server", env, "GITHUB_SERVER_URL", ServerFlagSchema);
+  const repo = flagOrEnv(flags, "repo", env, "GITHUB_REPOSITORY", RepoFlagSchema);
+  if (!server) throw new UsageError("fetch needs --server URL (or GITHUB_SERVER_URL)");
+  if (!repo) throw new UsageError("fetch needs --repo OWNER/NAME (or GITHUB_REPOSITORY)");
+  const tag = flags.value("tag") ??
+    (env.GITHUB_REF_TYPE === "tag" && env.GITHUB_REF_NAME ? env.GITHUB_REF_NAME : undefined);
   if (!tag) {
     throw new UsageError("fetch needs --tag TAG, or --tag latest for the newest boot-v* release");
   }
+  const out = flags.value("out");
   if (!out) {
     throw new UsageError("fetch needs --out DIR: the directory to lay the boot files out in");
   }
-  options.tag = tag === "latest" ? tag : parseFlag("tag", TagFlagSchema, tag);
-  options.out = out;
-  return options;
+  return {
+    command: "fetch",
+    site: { server, repo },
+    tag: tag === "latest" ? tag : parseFlag("tag", TagFlagSchema, tag),
+    out,
+    targets: parseFlag("targets", TargetsFlagSchema, flags.value("targets") ?? "netboot"),
+    system: parseFlag("system", SystemFlagSchema, flags.value("system") ?? "x86_64-linux"),
+    ...common,
+  };
 }
 
 async function gitHead(): Promise<string> {
@@ -495,48 +641,556 @@ async function gitHead(): Promise<string> {
   return head.stdout.trim();
 }
 
-/** Child processes (nix, git) never see a token: zx passes $.env to them. */
+/** Child processes (nix, git) never see a token or key: zx passes $.env to them. */
 function hideSecretsFromChildren(env: Env): void {
   $.env = Object.fromEntries(
-    Object.entries(env).filter(([name]) => !/TOKEN|SECRET|PASSWORD/i.test(name)),
+    Object.entries(env).filter(([name]) => !/TOKEN|SECRET|PASSWORD|KEY/i.test(name)),
   );
 }
 
-// ---------------------------------------------------------------------------------------------
-// Logging: progress on stderr, results on stdout, CI sections when in CI.
-// ---------------------------------------------------------------------------------------------
-
-const inCI = Deno.env.get("CI") === "true" || Deno.env.get("GITHUB_ACTIONS") === "true";
-let secrets: string[] = [];
-
-function redact(text: string): string {
-  return secrets.reduce((out, secret) => out.replaceAll(secret, "***"), text);
+/** The token from the environment (FORGEJO_TOKEN, else GITHUB_TOKEN), checked and masked. */
+function readToken(env: Env): string | undefined {
+  const variable = env.FORGEJO_TOKEN ? "FORGEJO_TOKEN" : "GITHUB_TOKEN";
+  const token = env[variable] || undefined;
+  if (token === undefined) return undefined;
+  const parsed = v.safeParse(TokenSchema, token);
+  if (!parsed.success) {
+    throw new UsageError(
+      `${variable} ${parsed.issues[0].message} (a pasted newline?): set it to the token alone`,
+    );
+  }
+  mask(token);
+  return token;
 }
 
-function log(message: string): void {
-  console.error(redact(message));
+function requireToken(options: ReleaseOptions, env: Env): string {
+  const token = readToken(env);
+  if (!token) {
+    throw new UsageError(
+      "no token: set FORGEJO_TOKEN to a token that can write releases of " +
+        `${options.site?.repo} (in a workflow: FORGEJO_TOKEN: \${{ secrets.GITHUB_TOKEN }})`,
+    );
+  }
+  return token;
 }
 
-async function step<T>(title: string, work: () => Promise<T>): Promise<T> {
-  log(inCI ? `::group::${title}` : `==> ${title}`);
+/**
+ * The mirror-list entry that `server` falls under. Origins are compared normalised: case,
+ * a trailing dot, a default port and IDNA spellings are one host, and every loopback name
+ * is one host, so no spelling of a mirror gets the token.
+ */
+export function mirrorOf(server: string, mirrors: string[]): string | undefined {
+  const target = new URL(server);
+  return mirrors.find((mirror) => {
+    const url = URL.canParse(mirror) ? new URL(mirror) : undefined;
+    if (!url || hostKey(url) !== hostKey(target)) return false;
+    const base = url.pathname.replace(/\/+$/, "");
+    const at = target.pathname.replace(/\/+$/, "");
+    return at === base || at.startsWith(`${base}/`);
+  });
+}
+
+/** scheme://host:port with the host as a server sees it. URL already lowercases and IDNA-encodes. */
+function hostKey(url: URL): string {
+  const host = isLoopback(url) ? "loopback" : url.hostname.replace(/\.$/, "");
+  const port = url.port || (url.protocol === "https:" ? "443" : "80");
+  return `${url.protocol}//${host}:${port}`;
+}
+
+function refuseMirror(site: Site, mirrors: string[]): Site {
+  const mirror = mirrorOf(site.server, mirrors);
+  if (mirror) {
+    throw new ReleaseError(
+      `refusing to publish to ${site.server}: it is on the mirror list (${mirror}), which only distributes releases; publish to the primary Forgejo or change --mirrors`,
+    );
+  }
+  return site;
+}
+// ---------------------------------------------------------------------------------------------
+// 2. Forgejo: one client with verb methods, over one undici Agent with its interceptors
+// ---------------------------------------------------------------------------------------------
+
+/** Sizes no real release reaches: a larger body comes from a broken or hostile server. */
+const MAX_API_BODY = 16 << 20;
+const MAX_INDEX_FILE = 1 << 20;
+/** Forgejo serves at most 50 per page; 200 pages are 10,000 releases, past any history. */
+const PAGE_SIZE = 50;
+const MAX_PAGES = 200;
+const MAX_REDIRECTS = 5;
+/** Tries of one request in all: the first, then four retries. */
+const TRIES = 5;
+/** Each try of a request carrying a file may take --timeout plus this long per MiB. */
+const MS_PER_MIB = 1000;
+const RETRY_STATUS = new Set([429, 500, 502, 503, 504]);
+/** Failures of the network or the peer, never of this machine (ENAMETOOLONG, bad headers). */
+const RETRY_CODES = new Set([
+  "ECONNRESET",
+  "ECONNREFUSED",
+  "EPIPE",
+  "ETIMEDOUT",
+  "ENETUNREACH",
+  "EHOSTUNREACH",
+  "EAI_AGAIN",
+  "UND_ERR_SOCKET",
+  "UND_ERR_CONNECT_TIMEOUT",
+  "UND_ERR_HEADERS_TIMEOUT",
+  "UND_ERR_BODY_TIMEOUT",
+]);
+/** What a repeat cannot do twice. POST is not: uploads look before they send again. */
+const IDEMPOTENT = ["GET", "HEAD", "PUT", "PATCH", "DELETE"];
+
+type Method = "GET" | "POST" | "PATCH" | "DELETE";
+
+/** An HTTP failure, already explained. `transient` ones were worth retrying. */
+export class HttpError extends ReleaseError {
+  constructor(message: string, readonly transient: boolean, readonly retryAfter?: string) {
+    super(message);
+  }
+}
+
+interface Exchange {
+  status: number;
+  headers: Record<string, string | string[] | undefined>;
+  text: string;
+}
+
+interface SendInit {
+  body?: string | Uint8Array | Readable;
+  headers?: Record<string, string>;
+  /** Statuses the caller handles; any other status of 300 or more is an HttpError. */
+  expect?: number[];
+  maxBytes?: number;
+  /** Bytes the request or its answer carries, for the overall deadline. */
+  carries?: number;
+  /** POST /releases may be repeated: a second create answers 409, which the caller handles. */
+  repeatable?: boolean;
+}
+
+/** Wait before retry number `attempt` (1-based): Retry-After when given, else exponential. */
+export function backoffMs(
+  http: HttpSettings,
+  attempt: number,
+  retryAfter?: string | string[],
+): number {
+  return retryAfterMs(retryAfter) ??
+    http.retryDelayMs * 2 ** (attempt - 1) * (0.5 + Math.random());
+}
+
+export function retryAfterMs(header: string | string[] | undefined): number | undefined {
+  const value = Array.isArray(header) ? header[0] : header;
+  if (!value) return undefined;
+  const seconds = Number(value);
+  const ms = Number.isFinite(seconds) ? seconds * 1000 : Date.parse(value) - Date.now();
+  return Number.isFinite(ms) ? Math.min(Math.max(ms, 0), 120_000) : undefined;
+}
+
+function isTransient(error: { statusCode?: number; code?: string }): boolean {
+  return error.statusCode !== undefined
+    ? RETRY_STATUS.has(error.statusCode)
+    : RETRY_CODES.has(error.code ?? "");
+}
+
+/**
+ * undici's retry interceptor with this script's policy: only transient failures, only
+ * methods that may repeat, `TRIES` in all, and each retry said out loud.
+ */
+function retryPolicy(http: HttpSettings): RetryHandler.RetryCallback {
+  return (error, { state, opts }, done) => {
+    const failure = error as Error & {
+      statusCode?: number;
+      code?: string;
+      headers?: Exchange["headers"];
+    };
+    const methods = opts.retryOptions?.methods ?? IDEMPOTENT;
+    if (!isTransient(failure) || !methods.includes(opts.method) || state.counter >= TRIES) {
+      return done(error);
+    }
+    const delay = backoffMs(http, state.counter, failure.headers?.["retry-after"]);
+    const what = `${opts.method} ${String(opts.path).split("?")[0]}`;
+    log(
+      `${
+        failure.statusCode
+          ? `Forgejo answered ${failure.statusCode} for ${what}`
+          : `${what} failed (${failure.code})`
+      }; retrying in ${(delay / 1000).toFixed(1)}s (${state.counter}/${TRIES - 1})`,
+    );
+    // The handler cancels this timer when the request is aborted.
+    return setTimeout(() => done(null), delay);
+  };
+}
+
+export type Forgejo = ReturnType<typeof connectForgejo>;
+
+/**
+ * The Forgejo API as verbs. The token goes only to the server's own origin; on a redirect to
+ * any other origin undici's redirect interceptor drops the authorization header (and
+ * `headersFor` never adds it to a request for another origin).
+ */
+function connectForgejo(site: Site, token: string | undefined, settings: CommonOptions) {
+  const { http } = settings;
+  const origin = new URL(site.server).origin;
+  const agent = new Agent({
+    connect: { timeout: 30_000 },
+    headersTimeout: http.timeoutMs,
+    bodyTimeout: http.timeoutMs,
+  }).compose(
+    // throwOnError: false hands the last answer (its status and error body) to the caller.
+    interceptors.retry({
+      maxRetries: TRIES - 1,
+      methods: IDEMPOTENT,
+      retry: retryPolicy(http),
+      throwOnError: false,
+    }),
+    interceptors.redirect({ maxRedirections: MAX_REDIRECTS, throwOnMaxRedirect: true }),
+  );
+  const [owner, name] = site.repo.split("/");
+  const repoPath = `/api/v1/repos/${encodeURIComponent(owner)}/${encodeURIComponent(name)}`;
+  const api = (route: string, query: Record<string, string> = {}) => {
+    const url = new URL(`${site.server}${route}`);
+    for (const [key, value] of Object.entries(query)) url.searchParams.set(key, value);
+    return url;
+  };
+  const repoApi = (route: string, query?: Record<string, string>) =>
+    api(`${repoPath}${route}`, query);
+
+  function headersFor(url: URL, extra: Record<string, string> = {}): Record<string, string> {
+    const headers: Record<string, string> = { accept: "application/json", ...extra };
+    if (token && url.origin === origin) headers.authorization = `token ${token}`;
+    return headers;
+  }
+
+  /** One request, retried by the interceptor when it may be; its answer read up to a cap. */
+  async function send(method: Method, url: URL, init: SendInit = {}): Promise<Exchange> {
+    const what = `${method} ${url.pathname}`;
+    const deadlineMs = deadlineFor(http, init.carries ?? 0);
+    const signal = AbortSignal.timeout(deadlineMs);
+    try {
+      const options = {
+        method,
+        body: init.body,
+        headers: headersFor(url, init.headers),
+        dispatcher: agent,
+        signal,
+        // Read by retryPolicy: which methods this one request may repeat.
+        retryOptions: { methods: init.repeatable ? [...IDEMPOTENT, "POST"] : IDEMPOTENT },
+      };
+      const response = await request(url, options);
+      const text = await readCapped(response.body, init.maxBytes ?? MAX_API_BODY, what);
+      const answer = { status: response.statusCode, headers: response.headers, text };
+      if (answer.status >= 300 && !(init.expect ?? []).includes(answer.status)) {
+        throw new HttpError(
+          explainStatus(site, answer, what),
+          RETRY_STATUS.has(answer.status),
+          String(answer.headers["retry-after"] ?? ""),
+        );
+      }
+      return answer;
+    } catch (error) {
+      if (error instanceof ReleaseError) throw error;
+      if (signal.aborted) {
+        throw new HttpError(
+          `${what} did not finish within ${
+            Math.round(deadlineMs / 1000)
+          }s: the server answers too slowly or never ends its answer; check ${site.server}, or raise --timeout`,
+          true,
+        );
+      }
+      const failure = error as Error & { code?: string };
+      const transient = isTransient(failure);
+      throw new HttpError(
+        `${what} failed${transient && IDEMPOTENT.includes(method) ? ` ${TRIES} times` : ""} (${
+          failure.code ?? failure.name
+        }: ${failure.message})`,
+        transient,
+      );
+    }
+  }
+
+  async function json<T>(
+    schema: v.GenericSchema<unknown, T>,
+    method: Method,
+    url: URL,
+    init: SendInit = {},
+  ): Promise<T> {
+    const answer = await send(method, url, init);
+    return parseAnswer(schema, answer.text, `${method} ${url.pathname}`);
+  }
+
+  function parseAnswer<T>(schema: v.GenericSchema<unknown, T>, text: string, what: string): T {
+    try {
+      return parseJson(schema, text, `Forgejo's answer to ${what}`);
+    } catch (error) {
+      throw new ReleaseError(`${(error as Error).message}; is ${site.server} a Forgejo server?`);
+    }
+  }
+
+  /** A JSON request body. */
+  const sendJson = (body: unknown): SendInit => ({
+    body: JSON.stringify(body),
+    headers: { "content-type": "application/json" },
+  });
+
+  /**
+   * Every release matching `query`, newest first. A server that ignores `page` (the same page
+   * again), a short or empty page, or the total it announced ends the listing; past
+   * MAX_PAGES it is an error, never an endless loop.
+   */
+  async function listReleases(query: Record<string, string>): Promise<Release[]> {
+    const seen = new Set<number>();
+    const releases: Release[] = [];
+    let pageSize = PAGE_SIZE;
+    for (let page = 1; page <= MAX_PAGES; page++) {
+      const url = repoApi("/releases", { ...query, page: String(page), limit: String(PAGE_SIZE) });
+      const answer = await send("GET", url);
+      const items = parseAnswer(ReleaseListSchema, answer.text, `GET ${url.pathname}`);
+      const fresh = items.filter((release) => !seen.has(release.id));
+      for (const release of fresh) seen.add(release.id);
+      releases.push(...fresh);
+      const total = Number(answer.headers["x-total-count"]);
+      // A server may serve fewer than asked: the first page says how many a full page holds.
+      if (page === 1 && items.length > 0) pageSize = Math.min(items.length, PAGE_SIZE);
+      const done = fresh.length < items.length || items.length < pageSize ||
+        (Number.isFinite(total) && releases.length >= total);
+      if (done) return releases;
+    }
+    throw new ReleaseError(
+      `${site.repo} lists more than ${MAX_PAGES} pages of releases: the server does not page as Forgejo does; check --server`,
+    );
+  }
+
+  return {
+    server: site.server,
+    repo: site.repo,
+    origin,
+    http,
+
+    /** The server's version; none when it does not answer as Forgejo does. */
+    async version(): Promise<{ status: number; version?: string }> {
+      const answer = await send("GET", api("/api/v1/version"), { expect: [404] });
+      const parsed = answer.status === 200
+        ? v.safeParse(ServerVersionSchema, safeJson(answer.text))
+        : undefined;
+      return {
+        status: answer.status,
+        version: parsed?.success ? parsed.output.version : undefined,
+      };
+    },
+
+    repository: () => json(RepositorySchema, "GET", repoApi("")),
+
+    releases: {
+      /** By tag; drafts are visible to writers, but older servers hide them from this lookup. */
+      async byTag(tag: string): Promise<Release | undefined> {
+        const url = repoApi(`/releases/tags/${encodeURIComponent(tag)}`);
+        const answer = await send("GET", url, { expect: [404] });
+        if (answer.status === 200) {
+          return parseAnswer(ReleaseSchema, answer.text, `GET ${url.pathname}`);
+        }
+        const drafts = await listReleases({ draft: "true" });
+        return drafts.find((release) => release.tag_name.toLowerCase() === tag.toLowerCase());
+      },
+      list: (query: { draft?: boolean; prerelease?: boolean } = {}) =>
+        listReleases(
+          Object.fromEntries([
+            ...(query.draft === undefined ? [] : [["draft", String(query.draft)]]),
+            ...(query.prerelease === undefined ? [] : [["pre-release", String(query.prerelease)]]),
+          ]),
+        ),
+      get: (id: number) => json(ReleaseSchema, "GET", repoApi(`/releases/${id}`)),
+      /** The new release, or undefined when one already exists for the tag (409). */
+      async create(option: CreateReleaseOption): Promise<Release | undefined> {
+        const url = repoApi("/releases");
+        const answer = await send("POST", url, {
+          ...sendJson(option),
+          expect: [409],
+          repeatable: true,
+        });
+        return answer.status === 409
+          ? undefined
+          : parseAnswer(ReleaseSchema, answer.text, `POST ${url.pathname}`);
+      },
+      edit: (id: number, edit: EditReleaseOption) =>
+        json(ReleaseSchema, "PATCH", repoApi(`/releases/${id}`), sendJson(edit)),
+      /** Deletes the release and every asset; the git tag stays. */
+      async remove(id: number): Promise<void> {
+        await send("DELETE", repoApi(`/releases/${id}`), { expect: [404] });
+      },
+    },
+
+    assets: {
+      list: (releaseId: number) =>
+        json(AttachmentListSchema, "GET", repoApi(`/releases/${releaseId}/assets`)),
+      /** One POST of the raw bytes, streamed with their exact length. Never repeated here. */
+      async upload(releaseId: number, asset: BundleAsset): Promise<Attachment> {
+        const url = repoApi(`/releases/${releaseId}/assets`, { name: asset.name });
+        const answer = await send("POST", url, {
+          body: asset.bytes ?? Readable.from(readWithProgress(asset)),
+          headers: {
+            "content-type": "application/octet-stream",
+            "content-length": String(asset.size),
+          },
+          expect: [400, 413],
+          carries: asset.size,
+        });
+        if (answer.status !== 201) {
+          throw new HttpError(explainUploadFailure(site, answer, asset), false);
+        }
+        return parseAnswer(AttachmentSchema, answer.text, `POST ${url.pathname}`);
+      },
+      /** True when it was there to delete. */
+      async remove(releaseId: number, copy: Attachment): Promise<boolean> {
+        const url = repoApi(`/releases/${releaseId}/assets/${copy.id}`);
+        return (await send("DELETE", url, { expect: [404] })).status !== 404;
+      },
+      /** A small file of a release (SHA256SUMS, manifest.json), at most `maxBytes`. */
+      async text(copy: Attachment, maxBytes = MAX_INDEX_FILE): Promise<string> {
+        if (copy.size > maxBytes) {
+          throw new ReleaseError(
+            `${copy.name} of ${site.repo} has ${copy.size} bytes, more than any real ${copy.name} (${
+              formatBytes(maxBytes)
+            }): refusing to read it; delete that asset`,
+          );
+        }
+        const url = new URL(assetAddress(site, copy));
+        return (await send("GET", url, { headers: { accept: "*/*" }, maxBytes })).text;
+      },
+      /** A streamed download (for fetch): the caller reads the body. */
+      async open(copy: Attachment, from = 0): Promise<Dispatcher.ResponseData> {
+        const url = new URL(assetAddress(site, copy));
+        return await request(url, {
+          method: "GET",
+          headers: headersFor(url, {
+            accept: "*/*",
+            ...(from > 0 ? { range: `bytes=${from}-` } : {}),
+          }),
+          dispatcher: agent,
+          signal: AbortSignal.timeout(deadlineFor(http, copy.size)),
+        });
+      },
+    },
+
+    tags: {
+      async get(tag: string): Promise<Tag | undefined> {
+        const url = repoApi(`/tags/${encodeURIComponent(tag)}`);
+        const answer = await send("GET", url, { expect: [404] });
+        return answer.status === 404
+          ? undefined
+          : parseAnswer(TagSchema, answer.text, `GET ${url.pathname}`);
+      },
+      /** "held" while a release (a draft too) still holds the tag. */
+      async remove(tag: string): Promise<"removed" | "absent" | "held"> {
+        const url = repoApi(`/tags/${encodeURIComponent(tag)}`);
+        const answer = await send("DELETE", url, { expect: [404, 409] });
+        return answer.status === 404 ? "absent" : answer.status === 409 ? "held" : "removed";
+      },
+    },
+  };
+}
+
+/**
+ * The overall deadline of one request, all its tries included: the idle timeout only catches
+ * a silent peer, this also ends one that trickles a byte at a time.
+ */
+function deadlineFor(http: HttpSettings, carries: number): number {
+  return TRIES * (http.timeoutMs + MS_PER_MIB * (carries / (1 << 20)));
+}
+
+/** Reads a response body, refusing one larger than `max` instead of holding it. */
+async function readCapped(
+  body: Dispatcher.ResponseData["body"],
+  max: number,
+  what: string,
+): Promise<string> {
+  const chunks: Buffer[] = [];
+  let size = 0;
+  for await (const chunk of body) {
+    size += chunk.length;
+    if (size > max) {
+      body.destroy();
+      throw new ReleaseError(
+        `the answer to ${what} is larger than ${
+          formatBytes(max)
+        }, more than any real Forgejo answer: refusing it; check --server`,
+      );
+    }
+    chunks.push(chunk);
+  }
+  return Buffer.concat(chunks).toString("utf8");
+}
+
+/** The uuid form works for drafts and duplicate names alike; the tag form may not. */
+function assetAddress(site: Site, copy: Attachment): string {
+  return copy.uuid ? `${site.server}/attachments/${copy.uuid}` : copy.browser_download_url;
+}
+
+/** Forgejo's own error message, when the body is its JSON error (a proxy's HTML is not). */
+function serverMessage(text: string): string | undefined {
+  const parsed = v.safeParse(APIErrorSchema, safeJson(text));
+  return parsed.success && parsed.output.message ? parsed.output.message : undefined;
+}
+
+function safeJson(text: string): unknown {
   try {
-    return await work();
-  } finally {
-    if (inCI) log("::endgroup::");
+    return JSON.parse(text);
+  } catch {
+    return undefined;
   }
 }
 
-export function formatBytes(bytes: number): string {
-  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
-  let value = bytes;
-  let unit = 0;
-  while (value >= 1024 && unit < units.length - 1) {
-    value /= 1024;
-    unit++;
+/** One line that says what failed and what to do about it. */
+export function explainStatus(
+  site: Site,
+  answer: Pick<Exchange, "status" | "text">,
+  what: string,
+): string {
+  const said = serverMessage(answer.text);
+  const quoted = said ? ` ("${said}")` : "";
+  switch (answer.status) {
+    case 401:
+      return `Forgejo answered 401 for ${what}${quoted}: the token is missing, wrong or expired; set FORGEJO_TOKEN (in a workflow the job's GITHUB_TOKEN is valid only while the job runs)`;
+    case 403:
+      return `Forgejo answered 403 for ${what}${quoted}: the token cannot write releases of ${site.repo} (a personal token needs write:repository; the workflow token is read-only for pull requests from forks)`;
+    case 404:
+      return `Forgejo answered 404 for ${what}: ${site.repo} was not found on ${site.server}, or is not visible with this token; check --repo and the token`;
+    case 413:
+      return `Forgejo or its reverse proxy answered 413 for ${what}${quoted}: raise the proxy's body limit (nginx client_max_body_size) or the [quota] limit`;
+    default:
+      return `Forgejo answered ${answer.status} for ${what}${
+        quoted || `: ${answer.text.slice(0, 120).replace(/\s+/g, " ")}`
+      }`;
   }
-  return unit === 0 ? `${bytes} B` : `${value.toFixed(1)} ${units[unit]}`;
 }
 
+function explainUploadFailure(site: Site, answer: Exchange, asset: BundleAsset): string {
+  const said = serverMessage(answer.text);
+  if (answer.status === 413) {
+    return `the server or its reverse proxy refused ${asset.name} of ${asset.size} bytes (413${
+      said ? `: ${said}` : ""
+    }): raise the proxy's client_max_body_size or the [quota] limit, then rerun`;
+  }
+  if (answer.status === 400 && said && /type is not allowed/i.test(said)) {
+    return `Forgejo refuses the file type of ${asset.name} ("${said}"): allow it in [repository.release] ALLOWED_TYPES (empty allows every type), then rerun`;
+  }
+  return explainStatus(site, answer, `upload of ${asset.name}`);
+}
+
+/** Fails early, before a long build, when the server, repository or token is wrong. */
+async function checkForgejo(forgejo: Forgejo): Promise<Repository> {
+  const { status, version } = await forgejo.version();
+  if (!version) {
+    throw new ReleaseError(
+      `${forgejo.server} does not look like Forgejo: GET /api/v1/version answered ${status} without a version; check --server (the base URL of the Forgejo instance)`,
+    );
+  }
+  const repo = await forgejo.repository();
+  if (repo.permissions && repo.permissions.push === false) {
+    throw new ReleaseError(
+      `the token cannot write releases of ${forgejo.repo} (it has read access only): a personal token needs write:repository and a user with write access; the workflow token is read-only for pull requests from forks`,
+    );
+  }
+  log(`Forgejo ${version}, repository ${repo.full_name}`);
+  return repo;
+}
 // ---------------------------------------------------------------------------------------------
 // 3. The flake: targets, inputs, provenance
 // ---------------------------------------------------------------------------------------------
@@ -549,7 +1203,7 @@ export interface FlakeInfo {
   nixVersion: string;
 }
 
-function installable(options: Options, target?: string): string {
+function installable(options: ReleaseOptions, target?: string): string {
   const attr = `packages.${options.system}`;
   return `${options.flake}#${target ? `${attr}.${target}` : attr}`;
 }
@@ -592,7 +1246,7 @@ export function nixErrorTail(stderr: string, lines = 12): string {
   return tail.slice(0, lines).join("\n").replace(/^error: /, "");
 }
 
-async function readFlake(options: Options): Promise<FlakeInfo> {
+async function readFlake(options: ReleaseOptions): Promise<FlakeInfo> {
   const available = await listTargets(options);
   const unknown = options.targets.filter((target) => !available.includes(target));
   if (unknown.length > 0) {
@@ -623,7 +1277,7 @@ async function readFlake(options: Options): Promise<FlakeInfo> {
   return { metadata, locked, dirty, nixVersion };
 }
 
-async function listTargets(options: Options): Promise<string[]> {
+async function listTargets(options: ReleaseOptions): Promise<string[]> {
   const result = await $`nix ${NIX_FEATURES} eval ${KEEP_LOCK} --json ${
     installable(options)
   } --apply builtins.attrNames`
@@ -634,7 +1288,7 @@ async function listTargets(options: Options): Promise<string[]> {
 }
 
 /** Publishing trusts only what can be rebuilt: locked inputs and a committed tree. */
-function refuseUntrustedFlake(flake: FlakeInfo, options: Options): void {
+function refuseUntrustedFlake(flake: FlakeInfo, options: ReleaseOptions): void {
   const revision = flake.metadata.revision;
   if (revision && revision !== options.commit) {
     throw new ReleaseError(
@@ -671,7 +1325,7 @@ export interface TargetBuild {
 }
 
 /** One nix build for every target: one evaluation, and nix builds them in parallel. */
-async function buildTargets(options: Options): Promise<TargetBuild[]> {
+async function buildTargets(options: ReleaseOptions): Promise<TargetBuild[]> {
   const installables = options.targets.map((target) => installable(options, target));
   const build = $`nix ${NIX_FEATURES} build ${KEEP_LOCK} --json --no-link ${installables}`.quiet()
     .nothrow();
@@ -695,7 +1349,7 @@ async function buildTargets(options: Options): Promise<TargetBuild[]> {
 }
 
 /** Names the targets whose output is still missing after a failed build. */
-async function failedTargets(options: Options, stderr: string): Promise<string[]> {
+async function failedTargets(options: ReleaseOptions, stderr: string): Promise<string[]> {
   const apply = `ps: builtins.mapAttrs (name: _: ps.\${name}.drvPath) (builtins.fromJSON ''${
     JSON.stringify(Object.fromEntries(options.targets.map((t) => [t, null])))
   }'')`;
@@ -952,7 +1606,11 @@ function flakeInputs(metadata: FlakeMetadata): Record<string, FlakeInput> {
   return inputs;
 }
 
-export function describeRelease(options: Options, flake: FlakeInfo, assets: FileAsset[]): Manifest {
+export function describeRelease(
+  options: ReleaseOptions,
+  flake: FlakeInfo,
+  assets: FileAsset[],
+): Manifest {
   return {
     schema: 1,
     tag: options.tag,
@@ -1040,9 +1698,10 @@ export function rewriteIpxe(script: string, locate: (file: string) => string | u
 }
 
 /** Where the release's files will be downloadable from; relative for a local stage. */
-function downloadBase(options: Options, site: Repository | undefined): string {
-  if (!options.publish) return "";
-  const repoUrl = site?.html_url.replace(/\/+$/, "") ?? `${options.server}/${options.repo}`;
+function downloadBase(options: ReleaseOptions, repository: Repository | undefined): string {
+  if (!options.site) return "";
+  const repoUrl = repository?.html_url.replace(/\/+$/, "") ??
+    `${options.site.server}/${options.site.repo}`;
   return `${repoUrl}/releases/download/${encodeURIComponent(options.tag)}/`;
 }
 
@@ -1084,42 +1743,65 @@ async function pointIpxeAtRelease(assets: FileAsset[], base: string): Promise<Fi
 }
 
 // ---------------------------------------------------------------------------------------------
+// ---------------------------------------------------------------------------------------------
 // 7a. Dry run and local stage
 // ---------------------------------------------------------------------------------------------
 
-function printPlan(bundle: Bundle, options: Options): void {
-  const where = options.publish ? `${options.server}/${options.repo}` : options.out;
-  console.log(`Plan for ${options.tag} (commit ${options.commit}) -> ${where}; nothing written:`);
+function printPlan(bundle: Bundle, options: ReleaseOptions): void {
+  const where = options.site ? `${options.site.server}/${options.site.repo}` : options.out;
+  result(`Plan for ${options.tag} (commit ${options.commit}) -> ${where}; nothing written:`);
   for (const asset of [...bundle.files, bundle.sums, bundle.manifestAsset]) {
-    console.log(`  ${asset.sha256}  ${asset.name}  ${formatBytes(asset.size)}`);
+    result(`  ${asset.sha256}  ${asset.name}  ${formatBytes(asset.size)}`);
   }
 }
 
-/** A stage replaces --out whole, so --out must be new, empty, or an earlier stage. */
-async function refuseForeignDirectory(out: string): Promise<void> {
-  const entries: string[] = await fs.readdir(out).catch(() => []);
-  if (entries.length > 0 && !entries.includes(MANIFEST_NAME)) {
+/**
+ * True when every entry of `dir` is a file an earlier stage wrote: manifest.json, SHA256SUMS
+ * and the names SHA256SUMS lists. A stage replaces --out whole, so nothing else may be there.
+ */
+async function isEarlierStage(dir: string, entries: string[]): Promise<boolean> {
+  if (!entries.includes(SUMS_NAME) || !entries.includes(MANIFEST_NAME)) return false;
+  const sums = await fs.readFile(path.join(dir, SUMS_NAME), "utf8").catch(() => "");
+  const listed = parseSums(sums.slice(0, MAX_INDEX_FILE));
+  return entries.every((entry) => INDEX_NAMES.has(entry) || listed.has(entry));
+}
+
+/** Refuses, before any build, an --out that is a file or holds anything but an earlier stage. */
+async function refuseForeignOut(out: string): Promise<void> {
+  const stat = await fs.lstat(out).catch(() => undefined);
+  if (!stat) return;
+  if (!stat.isDirectory()) {
+    throw new UsageError(`--out ${out} is not a directory: choose a new or empty directory`);
+  }
+  const entries = await fs.readdir(out);
+  if (entries.length > 0 && !await isEarlierStage(out, entries)) {
     throw new UsageError(
-      `--out ${out} holds files that are not an earlier stage (no ${MANIFEST_NAME}), and a stage replaces it whole: choose a new or empty directory`,
+      `--out ${out} holds files that are not an earlier stage of release-boot, and a stage replaces it whole: choose a new or empty directory`,
     );
   }
 }
 
 /**
- * Writes the bundle next to its final place, then renames it in: a failure never leaves a
- * half-written --out, and a rerun replaces the earlier stage whole.
+ * Writes the bundle next to its final place, then renames it in: a failure or a SIGTERM
+ * never leaves a half-written --out, and a rerun replaces the earlier stage whole.
  */
-async function stageLocally(bundle: Bundle, options: Options): Promise<void> {
+async function stageLocally(bundle: Bundle, options: ReleaseOptions): Promise<void> {
   const out = path.resolve(options.out);
-  await refuseForeignDirectory(out);
+  await refuseForeignOut(out);
   await fs.mkdir(path.dirname(out), { recursive: true });
+  await removeAbandonedStages(out);
   const partial = await fs.mkdtemp(`${out}.partial-`);
-  await fs.chmod(partial, 0o755);
+  const onTerm = () => {
+    Deno.removeSync(partial, { recursive: true });
+    Deno.exit(143);
+  };
+  Deno.addSignalListener("SIGTERM", onTerm);
   try {
+    await fs.chmod(partial, 0o755);
     for (const asset of [...bundle.files, bundle.sums, bundle.manifestAsset]) {
       const target = path.join(partial, asset.name);
       if (asset.path) await fs.copyFile(asset.path, target);
-      else await fs.writeFile(target, asset.bytes!);
+      else await fs.writeFile(target, asset.bytes ?? new Uint8Array());
       await fs.chmod(target, 0o644);
     }
     await fs.rm(out, { recursive: true, force: true });
@@ -1127,6 +1809,8 @@ async function stageLocally(bundle: Bundle, options: Options): Promise<void> {
   } catch (error) {
     await fs.rm(partial, { recursive: true, force: true });
     throw error;
+  } finally {
+    Deno.removeSignalListener("SIGTERM", onTerm);
   }
   log(`Staged ${bundle.files.length} assets, ${SUMS_NAME} and ${MANIFEST_NAME} in ${out}`);
   log(`Check them: (cd ${out} && sha256sum -c ${SUMS_NAME})`);
@@ -1135,343 +1819,47 @@ async function stageLocally(bundle: Bundle, options: Options): Promise<void> {
       options.targets.join(",")
     }`,
   );
-  console.log(out);
+  result(out);
 }
 
-// ---------------------------------------------------------------------------------------------
-// 7b. Forgejo: one undici Agent, the token only ever sent to the server's own origin
-// ---------------------------------------------------------------------------------------------
-
-export interface Forgejo {
-  server: string;
-  origin: string;
-  repo: string;
-  /** Absent for anonymous downloads of a public repository. */
-  token?: string;
-  agent: Agent;
-  timeoutMs: number;
-}
-
-/** The mirror-list entry that `server` falls under, compared as URLs, not as strings. */
-export function mirrorOf(server: string, mirrors: string[]): string | undefined {
-  const target = new URL(server);
-  return mirrors.find((mirror) => {
-    const url = URL.canParse(mirror) ? new URL(mirror) : undefined;
-    if (!url || url.origin !== target.origin) return false;
-    const base = url.pathname.replace(/\/+$/, "");
-    return target.pathname === base || target.pathname.startsWith(`${base}/`);
-  });
-}
-
-function refuseMirror(options: Options): Options {
-  const mirror = mirrorOf(options.server!, options.mirrors);
-  if (mirror) {
-    throw new ReleaseError(
-      `refusing to publish to ${options.server}: it is on the mirror list (${mirror}), which only distributes releases; publish to the primary Forgejo or change --mirrors`,
-    );
-  }
-  return options;
-}
-function readToken(env: Env): string | undefined {
-  return env.FORGEJO_TOKEN || env.GITHUB_TOKEN || undefined;
-}
-
-function requireToken(options: Options, env: Env): string {
-  const token = readToken(env);
-  if (!token) {
-    throw new UsageError(
-      "no token: set FORGEJO_TOKEN to a token that can write releases of " +
-        `${options.repo} (in a workflow: FORGEJO_TOKEN: \${{ secrets.GITHUB_TOKEN }})`,
-    );
-  }
-  return token;
-}
-
-function connectForgejo(options: Options, token: string | undefined): Forgejo {
-  if (token) {
-    // The mask command is the one line that must carry the token itself.
-    if (inCI) console.error(`::add-mask::${token}`);
-    secrets = [token];
-  }
-  const server = options.server!;
-  const timeoutMs = options.timeoutSeconds * 1000;
-  return {
-    server,
-    origin: new URL(server).origin,
-    repo: options.repo!,
-    token,
-    timeoutMs,
-    agent: new Agent({
-      connect: { timeout: 30_000 },
-      headersTimeout: timeoutMs,
-      bodyTimeout: timeoutMs,
-    }),
-  };
-}
-
-interface Call {
-  method: "GET" | "POST" | "PATCH" | "DELETE";
-  /** Under /api/v1/repos/{owner}/{repo}, or absolute from the server root with `root`. */
-  path: string;
-  root?: boolean;
-  query?: Record<string, string>;
-  json?: unknown;
-  /** Statuses the caller handles itself instead of them being errors. */
-  expect?: number[];
-}
-
-interface Answer {
-  status: number;
-  headers: Record<string, string | string[] | undefined>;
-  text: string;
-}
-
-const RETRIES = 5;
-const RETRYABLE_STATUS = new Set([429, 500, 502, 503, 504]);
-
-class TransientError extends Error {
-  constructor(message: string, readonly retryAfterMs?: number) {
-    super(message);
-  }
-}
-
-function apiUrl(forgejo: Forgejo, call: Pick<Call, "path" | "root" | "query">): URL {
-  const base = call.root
-    ? `${forgejo.server}/api/v1`
-    : `${forgejo.server}/api/v1/repos/${forgejo.repo}`;
-  const url = new URL(`${base}${call.path}`);
-  for (const [key, value] of Object.entries(call.query ?? {})) url.searchParams.set(key, value);
-  return url;
-}
-
-/** Headers for a request to `url`: the token goes only to the Forgejo origin. */
-function headersFor(
-  forgejo: Forgejo,
-  url: URL,
-  extra: Record<string, string> = {},
-): Record<string, string> {
-  const headers: Record<string, string> = { accept: "application/json", ...extra };
-  if (forgejo.token && url.origin === forgejo.origin) {
-    headers.authorization = `token ${forgejo.token}`;
-  }
-  return headers;
-}
-
-/** One API call with bounded retries on connection errors, 5xx and 429. */
-async function api(forgejo: Forgejo, call: Call): Promise<Answer> {
-  const url = apiUrl(forgejo, call);
-  const what = `${call.method} ${url.pathname}`;
-  return await withRetries(what, async () => {
-    const body = call.json === undefined ? undefined : JSON.stringify(call.json);
-    const response = await send(
-      forgejo,
-      url,
-      call.method,
-      body,
-      body ? { "content-type": "application/json" } : {},
-    );
-    const answer = {
-      status: response.statusCode,
-      headers: response.headers,
-      text: await response.body.text(),
-    };
-    throwIfTransient(answer, what);
-    if (answer.status >= 300 && !(call.expect ?? []).includes(answer.status)) {
-      throw new ReleaseError(explainStatus(forgejo, answer, what));
-    }
-    return answer;
-  });
-}
-
-function send(
-  forgejo: Forgejo,
-  url: URL,
-  method: string,
-  body: string | Uint8Array | Readable | undefined,
-  headers: Record<string, string>,
-) {
-  return request(url, {
-    method: method as "GET",
-    body,
-    headers: headersFor(forgejo, url, headers),
-    dispatcher: forgejo.agent,
-  }).catch((error: Error & { code?: string }) => {
-    throw new TransientError(`${error.code ?? error.name}: ${error.message}`);
-  });
-}
-
-function throwIfTransient(answer: Answer, what: string): void {
-  if (!RETRYABLE_STATUS.has(answer.status)) return;
-  const said = serverMessage(answer.text);
-  throw new TransientError(
-    `Forgejo answered ${answer.status} for ${what}${said ? ` ("${said}")` : ""}`,
-    retryAfterMs(answer.headers["retry-after"]),
-  );
-}
-
-export function retryAfterMs(header: string | string[] | undefined): number | undefined {
-  const value = Array.isArray(header) ? header[0] : header;
-  if (!value) return undefined;
-  const seconds = Number(value);
-  const ms = Number.isFinite(seconds) ? seconds * 1000 : Date.parse(value) - Date.now();
-  return Number.isFinite(ms) ? Math.min(Math.max(ms, 0), 120_000) : undefined;
-}
-
-async function withRetries<T>(what: string, attempt: (n: number) => Promise<T>): Promise<T> {
-  for (let n = 1;; n++) {
-    try {
-      return await attempt(n);
-    } catch (error) {
-      if (!(error instanceof TransientError)) throw error;
-      if (n >= RETRIES) {
-        throw new ReleaseError(`${what} failed ${RETRIES} times (${error.message})`);
-      }
-      const backoff = error.retryAfterMs ?? 500 * 2 ** (n - 1) * (0.5 + Math.random());
-      log(
-        `${what}: ${error.message}; retrying in ${(backoff / 1000).toFixed(1)}s (${n}/${
-          RETRIES - 1
-        })`,
-      );
-      await new Promise((resolve) => setTimeout(resolve, backoff));
+/** `<out>.partial-*` directories a killed stage left: only plain files, never anything else. */
+async function removeAbandonedStages(out: string): Promise<void> {
+  const parent = path.dirname(out);
+  const prefix = `${path.basename(out)}.partial-`;
+  for (const entry of await fs.readdir(parent)) {
+    if (!entry.startsWith(prefix) || entry.length !== prefix.length + 6) continue;
+    const dir = path.join(parent, entry);
+    const stat = await fs.lstat(dir);
+    if (!stat.isDirectory()) continue;
+    const files = await fs.readdir(dir, { withFileTypes: true });
+    if (files.every((file) => file.isFile() && ASSET_NAME.test(file.name))) {
+      await fs.rm(dir, { recursive: true, force: true });
+      log(`Removed ${dir}, left by an interrupted stage`);
     }
   }
 }
 
-/** Forgejo's own error message, when the body is its JSON error (a proxy's HTML is not). */
-function serverMessage(text: string): string | undefined {
-  const parsed = v.safeParse(APIErrorSchema, safeJson(text));
-  return parsed.success && parsed.output.message ? parsed.output.message : undefined;
-}
-
-/** One line that says what failed and what to do about it. */
-export function explainStatus(
-  forgejo: Pick<Forgejo, "repo" | "server">,
-  answer: Pick<Answer, "status" | "text">,
-  what: string,
-): string {
-  const said = serverMessage(answer.text);
-  const quoted = said ? ` ("${said}")` : "";
-  switch (answer.status) {
-    case 401:
-      return `Forgejo answered 401 for ${what}${quoted}: the token is missing, wrong or expired; set FORGEJO_TOKEN (in a workflow the job's GITHUB_TOKEN is valid only while the job runs)`;
-    case 403:
-      return `Forgejo answered 403 for ${what}${quoted}: the token cannot write releases of ${forgejo.repo} (a personal token needs write:repository; the workflow token is read-only for pull requests from forks)`;
-    case 404:
-      return `Forgejo answered 404 for ${what}: ${forgejo.repo} was not found on ${forgejo.server}, or is not visible with this token; check --repo and the token`;
-    case 413:
-      return `Forgejo or its reverse proxy answered 413 for ${what}${quoted}: raise the proxy's body limit (nginx client_max_body_size) or the [quota] limit`;
-    default:
-      return `Forgejo answered ${answer.status} for ${what}${
-        quoted || `: ${answer.text.slice(0, 120).replace(/\s+/g, " ")}`
-      }`;
-  }
-}
-
-function parseAnswer<T>(
-  schema: v.GenericSchema<unknown, T>,
-  answer: Answer,
-  what: string,
-  forgejo: Forgejo,
-): T {
-  try {
-    return parseJson(schema, answer.text, `Forgejo's answer to ${what}`);
-  } catch (error) {
-    throw new ReleaseError(`${(error as Error).message}; is ${forgejo.server} a Forgejo server?`);
-  }
-}
-
-async function getJson<T>(
-  forgejo: Forgejo,
-  schema: v.GenericSchema<unknown, T>,
-  call: Call,
-): Promise<T> {
-  const answer = await api(forgejo, call);
-  return parseAnswer(schema, answer, `${call.method} ${call.path}`, forgejo);
-}
-
-/** Fails early, before a long build, when the server, repository or token is wrong. */
-async function checkForgejo(forgejo: Forgejo): Promise<Repository> {
-  const version = await api(forgejo, {
-    method: "GET",
-    path: "/version",
-    root: true,
-    expect: [404],
-  });
-  const parsed = version.status === 200
-    ? v.safeParse(ServerVersionSchema, safeJson(version.text))
-    : undefined;
-  if (!parsed?.success) {
-    throw new ReleaseError(
-      `${forgejo.server} does not look like Forgejo: GET /api/v1/version answered ${version.status} without a version; check --server (the base URL of the Forgejo instance)`,
-    );
-  }
-  const repo = await getJson(forgejo, RepositorySchema, { method: "GET", path: "" });
-  if (repo.permissions && repo.permissions.push === false) {
-    throw new ReleaseError(
-      `the token cannot write releases of ${forgejo.repo} (it has read access only): a personal token needs write:repository and a user with write access; the workflow token is read-only for pull requests from forks`,
-    );
-  }
-  log(`Forgejo ${parsed.output.version}, repository ${repo.full_name}`);
-  return repo;
-}
-
-function safeJson(text: string): unknown {
-  try {
-    return JSON.parse(text);
-  } catch {
-    return undefined;
-  }
-}
-
 // ---------------------------------------------------------------------------------------------
-// 7c. The release: find or create the draft, refuse what would change history
+// 7b. The release: find or create the draft, refuse what would change history
 // ---------------------------------------------------------------------------------------------
 
-async function refuseTagOnOtherCommit(forgejo: Forgejo, options: Options): Promise<void> {
-  const answer = await api(forgejo, {
-    method: "GET",
-    path: `/tags/${encodeURIComponent(options.tag)}`,
-    expect: [404],
-  });
-  if (answer.status === 404) return;
-  const tag = parseAnswer(TagSchema, answer, "GET /tags", forgejo);
-  if (tag.commit.sha !== options.commit) {
+async function refuseTagOnOtherCommit(forgejo: Forgejo, options: ReleaseOptions): Promise<void> {
+  const tag = await forgejo.tags.get(options.tag);
+  if (tag && tag.commit.sha !== options.commit) {
     throw new ReleaseError(
       `the tag ${options.tag} already points at ${tag.commit.sha}, not at ${options.commit}: a tag means one commit; release a new tag, or delete the old tag in Forgejo first`,
     );
   }
 }
 
-/** Drafts are visible to writers, but older servers hide them from the tag lookup. */
-async function findRelease(forgejo: Forgejo, tag: string): Promise<Release | undefined> {
-  const byTag = await api(forgejo, {
-    method: "GET",
-    path: `/releases/tags/${encodeURIComponent(tag)}`,
-    expect: [404],
-  });
-  if (byTag.status === 200) return parseAnswer(ReleaseSchema, byTag, "GET /releases/tags", forgejo);
-  for (let page = 1;; page++) {
-    const releases = await getJson(forgejo, ReleaseListSchema, {
-      method: "GET",
-      path: "/releases",
-      query: { draft: "true", page: String(page), limit: "50" },
-    });
-    const draft = releases.find((release) => release.tag_name.toLowerCase() === tag.toLowerCase());
-    // Stop at an empty page: a server may cap pages below the limit asked for.
-    if (draft || releases.length === 0) return draft;
-  }
-}
-
-async function findOrCreateRelease(
+async function findOrCreateDraft(
   forgejo: Forgejo,
-  options: Options,
+  options: ReleaseOptions,
   bundle: Bundle,
 ): Promise<Release> {
-  const existing = await findRelease(forgejo, options.tag);
-  if (existing) {
-    return await markPrerelease(forgejo, checkReleaseCommit(existing, options), options);
-  }
-  const create: CreateReleaseOption = {
+  const existing = await forgejo.releases.byTag(options.tag);
+  if (existing) return await adoptRelease(forgejo, existing, options);
+  const created = await forgejo.releases.create({
     tag_name: options.tag,
     // The commit SHA, never a branch: publishing makes the tag from it later.
     target_commitish: options.commit,
@@ -1479,44 +1867,35 @@ async function findOrCreateRelease(
     body: releaseBody(bundle.manifest, options),
     draft: true,
     prerelease: options.prerelease,
-  };
-  const created = await api(forgejo, {
-    method: "POST",
-    path: "/releases",
-    json: create,
-    expect: [409],
   });
-  if (created.status === 201) {
-    const release = parseAnswer(ReleaseSchema, created, "POST /releases", forgejo);
-    log(`Created draft release ${release.tag_name} (id ${release.id})`);
-    return release;
+  if (created) {
+    log(`Created draft release ${created.tag_name} (id ${created.id})`);
+    return created;
   }
   // Another job created it between our lookup and our POST: continue with theirs.
-  const raced = await findRelease(forgejo, options.tag);
+  const raced = await forgejo.releases.byTag(options.tag);
   if (!raced) {
     throw new ReleaseError(
       `Forgejo says a release for ${options.tag} exists but does not show it; rerun`,
     );
   }
   log(`Another run created ${options.tag} at the same time; continuing with it`);
-  return checkReleaseCommit(raced, options);
+  return await adoptRelease(forgejo, raced, options);
 }
 
-/** --prerelease also applies to a draft an earlier run created; a published release stays. */
-async function markPrerelease(
+/**
+ * Takes over a release made earlier (by a killed run, another job, or another tool). A draft
+ * makes its tag from target_commitish only when published, so a draft that names a branch or
+ * nothing is pinned to the built SHA first; one naming another SHA is refused.
+ */
+async function adoptRelease(
   forgejo: Forgejo,
   release: Release,
-  options: Options,
+  options: Pick<ReleaseOptions, "commit" | "prerelease" | "tag">,
 ): Promise<Release> {
-  if (!release.draft || release.prerelease === options.prerelease) return release;
-  const edit: EditReleaseOption = { prerelease: options.prerelease };
-  await api(forgejo, { method: "PATCH", path: `/releases/${release.id}`, json: edit });
-  return { ...release, prerelease: options.prerelease };
-}
-
-function checkReleaseCommit(release: Release, options: Options): Release {
-  const target = release.target_commitish;
-  if (/^[0-9a-f]{40,64}$/i.test(target) && target.toLowerCase() !== options.commit) {
+  const target = release.target_commitish.toLowerCase();
+  const names = /^[0-9a-f]{40}([0-9a-f]{24})?$/.test(target);
+  if (names && target !== options.commit) {
     throw new ReleaseError(
       `the release ${release.tag_name} is for commit ${target}, not ${options.commit}: a tag means one commit; release a new tag, or delete that release in Forgejo first`,
     );
@@ -1526,7 +1905,20 @@ function checkReleaseCommit(release: Release, options: Options): Release {
       release.draft ? "draft" : "published"
     } release ${release.tag_name} (id ${release.id}, ${release.assets.length} assets)`,
   );
-  return release;
+  if (!release.draft) return release;
+  const edit: EditReleaseOption = {
+    ...(names ? {} : { target_commitish: options.commit }),
+    ...(release.prerelease === options.prerelease ? {} : { prerelease: options.prerelease }),
+  };
+  if (Object.keys(edit).length === 0) return release;
+  if (edit.target_commitish) {
+    log(
+      `Pinned the draft to commit ${options.commit} (it named ${
+        JSON.stringify(release.target_commitish)
+      }, where its tag would land when published)`,
+    );
+  }
+  return await forgejo.releases.edit(release.id, edit);
 }
 
 /**
@@ -1537,6 +1929,11 @@ function checkReleaseCommit(release: Release, options: Options): Release {
 export type UploadRecord = Record<string, { id: number; size: number; sha256: string }>;
 
 const RECORD_PATTERN = /\n?<!-- release-boot:uploaded (\{.*?\}) -->\n?/s;
+
+const UploadRecordSchema = v.record(
+  v.string(),
+  v.object({ id: v.number(), size: v.number(), sha256: v.string() }),
+);
 
 export function readUploadRecord(body: string): UploadRecord {
   const match = body.match(RECORD_PATTERN);
@@ -1550,15 +1947,10 @@ export function withUploadRecord(body: string, record: UploadRecord): string {
   return `${text}\n\n<!-- release-boot:uploaded ${JSON.stringify(record)} -->\n`;
 }
 
-const UploadRecordSchema = v.record(
-  v.string(),
-  v.object({ id: v.number(), size: v.number(), sha256: v.string() }),
-);
-
 /** A copy's sha256 from the upload record, else (for older copies) from manifest.json. */
 async function readRecordedSums(forgejo: Forgejo, release: Release): Promise<RecordedSha> {
   const record = readUploadRecord(release.body);
-  const { manifest } = await readIndex(forgejo, release);
+  const manifest = unionManifest(await readIndex(forgejo, release));
   return (copy) => {
     const entry = record[copy.name];
     if (entry) return entry.id === copy.id ? entry.sha256 : undefined;
@@ -1572,91 +1964,48 @@ async function recordUpload(
   asset: BundleAsset,
   stored: Attachment,
 ): Promise<void> {
-  const release = await getJson(forgejo, ReleaseSchema, {
-    method: "GET",
-    path: `/releases/${releaseId}`,
-  });
+  const release = await forgejo.releases.get(releaseId);
   const record = readUploadRecord(release.body);
   record[asset.name] = { id: stored.id, size: stored.size, sha256: asset.sha256 };
-  const edit: EditReleaseOption = { body: withUploadRecord(release.body, record) };
-  await api(forgejo, { method: "PATCH", path: `/releases/${releaseId}`, json: edit });
+  await forgejo.releases.edit(releaseId, { body: withUploadRecord(release.body, record) });
 }
 
-/** Every copy of SHA256SUMS and manifest.json in a release, read back. */
+/** Every copy of SHA256SUMS and manifest.json in a release, read back, oldest first. */
 export interface RemoteIndex {
-  /** The union of every manifest.json copy (a newer copy wins per name), if any. */
-  manifest?: Manifest;
-  manifests: { copy: Attachment; manifest: Manifest }[];
+  manifests: { copy: Attachment; manifest: Manifest; sha256: string }[];
   sums: { copy: Attachment; text: string }[];
 }
 
 async function readIndex(forgejo: Forgejo, release: Release): Promise<RemoteIndex> {
-  const oldestFirst = [...release.assets].sort((a, b) => a.id - b.id);
-  const manifests = [];
-  const sums = [];
-  for (const copy of oldestFirst) {
+  const index: RemoteIndex = { manifests: [], sums: [] };
+  for (const copy of [...release.assets].sort((a, b) => a.id - b.id)) {
     if (copy.name === MANIFEST_NAME) {
-      const text = await downloadAsset(forgejo, copy);
+      const text = await forgejo.assets.text(copy);
       const manifest = parseJson(ManifestSchema, text, `${MANIFEST_NAME} of ${release.tag_name}`);
-      manifests.push({ copy, manifest });
+      index.manifests.push({ copy, manifest, sha256: sha256Hex(new TextEncoder().encode(text)) });
     } else if (copy.name === SUMS_NAME) {
-      sums.push({ copy, text: await downloadAsset(forgejo, copy) });
+      index.sums.push({ copy, text: await forgejo.assets.text(copy) });
     }
   }
-  const manifest = manifests.map((m) => m.manifest).reduce<Manifest | undefined>(
-    (union, next) => mergeManifests(union, next),
+  return index;
+}
+
+/** The union of every manifest.json copy (a newer copy wins per name), if any. */
+function unionManifest(index: RemoteIndex): Manifest | undefined {
+  return index.manifests.reduce<Manifest | undefined>(
+    (union, next) => mergeManifests(union, next.manifest),
     undefined,
   );
-  return { manifest, manifests, sums };
-}
-
-function downloadAsset(forgejo: Forgejo, copy: Attachment): Promise<string> {
-  return downloadText(forgejo, assetAddress(forgejo, copy));
-}
-
-/** The uuid form works for drafts and duplicate names alike; the tag form may not. */
-function assetAddress(forgejo: Forgejo, copy: Attachment): string {
-  return copy.uuid ? `${forgejo.server}/attachments/${copy.uuid}` : copy.browser_download_url;
-}
-
-/**
- * Downloads a small file, following redirects by hand so that a redirect to another host
- * (object storage) never carries the token.
- */
-async function downloadText(forgejo: Forgejo, address: string): Promise<string> {
-  let url = new URL(address, forgejo.server);
-  for (let hop = 0; hop < 5; hop++) {
-    const what = `GET ${url.pathname}`;
-    const answer = await withRetries(what, async () => {
-      const response = await send(forgejo, url, "GET", undefined, { accept: "*/*" });
-      const text = await response.body.text();
-      const result = { status: response.statusCode, headers: response.headers, text };
-      throwIfTransient(result, what);
-      return result;
-    });
-    const location = answer.headers.location;
-    if (answer.status >= 300 && answer.status < 400 && typeof location === "string") {
-      url = new URL(location, url);
-      continue;
-    }
-    if (answer.status !== 200) {
-      throw new ReleaseError(
-        `Forgejo answered ${answer.status} for ${what}: the release's own file cannot be read back; rerun, and check the token can read ${forgejo.repo}`,
-      );
-    }
-    return answer.text;
-  }
-  throw new ReleaseError(`too many redirects downloading ${address}`);
 }
 
 // ---------------------------------------------------------------------------------------------
-// 7d. What to upload: a pure plan from the local bundle and the release's current state
+// 7c. What to upload: a pure plan from the local bundle and the release's current state
 // ---------------------------------------------------------------------------------------------
 
 export type PlannedAction =
   /** Already there with the same size and checksum: `remove` lists stray copies to delete. */
   | { kind: "skip"; asset: BundleAsset; keep: Attachment; remove: Attachment[] }
-  /** Not there (or only partial/unverifiable copies in a draft, removed after the upload). */
+  /** Not there (or only partial/unverifiable copies, removed once the new index is in). */
   | { kind: "upload"; asset: BundleAsset; remove: Attachment[] }
   /** There with other bytes: refused unless --replace, which uploads then removes. */
   | { kind: "conflict"; asset: BundleAsset; remote: Attachment[]; remoteSha256?: string };
@@ -1691,7 +2040,7 @@ export function planUploads(
   });
 }
 
-function refuseConflicts(plan: PlannedAction[], release: Release, options: Options): void {
+function refuseConflicts(plan: PlannedAction[], release: Release, options: ReleaseOptions): void {
   const conflicts = plan.filter((action) => action.kind === "conflict");
   if (conflicts.length === 0) return;
   const first = conflicts[0];
@@ -1707,8 +2056,15 @@ function refuseConflicts(plan: PlannedAction[], release: Release, options: Optio
   );
 }
 
+/** What a failure part-way leaves behind, said as it is. */
+function whatIsLeft(release: Release): string {
+  return release.draft
+    ? "the release stays a draft: rerun the same command to resume"
+    : `the published release ${release.tag_name} still has its SHA256SUMS and every copy it lists (new copies may sit beside them): rerun the same command to finish`;
+}
+
 // ---------------------------------------------------------------------------------------------
-// 7e. Uploads: the raw file streamed with its exact length, the stored size checked
+// 7d. Uploads: the raw file streamed with its exact length, the stored size checked
 // ---------------------------------------------------------------------------------------------
 
 async function uploadPlanned(
@@ -1717,135 +2073,124 @@ async function uploadPlanned(
   plan: PlannedAction[],
 ): Promise<void> {
   const uploads = plan.filter((action) => action.kind === "upload");
-  const skipped = plan.filter((action) => action.kind === "skip");
-  for (const action of skipped) log(`${action.asset.name}: already in the release, skipped`);
-  let done = 0;
-  for (const action of uploads) {
+  for (const action of plan) {
+    if (action.kind === "skip") log(`${action.asset.name}: already in the release, skipped`);
+  }
+  for (const [done, action] of uploads.entries()) {
     try {
       const stored = await uploadAsset(forgejo, release.id, action.asset, release.assets);
       await recordUpload(forgejo, release.id, action.asset, stored);
     } catch (error) {
-      if (error instanceof ReleaseError) {
-        throw new ReleaseError(
-          `${error.message}; ${done} of ${uploads.length} uploads had finished and the release stays a draft: rerun the same command to resume`,
-        );
-      }
-      throw error;
+      if (!(error instanceof ReleaseError)) throw error;
+      throw new ReleaseError(
+        `${error.message}; ${done} of ${uploads.length} uploads had finished and ${
+          whatIsLeft(release)
+        }`,
+      );
     }
-    done++;
-  }
-  const strays = plan.flatMap((action) => action.kind === "conflict" ? [] : action.remove);
-  for (const stray of strays) {
-    await deleteAsset(forgejo, release.id, stray, "a stray or replaced copy");
   }
 }
 
-/** `existing`: the release's assets before this upload, to tell a retry's leftovers apart. */
+/**
+ * Uploads one asset, retrying a transient failure. A POST is not idempotent: the failed
+ * attempt may have been stored after all, so before sending again it looks, and keeps a
+ * complete copy that arrived or deletes a partial one. `before`: the release's assets
+ * before this upload, to tell this upload's copies from older ones.
+ */
 async function uploadAsset(
   forgejo: Forgejo,
   releaseId: number,
   asset: BundleAsset,
-  existing: Attachment[],
+  before: Attachment[],
 ): Promise<Attachment> {
-  const url = apiUrl(forgejo, {
-    path: `/releases/${releaseId}/assets`,
-    query: { name: asset.name },
-  });
   const what = `upload of ${asset.name} (${formatBytes(asset.size)})`;
-  return await withRetries(what, async (attempt) => {
-    // The failed attempt may have been stored after all: look before uploading again. Not
-    // for SHA256SUMS and manifest.json, whose new copies may be another job's; writeIndex
-    // tidies their copies itself.
-    if (attempt > 1 && asset.path) {
-      const now = await listAssets(forgejo, releaseId);
-      const arrived = now.filter((a) =>
-        a.name === asset.name && !existing.some((b) => b.id === a.id)
-      );
-      const complete = arrived.find((a) => a.size === asset.size);
-      if (complete) return complete;
-      for (const partial of arrived) {
-        await deleteAsset(forgejo, releaseId, partial, "a partial upload");
-      }
+  for (let attempt = 1;; attempt++) {
+    if (attempt > 1) {
+      const arrived = await copiesSince(forgejo, releaseId, asset, before);
+      if (arrived) return arrived;
     }
-    const body = asset.bytes ?? Readable.from(readWithProgress(asset));
-    const response = await send(forgejo, url, "POST", body, {
-      "content-type": "application/octet-stream",
-      "content-length": String(asset.size),
-    });
-    const answer = {
-      status: response.statusCode,
-      headers: response.headers,
-      text: await response.body.text(),
-    };
-    throwIfTransient(answer, `POST ${url.pathname}`);
-    if (answer.status !== 201) throw new ReleaseError(explainUploadFailure(forgejo, answer, asset));
-    const stored = parseAnswer(AttachmentSchema, answer, "POST /assets", forgejo);
-    if (stored.size !== asset.size) {
+    try {
+      const stored = await forgejo.assets.upload(releaseId, asset);
+      if (stored.size === asset.size) return stored;
       await deleteAsset(forgejo, releaseId, stored, "a truncated upload");
-      throw new TransientError(`Forgejo stored ${stored.size} of ${asset.size} bytes`);
+      throw new HttpError(`Forgejo stored ${stored.size} of ${asset.size} bytes`, true);
+    } catch (error) {
+      if (!(error instanceof HttpError) || !error.transient) throw error;
+      if (attempt >= TRIES) {
+        throw new ReleaseError(`${what} failed ${TRIES} times (${error.message})`);
+      }
+      const delay = backoffMs(forgejo.http, attempt, error.retryAfter);
+      log(
+        `${what}: ${error.message}; retrying in ${(delay / 1000).toFixed(1)}s (${attempt}/${
+          TRIES - 1
+        })`,
+      );
+      await sleep(delay);
     }
-    return stored;
-  });
+  }
 }
 
-function explainUploadFailure(forgejo: Forgejo, answer: Answer, asset: BundleAsset): string {
-  const said = serverMessage(answer.text);
-  if (answer.status === 413) {
-    return `the server or its reverse proxy refused ${asset.name} of ${asset.size} bytes (413${
-      said ? `: ${said}` : ""
-    }): raise the proxy's client_max_body_size or the [quota] limit, then rerun`;
+/** A complete copy of `asset` stored since `before` by a failed attempt; partial ones go. */
+async function copiesSince(
+  forgejo: Forgejo,
+  releaseId: number,
+  asset: BundleAsset,
+  before: Attachment[],
+): Promise<Attachment | undefined> {
+  const arrived = (await forgejo.assets.list(releaseId)).filter((copy) =>
+    copy.name === asset.name && !before.some((old) => old.id === copy.id)
+  );
+  for (const copy of arrived) {
+    // Index files may be another job's fresh copy: only identical bytes are ours.
+    const ours = copy.size === asset.size &&
+      (asset.path !== undefined ||
+        sha256Hex(new TextEncoder().encode(await forgejo.assets.text(copy))) === asset.sha256);
+    if (ours) {
+      log(`${asset.name}: the failed attempt was stored after all (id ${copy.id}); kept it`);
+      return copy;
+    }
+    if (asset.path !== undefined) {
+      await deleteAsset(forgejo, releaseId, copy, "a partial upload");
+    }
   }
-  if (answer.status === 400 && said && /type is not allowed/i.test(said)) {
-    return `Forgejo refuses the file type of ${asset.name} ("${said}"): allow it in [repository.release] ALLOWED_TYPES (empty allows every type), then rerun`;
-  }
-  return explainStatus(forgejo, answer, `upload of ${asset.name}`);
-}
-
-async function listAssets(forgejo: Forgejo, releaseId: number): Promise<Attachment[]> {
-  return await getJson(forgejo, AttachmentListSchema, {
-    method: "GET",
-    path: `/releases/${releaseId}/assets`,
-  });
+  return undefined;
 }
 
 async function deleteAsset(
   forgejo: Forgejo,
   releaseId: number,
-  asset: Attachment,
+  copy: Attachment,
   why: string,
 ): Promise<void> {
-  await api(forgejo, {
-    method: "DELETE",
-    path: `/releases/${releaseId}/assets/${asset.id}`,
-    expect: [404],
-  });
-  log(`Deleted ${why}: ${asset.name} (id ${asset.id}, ${asset.size} bytes)`);
+  await forgejo.assets.remove(releaseId, copy);
+  log(`Deleted ${why}: ${copy.name} (id ${copy.id}, ${copy.size} bytes)`);
 }
 
 /** Streams a file in 1 MiB chunks and shows progress: a bar on a terminal, a few lines in CI. */
 async function* readWithProgress(asset: BundleAsset): AsyncIterable<Uint8Array> {
-  const terminal = !inCI && Deno.stderr.isTerminal();
+  if (asset.path === undefined) throw new ReleaseError(`${asset.name} has no file to upload`);
+  const terminal = !output.ci && Deno.stderr.isTerminal();
   const large = asset.size >= 64 << 20;
   let sent = 0;
   let reported = 0;
-  for await (const chunk of createReadStream(asset.path!, { highWaterMark: READ_SIZE })) {
+  for await (const chunk of createReadStream(asset.path, { highWaterMark: READ_SIZE })) {
     sent += chunk.length;
     yield chunk;
     const percent = Math.floor((sent / asset.size) * 100);
     if (terminal && large) {
       const bar = "#".repeat(Math.floor(percent / 4)).padEnd(25, ".");
-      Deno.stderr.writeSync(new TextEncoder().encode(`\r${asset.name} [${bar}] ${percent}%`));
+      drawProgress(`\r${asset.name} [${bar}] ${percent}%`);
     } else if (large && percent >= reported + 25) {
       reported = percent - (percent % 25);
       log(`${asset.name}: ${reported}% of ${formatBytes(asset.size)}`);
     }
   }
-  if (terminal && large) Deno.stderr.writeSync(new TextEncoder().encode("\n"));
+  if (terminal && large) drawProgress("\n");
   if (sent !== asset.size) throw new ReleaseError(`${asset.path} changed size while uploading`);
 }
 
 // ---------------------------------------------------------------------------------------------
-// 7f. SHA256SUMS and manifest.json: the union of every job's assets, written until it holds
+// 7e. SHA256SUMS and manifest.json: the union of every job's assets, written until it holds
 // ---------------------------------------------------------------------------------------------
 
 /**
@@ -1867,110 +2212,158 @@ export function mergeManifests(remote: Manifest | undefined, local: Manifest): M
   };
 }
 
-/** True when `covering` lists every asset of `covered` with the same checksum. */
-function covers(covering: ManifestAsset[], covered: { name: string; sha256: string }[]): boolean {
-  return covered.every((asset) =>
-    covering.some((mine) => mine.name === asset.name && mine.sha256 === asset.sha256)
-  );
-}
-
-/** True when `covering` names every asset of `covered` (a --replace may change the bytes). */
-function namesAll(covering: ManifestAsset[], covered: { name: string }[]): boolean {
-  return covered.every((asset) => covering.some((mine) => mine.name === asset.name));
-}
-
-/** Exactly one SHA256SUMS and one manifest.json, agreeing, and holding `wanted`. */
-function indexSettled(index: RemoteIndex, wanted: ManifestAsset[]): boolean {
-  if (index.manifests.length !== 1 || index.sums.length !== 1) return false;
-  const remote = index.manifests[0].manifest.assets;
-  return covers(remote, wanted) && covers(wanted, remote) &&
-    index.sums[0].text === renderSums(remote);
+/** What keeps a release from being complete, in two kinds; both empty: it is complete. */
+export interface Judgement {
+  /** SHA256SUMS and manifest.json: once each, agreeing, listing what is wanted. */
+  index: string[];
+  /** The other assets: each there once, listed, with its listed size. */
+  assets: string[];
 }
 
 /**
- * Writes SHA256SUMS and manifest.json covering every asset, and re-reads until exactly one
- * of each is there. Jobs writing at once converge: each writes the union of every copy it
- * sees, and deletes only older manifest copies whose every name its own lists, so no job's
- * entries are lost.
+ * The one completeness judgement. `wanted`: the assets the index must list exactly (the
+ * union of every job's), or undefined to accept what manifest.json lists.
+ */
+export function judgeRelease(
+  assets: Pick<Attachment, "name" | "size">[],
+  index: Pick<RemoteIndex, "manifests" | "sums">,
+  wanted?: Pick<ManifestAsset, "name" | "sha256">[],
+): Judgement {
+  const problems: Judgement = { index: [], assets: [] };
+  const manifest = index.manifests.length === 1 ? index.manifests[0] : undefined;
+  const sums = index.sums.length === 1 ? index.sums[0] : undefined;
+  for (
+    const [name, count] of [[MANIFEST_NAME, index.manifests.length], [
+      SUMS_NAME,
+      index.sums.length,
+    ]] as const
+  ) {
+    if (count !== 1) {
+      problems.index.push(count === 0 ? `it has no ${name}` : `${name} is there ${count} times`);
+    }
+  }
+  if (!manifest) return problems;
+  const listed = manifest.manifest.assets;
+  if (sums && !sumsAgree(sums.text, listed, manifest.sha256)) {
+    problems.index.push(`${SUMS_NAME} does not agree with ${MANIFEST_NAME}`);
+  }
+  const same = (a: { name: string; sha256: string }, b: { name: string; sha256: string }) =>
+    a.name === b.name && a.sha256 === b.sha256;
+  for (const asset of wanted ?? []) {
+    if (!listed.some((entry) => same(entry, asset))) {
+      problems.index.push(`${SUMS_NAME} does not list ${asset.name} as built`);
+    }
+  }
+  for (const entry of wanted ? listed : []) {
+    if (!wanted?.some((asset) => same(entry, asset))) {
+      problems.index.push(`${SUMS_NAME} lists ${entry.name}, which is not wanted`);
+    }
+  }
+  const copies = new Map<string, number[]>();
+  for (const asset of assets) copies.set(asset.name, [...copies.get(asset.name) ?? [], asset.size]);
+  for (const [name, sizes] of copies) {
+    if (INDEX_NAMES.has(name)) continue;
+    if (sizes.length > 1) problems.assets.push(`${name} is there ${sizes.length} times`);
+    else if (!listed.some((entry) => entry.name === name)) {
+      problems.assets.push(`${name} is not covered by ${SUMS_NAME}`);
+    }
+  }
+  for (const entry of listed) {
+    const sizes = copies.get(entry.name);
+    if (!sizes) problems.assets.push(`${entry.name} is listed in ${SUMS_NAME} but missing`);
+    else if (sizes.length === 1 && sizes[0] !== entry.size) {
+      problems.assets.push(`${entry.name} has ${sizes[0]} bytes, not ${entry.size}`);
+    }
+  }
+  return problems;
+}
+
+/** SHA256SUMS lists every asset and manifest.json (releases before that did not list it). */
+function sumsAgree(text: string, assets: ManifestAsset[], manifestSha: string): boolean {
+  return text === renderSums([...assets, { name: MANIFEST_NAME, sha256: manifestSha }]) ||
+    text === renderSums(assets);
+}
+
+/** All problems of a judgement, as one list. */
+function problemsOf(judgement: Judgement): string[] {
+  return [...judgement.index, ...judgement.assets];
+}
+
+/**
+ * Writes SHA256SUMS and manifest.json covering every asset, re-reading until exactly one of
+ * each is there and lists what every job built; then removes the copies this run replaced.
+ * Jobs writing at once converge: each writes the union of every copy it sees, and deletes
+ * only older manifest copies whose every name its own lists, so no job's entries are lost.
  */
 async function writeIndex(
   forgejo: Forgejo,
-  releaseId: number,
+  draft: Release,
   bundle: Bundle,
-  options: Options,
-): Promise<Release> {
+  plan: PlannedAction[],
+  options: ReleaseOptions,
+): Promise<void> {
   for (let round = 1; round <= 8; round++) {
     // Jobs that collide back off by different amounts, so one of them settles first.
-    if (round > 1) await new Promise((resolve) => setTimeout(resolve, 100 + Math.random() * 400));
-    const release = await getJson(forgejo, ReleaseSchema, {
-      method: "GET",
-      path: `/releases/${releaseId}`,
-    });
+    if (round > 1) await sleep(100 + Math.random() * 400);
+    const release = await forgejo.releases.get(draft.id);
     const index = await readIndex(forgejo, release);
-    const merged = mergeManifests(index.manifest, bundle.manifest);
-    if (indexSettled(index, merged.assets)) {
+    const merged = mergeManifests(unionManifest(index), bundle.manifest);
+    if (judgeRelease(release.assets, index, merged.assets).index.length === 0) {
+      // Only now, with the new SHA256SUMS in, may the copies it no longer lists go.
+      const replaced = plan.flatMap((action) => action.kind === "conflict" ? [] : action.remove);
+      for (const copy of replaced) {
+        await deleteAsset(forgejo, release.id, copy, "a stray or replaced copy");
+      }
       await updateBody(forgejo, release, index.manifests[0].manifest, options);
-      return release;
+      return;
     }
-    const { sums, manifest } = newestIndexHolds(index, merged.assets) ??
-      await uploadIndex(forgejo, releaseId, merged, release.assets);
+    const newest = { manifests: index.manifests.slice(-1), sums: index.sums.slice(-1) };
+    const written = judgeRelease([], newest, merged.assets).index.length === 0
+      ? { manifest: newest.manifests[0].copy.id, sums: newest.sums[0].copy.id }
+      : await uploadIndex(forgejo, release, merged);
     const older = [
       ...index.manifests.filter((m) =>
-        m.copy.id < manifest.id && namesAll(merged.assets, m.manifest.assets)
+        m.copy.id < written.manifest &&
+        m.manifest.assets.every((asset) => merged.assets.some((mine) => mine.name === asset.name))
       ),
       // Older SHA256SUMS copies only restate manifests that were merged above.
-      ...index.sums.filter((s) => s.copy.id < sums.id),
+      ...index.sums.filter((s) => s.copy.id < written.sums),
     ];
-    for (const { copy } of older) await deleteAsset(forgejo, releaseId, copy, "an older index");
+    for (const { copy } of older) await deleteAsset(forgejo, release.id, copy, "an older index");
   }
   throw new ReleaseError(
-    `${SUMS_NAME} of ${options.tag} kept changing under this run (other jobs writing); rerun`,
+    `${SUMS_NAME} of ${options.tag} kept changing under this run (other jobs writing); ${
+      whatIsLeft(draft)
+    }`,
   );
 }
 
-/** The newest copies, when they already say what this run would write (another job wrote them). */
-function newestIndexHolds(
-  index: RemoteIndex,
-  wanted: ManifestAsset[],
-): { sums: Attachment; manifest: Attachment } | undefined {
-  const manifest = index.manifests.at(-1);
-  const sums = index.sums.at(-1);
-  if (!manifest || !sums) return undefined;
-  const same = covers(manifest.manifest.assets, wanted) &&
-    covers(wanted, manifest.manifest.assets) &&
-    sums.text === renderSums(wanted);
-  return same ? { sums: sums.copy, manifest: manifest.copy } : undefined;
-}
-
+/** manifest.json first, then SHA256SUMS, which lists the manifest's checksum too. */
 async function uploadIndex(
   forgejo: Forgejo,
-  releaseId: number,
+  release: Release,
   merged: Manifest,
-  existing: Attachment[],
-): Promise<{ sums: Attachment; manifest: Attachment }> {
+): Promise<{ manifest: number; sums: number }> {
   const fresh = bundleRelease([], merged);
-  // manifest.json first: every SHA256SUMS copy then has its manifest there to be merged from.
-  const manifest = await uploadAsset(forgejo, releaseId, fresh.manifestAsset, existing);
-  const sums = await uploadAsset(forgejo, releaseId, fresh.sums, existing);
+  const manifest = await uploadAsset(forgejo, release.id, fresh.manifestAsset, release.assets);
+  const sums = await uploadAsset(forgejo, release.id, fresh.sums, release.assets);
   log(`Wrote ${SUMS_NAME} and ${MANIFEST_NAME} covering ${merged.assets.length} assets`);
-  return { sums, manifest };
+  return { manifest: manifest.id, sums: sums.id };
 }
 
 async function updateBody(
   forgejo: Forgejo,
   release: Release,
   manifest: Manifest,
-  options: Options,
+  options: ReleaseOptions,
 ): Promise<void> {
   const body = withUploadRecord(releaseBody(manifest, options), readUploadRecord(release.body));
-  if (release.body === body) return;
-  const edit: EditReleaseOption = { body };
-  await api(forgejo, { method: "PATCH", path: `/releases/${release.id}`, json: edit });
+  if (release.body !== body) await forgejo.releases.edit(release.id, { body });
 }
 
 /** The release page, readably: what it is, where it came from, and how to check it. */
-export function releaseBody(manifest: Manifest, options: Pick<Options, "server" | "repo">): string {
-  const commitUrl = `${options.server}/${options.repo}/commit/${manifest.commit}`;
+export function releaseBody(manifest: Manifest, options: Pick<ReleaseOptions, "site">): string {
+  const commitUrl = `${options.site?.server}/${options.site?.repo}/commit/${manifest.commit}`;
   const lines = [
     `Boot images built from commit [${
       manifest.commit.slice(0, 12)
@@ -1997,58 +2390,23 @@ export function releaseBody(manifest: Manifest, options: Pick<Options, "server" 
 }
 
 // ---------------------------------------------------------------------------------------------
-// 7g. Publish once everything is there, then confirm it
+// 7f. Publish once everything is there, then confirm it
 // ---------------------------------------------------------------------------------------------
 
-/** Names the problems that keep a release from being complete; empty when it is. */
-export function incompleteness(
-  release: Pick<Release, "assets">,
-  index: Pick<RemoteIndex, "manifest" | "sums">,
-): string[] {
-  const manifest = index.manifest;
-  if (!manifest) return [`it has no ${MANIFEST_NAME}`];
-  const problems: string[] = [];
-  const sums = index.sums.at(-1);
-  if (!sums) problems.push(`it has no ${SUMS_NAME}`);
-  else if (sums.text !== renderSums(manifest.assets)) {
-    problems.push(`${SUMS_NAME} does not agree with ${MANIFEST_NAME}`);
-  }
-  const counts = new Map<string, Attachment[]>();
-  for (const asset of release.assets) {
-    counts.set(asset.name, [...counts.get(asset.name) ?? [], asset]);
-  }
-  for (const [name, copies] of counts) {
-    if (copies.length > 1) problems.push(`${name} is there ${copies.length} times`);
-    else if (!INDEX_NAMES.has(name) && !manifest.assets.some((asset) => asset.name === name)) {
-      problems.push(`${name} is not covered by ${SUMS_NAME}`);
-    }
-  }
-  for (const asset of manifest.assets) {
-    const copy = counts.get(asset.name)?.[0];
-    if (!copy) problems.push(`${asset.name} is listed in ${SUMS_NAME} but missing`);
-    else if (copy.size !== asset.size) {
-      problems.push(`${asset.name} has ${copy.size} bytes, not ${asset.size}`);
-    }
-  }
-  return problems;
-}
 /**
  * Publishes the draft once it is complete. When another job's assets are there but not yet
  * covered, that job is still writing: wait (up to --timeout) for it to cover them.
  */
 async function publishWhenComplete(
   forgejo: Forgejo,
-  indexed: Release,
-  options: Options,
+  draft: Release,
+  options: ReleaseOptions,
 ): Promise<Release> {
-  const deadline = Date.now() + options.timeoutSeconds * 1000;
+  const deadline = Date.now() + options.http.timeoutMs;
   for (let waited = false;; waited = true) {
-    if (waited) await new Promise((resolve) => setTimeout(resolve, 1000));
-    const release = await getJson(forgejo, ReleaseSchema, {
-      method: "GET",
-      path: `/releases/${indexed.id}`,
-    });
-    const problems = incompleteness(release, await readIndex(forgejo, release));
+    if (waited) await sleep(1000);
+    const release = await forgejo.releases.get(draft.id);
+    const problems = problemsOf(judgeRelease(release.assets, await readIndex(forgejo, release)));
     if (problems.length === 0) {
       if (release.draft && !options.draft) return await publishDraft(forgejo, release);
       if (release.draft) {
@@ -2072,13 +2430,10 @@ async function publishWhenComplete(
     if (!waited) log(`Waiting for another job to finish ${options.tag}: ${problems.join("; ")}`);
   }
 }
+
 async function publishDraft(forgejo: Forgejo, release: Release): Promise<Release> {
-  const edit: EditReleaseOption = { draft: false };
-  await api(forgejo, { method: "PATCH", path: `/releases/${release.id}`, json: edit });
-  const published = await getJson(forgejo, ReleaseSchema, {
-    method: "GET",
-    path: `/releases/${release.id}`,
-  });
+  await forgejo.releases.edit(release.id, { draft: false });
+  const published = await forgejo.releases.get(release.id);
   if (published.draft) {
     throw new ReleaseError(`Forgejo did not publish ${release.tag_name}; rerun to try again`);
   }
@@ -2087,28 +2442,31 @@ async function publishDraft(forgejo: Forgejo, release: Release): Promise<Release
 }
 
 /** The last job of a matrix: no build, just check the assembled draft and publish it. */
-async function finalizeRelease(forgejo: Forgejo, options: Options): Promise<void> {
-  const found = await findRelease(forgejo, options.tag);
-  const release = found && checkReleaseCommit(found, options);
-  if (!release) {
+async function finalizeRelease(
+  forgejo: Forgejo,
+  options: ReleaseOptions,
+  env: Env,
+): Promise<void> {
+  const found = await forgejo.releases.byTag(options.tag);
+  if (!found) {
     throw new ReleaseError(
       `there is no release ${options.tag} to finalize: run the build jobs first (with --draft)`,
     );
   }
   await refuseTagOnOtherCommit(forgejo, options);
+  const release = await adoptRelease(forgejo, found, options);
   const index = await readIndex(forgejo, release);
-  const problems = incompleteness(release, index);
+  const problems = problemsOf(judgeRelease(release.assets, index));
   if (problems.length > 0) {
     throw new ReleaseError(
       `release ${options.tag} is not complete, so it stays a draft: ${problems.join("; ")}`,
     );
   }
   const published = release.draft ? await publishDraft(forgejo, release) : release;
-  const bundle = bundleRelease([], index.manifest!);
-  await reportRelease(published, bundle, Deno.env.toObject());
+  await reportRelease(published, index.manifests[0].manifest, env);
 }
 
-async function reportRelease(release: Release, bundle: Bundle, env: Env): Promise<void> {
+async function reportRelease(release: Release, manifest: Manifest, env: Env): Promise<void> {
   if (env.GITHUB_OUTPUT) {
     await fs.appendFile(
       env.GITHUB_OUTPUT,
@@ -2116,7 +2474,7 @@ async function reportRelease(release: Release, bundle: Bundle, env: Env): Promis
     );
   }
   if (env.GITHUB_STEP_SUMMARY) {
-    const rows = bundle.manifest.assets.map((a) =>
+    const rows = manifest.assets.map((a) =>
       `| ${a.name} | ${formatBytes(a.size)} | \`${a.sha256}\` |`
     );
     await fs.appendFile(
@@ -2132,16 +2490,16 @@ async function reportRelease(release: Release, bundle: Bundle, env: Env): Promis
     );
   }
   log(`Release ${release.tag_name}${release.draft ? " (draft)" : ""}: ${release.html_url}`);
-  console.log(release.html_url);
+  result(release.html_url);
 }
-
-// ---------------------------------------------------------------------------------------------
-
 // ---------------------------------------------------------------------------------------------
 // 8. fetch: a published release laid out for booting, every byte checked before it is kept
 // ---------------------------------------------------------------------------------------------
 
-async function fetchForBoot(forgejo: Forgejo, options: Options): Promise<void> {
+async function fetchForBoot(options: FetchOptions, env: Env): Promise<void> {
+  // A mirror serves public files; the primary server's token has no business there.
+  const token = mirrorOf(options.site.server, options.mirrors) ? undefined : readToken(env);
+  const forgejo = connectForgejo(options.site, token, options);
   const release = await step("Find the release", () => findBootRelease(forgejo, options.tag));
   const { manifest, sums } = await readPublishedIndex(forgejo, release);
   const wanted = chooseAssets(manifest, sums, options.targets, options.system, release.tag_name);
@@ -2154,38 +2512,27 @@ async function fetchForBoot(forgejo: Forgejo, options: Options): Promise<void> {
   log(
     `${release.tag_name}: ${wanted.length} files verified in ${out}; serve it over HTTP and chain netboot.ipxe`,
   );
-  console.log(out);
+  result(out);
 }
 
 /** `latest` is the newest published boot-v* release: never a draft, pre-release or boot-dev. */
 async function findBootRelease(forgejo: Forgejo, tag: string): Promise<Release> {
   if (tag === "latest") {
-    for (let page = 1;; page++) {
-      const releases = await getJson(forgejo, ReleaseListSchema, {
-        method: "GET",
-        path: "/releases",
-        query: { draft: "false", "pre-release": "false", page: String(page), limit: "50" },
-      });
-      const found = releases.find((r) =>
-        r.tag_name.startsWith("boot-v") && !r.draft && !r.prerelease
-      );
-      if (found) return found;
-      if (releases.length === 0) {
-        throw new ReleaseError(`${forgejo.repo} has no published boot-v* release yet; pass --tag`);
-      }
+    const published = await forgejo.releases.list({ draft: false, prerelease: false });
+    const found = published.find((r) =>
+      r.tag_name.startsWith("boot-v") && !r.draft && !r.prerelease
+    );
+    if (!found) {
+      throw new ReleaseError(`${forgejo.repo} has no published boot-v* release yet; pass --tag`);
     }
+    return found;
   }
-  const answer = await api(forgejo, {
-    method: "GET",
-    path: `/releases/tags/${encodeURIComponent(tag)}`,
-    expect: [404],
-  });
-  if (answer.status === 404) {
+  const release = await forgejo.releases.byTag(tag);
+  if (!release) {
     throw new ReleaseError(
       `${forgejo.repo} has no release ${tag} that this token can see; check --tag`,
     );
   }
-  const release = parseAnswer(ReleaseSchema, answer, "GET /releases/tags", forgejo);
   if (release.draft) {
     throw new ReleaseError(`${tag} is still a draft: publish it before booting from it`);
   }
@@ -2197,13 +2544,14 @@ async function readPublishedIndex(
   release: Release,
 ): Promise<{ manifest: Manifest; sums: Map<string, string> }> {
   const index = await readIndex(forgejo, release);
+  const manifest = unionManifest(index);
   const newestSums = index.sums.at(-1);
-  if (!index.manifest || !newestSums) {
+  if (!manifest || !newestSums) {
     throw new ReleaseError(
       `${release.tag_name} has no ${SUMS_NAME} and ${MANIFEST_NAME}: it was not made by release-boot, or not finished; nothing can be verified`,
     );
   }
-  return { manifest: index.manifest, sums: parseSums(newestSums.text) };
+  return { manifest, sums: parseSums(newestSums.text) };
 }
 
 /** The assets of the chosen targets, each with the checksum SHA256SUMS gives it. */
@@ -2256,7 +2604,7 @@ async function downloadVerified(
   // The checksum is in the name, so a part left by another release is never resumed.
   const part = `${final}.${asset.sha256.slice(0, 16)}.part`;
   await removeStaleParts(out, asset.name, part);
-  await withRetries(`download of ${asset.name}`, () => downloadToPart(forgejo, copy, part));
+  await downloadToPart(forgejo, copy, part);
   const got = await hashFile(part);
   if (got.sha256 !== asset.sha256) {
     await fs.rm(part, { force: true });
@@ -2277,51 +2625,46 @@ async function removeStaleParts(out: string, name: string, keep: string): Promis
   }
 }
 
-/** One GET of an asset into `part`, from where it stopped, following redirects by hand. */
+/**
+ * One GET of an asset into `part`, from where an earlier run stopped. The client's
+ * interceptors follow redirects (without the token off the Forgejo origin) and retry.
+ */
 async function downloadToPart(forgejo: Forgejo, copy: Attachment, part: string): Promise<void> {
   const have = (await fs.stat(part).catch(() => undefined))?.size ?? 0;
-  let url = new URL(assetAddress(forgejo, copy));
-  for (let hop = 0; hop < 5; hop++) {
-    const headers: Record<string, string> = { accept: "*/*" };
-    if (have > 0) headers.range = `bytes=${have}-`;
-    const response = await send(forgejo, url, "GET", undefined, headers);
-    const location = response.headers.location;
-    if (response.statusCode >= 300 && response.statusCode < 400 && typeof location === "string") {
-      await response.body.dump();
-      url = new URL(location, url);
-      continue;
-    }
-    if (response.statusCode === 416 && have > 0) {
-      await response.body.dump();
-      return; // The part already holds every byte; the checksum decides.
-    }
-    if (response.statusCode !== 200 && response.statusCode !== 206) {
-      const answer = {
-        status: response.statusCode,
-        headers: response.headers,
-        text: await response.body.text(),
-      };
-      throwIfTransient(answer, `GET ${url.pathname}`);
-      throw new ReleaseError(explainStatus(forgejo, answer, `download of ${copy.name}`));
-    }
-    const range = String(response.headers["content-range"] ?? "");
-    if (response.statusCode === 206 && !range.startsWith(`bytes ${have}-`)) {
-      await response.body.dump();
-      await fs.rm(part, { force: true });
-      throw new TransientError(
-        `the server resumed at ${range || "an unknown offset"}, not at ${have}`,
-      );
-    }
-    if (have > 0 && response.statusCode === 206) {
-      log(`${copy.name}: resuming after ${formatBytes(have)}`);
-    }
-    const flags = response.statusCode === 206 ? "a" : "w";
-    await pipeline(response.body, createWriteStream(part, { flags })).catch((error: Error) => {
-      throw new TransientError(`the download stopped: ${error.message}`);
-    });
-    return;
+  const response = await forgejo.assets.open(copy, have).catch((error: Error) => {
+    throw new ReleaseError(
+      `the download of ${copy.name} failed (${error.message}); rerun to resume`,
+    );
+  });
+  if (response.statusCode === 416 && have > 0) {
+    await response.body.dump();
+    return; // The part already holds every byte; the checksum decides.
   }
-  throw new ReleaseError(`too many redirects downloading ${copy.name}`);
+  if (response.statusCode !== 200 && response.statusCode !== 206) {
+    const text = await readCapped(response.body, MAX_API_BODY, `GET ${copy.name}`);
+    throw new ReleaseError(
+      explainStatus(forgejo, { status: response.statusCode, text }, `download of ${copy.name}`),
+    );
+  }
+  const range = String(response.headers["content-range"] ?? "");
+  if (response.statusCode === 206 && !range.startsWith(`bytes ${have}-`)) {
+    await response.body.dump();
+    await fs.rm(part, { force: true });
+    throw new ReleaseError(
+      `the server resumed ${copy.name} at ${
+        range || "an unknown offset"
+      }, not at ${have}; rerun to download it whole`,
+    );
+  }
+  if (have > 0 && response.statusCode === 206) {
+    log(`${copy.name}: resuming after ${formatBytes(have)}`);
+  }
+  const flags = response.statusCode === 206 ? "a" : "w";
+  await pipeline(response.body, createWriteStream(part, { flags })).catch((error: Error) => {
+    throw new ReleaseError(
+      `the download of ${copy.name} stopped (${error.message}); rerun to resume`,
+    );
+  });
 }
 
 /**
@@ -2362,7 +2705,7 @@ if (import.meta.main) {
       ? (error as Error).message
       : `unexpected error: ${(error as Error)?.stack ?? error}`;
     log(`release-boot: ${message}`);
-    if (inCI) log(`::error::${message.split("\n")[0]}`);
+    if (output.ci) log(`::error::${message.split("\n")[0]}`);
     Deno.exit(error instanceof UsageError ? 2 : 1);
   }
 }

@@ -5,7 +5,7 @@ import {
   type BundleAsset,
   chooseAssets,
   explainStatus,
-  incompleteness,
+  judgeRelease,
   mergeManifests,
   mirrorOf,
   parseHydraBuildProducts,
@@ -228,38 +228,62 @@ Deno.test("merge keeps other jobs' assets and this run's own entries", () => {
   ]]);
 });
 
-Deno.test("a release is complete only when every asset is there once and covered", () => {
+Deno.test("one judgement: complete only when the index is there once, agrees, and covers every asset once", () => {
   const record = manifest([{ name: "a.iso", size: 10, sha256: SHA_A }]);
-  const sums = [{ copy: attachment(8, "SHA256SUMS", 80), text: renderSums(record.assets) }];
-  const index = { manifest: record, sums };
+  const manifestSha = SHA_B;
+  const manifests = [{
+    copy: attachment(9, "manifest.json", 900),
+    manifest: record,
+    sha256: manifestSha,
+  }];
+  const listing = renderSums([...record.assets, { name: "manifest.json", sha256: manifestSha }]);
+  const sums = [{ copy: attachment(8, "SHA256SUMS", 80), text: listing }];
+  const index = { manifests, sums };
   const indexFiles = [attachment(8, "SHA256SUMS", 80), attachment(9, "manifest.json", 900)];
   const iso = attachment(1, "a.iso", 10);
-  assert.deepEqual(incompleteness({ assets: [iso, ...indexFiles] }, index), []);
-  assert.deepEqual(incompleteness({ assets: indexFiles }, index), [
-    "a.iso is listed in SHA256SUMS but missing",
-  ]);
+  const judge = (...args: Parameters<typeof judgeRelease>) => {
+    const { index, assets } = judgeRelease(...args);
+    return [...index, ...assets];
+  };
+  assert.deepEqual(judge([iso, ...indexFiles], index), []);
+  assert.deepEqual(judge(indexFiles, index), ["a.iso is listed in SHA256SUMS but missing"]);
   assert.deepEqual(
-    incompleteness({ assets: [iso, attachment(2, "x.img", 1), ...indexFiles] }, index),
+    judge([iso, attachment(2, "x.img", 1), ...indexFiles], index),
     ["x.img is not covered by SHA256SUMS"],
   );
   assert.deepEqual(
-    incompleteness({ assets: [iso, attachment(2, "a.iso", 10), ...indexFiles] }, index),
+    judge([iso, attachment(2, "a.iso", 10), ...indexFiles], index),
     ["a.iso is there 2 times"],
   );
+  assert.deepEqual(judge([attachment(1, "a.iso", 9), ...indexFiles], index), [
+    "a.iso has 9 bytes, not 10",
+  ]);
+  assert.deepEqual(judge([iso, ...indexFiles], { manifests, sums: [] }), ["it has no SHA256SUMS"]);
+  assert.deepEqual(judge([iso, ...indexFiles], { manifests, sums: [...sums, ...sums] }), [
+    "SHA256SUMS is there 2 times",
+  ]);
   assert.deepEqual(
-    incompleteness({ assets: [iso, ...indexFiles] }, { manifest: record, sums: [] }),
-    ["it has no SHA256SUMS"],
-  );
-  assert.deepEqual(
-    incompleteness({ assets: [iso, ...indexFiles] }, {
-      manifest: record,
+    judge([iso, ...indexFiles], {
+      manifests,
       sums: [{ copy: sums[0].copy, text: `${SHA_B}  a.iso\n` }],
     }),
     ["SHA256SUMS does not agree with manifest.json"],
   );
-  assert.deepEqual(incompleteness({ assets: [iso] }, { manifest: undefined, sums: [] }), [
+  assert.deepEqual(judge([iso], { manifests: [], sums: [] }), [
     "it has no manifest.json",
+    "it has no SHA256SUMS",
   ]);
+  // What every job built must be listed, with the checksum it built.
+  const wanted = [{ name: "a.iso", sha256: SHA_A }, { name: "b.img", sha256: SHA_A }];
+  assert.deepEqual(judgeRelease([iso, ...indexFiles], index, wanted).index, [
+    "SHA256SUMS does not list b.img as built",
+  ]);
+  assert.deepEqual(judgeRelease([iso, ...indexFiles], index, []).index, [
+    "SHA256SUMS lists a.iso, which is not wanted",
+  ]);
+  // Releases from before manifest.json was listed in SHA256SUMS stay complete.
+  const older = [{ copy: sums[0].copy, text: renderSums(record.assets) }];
+  assert.deepEqual(judge([iso, ...indexFiles], { manifests, sums: older }), []);
 });
 
 Deno.test("servers on the mirror list are matched as URLs", () => {
@@ -318,7 +342,7 @@ Deno.test("the release body links the commit and lists inputs, sizes and sums", 
       },
       ciRun: "https://git.example.org/ops/runners/actions/runs/7",
     }),
-    { server: "https://git.example.org", repo: "ops/runners" },
+    { site: { server: "https://git.example.org", repo: "ops/runners" } },
   );
   assert.match(
     body,
@@ -339,20 +363,22 @@ Deno.test("options: a tag push names the release, other runs get a boot-dev pre-
     GITHUB_RUN_ID: "42",
   };
   const tagged = await readOptions([], ci);
+  assert(tagged.command === "release");
   assert.equal(tagged.tag, "boot-v1.0.0");
   assert.equal(tagged.prerelease, false);
-  assert.equal(tagged.server, "https://git.example.org");
-  assert.equal(tagged.publish, true);
+  assert.deepEqual(tagged.site, { server: "https://git.example.org", repo: "ops/runners" });
   assert.equal(tagged.ciRun, "https://git.example.org/ops/runners/actions/runs/42");
   const dispatched = await readOptions([], {
     ...ci,
     GITHUB_REF_TYPE: "branch",
     GITHUB_REF_NAME: "main",
   });
+  assert(dispatched.command === "release");
   assert.equal(dispatched.tag, "boot-dev-0123456789ab");
   assert.equal(dispatched.prerelease, true);
   const local = await readOptions(["--commit", COMMIT.toUpperCase(), "--targets", "netboot"], {});
-  assert.deepEqual([local.commit, local.targets, local.publish, local.out], [
+  assert(local.command === "release");
+  assert.deepEqual([local.commit, local.targets, local.site !== undefined, local.out], [
     COMMIT,
     ["netboot"],
     false,

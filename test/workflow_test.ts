@@ -71,7 +71,8 @@ Deno.test("what the step runs is accepted by release-boot's flag parser, for dis
     GITHUB_REF_TYPE: "branch",
     GITHUB_REF_NAME: "main",
   });
-  assert.deepEqual([options.tag, options.targets, options.publish], [
+  assert(options.command === "release");
+  assert.deepEqual([options.tag, options.targets, options.site !== undefined], [
     "boot-v1.2.0",
     ["netboot"],
     true,
@@ -84,6 +85,7 @@ Deno.test("what the step runs is accepted by release-boot's flag parser, for dis
     GITHUB_REF_TYPE: "tag",
     GITHUB_REF_NAME: "boot-v2.0.0",
   });
+  assert(tagged.command === "release");
   assert.equal(tagged.tag, "boot-v2.0.0");
   assert.equal(tagged.prerelease, false);
 });

@@ -205,6 +205,7 @@ async function exerciseEveryRoute(em: Emulator): Promise<Bodies> {
 
   await noContent(send("DELETE", `${assets}/${link.id}`));
   await noContent(send("DELETE", `${base}/releases/${draft.id}`));
+  await noContent(send("DELETE", `${base}/releases/tags/boot-v0`));
   await noContent(send("DELETE", `${base}/tags/boot-v1`));
   return bodies;
 }

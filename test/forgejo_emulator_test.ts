@@ -11,6 +11,8 @@ import { type Emulator, type EmulatorOptions, startForgejo } from "./forgejo/emu
 const TOKEN = "test-token";
 const BUILT_SHA = "1111111111111111111111111111111111111111";
 const OTHER_SHA = "2222222222222222222222222222222222222222";
+// The emulator's default HEAD of "main".
+const DEFAULT_SHA = "3f786850e387550fdab836ed7e6dc881de23001b";
 
 interface Answer {
   status: number;
@@ -378,5 +380,293 @@ Deno.test("status faults answer without doing the work; hang faults never answer
     const hung = fetch(`${em.url}/api/v1/version`, { signal: AbortSignal.timeout(200) });
     await assert.rejects(hung);
     assert.equal(em.requests.at(-1)?.status, 0);
+  });
+});
+
+/** A time as Forgejo renders it: RFC 3339 in whole seconds. */
+function rfc3339(date: Date): string {
+  return date.toISOString().replace(/\.\d{3}Z$/, "Z");
+}
+
+Deno.test("setNow stamps releases and assets, and the list orders by those times", async () => {
+  const tenDaysAgo = new Date(Math.floor(Date.now() / 1000) * 1000 - 10 * 24 * 3600_000);
+  await withForgejo({}, async (em) => {
+    const current = await createRelease(em, { tag_name: "boot-v2" });
+    em.setNow(tenDaysAgo);
+    const old = await createRelease(em, { tag_name: "boot-v1" });
+    const asset = (await upload(em, old.id, "boot.iso", bytesOf("iso"))).json;
+    const draft = await createRelease(em, { tag_name: "boot-v3", draft: true });
+    for (const stamp of [old.created_at, old.published_at, asset.created_at, draft.created_at]) {
+      assert.equal(stamp, rfc3339(tenDaysAgo));
+    }
+    const byTime = await call(em, "GET", "/releases");
+    assert.deepEqual(byTime.json.map((r: { tag_name: string }) => r.tag_name), [
+      "boot-v2",
+      "boot-v3", // same second as boot-v1: the higher id comes first
+      "boot-v1",
+    ]);
+
+    em.setNow();
+    const published = await call(em, "PATCH", `/releases/${draft.id}`, { json: { draft: false } });
+    const publishedAt = Date.parse(published.json.published_at);
+    assert.ok(Math.abs(publishedAt - Date.now()) < 5_000, published.json.published_at);
+    assert.ok(publishedAt >= Date.parse(current.created_at));
+    const afterPublish = await call(em, "GET", "/releases");
+    assert.equal(afterPublish.json[0].tag_name, "boot-v3");
+  });
+});
+
+Deno.test("EmulatorOptions.now is the clock setNow() without a date returns to", async () => {
+  const start = new Date("2026-01-02T03:04:05Z");
+  await withForgejo({ now: () => start }, async (em) => {
+    assert.equal((await createRelease(em, { tag_name: "v1" })).created_at, "2026-01-02T03:04:05Z");
+    em.setNow(new Date("2025-06-07T08:09:10.999Z"));
+    assert.equal((await createRelease(em, { tag_name: "v2" })).created_at, "2025-06-07T08:09:10Z");
+    em.setNow();
+    assert.equal((await createRelease(em, { tag_name: "v3" })).created_at, "2026-01-02T03:04:05Z");
+  });
+});
+
+Deno.test("ignorePaging answers page 1 whatever page is asked, with headers as if it paged", async () => {
+  await withForgejo({ ignorePaging: true }, async (em) => {
+    for (const tag of ["v1", "v2", "v3"]) await createRelease(em, { tag_name: tag });
+    const first = await call(em, "GET", "/releases?limit=2");
+    const second = await call(em, "GET", "/releases?limit=2&page=2");
+    for (const page of [first, second]) {
+      assert.deepEqual(page.json.map((r: { tag_name: string }) => r.tag_name), ["v3", "v2"]);
+      assert.equal(page.headers.get("x-total-count"), "3");
+    }
+    assert.match(first.headers.get("link") ?? "", /[?&]page=2>; rel="next"/);
+    const secondLink = second.headers.get("link") ?? "";
+    assert.match(secondLink, /[?&]page=1>; rel="prev"/);
+    assert.doesNotMatch(secondLink, /rel="next"/);
+  });
+});
+
+Deno.test("a trickle fault sends the status and headers at once, then the normal body slowly", async () => {
+  await withForgejo({}, async (em) => {
+    const version = `${em.url}/api/v1/version`;
+    const normal = await call(em, "GET", version);
+    em.addFault({ path: "/version", fault: { kind: "trickle", bytesPerSecond: 100 } });
+    const started = performance.now();
+    const res = await fetch(version);
+    const headersMs = performance.now() - started;
+    assert.equal(res.status, 200);
+    assert.equal(res.headers.get("content-length"), String(normal.text.length));
+    assert.equal(await res.text(), normal.text);
+    const bodyMs = performance.now() - started;
+    assert.ok(headersMs < 200, `headers took ${headersMs} ms`);
+    // 34 bytes at 100 bytes a second: 10-byte pieces 100 ms apart.
+    assert.ok(bodyMs >= 250, `the body took only ${bodyMs} ms`);
+  });
+});
+
+Deno.test("a trickle fault at its default pace sends one byte a second until close()", async () => {
+  const em = await startForgejo({});
+  let reading: Promise<unknown> | undefined;
+  try {
+    em.addFault({ path: "/releases", fault: { kind: "trickle" } });
+    const res = await fetch(`${em.url}/api/v1/repos/ops/runners/releases`);
+    assert.equal(res.status, 200);
+    const reader = res.body!.getReader();
+    assert.equal((await reader.read()).value?.length, 1);
+    reading = reader.read();
+    const quiet = new Promise((resolve) => setTimeout(() => resolve("nothing yet"), 500));
+    assert.equal(await Promise.race([reading, quiet]), "nothing yet");
+  } finally {
+    await em.close();
+  }
+  // The socket is gone: the unfinished body fails instead of waiting forever.
+  await assert.rejects(reading!);
+});
+
+Deno.test("a huge fault streams that many bytes, chunked, or with declareLength a Content-Length", async () => {
+  await withForgejo({}, async (em) => {
+    const size = 64 * 1024 * 1024 + 5;
+    em.addFault({ method: "GET", path: /\/releases$/, fault: { kind: "huge", bytes: size } });
+    const res = await fetch(`${em.url}/api/v1/repos/ops/runners/releases`);
+    assert.equal(res.status, 200);
+    assert.equal(res.headers.get("content-length"), null);
+    assert.match(res.headers.get("content-type") ?? "", /application\/json/);
+    let total = 0;
+    let start = "";
+    for await (const chunk of res.body!) {
+      if (start.length < 19) start += new TextDecoder().decode(chunk.subarray(0, 19));
+      total += chunk.length;
+    }
+    assert.equal(total, size);
+    assert.ok(start.startsWith('[{"id":1},{"id":1},'), start);
+
+    em.addFault({
+      path: "/version",
+      fault: { kind: "huge", bytes: 1000, declareLength: true, contentType: "text/plain" },
+    });
+    const declared = await fetch(`${em.url}/api/v1/version`);
+    assert.equal(declared.headers.get("content-length"), "1000");
+    assert.equal(declared.headers.get("content-type"), "text/plain");
+    assert.equal((await declared.bytes()).length, 1000);
+    assert.throws(() => em.addFault({ path: "/", fault: { kind: "huge", bytes: -1 } }));
+  });
+});
+
+Deno.test("a huge fault's body is made as it is read: a client may stop early", async () => {
+  await withForgejo({}, async (em) => {
+    em.addFault({ path: "/version", fault: { kind: "huge", bytes: Number.MAX_SAFE_INTEGER } });
+    const res = await fetch(`${em.url}/api/v1/version`);
+    const reader = res.body!.getReader();
+    let read = 0;
+    while (read < 1024 * 1024) read += (await reader.read()).value!.length;
+    await reader.cancel();
+    // A body of 8 PiB was never built: the emulator still answers at once.
+    const after = await call(em, "GET", `${em.url}/api/v1/version`);
+    assert.equal(after.status, 200);
+  });
+});
+
+Deno.test("a store-then-reset fault stores the whole upload and drops the answer", async () => {
+  await withForgejo({}, async (em) => {
+    const rel = await createRelease(em, { tag_name: "boot-v1" });
+    em.addFault({
+      path: "/assets",
+      query: { name: "boot.iso" },
+      fault: { kind: "store-then-reset" },
+    });
+    // Only an upload uses the fault up.
+    assert.equal((await call(em, "GET", `/releases/${rel.id}/assets?name=boot.iso`)).status, 200);
+    const bytes = new Uint8Array(256 * 1024).fill(7);
+    // A fresh client: Deno's fetch re-sends on a dropped reused connection.
+    const client = Deno.createHttpClient({});
+    try {
+      const query = "?name=boot.iso";
+      await assert.rejects(
+        call(em, "POST", `/releases/${rel.id}/assets${query}`, { bytes, client }),
+      );
+    } finally {
+      client.close();
+    }
+    const lost = em.requests.at(-1)!;
+    assert.equal(lost.status, 0);
+    assert.equal(lost.bodyBytes, bytes.length);
+    assert.deepEqual(await em.assetBytes(rel.id, "boot.iso"), [bytes]);
+    const listed = await call(em, "GET", `/releases/${rel.id}/assets`);
+    assert.deepEqual(
+      listed.json.map((a: { name: string; size: number }) => [a.name, a.size]),
+      [["boot.iso", bytes.length]],
+    );
+  });
+});
+
+Deno.test("a store-then-reset fault also hits multipart uploads", async () => {
+  await withForgejo({}, async (em) => {
+    const rel = await createRelease(em, { tag_name: "boot-v1" });
+    em.addFault({ path: "/assets", fault: { kind: "store-then-reset" } });
+    const form = new FormData();
+    form.append("attachment", new Blob(["sums"]), "SHA256SUMS");
+    const client = Deno.createHttpClient({});
+    try {
+      await assert.rejects(
+        fetch(`${em.url}/api/v1/repos/ops/runners/releases/${rel.id}/assets`, {
+          method: "POST",
+          headers: { authorization: `token ${TOKEN}` },
+          body: form,
+          client,
+        }),
+      );
+    } finally {
+      client.close();
+    }
+    assert.deepEqual(await em.assetBytes(rel.id, "SHA256SUMS"), [bytesOf("sums")]);
+  });
+});
+
+Deno.test("a redirect fault answers its status and Location without doing the work", async () => {
+  await withForgejo({}, async (em) => {
+    const port = new URL(em.url).port;
+    const elsewhere = `http://localhost:${port}/api/v1/repos/ops/runners/releases`;
+    em.addFault({
+      method: "POST",
+      path: "/releases",
+      fault: { kind: "redirect", location: elsewhere, status: 307 },
+    });
+    const moved = await call(em, "POST", "/releases", { json: { tag_name: "boot-v1" } });
+    assert.equal(moved.status, 307);
+    assert.equal(moved.headers.get("location"), elsewhere);
+    assert.deepEqual(em.releases(), []);
+
+    const repository = `${em.url}/api/v1/repos/ops/runners`;
+    em.addFault({ path: "/version", fault: { kind: "redirect", location: repository } });
+    const followed = await fetch(`${em.url}/api/v1/version`);
+    assert.equal(followed.redirected, true);
+    assert.equal((await followed.json()).full_name, "ops/runners");
+    assert.deepEqual(em.requests.slice(-2).map((r) => [r.path, r.status]), [
+      ["/api/v1/version", 302],
+      ["/api/v1/repos/ops/runners", 200],
+    ]);
+    assert.throws(() =>
+      em.addFault({ path: "/", fault: { kind: "redirect", location: "/relative" } })
+    );
+  });
+});
+
+Deno.test("DELETE /tags: 409 while a release or draft holds the tag, 404 when absent, else 204", async () => {
+  await withForgejo({}, async (em) => {
+    assert.equal((await call(em, "DELETE", "/tags/boot-v1")).status, 404);
+    // A draft holds its tag name even though it created no git tag yet.
+    const draft = await createRelease(em, { tag_name: "boot-v1", draft: true });
+    const held = await call(em, "DELETE", "/tags/boot-v1");
+    assert.equal(held.status, 409);
+    assert.equal(held.json.message, "a tag attached to a release cannot be deleted directly");
+    assert.equal((await call(em, "DELETE", `/releases/${draft.id}`)).status, 204);
+    assert.equal((await call(em, "DELETE", "/tags/boot-v1")).status, 404);
+
+    em.addTag("boot-v2", BUILT_SHA);
+    const onTag = await createRelease(em, { tag_name: "boot-v2", draft: true });
+    assert.equal((await call(em, "DELETE", "/tags/boot-v2")).status, 409);
+    const published = await createRelease(em, { tag_name: "boot-v3" });
+    assert.equal((await call(em, "DELETE", "/tags/boot-v3")).status, 409);
+    assert.deepEqual(em.tags(), { "boot-v2": BUILT_SHA, "boot-v3": DEFAULT_SHA });
+
+    assert.equal((await call(em, "DELETE", `/releases/${published.id}`)).status, 204);
+    assert.equal((await call(em, "GET", "/tags/boot-v3")).json.commit.sha, DEFAULT_SHA);
+    assert.equal((await call(em, "DELETE", "/releases/tags/boot-v2")).status, 204);
+    assert.equal((await call(em, "GET", `/releases/${onTag.id}`)).status, 404);
+    assert.deepEqual(em.tags(), { "boot-v2": BUILT_SHA, "boot-v3": DEFAULT_SHA });
+    assert.equal((await call(em, "DELETE", "/releases/tags/boot-v2")).status, 404);
+
+    assert.equal((await call(em, "DELETE", "/tags/BOOT-V3")).status, 204);
+    assert.equal((await call(em, "DELETE", "/tags/boot-v2")).status, 204);
+    assert.deepEqual(em.tags(), {});
+    assert.equal((await call(em, "DELETE", "/tags/boot-v3")).status, 404);
+  });
+});
+
+Deno.test("a draft targeting the branch name tags wherever the branch is when it is published", async () => {
+  await withForgejo({ defaultBranchSha: BUILT_SHA }, async (em) => {
+    const draft = await createRelease(em, {
+      tag_name: "boot-v1",
+      target_commitish: "main",
+      draft: true,
+    });
+    assert.equal(draft.target_commitish, "main");
+    assert.deepEqual(em.tags(), {});
+    em.setDefaultBranchHead(OTHER_SHA); // a push lands between the build and the publish
+    const published = await call(em, "PATCH", `/releases/${draft.id}`, { json: { draft: false } });
+    assert.equal(published.status, 200);
+    assert.equal((await call(em, "GET", "/tags/boot-v1")).json.commit.sha, OTHER_SHA);
+  });
+});
+
+Deno.test("tamper replaces an asset's stored bytes and size behind the API", async () => {
+  await withForgejo({}, async (em) => {
+    const rel = await createRelease(em, { tag_name: "boot-v1" });
+    await upload(em, rel.id, "boot.iso", bytesOf("0123456789"));
+    await em.tamper(rel.id, "boot.iso", bytesOf("evil"));
+    const url = `${em.url}/ops/runners/releases/download/boot-v1/boot.iso`;
+    const download = await call(em, "GET", url, { token: null });
+    assert.equal(download.text, "evil");
+    assert.equal(download.headers.get("content-length"), "4");
+    assert.equal((await call(em, "GET", `/releases/${rel.id}/assets`)).json[0].size, 4);
+    assert.deepEqual(await em.assetBytes(rel.id, "boot.iso"), [bytesOf("evil")]);
+    await assert.rejects(em.tamper(rel.id, "missing.iso", bytesOf("x")), /missing\.iso/);
   });
 });

@@ -16,7 +16,7 @@ import { Buffer } from "node:buffer";
 import { createHmac, randomBytes, randomUUID } from "node:crypto";
 import { once } from "node:events";
 import { createReadStream, createWriteStream } from "node:fs";
-import { mkdir, mkdtemp, readFile, rm } from "node:fs/promises";
+import { mkdir, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import {
   createServer,
   type IncomingHttpHeaders,
@@ -28,7 +28,7 @@ import {
 import type { AddressInfo } from "node:net";
 import { tmpdir } from "node:os";
 import { dirname, extname, join } from "node:path";
-import { Transform } from "node:stream";
+import { Readable, Transform } from "node:stream";
 import { pipeline } from "node:stream/promises";
 import { parseArgs } from "node:util";
 import * as v from "valibot";
@@ -44,7 +44,23 @@ export type Fault =
   /** Accept and never answer (the socket is destroyed at close()). */
   | { kind: "hang" }
   /** Upload routes only: store the first keepBytes of the body and answer 201 (a broken proxy). */
-  | { kind: "truncate"; keepBytes: number };
+  | { kind: "truncate"; keepBytes: number }
+  /**
+   * Do the work and send the normal status and headers at once, then the body a byte (or a
+   * few) at a time at bytesPerSecond (default 1), until done or close(): only an overall
+   * deadline catches it.
+   */
+  | { kind: "trickle"; bytesPerSecond?: number }
+  /**
+   * Answer 200 without doing the work, with `bytes` bytes of body generated as they are sent
+   * (`[{"id":1},{"id":1},...`, never complete JSON); chunked, unless declareLength sends a
+   * Content-Length up front. contentType defaults to Forgejo's JSON type.
+   */
+  | { kind: "huge"; bytes: number; contentType?: string; declareLength?: boolean }
+  /** Upload routes only: store the whole upload like a success, then destroy the socket. */
+  | { kind: "store-then-reset" }
+  /** Answer status (default 302) with Location: location, without doing the work. */
+  | { kind: "redirect"; location: string; status?: number };
 
 export interface FaultRule {
   method?: string;
@@ -84,6 +100,13 @@ export interface EmulatorOptions {
   defaultBranchSha?: string;
   /** Port of the Forgejo origin (default: any free port). The storage host takes another. */
   port?: number;
+  /** The clock behind every time the emulator stamps (default: real time); see setNow(). */
+  now?: () => Date;
+  /**
+   * A server that ignores ?page=: GET /releases answers the first page whatever is asked,
+   * with X-Total-Count and Link headers as if it had served the page asked for.
+   */
+  ignorePaging?: boolean;
 }
 
 export interface RecordedRequest {
@@ -118,6 +141,19 @@ export interface Emulator {
   releases(): unknown[];
   /** Stored bytes of each asset with that name, oldest first (duplicates are allowed). */
   assetBytes(releaseId: number, name: string): Promise<Uint8Array[]>;
+  /**
+   * Stops the clock at `date` for every created_at, published_at and commit time stamped
+   * from now on; without a date the clock the emulator started with (options.now or real
+   * time) runs again. Times already stamped stay as they are.
+   */
+  setNow(date?: Date): void;
+  /** Moves the default branch "main" to a commit (added if new): a push since the build. */
+  setDefaultBranchHead(sha: string): void;
+  /**
+   * A compromised storage bucket: replaces the stored bytes of every file asset with that
+   * name in the release, and their size, behind the API's back. Throws if there is none.
+   */
+  tamper(releaseId: number, name: string, bytes: Uint8Array): Promise<void>;
   close(): Promise<void>;
 }
 
@@ -129,7 +165,8 @@ export function servedApiRoutes(): { method: string; path: string }[] {
 export async function startForgejo(options: EmulatorOptions = {}): Promise<Emulator> {
   const ownsStorageDir = options.storageDir === undefined;
   const storageDir = options.storageDir ?? await mkdtemp(join(tmpdir(), "forgejo-emulator-"));
-  const forgejo = new Forgejo(resolveSettings(options), storageDir);
+  const startClock = options.now ?? (() => new Date());
+  const forgejo = new Forgejo(resolveSettings(options), storageDir, startClock);
   const forgejoServer = createServer((req, res) => serve(forgejo, "forgejo", req, res));
   const storageServer = createServer((req, res) => serve(forgejo, "storage", req, res));
   forgejo.url = await listen(forgejoServer, options.port ?? 0);
@@ -139,7 +176,10 @@ export async function startForgejo(options: EmulatorOptions = {}): Promise<Emula
     url: forgejo.url,
     storageUrl: forgejo.storageUrl,
     requests: forgejo.requests,
-    addFault: (rule) => forgejo.faults.push({ rule, left: rule.times ?? 1 }),
+    addFault: (rule) => {
+      checkFault(rule.fault);
+      forgejo.faults.push({ rule, left: rule.times ?? 1 });
+    },
     addCommit: (sha) => forgejo.addCommit(sha),
     addTag: (name, sha) => {
       forgejo.addCommit(sha);
@@ -148,6 +188,15 @@ export async function startForgejo(options: EmulatorOptions = {}): Promise<Emula
     tags: () => Object.fromEntries(forgejo.gitTags),
     releases: () => forgejo.releasesNewestFirst().map((rel) => releaseJson(forgejo, rel)),
     assetBytes: (releaseId, name) => readAssetBytes(forgejo, releaseId, name),
+    setNow: (date) => {
+      const frozen = date && new Date(date.getTime());
+      forgejo.clock = frozen ? () => frozen : startClock;
+    },
+    setDefaultBranchHead: (sha) => {
+      forgejo.addCommit(sha);
+      forgejo.branchHead = sha.toLowerCase();
+    },
+    tamper: (releaseId, name, bytes) => tamperAsset(forgejo, releaseId, name, bytes),
     close: async () => {
       await Promise.all([stopServer(forgejoServer), stopServer(storageServer)]);
       if (ownsStorageDir) await rm(storageDir, { recursive: true, force: true });
@@ -182,6 +231,7 @@ interface Settings {
   draftsHiddenFromTagLookup: boolean;
   serveDirect: boolean;
   defaultBranchSha: string;
+  ignorePaging: boolean;
 }
 
 function resolveSettings(options: EmulatorOptions): Settings {
@@ -197,6 +247,7 @@ function resolveSettings(options: EmulatorOptions): Settings {
     draftsHiddenFromTagLookup: options.draftsHiddenFromTagLookup ?? false,
     serveDirect: options.serveDirect ?? false,
     defaultBranchSha: (options.defaultBranchSha ?? DEFAULT_BRANCH_SHA).toLowerCase(),
+    ignorePaging: options.ignorePaging ?? false,
   };
 }
 
@@ -244,8 +295,21 @@ class Forgejo {
   // Attachment ids start elsewhere than release ids so that a client mixing them up fails.
   private nextAssetId = 101;
 
-  constructor(readonly settings: Settings, readonly storageDir: string) {
+  /** HEAD of the default branch; setDefaultBranchHead() moves it. */
+  branchHead: string;
+
+  constructor(
+    readonly settings: Settings,
+    readonly storageDir: string,
+    public clock: () => Date,
+  ) {
+    this.branchHead = settings.defaultBranchSha;
     this.addCommit(settings.defaultBranchSha);
+  }
+
+  /** The clock's time as Forgejo stores (whole seconds) and renders it (RFC 3339). */
+  now(): string {
+    return rfc3339Seconds(this.clock());
   }
 
   get repoHtmlUrl(): string {
@@ -263,12 +327,12 @@ class Forgejo {
 
   addCommit(sha: string): void {
     const key = sha.toLowerCase();
-    if (!this.commits.has(key)) this.commits.set(key, isoNow());
+    if (!this.commits.has(key)) this.commits.set(key, this.now());
   }
 
   /** Resolves a target_commitish like git does: branch, tag, full or abbreviated sha. */
   resolveCommit(ref: string): string | undefined {
-    if (ref === DEFAULT_BRANCH) return this.settings.defaultBranchSha;
+    if (ref === DEFAULT_BRANCH) return this.branchHead;
     const tagged = this.gitTags.get(ref);
     if (tagged) return tagged;
     const sha = ref.toLowerCase();
@@ -294,9 +358,12 @@ class Forgejo {
   }
 
   releasesNewestFirst(): ReleaseRow[] {
-    // API-FACTS is silent on ties: Forgejo orders by created_unix then id, both descending;
-    // ids grow with creation here, so id order is the same order.
-    return [...this.releaseRows.values()].sort((a, b) => b.id - a.id);
+    // API-FACTS is silent on ties: Forgejo orders by created_unix then id, both descending.
+    // created_unix follows the settable clock and publishing resets it, so it can disagree
+    // with id order. RFC 3339 times in whole seconds compare as strings.
+    return [...this.releaseRows.values()].sort((a, b) =>
+      a.createdAt !== b.createdAt ? (a.createdAt < b.createdAt ? 1 : -1) : b.id - a.id
+    );
   }
 
   insertRelease(fields: Omit<ReleaseRow, "id">): ReleaseRow {
@@ -314,7 +381,7 @@ class Forgejo {
   }
 
   insertAsset(fields: Omit<AssetRow, "id" | "downloadCount" | "createdAt">): AssetRow {
-    const asset = { id: this.nextAssetId++, downloadCount: 0, createdAt: isoNow(), ...fields };
+    const asset = { id: this.nextAssetId++, downloadCount: 0, createdAt: this.now(), ...fields };
     this.assetRows.set(asset.id, asset);
     this.storedBytes += asset.size;
     return asset;
@@ -424,7 +491,7 @@ function tagJson(f: Forgejo, name: string, sha: string) {
     commit: {
       url: `${f.repoApiUrl}/git/commits/${sha}`,
       sha,
-      created: f.commits.get(sha) ?? isoNow(),
+      created: f.commits.get(sha) ?? f.now(),
     },
     zipball_url: `${f.repoHtmlUrl}/archive/${path}.zip`,
     tarball_url: `${f.repoHtmlUrl}/archive/${path}.tar.gz`,
@@ -513,8 +580,8 @@ const EPOCH = "2024-01-01T00:00:00Z";
 const GO_ZERO_TIME = "0001-01-01T00:00:00Z";
 
 /** Forgejo stores times in whole seconds and renders them RFC 3339. */
-function isoNow(): string {
-  return new Date(Math.floor(Date.now() / 1000) * 1000).toISOString().replace(".000Z", "Z");
+function rfc3339Seconds(date: Date): string {
+  return new Date(Math.floor(date.getTime() / 1000) * 1000).toISOString().replace(".000Z", "Z");
 }
 
 /** Go's url.PathEscape: like encodeURIComponent, but keeps $&+:=@ and escapes !'()*. */
@@ -544,6 +611,10 @@ interface Exchange {
   access: Access;
   /** Set by a truncate fault for the upload handler. */
   keepBytes?: number;
+  /** Set by a trickle fault: the body goes out at this pace. */
+  trickleBytesPerSecond?: number;
+  /** Set by a store-then-reset fault: the upload is stored and the socket destroyed. */
+  resetAfterStore?: boolean;
 }
 
 async function serve(
@@ -614,7 +685,7 @@ function sendJson(
     "content-length": Buffer.byteLength(body),
     ...headers,
   });
-  ex.res.end(body);
+  endBody(ex, body);
 }
 
 /** Forgejo's API error body: {"message", "url"}. */
@@ -638,7 +709,16 @@ function sendText(
     "content-length": Buffer.byteLength(text),
     ...headers,
   });
-  ex.res.end(text);
+  endBody(ex, text);
+}
+
+/** Sends the whole body, or drips it out under a trickle fault. */
+function endBody(ex: Exchange, body: string): void {
+  const rate = ex.trickleBytesPerSecond;
+  if (rate === undefined || body === "") return void ex.res.end(body);
+  pipeline(Readable.from([Buffer.from(body)]), trickleStream(rate), ex.res).catch(() => {
+    // the client stopped listening, or close() destroyed the socket
+  });
 }
 
 function sendNoContent(ex: Exchange): void {
@@ -703,8 +783,9 @@ function takeFault(f: Forgejo, ex: Exchange): Fault | undefined {
 
 function faultMatches(rule: FaultRule, ex: Exchange): boolean {
   if (rule.method && rule.method.toUpperCase() !== ex.record.method) return false;
-  // A truncating proxy only matters where bytes are stored, so it waits for an upload.
-  if (rule.fault.kind === "truncate" && !isUpload(ex)) return false;
+  // Faults about stored bytes only matter where bytes are stored, so they wait for an upload.
+  const uploadOnly = rule.fault.kind === "truncate" || rule.fault.kind === "store-then-reset";
+  if (uploadOnly && !isUpload(ex)) return false;
   const query = Object.entries(rule.query ?? {});
   if (query.some(([key, value]) => ex.url.searchParams.get(key) !== value)) return false;
   const path = ex.url.pathname;
@@ -732,6 +813,82 @@ function applyFault(f: Forgejo, ex: Exchange, fault: Fault | undefined): boolean
     case "truncate":
       ex.keepBytes = fault.keepBytes;
       return false;
+    case "trickle":
+      ex.trickleBytesPerSecond = fault.bytesPerSecond ?? 1;
+      return false;
+    case "huge":
+      sendHuge(ex, fault);
+      return true;
+    case "store-then-reset":
+      ex.resetAfterStore = true;
+      return false;
+    case "redirect":
+      // API-FACTS is silent: no API route redirects on a sound server; the answer is bare.
+      sendText(ex, fault.status ?? 302, "text/plain", "", { location: fault.location });
+      return true;
+  }
+}
+
+/** Refuses fault settings that would make the emulator misbehave in ways nobody meant. */
+function checkFault(fault: Fault): void {
+  const bad = (what: string) => {
+    throw new Error(`emulator fault "${fault.kind}": ${what}`);
+  };
+  if (fault.kind === "trickle" && fault.bytesPerSecond !== undefined) {
+    if (!(fault.bytesPerSecond > 0)) bad("bytesPerSecond must be above 0");
+  }
+  if (fault.kind === "huge" && !(Number.isSafeInteger(fault.bytes) && fault.bytes >= 0)) {
+    bad("bytes must be a whole number of bytes");
+  }
+  if (fault.kind === "redirect" && !URL.canParse(fault.location)) {
+    bad("location must be an absolute URL");
+  }
+}
+
+/** Passes the bytes on a few at a time (one at the default pace), paced to bytesPerSecond. */
+function trickleStream(bytesPerSecond: number): Transform {
+  const piece = Math.max(1, Math.floor(bytesPerSecond / 10));
+  const pauseMs = (1000 * piece) / bytesPerSecond;
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  return new Transform({
+    transform(chunk: Buffer, _encoding, done) {
+      let offset = 0;
+      const next = () => {
+        if (offset >= chunk.length) return done();
+        this.push(chunk.subarray(offset, offset + piece));
+        offset += piece;
+        timer = setTimeout(next, pauseMs);
+      };
+      next();
+    },
+    destroy(error, callback) {
+      clearTimeout(timer);
+      callback(error);
+    },
+  });
+}
+
+/** A 200 whose body, `[{"id":1},{"id":1},...` cut at `bytes`, is made as it is sent. */
+function sendHuge(ex: Exchange, fault: Extract<Fault, { kind: "huge" }>): void {
+  const headers: Record<string, string | number> = {
+    "content-type": fault.contentType ?? "application/json;charset=utf-8",
+  };
+  // Without a Content-Length, Node sends the body chunked.
+  if (fault.declareLength) headers["content-length"] = fault.bytes;
+  writeHead(ex, 200, headers);
+  if (ex.record.method === "HEAD") return void ex.res.end();
+  pipeline(Readable.from(hugeBody(fault.bytes)), ex.res).catch(() => {
+    // the client stopped reading, as it should
+  });
+}
+
+function* hugeBody(bytes: number): Generator<Buffer> {
+  // 7282 repetitions of the 9-byte item make a 64 KiB block that the next block continues.
+  const block = Buffer.from('{"id":1},'.repeat(7282));
+  if (bytes <= 0) return;
+  yield Buffer.from("[");
+  for (let left = bytes - 1; left > 0; left -= block.length) {
+    yield left >= block.length ? block : block.subarray(0, left);
   }
 }
 
@@ -825,6 +982,7 @@ const API_ROUTES: ApiRoute[] = [
   apiRoute("GET", "/repos/{owner}/{repo}/releases", false, listReleases),
   apiRoute("POST", "/repos/{owner}/{repo}/releases", true, createRelease),
   apiRoute("GET", "/repos/{owner}/{repo}/releases/tags/{tag}", false, getReleaseByTag),
+  apiRoute("DELETE", "/repos/{owner}/{repo}/releases/tags/{tag}", true, deleteReleaseByTag),
   apiRoute("GET", RELEASE, false, getRelease),
   apiRoute("PATCH", RELEASE, true, editRelease),
   apiRoute("DELETE", RELEASE, true, deleteRelease),
@@ -915,7 +1073,9 @@ function listReleases(f: Forgejo, ex: Exchange): void {
     (prerelease === undefined || rel.prerelease === prerelease)
   );
   const { page, limit } = listOptions(query);
-  const onPage = matching.slice((page - 1) * limit, page * limit);
+  // A server that ignores paging serves page 1 but still links as if it served `page`.
+  const served = f.settings.ignorePaging ? 1 : page;
+  const onPage = matching.slice((served - 1) * limit, served * limit);
   const headers: Record<string, string> = {
     "x-total-count": String(matching.length),
     "access-control-expose-headers": "X-Total-Count, Link",
@@ -997,7 +1157,7 @@ async function createRelease(f: Forgejo, ex: Exchange): Promise<void> {
   if (form.tag_name === "") return sendError(f, ex, 422, "[TagName]: Required");
   if (f.releaseByTag(form.tag_name)) return sendError(f, ex, 409, f.releaseExistsMessage());
 
-  const now = isoNow();
+  const now = f.now();
   const name = form.name === "" && f.versionAtLeast(14, 0, 2) ? form.tag_name : form.name;
   const fields = {
     name,
@@ -1070,7 +1230,7 @@ async function editRelease(f: Forgejo, ex: Exchange, params: Params): Promise<vo
   if (rel.draft && !next.draft) {
     // API-FACTS is silent on timestamps: Forgejo renders published_at from created_unix,
     // which publishing resets, so both read the publish time.
-    next.createdAt = next.publishedAt = isoNow();
+    next.createdAt = next.publishedAt = f.now();
   }
   f.releaseRows.set(rel.id, next);
   sendJson(ex, 200, releaseJson(f, next));
@@ -1079,11 +1239,25 @@ async function editRelease(f: Forgejo, ex: Exchange, params: Params): Promise<vo
 async function deleteRelease(f: Forgejo, ex: Exchange, params: Params): Promise<void> {
   const rel = visibleRelease(f, ex, params.id);
   if (!rel) return sendNotFound(f, ex);
-  for (const asset of f.assetsOf(rel.id)) await f.deleteAsset(asset);
-  f.releaseRows.delete(rel.id); // the git tag stays
+  await removeRelease(f, rel);
   sendNoContent(ex);
 }
 
+/** Like DELETE /releases/{id} for the release of that tag (found in any case). */
+async function deleteReleaseByTag(f: Forgejo, ex: Exchange, params: Params): Promise<void> {
+  const rel = f.releaseByTag(params.tag);
+  if (!rel) return sendNotFound(f, ex);
+  await removeRelease(f, rel);
+  sendNoContent(ex);
+}
+
+/** Deletes the release and its assets; the git tag stays. */
+async function removeRelease(f: Forgejo, rel: ReleaseRow): Promise<void> {
+  for (const asset of f.assetsOf(rel.id)) await f.deleteAsset(asset);
+  f.releaseRows.delete(rel.id);
+}
+
+/** Not paged (the spec declares no page or limit here), so ignorePaging changes nothing. */
 function listAssets(f: Forgejo, ex: Exchange, params: Params): void {
   const rel = visibleRelease(f, ex, params.id);
   if (!rel) return sendNotFound(f, ex);
@@ -1126,6 +1300,12 @@ async function createAssetFromBody(
   // The client went away mid-body: Forgejo stores nothing and nobody reads an answer.
   if (size === undefined) return void ex.res.destroy();
   const asset = f.insertAsset({ uuid, releaseId: rel.id, name, size, file });
+  answerUploaded(f, ex, rel, asset);
+}
+
+/** The 201 of an upload, unless a store-then-reset fault loses it after the bytes landed. */
+function answerUploaded(f: Forgejo, ex: Exchange, rel: ReleaseRow, asset: AssetRow): void {
+  if (ex.resetAfterStore) return void ex.res.destroy();
   sendJson(ex, 201, attachmentJson(f, rel, asset, "uuid"));
 }
 
@@ -1182,7 +1362,7 @@ async function createAssetFromForm(f: Forgejo, ex: Exchange, rel: ReleaseRow): P
     await mkdir(dirname(file), { recursive: true });
     await pipeline([kept], createWriteStream(file));
     const asset = f.insertAsset({ uuid, releaseId: rel.id, name, size: kept.length, file });
-    return sendJson(ex, 201, attachmentJson(f, rel, asset, "uuid"));
+    return answerUploaded(f, ex, rel, asset);
   }
   if (externalUrl) {
     if (!isHttpUrl(externalUrl)) return sendError(f, ex, 422, "Invalid external URL");
@@ -1193,7 +1373,7 @@ async function createAssetFromForm(f: Forgejo, ex: Exchange, rel: ReleaseRow): P
       size: 0,
       externalUrl,
     });
-    return sendJson(ex, 201, attachmentJson(f, rel, asset, "uuid"));
+    return answerUploaded(f, ex, rel, asset);
   }
   sendError(f, ex, 400, "One of 'attachment' or 'external_url' is required");
 }
@@ -1269,13 +1449,16 @@ function getTag(f: Forgejo, ex: Exchange, params: Params): void {
   sendJson(ex, 200, tagJson(f, params.tag, sha));
 }
 
+/** 409 while any release (a draft too) holds the tag, 404 when there is no tag, else 204. */
 function deleteTag(f: Forgejo, ex: Exchange, params: Params): void {
-  // API-FACTS is silent: Forgejo refuses to delete a tag that a release (draft or not)
-  // still uses, with 409; delete the release first.
   if (f.releaseByTag(params.tag)) {
     return sendError(f, ex, 409, "a tag attached to a release cannot be deleted directly");
   }
-  if (!f.gitTags.delete(params.tag)) return sendNotFound(f, ex);
+  // API-FACTS is silent on case: Forgejo finds the tag by its release row's lower_tag_name,
+  // so DELETE /tags/BOOT-V1 deletes "boot-v1". Protected tags (422) are not emulated.
+  const tag = f.tagIgnoringCase(params.tag);
+  if (!tag) return sendNotFound(f, ex);
+  f.gitTags.delete(tag.name);
   sendNoContent(ex);
 }
 
@@ -1449,8 +1632,12 @@ async function sendFile(
     ...partial,
   });
   if (ex.record.method === "HEAD" || size === 0) return void ex.res.end();
+  const rate = ex.trickleBytesPerSecond;
   try {
-    await pipeline(createReadStream(file, { start, end }), ex.res);
+    const bytes = createReadStream(file, { start, end });
+    await (rate === undefined
+      ? pipeline(bytes, ex.res)
+      : pipeline(bytes, trickleStream(rate), ex.res));
   } catch {
     // the client stopped reading; nothing to answer any more
   }
@@ -1480,6 +1667,21 @@ async function readAssetBytes(f: Forgejo, releaseId: number, name: string) {
       asset.file ? new Uint8Array(await readFile(asset.file)) : new Uint8Array()
     ),
   );
+}
+
+/** Rewrites stored files as a compromised bucket would; the rows follow the new size. */
+async function tamperAsset(f: Forgejo, releaseId: number, name: string, bytes: Uint8Array) {
+  const assets = [...f.assetRows.values()].filter((asset) =>
+    asset.releaseId === releaseId && asset.name === name && asset.file !== undefined
+  );
+  if (assets.length === 0) {
+    throw new Error(`tamper: release ${releaseId} has no stored asset named "${name}"`);
+  }
+  for (const asset of assets) {
+    await writeFile(asset.file!, bytes);
+    f.storedBytes += bytes.length - asset.size;
+    asset.size = bytes.length;
+  }
 }
 
 // ---------------------------------------------------------------------------------------

@@ -436,6 +436,23 @@ Deno.test("the signing key comes from --signing-key or RELEASE_BOOT_SIGNING_KEY,
   });
 });
 
+Deno.test("a key file other users can read is used, with a warning to chmod 600 it", async () => {
+  await inTempDir(async (dir) => {
+    const keyFile = await makeKey(dir, "key");
+    await fs.chmod(keyFile, 0o644);
+    const warnings: string[] = [];
+    const writeError = console.error;
+    console.error = (message: string) => warnings.push(message);
+    try {
+      assert.equal((await readSigningKey(keyFile, {}))?.fingerprint, await fingerprintOf(keyFile));
+    } finally {
+      console.error = writeError;
+    }
+    assert.equal(warnings.length, 1);
+    assert.match(warnings[0], /can be read by other users \(mode 644\): chmod 600 /);
+  });
+});
+
 Deno.test("a damaged or foreign SHA256SUMS.sig is refused in one line", async () => {
   await inTempDir(async (dir) => {
     const keyFile = await makeKey(dir, "key");

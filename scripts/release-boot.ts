@@ -2499,11 +2499,18 @@ export async function rebuildRelease(request: RebuildRequest): Promise<RebuiltAs
     for (const drv of new Set(derivers.values())) {
       for (const [out, copy] of await checkDerivation(drv, leftovers)) rebuiltAt.set(out, copy);
     }
-    const rebuilt = products.map((product) => {
+    const rebuilt: Product[] = [];
+    for (const product of products) {
       const out = outputOf(product.path);
       const copy = rebuiltAt.get(out);
-      return copy ? { ...product, path: copy + product.path.slice(out.length) } : product;
-    });
+      const file = copy ? copy + product.path.slice(out.length) : product.path;
+      // A rebuild that came out different may lack the file: then it is missing, not an error.
+      if (copy && !(await fs.lstat(file).catch(() => undefined))?.isFile()) {
+        log(`${product.name}: the rebuild of ${out} made no file ${file.slice(copy.length + 1)}`);
+        continue;
+      }
+      rebuilt.push({ ...product, path: file });
+    }
     const changed = products.filter((product) => rebuiltAt.has(outputOf(product.path)));
     const storeSums = await hashFiles(changed.map((product) => product.path));
     const storeSha256 = new Map(changed.map((product, i) => [product.name, storeSums[i].sha256]));

@@ -1203,7 +1203,7 @@ export interface FlakeInfo {
   nixVersion: string;
 }
 
-function installable(options: ReleaseOptions, target?: string): string {
+function installable(options: Pick<ReleaseOptions, "flake" | "system">, target?: string): string {
   const attr = `packages.${options.system}`;
   return `${options.flake}#${target ? `${attr}.${target}` : attr}`;
 }
@@ -1324,8 +1324,11 @@ export interface TargetBuild {
   outPath: string;
 }
 
+/** What a build needs to know: `release` and `verify` both build this way. */
+type BuildRequest = Pick<ReleaseOptions, "flake" | "system" | "targets">;
+
 /** One nix build for every target: one evaluation, and nix builds them in parallel. */
-async function buildTargets(options: ReleaseOptions): Promise<TargetBuild[]> {
+async function buildTargets(options: BuildRequest): Promise<TargetBuild[]> {
   const installables = options.targets.map((target) => installable(options, target));
   const build = $`nix ${NIX_FEATURES} build ${KEEP_LOCK} --json --no-link ${installables}`.quiet()
     .nothrow();
@@ -1349,7 +1352,7 @@ async function buildTargets(options: ReleaseOptions): Promise<TargetBuild[]> {
 }
 
 /** Names the targets whose output is still missing after a failed build. */
-async function failedTargets(options: ReleaseOptions, stderr: string): Promise<string[]> {
+async function failedTargets(options: BuildRequest, stderr: string): Promise<string[]> {
   const apply = `ps: builtins.mapAttrs (name: _: ps.\${name}.drvPath) (builtins.fromJSON ''${
     JSON.stringify(Object.fromEntries(options.targets.map((t) => [t, null])))
   }'')`;
@@ -3460,6 +3463,567 @@ async function writeBootDirectory(out: string, assets: ManifestAsset[]): Promise
 async function writeAtomically(file: string, text: string): Promise<void> {
   await fs.writeFile(`${file}.part`, text);
   await fs.rename(`${file}.part`, file);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 9. verify: rebuild a release from its commit and compare every file with SHA256SUMS
+// ---------------------------------------------------------------------------------------------
+
+/** What to rebuild for a release: one system's targets, and the sums their files must have. */
+export interface RebuildScope {
+  system: string;
+  targets: string[];
+  /** Asset name -> sha256 as SHA256SUMS gives it, for every asset of `system`. */
+  expected: Map<string, string>;
+}
+
+/**
+ * The targets of `system` (by default the release's only system) and their sums. SHA256SUMS
+ * and manifest.json must agree entry by entry, or there is nothing trustworthy to compare.
+ */
+export function rebuildScope(
+  manifest: Pick<Manifest, "tag" | "assets">,
+  sums: Map<string, string>,
+  system?: string,
+): RebuildScope {
+  const unlisted = [...sums.keys()].find((name) => !manifest.assets.some((a) => a.name === name));
+  if (unlisted) {
+    throw new ReleaseError(
+      `${SUMS_NAME} of ${manifest.tag} lists ${unlisted}, which its ${MANIFEST_NAME} does not: the release is inconsistent, refusing to trust it`,
+    );
+  }
+  const systems = [...new Set(manifest.assets.map((asset) => asset.system))];
+  if (systems.length === 0) {
+    throw new ReleaseError(
+      `${manifest.tag} lists no assets in ${MANIFEST_NAME}: nothing to rebuild`,
+    );
+  }
+  const chosen = system ?? (systems.length === 1 ? systems[0] : undefined);
+  if (!chosen || !systems.includes(chosen)) {
+    throw new UsageError(
+      `${manifest.tag} holds files for ${systems.join(", ")}: pass --system with one of them`,
+    );
+  }
+  const targets = [
+    ...new Set(manifest.assets.filter((a) => a.system === chosen).map((a) => a.target)),
+  ];
+  const wanted = chooseAssets(manifest, sums, targets, chosen, manifest.tag);
+  return {
+    system: chosen,
+    targets,
+    expected: new Map(wanted.map((asset) => [asset.name, asset.sha256])),
+  };
+}
+
+/**
+ * A rebuild proves something only from the release's own commit: a local checkout must be
+ * clean and at that commit, and a reference elsewhere must resolve to it (pin it with ?rev=).
+ */
+export async function checkFlakeCommit(
+  flake: string,
+  release: Pick<Manifest, "tag" | "commit">,
+): Promise<void> {
+  const metadata = await nixJson(
+    FlakeMetadataSchema,
+    ["flake", "metadata", KEEP_LOCK, "--json", flake],
+    `reading the flake ${flake}`,
+  );
+  const { tag, commit } = release;
+  if (metadata.revision === commit) return;
+  const pinned = pinToCommit(metadata, commit);
+  if (metadata.revision) {
+    const local = metadata.url.startsWith("git+file:");
+    throw new ReleaseError(
+      local
+        ? `the flake ${flake} is at commit ${metadata.revision}, but ${tag} was built from ${commit}: check out ${commit}, or pass --flake '${pinned}'`
+        : `the flake ${flake} resolves to commit ${metadata.revision}, but ${tag} was built from ${commit}: pass --flake '${pinned}'`,
+    );
+  }
+  if (metadata.locked.type === "git") {
+    throw new ReleaseError(
+      `the flake ${flake} has uncommitted changes, so it is not commit ${commit} that ${tag} was built from: commit or stash them, or pass --flake '${pinned}'`,
+    );
+  }
+  throw new ReleaseError(
+    `the flake ${flake} is a ${metadata.locked.type} flake without a git revision, so nothing ties it to commit ${commit} of ${tag}: pass --flake '${pinned}'`,
+  );
+}
+
+/** The flake's location as a reference pinned to `commit` (its `dir=` kept), for a fix. */
+function pinToCommit(metadata: FlakeMetadata, commit: string): string {
+  const forge = metadata.url.match(/^(github|gitlab|sourcehut):([^/?]+\/[^/?]+)/);
+  if (forge) return `${forge[1]}:${forge[2]}/${commit}`;
+  const location = metadata.url.replace(/^path:/, "git+file://");
+  if (!URL.canParse(location)) return `git+file:///path/to/checkout?rev=${commit}`;
+  const url = new URL(location);
+  const dir = url.searchParams.get("dir");
+  url.search = "";
+  if (dir) url.searchParams.set("dir", dir);
+  url.searchParams.set("rev", commit);
+  return url.toString();
+}
+
+/** One file of a rebuild, under its asset name. */
+export interface RebuiltAsset {
+  name: string;
+  size: number;
+  sha256: string;
+  /** Set when nix's check rebuilt the file differently from the copy already in the store. */
+  storeSha256?: string;
+}
+
+export interface RebuildRequest {
+  flake: string;
+  system: string;
+  targets: string[];
+  /** The release's download base, as publishing computed it (`downloadBase`). */
+  downloadBase: string;
+}
+
+/** What checks leave behind: nix's `<out>.check` copies and the kept build directories. */
+interface CheckLeftovers {
+  storeCopies: string[];
+  buildDirs: string[];
+}
+
+/**
+ * Rebuilds the files of a release. One `nix build` realises every target (perhaps straight
+ * from the store or a cache), then every derivation that produced a file is built again
+ * with `nix-store --realise --check`: `nix build --rebuild` would redo only the top
+ * derivation, and a netboot bundle only links a kernel and an initrd that others build.
+ * Where the check differs, the file is hashed as rebuilt (nix keeps it at `<out>.check`,
+ * removed afterwards). The published `.ipxe` is regenerated from the rebuilt script with
+ * `downloadBase`, exactly as publishing wrote it.
+ */
+export async function rebuildRelease(request: RebuildRequest): Promise<RebuiltAsset[]> {
+  const builds = await buildTargets(request);
+  const products = await collectProducts(builds);
+  const storeDir = path.dirname(builds[0].outPath);
+  const outputOf = (file: string) => storeOutput(file, storeDir);
+  const derivers = await queryDerivers([...new Set(products.map((p) => outputOf(p.path)))]);
+  const leftovers: CheckLeftovers = { storeCopies: [], buildDirs: [] };
+  try {
+    const rebuiltAt = new Map<string, string>();
+    for (const drv of new Set(derivers.values())) {
+      for (const [out, copy] of await checkDerivation(drv, leftovers)) rebuiltAt.set(out, copy);
+    }
+    const rebuilt: Product[] = [];
+    for (const product of products) {
+      const out = outputOf(product.path);
+      const copy = rebuiltAt.get(out);
+      const file = copy ? copy + product.path.slice(out.length) : product.path;
+      // A rebuild that came out different may lack the file: then it is missing, not an error.
+      if (copy && !(await fs.lstat(file).catch(() => undefined))?.isFile()) {
+        log(`${product.name}: the rebuild of ${out} made no file ${file.slice(copy.length + 1)}`);
+        continue;
+      }
+      rebuilt.push({ ...product, path: file });
+    }
+    const changed = products.filter((product) => rebuiltAt.has(outputOf(product.path)));
+    const storeSums = await hashFiles(changed.map((product) => product.path));
+    const storeSha256 = new Map(changed.map((product, i) => [product.name, storeSums[i].sha256]));
+    const assets = await pointIpxeAtRelease(await hashProducts(rebuilt), request.downloadBase);
+    return assets.map((asset) => {
+      const inStore = storeSha256.get(asset.name);
+      return {
+        name: asset.name,
+        size: asset.size,
+        sha256: asset.sha256,
+        ...(inStore ? { storeSha256: inStore } : {}),
+      };
+    });
+  } finally {
+    await removeLeftovers(leftovers);
+  }
+}
+
+/** The top-level store path a file lives in: `<store>/<hash>-<name>`. */
+function storeOutput(file: string, storeDir: string): string {
+  const relative = path.relative(storeDir, file);
+  if (relative.startsWith("..") || path.isAbsolute(relative)) {
+    throw new ReleaseError(`${file} is not in the nix store ${storeDir}, so it cannot be rebuilt`);
+  }
+  return path.join(storeDir, relative.split(path.sep)[0]);
+}
+
+/** Output path -> the derivation that built it. */
+async function queryDerivers(outputs: string[]): Promise<Map<string, string>> {
+  const result = await $`nix-store --query --deriver ${outputs}`.quiet().nothrow();
+  if (result.exitCode !== 0) {
+    throw new ReleaseError(
+      `cannot ask nix what built the files: ${nixErrorTail(result.stderr, 1)}`,
+    );
+  }
+  const lines = result.stdout.trim().split("\n");
+  return new Map(outputs.map((out, index) => {
+    const drv = lines[index]?.trim();
+    if (!drv || !drv.endsWith(".drv")) {
+      throw new ReleaseError(
+        `nix does not know which derivation built ${out} (copied in without one), so it cannot be rebuilt: delete it from the store (nix-store --delete) and rerun`,
+      );
+    }
+    return [out, drv];
+  }));
+}
+
+const NOT_DETERMINISTIC = /output '([^']+)' differs from '([^']+)'/g;
+const KEPT_BUILD_DIR = /keeping build directory '([^']+)'/g;
+
+/**
+ * Builds `drv` again and compares it with its outputs in the store. Returns the outputs that
+ * came out different, each with the path of its rebuilt copy. Nix signals a difference with
+ * a message (and exit status 104 on 2.8), so the message decides, not the status.
+ */
+async function checkDerivation(
+  drv: string,
+  leftovers: CheckLeftovers,
+): Promise<Map<string, string>> {
+  log(`Rebuilding ${drv}`);
+  const result = await $`nix-store --realise --check --keep-failed ${drv}`.quiet().nothrow();
+  for (const [, dir] of result.stderr.matchAll(KEPT_BUILD_DIR)) {
+    if (path.isAbsolute(dir) && /^nix-build-.+-\d+$/.test(path.basename(dir))) {
+      leftovers.buildDirs.push(dir);
+    }
+  }
+  const differing = new Map<string, string>();
+  for (const [, out, copy] of result.stderr.matchAll(NOT_DETERMINISTIC)) {
+    if (copy !== `${out}.check`) continue;
+    leftovers.storeCopies.push(copy);
+    differing.set(out, copy);
+  }
+  if (result.exitCode !== 0 && differing.size === 0) {
+    throw new ReleaseError(`rebuilding ${drv} failed:\n${nixErrorTail(result.stderr)}`);
+  }
+  for (const copy of differing.values()) {
+    if (!(await fs.lstat(copy).catch(() => undefined))) {
+      throw new ReleaseError(`nix reported a different rebuild at ${copy} but did not keep it`);
+    }
+  }
+  return differing;
+}
+
+/** Removes what the checks left; what cannot be removed is named, never fatal. */
+async function removeLeftovers(leftovers: CheckLeftovers): Promise<void> {
+  if (leftovers.storeCopies.length > 0) {
+    const result = await $`nix-store --delete ${leftovers.storeCopies}`.quiet().nothrow();
+    for (const copy of leftovers.storeCopies) {
+      if (await fs.lstat(copy).catch(() => undefined)) {
+        log(`Could not remove the rebuilt copy ${copy} (${nixErrorTail(result.stderr, 1)})`);
+      }
+    }
+  }
+  for (const dir of leftovers.buildDirs) {
+    await fs.rm(dir, { recursive: true, force: true }).catch((error: Error) =>
+      log(`Could not remove the build directory ${dir}: ${error.message}`)
+    );
+  }
+}
+
+/** The verdict on one asset. */
+export type AssetCheck =
+  | { name: string; result: "identical"; sha256: string }
+  | { name: string; result: "different"; expected: string; actual: string; storeSha256?: string }
+  /** In the release, but the rebuild did not produce it. */
+  | { name: string; result: "missing"; expected: string }
+  /** Produced by the rebuild, but not in the release: noted, not a failure. */
+  | { name: string; result: "unlisted"; actual: string };
+
+/** One check per asset of the release and per rebuilt file it lacks, sorted by name. */
+export function compareRebuild(
+  expected: Map<string, string>,
+  rebuilt: RebuiltAsset[],
+): AssetCheck[] {
+  const byName = new Map(rebuilt.map((asset) => [asset.name, asset]));
+  const checks: AssetCheck[] = [...expected].map(([name, sha256]): AssetCheck => {
+    const asset = byName.get(name);
+    if (!asset) return { name, result: "missing", expected: sha256 };
+    if (asset.sha256 === sha256) return { name, result: "identical", sha256 };
+    return {
+      name,
+      result: "different",
+      expected: sha256,
+      actual: asset.sha256,
+      ...(asset.storeSha256 ? { storeSha256: asset.storeSha256 } : {}),
+    };
+  });
+  for (const asset of rebuilt) {
+    if (!expected.has(asset.name)) {
+      checks.push({ name: asset.name, result: "unlisted", actual: asset.sha256 });
+    }
+  }
+  return checks.sort((a, b) => a.name < b.name ? -1 : a.name > b.name ? 1 : 0);
+}
+
+/** A release's verification, as it is reported. */
+export interface Verification {
+  tag: string;
+  commit: string;
+  system: string;
+  checks: AssetCheck[];
+}
+
+function rebuildsIdentically(checks: AssetCheck[]): boolean {
+  return checks.every((check) => check.result === "identical" || check.result === "unlisted");
+}
+
+/** 0 when every asset of the release rebuilt identically, else 1. */
+export function verificationExitCode(verification: Verification): 0 | 1 {
+  return rebuildsIdentically(verification.checks) ? 0 : 1;
+}
+
+/** One line per asset, for stdout. */
+export function renderVerification(verification: Verification): string {
+  return verification.checks.map((check) => {
+    switch (check.result) {
+      case "identical":
+        return `identical  ${check.name}  ${check.sha256}`;
+      case "different":
+        return `different  ${check.name}  release ${check.expected}  rebuilt ${check.actual}${
+          check.storeSha256 && check.storeSha256 !== check.actual
+            ? `  (not deterministic: the store's earlier build has ${check.storeSha256})`
+            : ""
+        }`;
+      case "missing":
+        return `missing    ${check.name}  release ${check.expected}  (the rebuild did not produce it)`;
+      case "unlisted":
+        return `unlisted   ${check.name}  rebuilt ${check.actual}  (not in the release; not a failure)`;
+    }
+  }).map((line) => `${line}\n`).join("");
+}
+
+/** The one line that sums a verification up, for stderr and the step summary. */
+export function verificationVerdict(verification: Verification): string {
+  const { tag, commit, checks } = verification;
+  const count = (result: AssetCheck["result"]) => checks.filter((c) => c.result === result).length;
+  const assets = checks.length - count("unlisted");
+  if (rebuildsIdentically(checks)) {
+    return `${tag} rebuilds identically from commit ${commit}: ${assets} of ${assets} files`;
+  }
+  return `${tag} does NOT rebuild identically from commit ${commit}: ${
+    count("different")
+  } different and ${count("missing")} missing of ${assets} files`;
+}
+
+/** The `--json` document. */
+export function verificationJson(verification: Verification): {
+  tag: string;
+  commit: string;
+  system: string;
+  identical: boolean;
+  assets: AssetCheck[];
+} {
+  const { tag, commit, system, checks } = verification;
+  return { tag, commit, system, identical: rebuildsIdentically(checks), assets: checks };
+}
+
+/** A table for GITHUB_STEP_SUMMARY. */
+export function verificationSummary(verification: Verification): string {
+  const sum = (sha256: string | undefined) => sha256 ? `\`${sha256}\`` : "";
+  const rows = verification.checks.map((check) => {
+    switch (check.result) {
+      case "identical":
+        return `| ${check.name} | identical | ${sum(check.sha256)} | ${sum(check.sha256)} |`;
+      case "different":
+        return `| ${check.name} | **different** | ${sum(check.expected)} | ${sum(check.actual)} |`;
+      case "missing":
+        return `| ${check.name} | **missing** | ${sum(check.expected)} | |`;
+      case "unlisted":
+        return `| ${check.name} | not in the release | | ${sum(check.actual)} |`;
+    }
+  });
+  return [
+    `### Verify ${verification.tag} (${verification.system})`,
+    "",
+    verificationVerdict(verification),
+    "",
+    "| asset | result | release sha256 | rebuilt sha256 |",
+    "|---|---|---|---|",
+    ...rows,
+    "",
+  ].join("\n");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 10. prune: delete old boot-dev releases and stale drafts, never a published boot-v*
+// ---------------------------------------------------------------------------------------------
+
+/** The parts of a release that prune judges. */
+export type PruneRelease =
+  & Pick<Release, "id" | "tag_name" | "draft" | "created_at" | "published_at">
+  & { assets: Pick<Attachment, "size" | "created_at">[] };
+
+/** One deletion: the release first (which deletes its assets), then its tag. */
+export interface PruneDeletion {
+  tag: string;
+  /** Absent for a tag whose release is already gone. */
+  releaseId?: number;
+  draft: boolean;
+  /** Days since the release last changed; absent for a tag alone. */
+  ageDays?: number;
+  bytes: number;
+  /** Delete the git tag after the release (Forgejo refuses, 409, while a release holds it). */
+  deleteTag: boolean;
+  why: string;
+}
+
+export interface PrunePlan {
+  /** Oldest first, so an interrupted run has removed the oldest. */
+  deletions: PruneDeletion[];
+  /** The boot-* releases left alone, and why. */
+  kept: { tag: string; why: string }[];
+}
+
+const DAY_MS = 24 * 60 * 60 * 1000;
+
+/**
+ * When a release last changed: the newest of its creation, publication and uploads (a draft
+ * being assembled gains assets; a published release's dates move to the publish time).
+ * Undefined when Forgejo gave no readable date.
+ */
+function lastChange(release: PruneRelease): number | undefined {
+  const times = [
+    release.created_at,
+    release.published_at,
+    ...release.assets.map((asset) => asset.created_at),
+  ]
+    .map((text) => text === undefined ? NaN : Date.parse(text))
+    .filter((time) => Number.isFinite(time));
+  return times.length > 0 ? Math.max(...times) : undefined;
+}
+
+/**
+ * Which releases and tags to delete:
+ * - published `boot-dev-*` releases beyond the `keep` newest, with their tags;
+ * - drafts of any `boot-*` tag that have not changed for `staleDays` days (what interrupted
+ *   runs leave); a draft has no git tag until it is published, so only a `boot-dev-*` tag
+ *   of that name is deleted with it;
+ * - `boot-dev-*` tags whose release is gone (a run stopped between the two deletions).
+ * Never a published `boot-v*` release or its tag, a younger draft (another job may be
+ * assembling it), or a release without a readable date. `tags` undefined: tags unknown.
+ */
+export function planPrune(
+  releases: PruneRelease[],
+  tags: Pick<Tag, "name">[] | undefined,
+  now: Date,
+  keep: number,
+  staleDays: number,
+): PrunePlan {
+  if (!Number.isInteger(keep) || keep < 0) {
+    throw new UsageError(`keep ${keep} releases? give a whole number, 0 or more`);
+  }
+  if (!Number.isFinite(staleDays) || staleDays < 1) {
+    throw new UsageError(
+      `a draft is stale after ${staleDays} days? give 1 or more: a younger draft may be in progress`,
+    );
+  }
+  const tagNames = tags && new Set(tags.map((tag) => tag.name));
+  const hasTag = (name: string) => tagNames === undefined || tagNames.has(name);
+  const ageOf = (time: number) => (now.getTime() - time) / DAY_MS;
+  const deletions: PruneDeletion[] = [];
+  const kept: PrunePlan["kept"] = [];
+  const remove = (release: PruneRelease, age: number, deleteTag: boolean, why: string) =>
+    deletions.push({
+      tag: release.tag_name,
+      releaseId: release.id,
+      draft: release.draft,
+      ageDays: age,
+      bytes: release.assets.reduce((total, asset) => total + asset.size, 0),
+      deleteTag,
+      why,
+    });
+
+  const devReleases: { release: PruneRelease; changed: number }[] = [];
+  for (const release of releases) {
+    const tag = release.tag_name;
+    if (!tag.startsWith("boot-")) continue;
+    const changed = lastChange(release);
+    if (changed === undefined) {
+      kept.push({ tag, why: "Forgejo gave no date to judge its age by" });
+    } else if (release.draft) {
+      const age = ageOf(changed);
+      if (age >= staleDays) {
+        remove(
+          release,
+          age,
+          tag.startsWith("boot-dev-") && tagNames !== undefined && tagNames.has(tag),
+          `draft unchanged for ${Math.floor(age)} days (stale after ${staleDays})`,
+        );
+      } else {
+        kept.push({ tag, why: `draft changed ${ageText(age)} ago: it may still be assembled` });
+      }
+    } else if (tag.startsWith("boot-dev-")) {
+      devReleases.push({ release, changed });
+    } else {
+      kept.push({
+        tag,
+        why: tag.startsWith("boot-v") ? "a published boot-v* release" : "published, not boot-dev-*",
+      });
+    }
+  }
+  devReleases.sort((a, b) => b.changed - a.changed || b.release.id - a.release.id);
+  devReleases.forEach(({ release, changed }, index) => {
+    if (index < keep) {
+      kept.push({ tag: release.tag_name, why: `one of the ${keep} newest boot-dev releases` });
+    } else {
+      remove(
+        release,
+        ageOf(changed),
+        hasTag(release.tag_name),
+        keep === 0
+          ? "no boot-dev release is kept"
+          : `older than the ${keep} newest boot-dev releases`,
+      );
+    }
+  });
+
+  deletions.sort((a, b) => (b.ageDays ?? 0) - (a.ageDays ?? 0));
+  const released = new Set(releases.map((release) => release.tag_name.toLowerCase()));
+  for (const name of tagNames ?? []) {
+    if (name.startsWith("boot-dev-") && !released.has(name.toLowerCase())) {
+      deletions.push({
+        tag: name,
+        draft: false,
+        bytes: 0,
+        deleteTag: true,
+        why: "a tag left behind by a release deleted earlier",
+      });
+    }
+  }
+  return { deletions, kept };
+}
+
+function ageText(days: number): string {
+  if (days < 1) return "under a day";
+  const whole = Math.floor(days);
+  return `${whole} day${whole === 1 ? "" : "s"}`;
+}
+
+/** The line printed for one deletion, once it is done (or, with --dry-run, planned). */
+export function renderPruneDeletion(deletion: PruneDeletion, dryRun: boolean): string {
+  const verb = dryRun ? "Would delete" : "Deleted";
+  if (deletion.releaseId === undefined) {
+    return `${verb} tag ${deletion.tag}: ${deletion.why}`;
+  }
+  const what = deletion.draft ? "draft" : "release";
+  const age = deletion.ageDays === undefined ? "age unknown" : `${ageText(deletion.ageDays)} old`;
+  const tag = deletion.deleteTag ? " and its tag" : "";
+  return `${verb} ${what} ${deletion.tag}${tag} (${age}, ${
+    formatBytes(deletion.bytes)
+  }): ${deletion.why}`;
+}
+
+/** The closing line: how much the done (or planned) deletions free. */
+export function renderPruneTotal(done: PruneDeletion[], dryRun: boolean): string {
+  const bytes = done.reduce((total, deletion) => total + deletion.bytes, 0);
+  const releases = done.filter((deletion) => deletion.releaseId !== undefined).length;
+  const tagsOnly = done.length - releases;
+  const counted = `${releases} release${releases === 1 ? "" : "s"}${
+    tagsOnly > 0 ? ` and ${tagsOnly} tag${tagsOnly === 1 ? "" : "s"}` : ""
+  }`;
+  if (done.length === 0) return "Nothing to prune";
+  return dryRun
+    ? `Would free ${formatBytes(bytes)} from ${counted}; --dry-run deleted nothing`
+    : `Freed ${formatBytes(bytes)} from ${counted}`;
 }
 
 if (import.meta.main) {

@@ -140,7 +140,7 @@ nixTest("an unknown target exits 2 before building and lists the flake's targets
   assert.equal(run.code, 2);
   assert.match(
     run.stderr,
-    /unknown target isoo in --targets: the flake .* has broken, iso, large, netboot, plain for x86_64-linux/,
+    /unknown target isoo in --targets: the flake .* has broken, iso, large, netboot, plain, unstable for x86_64-linux/,
   );
   assert.doesNotMatch(run.stderr, /==> Build/);
   const other = await runRelease([

@@ -46,6 +46,8 @@ export const AttachmentSchema = v.object({
   uuid: v.optional(v.string()),
   browser_download_url: v.string(),
   type: v.optional(v.picklist(["attachment", "external"])),
+  /** When the upload finished (RFC 3339); prune dates a draft by its newest upload. */
+  created_at: v.optional(v.string()),
 });
 export type Attachment = v.InferOutput<typeof AttachmentSchema>;
 
@@ -61,6 +63,9 @@ export const ReleaseSchema = v.object({
   draft: v.boolean(),
   prerelease: v.boolean(),
   assets: v.array(AttachmentSchema),
+  /** RFC 3339 date-times; prune dates a release by the newest of these and its uploads. */
+  created_at: v.optional(v.string()),
+  published_at: v.optional(v.string()),
 });
 export type Release = v.InferOutput<typeof ReleaseSchema>;
 

@@ -445,7 +445,7 @@ const RetryDelaySchema = WholeNumberSchema("milliseconds", 0);
 const TokenSchema = v.pipe(
   v.string(),
   // deno-lint-ignore no-control-regex
-  v.regex(/^[^\s\x00-\x1f\x7f]+$/, "it contains whitespace or a control character"),
+  v.regex(/^[^\s\x00-\x1f\x7f]+$/, "contains whitespace or a control character"),
 );
 
 export function serverProblem(text: string): string | undefined {
@@ -3071,6 +3071,21 @@ async function writeIndex(
   plan: PlannedAction[],
   options: ReleaseOptions,
 ): Promise<void> {
+  try {
+    await writeIndexRounds(forgejo, draft, bundle, plan, options);
+  } catch (error) {
+    if (!(error instanceof ReleaseError)) throw error;
+    throw new ReleaseError(`${error.message}; ${whatIsLeft(draft)}`);
+  }
+}
+
+async function writeIndexRounds(
+  forgejo: Forgejo,
+  draft: Release,
+  bundle: Bundle,
+  plan: PlannedAction[],
+  options: ReleaseOptions,
+): Promise<void> {
   for (let round = 1; round <= 8; round++) {
     // Jobs that collide back off by different amounts, so one of them settles first.
     if (round > 1) await sleep(100 + Math.random() * 400);
@@ -3101,9 +3116,7 @@ async function writeIndex(
     for (const { copy } of older) await deleteAsset(forgejo, release.id, copy, "an older index");
   }
   throw new ReleaseError(
-    `${SUMS_NAME} of ${options.tag} kept changing under this run (other jobs writing); ${
-      whatIsLeft(draft)
-    }`,
+    `${SUMS_NAME} of ${options.tag} kept changing under this run (other jobs writing)`,
   );
 }
 

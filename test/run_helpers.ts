@@ -23,6 +23,8 @@ export function baseEnv(extra: Record<string, string> = {}): Record<string, stri
     HOME: Deno.env.get("HOME") ?? "/root",
     NIX_CONFIG: "substituters =\nexperimental-features = nix-command flakes",
     NO_COLOR: "1",
+    // Real backoff is seconds of sleep per retry; the behaviour is the same at 20 ms.
+    RELEASE_BOOT_RETRY_DELAY_MS: "20",
   };
   const denoDir = Deno.env.get("DENO_DIR");
   if (denoDir) env.DENO_DIR = denoDir;

@@ -40,7 +40,7 @@ export type Fault =
   /** Read N bytes of the request body (0 = none), then destroy the socket (no response). */
   | { kind: "reset"; afterBytes?: number }
   /** Answer this status without doing the work: JSON, or nginx's HTML page with `html`. */
-  | { kind: "status"; status: number; html?: boolean; retryAfter?: number }
+  | { kind: "status"; status: number; html?: boolean; retryAfter?: number; message?: string }
   /** Accept and never answer (the socket is destroyed at close()). */
   | { kind: "hang" }
   /** Upload routes only: store the first keepBytes of the body and answer 201 (a broken proxy). */
@@ -917,7 +917,10 @@ function answerFaultStatus(
   const headers: Record<string, string> = {};
   if (fault.retryAfter !== undefined) headers["retry-after"] = String(fault.retryAfter);
   if (fault.html) return sendText(ex, fault.status, "text/html", nginxPage(fault.status), headers);
-  const body = { message: STATUS_CODES[fault.status] ?? "error", url: f.swaggerUrl };
+  const body = {
+    message: fault.message ?? STATUS_CODES[fault.status] ?? "error",
+    url: f.swaggerUrl,
+  };
   sendJson(ex, fault.status, body, headers);
 }
 

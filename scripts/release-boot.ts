@@ -1042,8 +1042,11 @@ function connectForgejo(site: Site, token: string | undefined, settings: CommonO
         const url = repoApi(`/releases/${releaseId}/assets/${copy.id}`);
         return (await send("DELETE", url, { expect: [404] })).status !== 404;
       },
-      /** A small file of a release (SHA256SUMS, manifest.json), at most `maxBytes`. */
-      async text(copy: Attachment, maxBytes = MAX_INDEX_FILE): Promise<string> {
+      /**
+       * A small file of a release (SHA256SUMS, manifest.json), at most `maxBytes`; undefined
+       * when it is gone (another job deleted it since the listing).
+       */
+      async text(copy: Attachment, maxBytes = MAX_INDEX_FILE): Promise<string | undefined> {
         if (copy.size > maxBytes) {
           throw new ReleaseError(
             `${copy.name} of ${site.repo} has ${copy.size} bytes, more than any real ${copy.name} (${
@@ -1052,7 +1055,12 @@ function connectForgejo(site: Site, token: string | undefined, settings: CommonO
           );
         }
         const url = new URL(assetAddress(site, copy));
-        return (await send("GET", url, { headers: { accept: "*/*" }, maxBytes })).text;
+        const answer = await send("GET", url, {
+          headers: { accept: "*/*" },
+          maxBytes,
+          expect: [404],
+        });
+        return answer.status === 404 ? undefined : answer.text;
       },
       /** A streamed download (for fetch): the caller reads the body. */
       async open(copy: Attachment, from = 0): Promise<Dispatcher.ResponseData> {
@@ -2748,12 +2756,14 @@ export interface RemoteIndex {
 async function readIndex(forgejo: Forgejo, release: Release): Promise<RemoteIndex> {
   const index: RemoteIndex = { manifests: [], sums: [] };
   for (const copy of [...release.assets].sort((a, b) => a.id - b.id)) {
+    // A copy deleted since the listing (another job tidying up) is simply not there.
+    const text = INDEX_NAMES.has(copy.name) ? await forgejo.assets.text(copy) : undefined;
+    if (text === undefined) continue;
     if (copy.name === MANIFEST_NAME) {
-      const text = await forgejo.assets.text(copy);
       const manifest = parseJson(ManifestSchema, text, `${MANIFEST_NAME} of ${release.tag_name}`);
       index.manifests.push({ copy, manifest, sha256: sha256Hex(new TextEncoder().encode(text)) });
     } else if (copy.name === SUMS_NAME) {
-      index.sums.push({ copy, text: await forgejo.assets.text(copy) });
+      index.sums.push({ copy, text });
     }
   }
   return index;
@@ -2913,7 +2923,8 @@ async function copiesSince(
     // Index files may be another job's fresh copy: only identical bytes are ours.
     const ours = copy.size === asset.size &&
       (asset.path !== undefined ||
-        sha256Hex(new TextEncoder().encode(await forgejo.assets.text(copy))) === asset.sha256);
+        sha256Hex(new TextEncoder().encode(await forgejo.assets.text(copy) ?? "")) ===
+          asset.sha256);
     if (ours) {
       log(`${asset.name}: the failed attempt was stored after all (id ${copy.id}); kept it`);
       return copy;

@@ -25,7 +25,12 @@ export interface World {
   work: { dir: string; commit: string };
   fixture: { dir: string; ref: string };
   /** Runs release-boot against the emulator with the fixture flake. */
-  publish(args?: string[], env?: Record<string, string>, fixtureRef?: string): Promise<Run>;
+  publish(
+    args?: string[],
+    env?: Record<string, string>,
+    fixtureRef?: string,
+    signal?: AbortSignal,
+  ): Promise<Run>;
   release(): Release;
   close(): Promise<void>;
 }
@@ -39,7 +44,7 @@ export async function world(options: EmulatorOptions = {}, salt = "one"): Promis
     forgejo,
     work,
     fixture,
-    publish: (args = [], env = {}, fixtureRef = fixture.ref) =>
+    publish: (args = [], env = {}, fixtureRef = fixture.ref, signal) =>
       runRelease(
         [
           "--server",
@@ -54,7 +59,7 @@ export async function world(options: EmulatorOptions = {}, salt = "one"): Promis
           ...(fixtureRef.startsWith("path:") ? ["--allow-dirty"] : []),
           ...args,
         ],
-        { cwd: work.dir, env: baseEnv({ FORGEJO_TOKEN: TOKEN, ...env }) },
+        { cwd: work.dir, env: baseEnv({ FORGEJO_TOKEN: TOKEN, ...env }), signal },
       ),
     release: () => {
       const releases = forgejo.releases().map((r) => v.parse(ReleaseSchema, r));

@@ -72,7 +72,13 @@ nixTest(
         for (let n = 0; n < 50; n++) {
           await apiPost(w, "/releases", { tag_name: `other-${n}`, draft: true });
         }
-        const run = await w.publish(["--targets", "netboot"]);
+        // Paging forever would never end on its own: stop it after a minute.
+        const run = await w.publish(
+          ["--targets", "netboot"],
+          {},
+          undefined,
+          AbortSignal.timeout(60_000),
+        );
         assert.equal(run.code, 0, run.stderr);
         const listings = w.forgejo.requests.filter((r) =>
           r.method === "GET" && /\/releases$/.test(r.path)

@@ -20,6 +20,7 @@ const source = await fs.readFile(WORKFLOW, "utf8");
 // deno-lint-ignore no-explicit-any
 const workflow: any = YAML.parse(source);
 const { preflight, build, finalize } = workflow.jobs;
+const bootTest = workflow.jobs["boot-test"];
 const COMMIT = "0123456789abcdef0123456789abcdef01234567";
 const FORGEJO = "https://git.example.org";
 const CI_ENV = { GITHUB_SHA: COMMIT, GITHUB_SERVER_URL: FORGEJO, GITHUB_REPOSITORY: "ops/runners" };
@@ -96,11 +97,38 @@ Deno.test("every job's guard skips the Codeberg mirror with or without a trailin
   }
 });
 
-Deno.test("preflight gates the builds, and the builds gate finalize", () => {
+Deno.test("preflight gates the builds and the boot test, and both gate finalize", () => {
+  assert.deepEqual(Object.keys(workflow.jobs), ["preflight", "build", "boot-test", "finalize"]);
   assert.equal(preflight.needs, undefined);
   assert.equal(build.needs, "preflight");
-  assert.equal(finalize.needs, "build");
+  assert.equal(bootTest.needs, "preflight");
+  assert.deepEqual(finalize.needs, ["build", "boot-test"]);
   assert.equal(build.strategy["fail-fast"], false);
+});
+
+Deno.test("the boot test builds checks.x86_64-linux.runner-boots, without writing a lock file", async () => {
+  const step = bootTest.steps.find((s: Step) => s.run?.includes("runner-boots")) as Step;
+  const bin = await fs.mkdtemp(path.join(os.tmpdir(), "release-boot-bin-"));
+  try {
+    const record = path.join(bin, "argv.json");
+    await fs.writeFile(
+      path.join(bin, "nix"),
+      `#!/usr/bin/env python3\nimport json, sys\njson.dump(sys.argv[1:], open(${
+        JSON.stringify(record)
+      }, "w"))\n`,
+      { mode: 0o755 },
+    );
+    await $({ env: { PATH: `${bin}:/usr/bin:/bin` } })`bash -euc ${step.run}`.quiet();
+    assert.deepEqual(JSON.parse(await fs.readFile(record, "utf8")), [
+      "build",
+      "--no-write-lock-file",
+      "--no-link",
+      "--print-build-logs",
+      ".#checks.x86_64-linux.runner-boots",
+    ]);
+  } finally {
+    await fs.rm(bin, { recursive: true, force: true });
+  }
 });
 
 Deno.test("the matrix builds netboot, iso and kexec for x86_64 and netboot, sd and kexec for aarch64, one per job", () => {
@@ -333,16 +361,18 @@ nixTest(
   },
 );
 
-nixTest("every matrix target exists in the flake for its system", async () => {
-  const packages = await withFlake((ref) =>
-    flakeEval(ref, "packages", "builtins.mapAttrs (_: builtins.attrNames)")
-  ) as Record<string, string[]>;
+nixTest("every matrix target and the boot test exist in the flake for their system", async () => {
+  const names = "builtins.mapAttrs (_: builtins.attrNames)";
+  const [packages, checks] = await withFlake((ref) =>
+    Promise.all([flakeEval(ref, "packages", names), flakeEval(ref, "checks", names)])
+  ) as Record<string, string[]>[];
   for (const matrix of build.strategy.matrix.include as Record<string, string>[]) {
     assert.ok(
       packages[matrix.system]?.includes(matrix.target),
       `${matrix.system} ${matrix.target}`,
     );
   }
+  assert.deepEqual(checks, { "x86_64-linux": ["runner-boots"] });
 });
 
 nixTest(

@@ -1,7 +1,8 @@
 # Boot images for Forgejo Actions runner hosts, and the script that publishes them as a
-# Forgejo release. docs/RUNNER_IMAGES.md is the operators' runbook.
+# Forgejo release. docs/RUNNER_IMAGES.md is the operators' runbook; site.nix holds the fleet's
+# settings.
 {
-  description = "Forgejo Actions runner boot images (netboot, ISO, SD card) and their release script";
+  description = "Forgejo Actions runner boot images (netboot, ISO, SD card, kexec) and their release script";
 
   inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-26.05";
 
@@ -19,12 +20,17 @@
 
       # How each image boots. These take nixpkgs' image modules without the
       # installation-device profile that nixpkgs' installers add, which would bring
-      # passwordless root, console autologin and root login over SSH.
+      # passwordless root, console autologin and root login over SSH. That profile also
+      # enables redistributable firmware (through installer/scan/not-detected.nix); the runner
+      # module enables it again, since real NICs and storage controllers need it.
       media = {
         netboot =
           { modulesPath, ... }:
           {
-            imports = [ (modulesPath + "/installer/netboot/netboot.nix") ];
+            imports = [
+              (modulesPath + "/installer/netboot/netboot.nix")
+              self.nixosModules.hostnameFromKernelCommandLine
+            ];
             hardware.enableAllHardware = true;
           };
         iso =
@@ -42,17 +48,22 @@
           };
       };
 
+      # An image meant for publishing: the fleet's settings from site.nix, and assertions that
+      # refuse placeholders.
       runnerSystem =
-        system: bootMedia:
+        system: bootMedia: extraModules:
         lib.nixosSystem {
           modules = [
             bootMedia
             self.nixosModules.runner
+            ./site.nix
             {
               nixpkgs.hostPlatform = system;
               system.stateVersion = "26.05";
+              runnerHost.publish = true;
             }
-          ];
+          ]
+          ++ extraModules;
         };
 
       # nixos/release.nix's makeNetboot: kernel, initrd and iPXE script in one directory,
@@ -79,6 +90,85 @@
           preferLocalBuild = true;
         };
 
+      # One file to reinstall or rescue a running Linux host without PXE, in the shape
+      # nix-community/nixos-images publishes: the netboot module's kexecTree (kernel, initrd,
+      # kexec-boot) plus a static kexec, so the host needs nothing but tar and zstd.
+      # nixpkgs' own system.build.kexecTarball packs only kexec-boot's closure under
+      # /kexec_nixos, without the kernel and initrd that script loads (nixpkgs PR 410511).
+      kexecTarball =
+        nixos:
+        let
+          inherit (nixos) pkgs;
+          system = pkgs.stdenv.hostPlatform.system;
+          name = "nixos-kexec-${system}";
+        in
+        pkgs.runCommand "${name}.tar.zst" { } ''
+          mkdir -p ${name}
+          cp -L ${nixos.config.system.build.kexecTree}/* ${name}/
+          cp ${pkgs.pkgsStatic.kexec-tools}/bin/kexec ${name}/kexec
+          tar --sort=name --mtime=@1 --owner=0 --group=0 --numeric-owner --mode=u+w -c ${name} \
+            | ${pkgs.zstd}/bin/zstd -10 > $out
+        '';
+
+      # The boot test: the x86_64 netboot image booted over PXE in a VM, as nixpkgs'
+      # nixos/tests/boot.nix does (makeNetbootTest), with a dummy credential placed after boot.
+      # The runner cannot reach a server there; the test sees the configuration rendered from
+      # the credential and forgejo-runner daemon started on it.
+      bootTestCredential = {
+        url = "https://forgejo.test";
+        uuid = "33834eef-e758-48c4-a676-1745426747aa";
+        token = "d4fe2db46a4c6bdc434a9ce3378d9a1489c1b30e";
+      };
+      bootTestSystem = runnerSystem "x86_64-linux" media.netboot [
+        (
+          { modulesPath, ... }:
+          {
+            imports = [ (modulesPath + "/testing/test-instrumentation.nix") ];
+            runnerHost.forgejoUrl = lib.mkForce bootTestCredential.url;
+            runnerHost.authorizedKeys = lib.mkForce [
+              "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBootTestKeyNotForUse runner-boots"
+            ];
+          }
+        )
+      ];
+      runnerBoots =
+        pkgs:
+        let
+          qemu-common = import (nixpkgs + "/nixos/lib/qemu-common.nix") {
+            inherit (pkgs) lib stdenv;
+          };
+          bundle = netbootBundle bootTestSystem;
+          startCommand = lib.concatStringsSep " " [
+            (qemu-common.qemuBinary pkgs.qemu_test)
+            "-m 3072"
+            "-netdev user,id=net0,tftp=${bundle},bootfile=netboot.ipxe"
+            "-device virtio-net-pci,netdev=net0"
+            "-boot order=n"
+          ];
+          inherit (bootTestSystem.config.runnerHost) credentialFile;
+          credentialLines = lib.concatMapStrings (name: "${name}=${bootTestCredential.${name}}\\n") [
+            "url"
+            "uuid"
+            "token"
+          ];
+        in
+        pkgs.testers.runNixOSTest {
+          name = "runner-boots";
+          nodes = { };
+          testScript = ''
+            machine = create_machine("${startCommand}")
+            machine.start()
+            machine.wait_for_unit("multi-user.target")
+            machine.succeed("install -d -m 700 ${dirOf credentialFile}")
+            machine.succeed("umask 077 && printf '${credentialLines}' > ${credentialFile}")
+            machine.wait_until_succeeds("test -s /run/forgejo-runner/config.yaml")
+            machine.succeed("grep -F 'uuid: \"${bootTestCredential.uuid}\"' /run/forgejo-runner/config.yaml")
+            machine.succeed("test \"$(stat -c %a /run/forgejo-runner/config.yaml)\" = 600")
+            machine.wait_until_succeeds("test \"$(systemctl show -P ExecMainStartTimestampMonotonic forgejo-runner)\" != 0")
+            machine.shutdown()
+          '';
+        };
+
       # Runs the release script from this flake's own source, in the caller's directory.
       releaseBoot =
         pkgs:
@@ -91,125 +181,50 @@
         };
     in
     {
-      # A Forgejo Actions runner host: forgejo-runner with the `nix` label running jobs on
-      # the host, Nix with flakes, and SSH with keys only. Import it and set runnerHost.*
-      # (and anything else) in your own modules to extend it.
-      nixosModules.runner =
-        {
-          config,
-          lib,
-          pkgs,
-          ...
-        }:
-        let
-          cfg = config.runnerHost;
-          placeholderUrl = "https://forgejo.example.org";
-          placeholderWarning = "runnerHost.forgejoUrl is still ${placeholderUrl}: set it to your Forgejo instance, or the runner cannot register.";
-        in
-        {
-          options.runnerHost = {
-            forgejoUrl = lib.mkOption {
-              type = lib.types.str;
-              default = placeholderUrl;
-              description = "Base URL of the Forgejo instance the runner registers with.";
+      nixosModules = {
+        runner = import ./nix/runner.nix;
+
+        # nix-community/nixos-images' netboot module: every machine booted from one netboot
+        # image gets its own name from `hostname=` on the kernel command line (the iPXE script
+        # passes ${cmdline} through), else "nixos".
+        hostnameFromKernelCommandLine =
+          { lib, pkgs, ... }:
+          let
+            setHostname = pkgs.writeShellApplication {
+              name = "hostname-from-cmdline";
+              text = builtins.readFile ./nix/hostname-from-cmdline.sh;
             };
-            labels = lib.mkOption {
-              type = lib.types.listOf lib.types.str;
-              default = [ "nix:host" ];
-              description = ''
-                Labels the runner registers with. `nix:host` offers the label `nix` and runs
-                its jobs directly on this host, where Nix with flakes is installed. A
-                `:docker://` label would also need virtualisation.docker or podman.
-              '';
-            };
-            tokenFile = lib.mkOption {
-              type = lib.types.str;
-              default = "/var/lib/forgejo-runner/token";
-              description = ''
-                Where the booted host reads its registration token: an environment file with
-                the line `TOKEN=<registration token>`. A string, not a Nix path, so the token
-                never enters the Nix store or an image. The runner starts once the file exists.
-              '';
-            };
-            authorizedKeys = lib.mkOption {
-              type = lib.types.listOf lib.types.str;
-              default = [ ];
-              description = "Public SSH keys that may log in as root; passwords are refused.";
-            };
+          in
+          {
+            networking.hostName = "";
+            system.build.hostnameFromCmdline = setHostname;
+            system.activationScripts.hostname = lib.mkForce ''
+              ${setHostname}/bin/hostname-from-cmdline /proc/cmdline /proc/sys/kernel/hostname
+            '';
           };
-
-          config = {
-            assertions = [
-              {
-                assertion = !lib.hasPrefix builtins.storeDir cfg.tokenFile;
-                message = "runnerHost.tokenFile is in the Nix store, where the token would be world-readable and part of the image: point it at a file on the host, such as /var/lib/forgejo-runner/token.";
-              }
-            ];
-            warnings = lib.optional (cfg.forgejoUrl == placeholderUrl) placeholderWarning;
-
-            nix.settings.experimental-features = [
-              "nix-command"
-              "flakes"
-            ];
-
-            services.openssh = {
-              enable = true;
-              settings = {
-                PasswordAuthentication = false;
-                KbdInteractiveAuthentication = false;
-                PermitRootLogin = "prohibit-password";
-              };
-            };
-            users.users.root.openssh.authorizedKeys.keys = cfg.authorizedKeys;
-
-            services.gitea-actions-runner = {
-              package = pkgs.forgejo-runner;
-              instances.forgejo = {
-                enable = true;
-                name = config.networking.hostName;
-                url = cfg.forgejoUrl;
-                inherit (cfg) labels tokenFile;
-                # The module's default host packages, plus nix for `nix develop` in jobs.
-                hostPackages = [
-                  pkgs.bash
-                  pkgs.coreutils
-                  pkgs.curl
-                  pkgs.gawk
-                  pkgs.gitMinimal
-                  pkgs.gnused
-                  pkgs.nodejs
-                  pkgs.wget
-                  config.nix.package
-                ];
-              };
-            };
-
-            # The token arrives after boot on netboot and ISO hosts, whose /var is in RAM:
-            # skip the runner until the file exists, then start it when it appears.
-            systemd.services.gitea-runner-forgejo.unitConfig.ConditionPathExists = cfg.tokenFile;
-            systemd.paths.gitea-runner-forgejo-token = {
-              wantedBy = [ "multi-user.target" ];
-              pathConfig = {
-                PathExists = cfg.tokenFile;
-                Unit = "gitea-runner-forgejo.service";
-              };
-            };
-          };
-        };
+      };
 
       nixosConfigurations = {
-        runner-x86_64-netboot = runnerSystem "x86_64-linux" media.netboot;
-        runner-x86_64-iso = runnerSystem "x86_64-linux" media.iso;
-        runner-aarch64-sd = runnerSystem "aarch64-linux" media.sd;
+        runner-x86_64-netboot = runnerSystem "x86_64-linux" media.netboot [ ];
+        runner-x86_64-iso = runnerSystem "x86_64-linux" media.iso [ ];
+        runner-aarch64-netboot = runnerSystem "aarch64-linux" media.netboot [ ];
+        runner-aarch64-sd = runnerSystem "aarch64-linux" media.sd [ ];
       };
 
       packages = {
         x86_64-linux = {
           netboot = netbootBundle self.nixosConfigurations.runner-x86_64-netboot;
+          kexec = kexecTarball self.nixosConfigurations.runner-x86_64-netboot;
           iso = self.nixosConfigurations.runner-x86_64-iso.config.system.build.isoImage;
         };
-        aarch64-linux.sd = self.nixosConfigurations.runner-aarch64-sd.config.system.build.sdImage;
+        aarch64-linux = {
+          netboot = netbootBundle self.nixosConfigurations.runner-aarch64-netboot;
+          kexec = kexecTarball self.nixosConfigurations.runner-aarch64-netboot;
+          sd = self.nixosConfigurations.runner-aarch64-sd.config.system.build.sdImage;
+        };
       };
+
+      checks.x86_64-linux.runner-boots = runnerBoots nixpkgs.legacyPackages.x86_64-linux;
 
       devShells = forEachSystem (pkgs: {
         default = pkgs.mkShell {

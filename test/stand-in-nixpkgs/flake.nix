@@ -1,8 +1,10 @@
 # A stand-in for nixpkgs with no inputs, for evaluating and building release-boot's
 # flake.nix offline: `--override-input nixpkgs path:<this directory>`. It provides only
-# the interface that flake uses (lib.nixosSystem, lib.genAttrs, legacyPackages, and the
-# installer modules it imports) with derivations of a few bytes each, so it checks the
-# wiring (output names, systems, packages taken from config.system.build) and not NixOS.
+# the interface that flake uses (lib.nixosSystem, lib.genAttrs, legacyPackages with the
+# builders and testers.runNixOSTest, nixos/lib/qemu-common.nix, and the installer and
+# testing modules it imports) with derivations of a few bytes each, so it checks the
+# wiring (output names, systems, packages taken from config.system.build, the runner's
+# unit) and the scripts the images run, not NixOS.
 {
   description = "Stand-in nixpkgs for release-boot's offline flake tests";
 

@@ -23,8 +23,12 @@ let
           value = f name;
         }) names
       );
+    concatStringsSep = builtins.concatStringsSep;
+    concatMapStrings = f: list: builtins.concatStringsSep "" (map f list);
+    escapeShellArg = arg: "'${builtins.replaceStrings [ "'" ] [ "'\\''" ] (toString arg)}'";
     optional = condition: value: if condition then [ value ] else [ ];
     optionals = condition: values: if condition then values else [ ];
+    optionalAttrs = condition: attrs: if condition then attrs else { };
     hasPrefix = prefix: s: builtins.substring 0 (builtins.stringLength prefix) s == prefix;
     isDerivation = value: isAttrs value && (value.type or null) == "derivation";
 
@@ -38,6 +42,7 @@ let
         attrs = type "attrs" isAttrs;
         package = type "package" isDerivation;
         listOf = elem: type "listOf ${elem.name}" (value: isList value && all elem.check value);
+        nullOr = elem: type "null or ${elem.name}" (value: value == null || elem.check value);
       };
 
     mkOption = attrs: attrs // { _type = "option"; };
@@ -46,6 +51,7 @@ let
       inherit priority content;
     };
     mkDefault = mkOverride 1000;
+    mkImageMediaOverride = mkOverride 60;
     mkForce = mkOverride 50;
     mkIf = condition: content: {
       _type = "if";

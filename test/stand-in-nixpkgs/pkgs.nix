@@ -35,6 +35,8 @@ let
   };
 in
 {
+  lib = import ./lib.nix;
+
   stdenv.hostPlatform = {
     inherit system;
     linux-kernel.target = kernelTargets.${system};
@@ -52,6 +54,56 @@ in
   gnused = program "sed";
   nodejs = program "node";
   wget = program "wget";
+  # zstd that leaves its input as it is, so a tarball piped through it can still be listed.
+  zstd = sh "zstd-stand-in" { } ''
+    mkdir -p $out/bin
+    printf '#!/bin/sh\nexec cat\n' > $out/bin/zstd
+    chmod +x $out/bin/zstd
+  '';
+  qemu_test = program "qemu-kvm";
+  pkgsStatic.kexec-tools = program "kexec";
+
+  writeText =
+    name: text:
+    sh name { inherit text; } ''
+      printf '%s' "$text" > $out
+    '';
+
+  writeScript =
+    name: text:
+    sh name { inherit text; } ''
+      printf '%s' "$text" > $out
+      chmod +x $out
+    '';
+
+  # Like nixpkgs' linkFarm with a list: a directory of symlinks named as given.
+  linkFarm =
+    name: entries:
+    sh name
+      {
+        links = map (entry: "${entry.name}=${entry.path}") entries;
+      }
+      ''
+        mkdir $out
+        for link in $links; do
+          ln -s "''${link#*=}" "$out/''${link%%=*}"
+        done
+      '';
+
+  # nixpkgs' testers.runNixOSTest takes the test's modules (name, nodes, testScript) and
+  # builds a derivation that runs the test driver in VMs. The stand-in cannot run VMs: its
+  # derivation keeps the test script, so tests can read what the test would run.
+  testers.runNixOSTest =
+    {
+      name,
+      nodes,
+      testScript,
+      ...
+    }:
+    assert builtins.isAttrs nodes;
+    sh "vm-test-run-${name}" { inherit testScript; } ''
+      printf '%s' "$testScript" > $out
+    '';
 
   runCommand = name: env: script: sh name env script;
 

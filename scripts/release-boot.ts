@@ -1335,43 +1335,50 @@ export interface TargetBuild {
 /** What a build needs to know: `release` and `verify` both build this way. */
 type BuildRequest = Pick<ReleaseOptions, "flake" | "system" | "targets">;
 
-/** One nix build for every target: one evaluation, and nix builds them in parallel. */
+/**
+ * One nix build for every target: one evaluation, and nix builds them in parallel. Nix lists
+ * its results in its own order (store-path order on 2.8, not the installables'), so each
+ * result is matched to its target by derivation.
+ */
 async function buildTargets(options: BuildRequest): Promise<TargetBuild[]> {
+  const drvPaths = await targetDerivations(options);
   const installables = options.targets.map((target) => installable(options, target));
   const build = $`nix ${NIX_FEATURES} build ${KEEP_LOCK} --json --no-link ${installables}`.quiet()
     .nothrow();
   build.stderr.on("data", (chunk: Buffer) => process.stderr.write(chunk));
   const result = await build;
   if (result.exitCode !== 0) {
-    const failed = await failedTargets(options, result.stderr);
+    const named = options.targets.filter((target) => result.stderr.includes(drvPaths[target]));
     throw new ReleaseError(
       `nix build failed for target ${
-        failed.join(", ")
+        (named.length > 0 ? named : options.targets).join(", ")
       } (${options.system}); nothing was published:\n${nixErrorTail(result.stderr)}`,
     );
   }
   const results: BuildResult[] = parseJson(BuildResultsSchema, result.stdout, "nix build --json");
-  return options.targets.map((target, index) => ({
-    target,
-    system: options.system,
-    drvPath: results[index].drvPath,
-    outPath: results[index].outputs.out,
-  }));
+  return options.targets.map((target) => {
+    const built = results.find((r) => r.drvPath === drvPaths[target]);
+    if (!built) {
+      throw new ReleaseError(
+        `nix build did not report target ${target} (${
+          drvPaths[target]
+        }); rerun, and report this with nix --version`,
+      );
+    }
+    return { target, system: options.system, drvPath: built.drvPath, outPath: built.outputs.out };
+  });
 }
 
-/** Names the targets whose output is still missing after a failed build. */
-async function failedTargets(options: BuildRequest, stderr: string): Promise<string[]> {
+/** Each target's derivation, from one evaluation. */
+async function targetDerivations(options: BuildRequest): Promise<Record<string, string>> {
   const apply = `ps: builtins.mapAttrs (name: _: ps.\${name}.drvPath) (builtins.fromJSON ''${
     JSON.stringify(Object.fromEntries(options.targets.map((t) => [t, null])))
   }'')`;
-  const drvs = await $`nix ${NIX_FEATURES} eval ${KEEP_LOCK} --json ${
-    installable(options)
-  } --apply ${apply}`
-    .quiet().nothrow();
-  if (drvs.exitCode !== 0) return options.targets;
-  const byTarget = parseJson(OutPathsSchema, drvs.stdout, "nix eval");
-  const named = options.targets.filter((target) => stderr.includes(byTarget[target]));
-  return named.length > 0 ? named : options.targets;
+  return await nixJson(
+    OutPathsSchema,
+    ["eval", KEEP_LOCK, "--json", installable(options), "--apply", apply],
+    `evaluating the targets ${options.targets.join(", ")}`,
+  );
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -230,3 +230,24 @@ Deno.test("--help documents every flag and the token variables", async () => {
   assert.match(run.stdout, /GITHUB_TOKEN/);
   assert.match(run.stdout, /Exit status: 0 done, 1 failed/);
 });
+
+nixTest(
+  "each target's files carry its own name, whatever order nix reports the builds in",
+  async () => {
+    // nix 2.8 lists build results in store-path order: one of these orders differs from it.
+    for (const targets of ["iso,netboot,plain", "plain,netboot,iso"]) {
+      const work = await makeWorkdir();
+      try {
+        const run = await runRelease(["--flake", FIXTURE, "--targets", targets], { cwd: work.dir });
+        assert.equal(run.code, 0, run.stderr);
+        const out = path.join(work.dir, "dist", `boot-dev-${work.commit.slice(0, 12)}`);
+        const text = (name: string) => fs.readFile(path.join(out, name), "utf8");
+        assert.match(await text("iso-x86_64-linux.iso"), /^iso /, `${targets}: the ISO is the ISO`);
+        assert.match(await text("netboot-x86_64-linux.initrd"), /^initrd /);
+        assert.match(await text("plain-x86_64-linux.img"), /^plain /);
+      } finally {
+        await fs.rm(work.dir, { recursive: true, force: true });
+      }
+    }
+  },
+);

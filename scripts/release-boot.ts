@@ -697,16 +697,24 @@ function fetchOptions(flags: Flags, env: Env, common: CommonOptions): FetchOptio
   };
 }
 
-const VERIFY_FLAGS = ["server", "repo", "tag", "flake", "system", "trust", "json"];
-const PRUNE_FLAGS = ["server", "repo", "keep", "stale-drafts", "dry-run"];
+const VERIFY_FLAGS = [
+  "server",
+  "repo",
+  "tag",
+  "flake",
+  "system",
+  "trust",
+  "json",
+  "timeout",
+  "mirrors",
+];
+const PRUNE_FLAGS = ["server", "repo", "keep", "stale-drafts", "dry-run", "timeout", "mirrors"];
 const KeepFlagSchema = WholeNumberSchema("releases", 0);
 const StaleDraftsFlagSchema = WholeNumberSchema("days", 1);
 
 /** `verify` rebuilds one published release: where it is, which tag, and from what flake. */
 function verifyOptions(flags: Flags, env: Env, common: CommonOptions): VerifyOptions {
-  const misplaced = flags.given.find((name) =>
-    ![...VERIFY_FLAGS, "timeout", "mirrors"].includes(name)
-  );
+  const misplaced = flags.given.find((name) => !VERIFY_FLAGS.includes(name));
   if (misplaced) throw new UsageError(`--${misplaced} is not a flag of verify; see --help`);
   const server = flagOrEnv(flags, "server", env, "GITHUB_SERVER_URL", ServerFlagSchema);
   const repo = flagOrEnv(flags, "repo", env, "GITHUB_REPOSITORY", RepoFlagSchema);
@@ -732,9 +740,7 @@ function verifyOptions(flags: Flags, env: Env, common: CommonOptions): VerifyOpt
 
 /** `prune` deletes from one repository: where it is, and how much to keep. */
 function pruneOptions(flags: Flags, env: Env, common: CommonOptions): PruneOptions {
-  const misplaced = flags.given.find((name) =>
-    ![...PRUNE_FLAGS, "timeout", "mirrors"].includes(name)
-  );
+  const misplaced = flags.given.find((name) => !PRUNE_FLAGS.includes(name));
   if (misplaced) throw new UsageError(`--${misplaced} is not a flag of prune; see --help`);
   const server = flagOrEnv(flags, "server", env, "GITHUB_SERVER_URL", ServerFlagSchema);
   const repo = flagOrEnv(flags, "repo", env, "GITHUB_REPOSITORY", RepoFlagSchema);

@@ -3623,6 +3623,7 @@ async function verifyRelease(options: VerifyOptions, env: Env): Promise<void> {
   const scope = rebuildScope(manifest, sums, options.system);
   const repository = await forgejo.repository();
   const flake = options.flake ?? releaseFlake(repository, manifest);
+  log(`Rebuilding ${release.tag_name} from ${flake}`);
   await step("Check the flake", () => checkFlakeCommit(flake, manifest));
   const rebuilt = await step("Rebuild", () =>
     rebuildRelease({

@@ -354,6 +354,16 @@ nixTest(
         assert.equal(document.identical, true);
         assert.equal(document.assets.length, 4);
 
+        // Without --flake the release's tag and commit in its own repository are rebuilt. The
+        // emulator serves no git, but nix's fetcher cache holds that commit (by rev, whatever
+        // the URL) from the runs above, so only the right commit could be found.
+        const defaulted = await verify(w, ["--tag", TAG]);
+        assert.equal(defaulted.code, 0, defaulted.stderr);
+        const reference =
+          `git+${w.forgejo.url}/ops/runners?ref=refs%2Ftags%2F${TAG}&rev=${checkout.commit}`;
+        assert.match(defaulted.stderr, new RegExp(`^Rebuilding ${TAG} from (.*)$`, "m"));
+        assert.equal(defaulted.stderr.match(/^Rebuilding \S+ from (.*)$/m)![1], reference);
+
         // The checkout itself, moved on by a commit, is refused in one line naming the fix.
         await fs.writeFile(path.join(checkout.dir, "salt.nix"), '"later"\n');
         await git(checkout.dir, "commit", "-q", "-a", "-m", "later");

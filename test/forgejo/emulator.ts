@@ -1445,7 +1445,8 @@ async function deleteAsset(f: Forgejo, ex: Exchange, params: Params): Promise<vo
 
 /** Every git tag, paged like the release list. */
 function listTags(f: Forgejo, ex: Exchange): void {
-  // API-FACTS is silent on the order: Forgejo lists tags newest first; names sorted do here.
+  // API-FACTS is silent on the order (Forgejo's git for-each-ref sorts by creation date);
+  // callers must not depend on it, so names sorted do here.
   const all = [...f.gitTags].sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0));
   const { page, limit } = listOptions(ex.url.searchParams);
   const onPage = all.slice((page - 1) * limit, page * limit);

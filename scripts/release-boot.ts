@@ -3674,14 +3674,21 @@ async function readIndexToVerify(
   const sums = parseSums(newest.text);
   const manifestSha = sums.get(MANIFEST_NAME);
   sums.delete(MANIFEST_NAME);
-  if (manifestSha === undefined) return { manifest: union, sums };
-  const listed = index.manifests.find((copy) => copy.sha256 === manifestSha);
-  if (!listed) {
+  const manifest = manifestSha === undefined
+    ? union
+    : index.manifests.find((copy) => copy.sha256 === manifestSha)?.manifest;
+  if (!manifest) {
     throw new ReleaseError(
       `no ${MANIFEST_NAME} of ${release.tag_name} has the checksum its ${SUMS_NAME} gives it: the release is inconsistent, refusing to trust it`,
     );
   }
-  return { manifest: listed.manifest, sums };
+  // The tag is in the download URLs of the .ipxe: a manifest of another release cannot match.
+  if (manifest.tag.toLowerCase() !== release.tag_name.toLowerCase()) {
+    throw new ReleaseError(
+      `the ${MANIFEST_NAME} of ${release.tag_name} describes ${manifest.tag}: the release is inconsistent, refusing to trust it`,
+    );
+  }
+  return { manifest, sums };
 }
 
 /**

@@ -278,6 +278,45 @@ Deno.test("prune needs a token and never runs against a mirror", async () => {
 // verify
 // ---------------------------------------------------------------------------------------------
 
+Deno.test("verify refuses a release it cannot check in one line, before building anything", async () => {
+  const forgejo = await startForgejo();
+  try {
+    forgejo.addCommit(COMMIT);
+    const run = (tag: string) =>
+      runRelease(
+        [
+          "verify",
+          "--server",
+          forgejo.url,
+          "--repo",
+          "ops/runners",
+          "--tag",
+          tag,
+          "--timeout",
+          "3",
+        ],
+        { env: baseEnv(FAST) },
+      );
+    const none = await run("latest");
+    assert.equal(none.code, 1);
+    assert.equal(
+      none.stderr,
+      "==> Find the release\nrelease-boot: ops/runners has no published boot-v* release yet; pass --tag\n",
+    );
+    // A release someone made by hand: nothing says what its files should be.
+    await makeRelease(forgejo, { tag: "boot-v3.0.0", daysAgo: 1 });
+    const bare = await run("latest");
+    assert.equal(bare.code, 1);
+    assert.match(
+      lines(bare.stderr).at(-1)!,
+      /^release-boot: boot-v3\.0\.0 has no SHA256SUMS and manifest\.json: it was not made by release-boot, or not finished; nothing can be verified$/,
+    );
+    assert.equal(bare.stdout, "");
+  } finally {
+    await forgejo.close();
+  }
+});
+
 async function git(dir: string, ...args: string[]): Promise<string> {
   const output = await new Deno.Command("git", {
     args: ["-c", "user.name=t", "-c", "user.email=t@example.org", ...args],

@@ -4132,7 +4132,7 @@ async function pruneReleases(options: PruneOptions, env: Env): Promise<void> {
     } catch (error) {
       if (!(error instanceof ReleaseError)) throw error;
       throw new ReleaseError(
-        `${error.message} (prune stopped after ${done.length} of ${plan.deletions.length} deletions; what is left is whole: rerun to continue)`,
+        `${error.message} (prune stopped after ${done.length} of ${plan.deletions.length} deletions; the releases it did not reach are untouched: rerun to continue)`,
       );
     }
     result(renderPruneDeletion(done[done.length - 1], options.dryRun));

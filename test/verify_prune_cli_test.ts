@@ -230,7 +230,7 @@ Deno.test("a prune that fails half-way leaves the rest whole, and a rerun ends i
     assert.equal(failed.code, 1, failed.stderr);
     assert.match(
       failed.stderr,
-      /^release-boot: Forgejo answered 500 for DELETE \/api\/v1\/repos\/ops\/runners\/tags\/boot-dev-dddddddddddd.* \(prune stopped after 1 of 5 deletions; what is left is whole: rerun to continue\)$/m,
+      /^release-boot: Forgejo answered 500 for DELETE \/api\/v1\/repos\/ops\/runners\/tags\/boot-dev-dddddddddddd.* \(prune stopped after 1 of 5 deletions; the releases it did not reach are untouched: rerun to continue\)$/m,
     );
     assert.deepEqual(lines(failed.stdout), [
       "Deleted release boot-dev-eeeeeeeeeeee and its tag (40 days old, 1.0 KiB): older than the 3 newest boot-dev releases",

@@ -40,6 +40,7 @@ import {
   RepositorySchema,
   ServerVersionSchema,
   type Tag,
+  TagListSchema,
   TagSchema,
 } from "../types/forgejo.ts";
 import {
@@ -66,6 +67,9 @@ const SUMS_NAME = "SHA256SUMS";
 const MANIFEST_NAME = "manifest.json";
 const INDEX_NAMES = new Set([SUMS_NAME, MANIFEST_NAME]);
 const DEFAULT_MIRRORS = "https://codeberg.org";
+/** prune's retention: the newest boot-dev releases kept, and when a draft is abandoned. */
+const PRUNE_KEEP = 5;
+const PRUNE_STALE_DAYS = 7;
 const READ_SIZE = 1 << 20;
 const MAX_HASH_WORKERS = 4;
 
@@ -79,6 +83,8 @@ async function main(argv: string[], env: Env): Promise<void> {
   hideSecretsFromChildren(env);
   const options = await readOptions(argv, env);
   if (options.command === "fetch") return await fetchForBoot(options, env);
+  if (options.command === "verify") return await verifyRelease(options, env);
+  if (options.command === "prune") return await pruneReleases(options, env);
 
   const forgejo = options.site && !options.dryRun
     ? connectForgejo(
@@ -244,7 +250,31 @@ export interface FetchOptions extends CommonOptions {
   system: string;
 }
 
-export type Options = ReleaseOptions | FetchOptions;
+/** Rebuild a published release from its commit and compare its files with SHA256SUMS. */
+export interface VerifyOptions extends CommonOptions {
+  command: "verify";
+  site: Site;
+  /** A tag, or "latest": the newest published boot-v* release. */
+  tag: string;
+  /** Absent: the release's commit, fetched from the repository it was published to. */
+  flake?: string;
+  /** Absent: the release's only system. */
+  system?: string;
+  /** An allowed_signers file: SHA256SUMS must then carry a signature by one of its keys. */
+  trust?: string;
+  json: boolean;
+}
+
+/** Delete old boot-dev releases and stale drafts. */
+export interface PruneOptions extends CommonOptions {
+  command: "prune";
+  site: Site;
+  keep: number;
+  staleDays: number;
+  dryRun: boolean;
+}
+
+export type Options = ReleaseOptions | FetchOptions | VerifyOptions | PruneOptions;
 
 const STRING_FLAGS = [
   "flake",
@@ -257,6 +287,9 @@ const STRING_FLAGS = [
   "out",
   "timeout",
   "mirrors",
+  "trust",
+  "keep",
+  "stale-drafts",
 ] as const;
 const BOOLEAN_FLAGS = [
   "dry-run",
@@ -265,6 +298,7 @@ const BOOLEAN_FLAGS = [
   "replace",
   "finalize",
   "allow-dirty",
+  "json",
 ] as const;
 type StringFlag = typeof STRING_FLAGS[number];
 type BooleanFlag = typeof BOOLEAN_FLAGS[number];
@@ -275,6 +309,10 @@ Usage:
   deno task release [flags]            (same as ./scripts/release-boot.ts [flags])
   deno task release fetch --server URL --repo OWNER/NAME --tag TAG|latest --out DIR
                     [--targets netboot] [--system x86_64-linux]
+  deno task release verify --server URL --repo OWNER/NAME --tag TAG|latest [--flake REF]
+                    [--system S] [--trust FILE] [--json]
+  deno task release prune --server URL --repo OWNER/NAME [--keep N] [--stale-drafts DAYS]
+                    [--dry-run]
 
 With no server configured (no --server, no GITHUB_SERVER_URL) the release is staged in
 --out: every asset, SHA256SUMS and manifest.json, exactly as it would be published.
@@ -312,6 +350,20 @@ each against the release's SHA256SUMS before it gets its final name (a mismatch 
 resumes an interrupted download, and writes netboot.ipxe to load kernel and initrd from the
 same directory, so any HTTP server can serve DIR as it is. "latest" is the newest published
 boot-v* release. A token is optional for a public repository.
+
+verify rebuilds a published release from the commit its manifest.json names and compares
+every file with its SHA256SUMS: one line per file on stdout (identical, different with both
+sums, missing), the JSON with --json, the verdict on stderr. --flake (default: the release's
+tag and commit fetched from the repository, git+URL?ref=refs/tags/TAG&rev=COMMIT) must be
+at that commit: a clean checkout of it, or a reference pinned with ?rev=. --trust FILE
+(allowed_signers) requires SHA256SUMS.sig by one of its keys. Exit 0 when every file is
+identical, 1 when any differs or is missing (or the release cannot be checked).
+
+prune deletes published boot-dev-* releases beyond the --keep newest (default ${PRUNE_KEEP}) with
+their tags, drafts unchanged for --stale-drafts days (default ${PRUNE_STALE_DAYS}) and boot-dev-*
+tags whose release is gone. A published boot-v* release is never deleted. It needs a token
+that can write releases; --dry-run prints what it would delete and deletes nothing. An
+interrupted prune leaves every release it did not reach whole: rerun it.
 
 Environment:
   FORGEJO_TOKEN      token with write access to the repository's releases
@@ -531,8 +583,9 @@ function flagOrEnv<T>(
 
 /** Flags and environment become Options, or a UsageError before any work is done. */
 export async function readOptions(argv: string[], env: Env): Promise<Options> {
-  const fetching = argv[0] === "fetch";
-  const flags = readFlags(fetching ? argv.slice(1) : argv);
+  const command = COMMANDS.find((name) => name === argv[0]);
+  const fetching = command === "fetch";
+  const flags = readFlags(command ? argv.slice(1) : argv);
   const common: CommonOptions = {
     mirrors: (flags.value("mirrors") ?? DEFAULT_MIRRORS).split(",").map((url) => url.trim()),
     http: {
@@ -545,8 +598,21 @@ export async function readOptions(argv: string[], env: Env): Promise<Options> {
       ),
     },
   };
+  if (command === "verify") return verifyOptions(flags, env, common);
+  if (command === "prune") return pruneOptions(flags, env, common);
+  const opsFlag = flags.given.find((name) => OPS_ONLY_FLAGS.includes(name));
+  if (opsFlag) {
+    throw new UsageError(
+      `--${opsFlag} is a flag of verify or prune, not of ${command ?? "release"}`,
+    );
+  }
   return fetching ? fetchOptions(flags, env, common) : await releaseOptions(flags, env, common);
 }
+
+/** The commands named by the first argument; without one, release. */
+const COMMANDS = ["fetch", "verify", "prune"] as const;
+/** Flags only verify or prune take: refused elsewhere rather than silently ignored. */
+const OPS_ONLY_FLAGS = ["json", "keep", "stale-drafts"];
 
 async function releaseOptions(
   flags: Flags,
@@ -627,6 +693,69 @@ function fetchOptions(flags: Flags, env: Env, common: CommonOptions): FetchOptio
     out,
     targets: parseFlag("targets", TargetsFlagSchema, flags.value("targets") ?? "netboot"),
     system: parseFlag("system", SystemFlagSchema, flags.value("system") ?? "x86_64-linux"),
+    ...common,
+  };
+}
+
+const VERIFY_FLAGS = [
+  "server",
+  "repo",
+  "tag",
+  "flake",
+  "system",
+  "trust",
+  "json",
+  "timeout",
+  "mirrors",
+];
+const PRUNE_FLAGS = ["server", "repo", "keep", "stale-drafts", "dry-run", "timeout", "mirrors"];
+const KeepFlagSchema = WholeNumberSchema("releases", 0);
+const StaleDraftsFlagSchema = WholeNumberSchema("days", 1);
+
+/** `verify` rebuilds one published release: where it is, which tag, and from what flake. */
+function verifyOptions(flags: Flags, env: Env, common: CommonOptions): VerifyOptions {
+  const misplaced = flags.given.find((name) => !VERIFY_FLAGS.includes(name));
+  if (misplaced) throw new UsageError(`--${misplaced} is not a flag of verify; see --help`);
+  const server = flagOrEnv(flags, "server", env, "GITHUB_SERVER_URL", ServerFlagSchema);
+  const repo = flagOrEnv(flags, "repo", env, "GITHUB_REPOSITORY", RepoFlagSchema);
+  if (!server) throw new UsageError("verify needs --server URL (or GITHUB_SERVER_URL)");
+  if (!repo) throw new UsageError("verify needs --repo OWNER/NAME (or GITHUB_REPOSITORY)");
+  const tag = flags.value("tag");
+  if (!tag) {
+    throw new UsageError("verify needs --tag TAG, or --tag latest for the newest boot-v* release");
+  }
+  const flake = flags.value("flake");
+  const system = flags.value("system");
+  return {
+    command: "verify",
+    site: { server, repo },
+    tag: tag === "latest" ? tag : parseFlag("tag", TagFlagSchema, tag),
+    flake: flake === undefined ? undefined : parseFlag("flake", FlakeFlagSchema, flake),
+    system: system === undefined ? undefined : parseFlag("system", SystemFlagSchema, system),
+    trust: flags.value("trust"),
+    json: flags.on("json"),
+    ...common,
+  };
+}
+
+/** `prune` deletes from one repository: where it is, and how much to keep. */
+function pruneOptions(flags: Flags, env: Env, common: CommonOptions): PruneOptions {
+  const misplaced = flags.given.find((name) => !PRUNE_FLAGS.includes(name));
+  if (misplaced) throw new UsageError(`--${misplaced} is not a flag of prune; see --help`);
+  const server = flagOrEnv(flags, "server", env, "GITHUB_SERVER_URL", ServerFlagSchema);
+  const repo = flagOrEnv(flags, "repo", env, "GITHUB_REPOSITORY", RepoFlagSchema);
+  if (!server) throw new UsageError("prune needs --server URL (or GITHUB_SERVER_URL)");
+  if (!repo) throw new UsageError("prune needs --repo OWNER/NAME (or GITHUB_REPOSITORY)");
+  return {
+    command: "prune",
+    site: { server, repo },
+    keep: parseFlag("keep", KeepFlagSchema, flags.value("keep") ?? String(PRUNE_KEEP)),
+    staleDays: parseFlag(
+      "stale-drafts",
+      StaleDraftsFlagSchema,
+      flags.value("stale-drafts") ?? String(PRUNE_STALE_DAYS),
+    ),
+    dryRun: flags.on("dry-run"),
     ...common,
   };
 }
@@ -931,32 +1060,42 @@ function connectForgejo(site: Site, token: string | undefined, settings: CommonO
   });
 
   /**
-   * Every release matching `query`, newest first. A server that ignores `page` (the same page
-   * again), a short or empty page, or the total it announced ends the listing; past
+   * Every item of a paged list, in the server's order. A server that ignores `page` (the same
+   * page again), a short or empty page, or the total it announced ends the listing; past
    * MAX_PAGES it is an error, never an endless loop.
    */
-  async function listReleases(query: Record<string, string>): Promise<Release[]> {
-    const seen = new Set<number>();
-    const releases: Release[] = [];
+  async function listPaged<T>(
+    route: string,
+    schema: v.GenericSchema<unknown, T[]>,
+    keyOf: (item: T) => string | number,
+    query: Record<string, string>,
+    noun: string,
+  ): Promise<T[]> {
+    const seen = new Set<string | number>();
+    const items: T[] = [];
     let pageSize = PAGE_SIZE;
     for (let page = 1; page <= MAX_PAGES; page++) {
-      const url = repoApi("/releases", { ...query, page: String(page), limit: String(PAGE_SIZE) });
+      const url = repoApi(route, { ...query, page: String(page), limit: String(PAGE_SIZE) });
       const answer = await send("GET", url);
-      const items = parseAnswer(ReleaseListSchema, answer.text, `GET ${url.pathname}`);
-      const fresh = items.filter((release) => !seen.has(release.id));
-      for (const release of fresh) seen.add(release.id);
-      releases.push(...fresh);
+      const onPage = parseAnswer(schema, answer.text, `GET ${url.pathname}`);
+      const fresh = onPage.filter((item) => !seen.has(keyOf(item)));
+      for (const item of fresh) seen.add(keyOf(item));
+      items.push(...fresh);
       const total = Number(answer.headers["x-total-count"]);
       // A server may serve fewer than asked: the first page says how many a full page holds.
-      if (page === 1 && items.length > 0) pageSize = Math.min(items.length, PAGE_SIZE);
-      const done = fresh.length < items.length || items.length < pageSize ||
-        (Number.isFinite(total) && releases.length >= total);
-      if (done) return releases;
+      if (page === 1 && onPage.length > 0) pageSize = Math.min(onPage.length, PAGE_SIZE);
+      const done = fresh.length < onPage.length || onPage.length < pageSize ||
+        (Number.isFinite(total) && items.length >= total);
+      if (done) return items;
     }
     throw new ReleaseError(
-      `${site.repo} lists more than ${MAX_PAGES} pages of releases: the server does not page as Forgejo does; check --server`,
+      `${site.repo} lists more than ${MAX_PAGES} pages of ${noun}: the server does not page as Forgejo does; check --server`,
     );
   }
+
+  /** Every release matching `query`, newest first. */
+  const listReleases = (query: Record<string, string>) =>
+    listPaged("/releases", ReleaseListSchema, (release) => release.id, query, "releases");
 
   return {
     server: site.server,
@@ -1078,6 +1217,8 @@ function connectForgejo(site: Site, token: string | undefined, settings: CommonO
     },
 
     tags: {
+      /** Every git tag of the repository. */
+      list: () => listPaged("/tags", TagListSchema, (tag) => tag.name, {}, "tags"),
       async get(tag: string): Promise<Tag | undefined> {
         const url = repoApi(`/tags/${encodeURIComponent(tag)}`);
         const answer = await send("GET", url, { expect: [404] });
@@ -3500,6 +3641,128 @@ async function writeAtomically(file: string, text: string): Promise<void> {
 // 9. verify: rebuild a release from its commit and compare every file with SHA256SUMS
 // ---------------------------------------------------------------------------------------------
 
+async function verifyRelease(options: VerifyOptions, env: Env): Promise<void> {
+  // Read like fetch: a mirror serves public files, and never sees the primary's token.
+  const token = mirrorOf(options.site.server, options.mirrors) ? undefined : readToken(env);
+  const trusted = options.trust === undefined ? undefined : await readTrust(options.trust);
+  const forgejo = connectForgejo(options.site, token, options);
+  const release = await step("Find the release", () => findBootRelease(forgejo, options.tag));
+  const { manifest, sums } = await step(
+    "Read SHA256SUMS and manifest.json",
+    () => readIndexToVerify(forgejo, release, trusted),
+  );
+  const scope = rebuildScope(manifest, sums, options.system);
+  const repository = await forgejo.repository();
+  const flake = options.flake ?? releaseFlake(repository, manifest);
+  log(`Rebuilding ${release.tag_name} from ${flake}`);
+  await step("Check the flake", () => checkFlakeCommit(flake, manifest));
+  const rebuilt = await step("Rebuild", () =>
+    rebuildRelease({
+      flake,
+      system: scope.system,
+      targets: scope.targets,
+      downloadBase: releaseDownloadBase(repository, manifest.tag),
+    }));
+  const checks = compareRebuild(scope.expected, rebuilt);
+  await reportVerification(
+    { tag: release.tag_name, commit: manifest.commit, system: scope.system, checks },
+    options,
+    env,
+  );
+}
+
+/**
+ * The release's newest SHA256SUMS and its manifest. With `trusted` keys SHA256SUMS must carry
+ * a valid signature, and when it lists manifest.json only that exact copy is believed.
+ */
+async function readIndexToVerify(
+  forgejo: Forgejo,
+  release: Release,
+  trusted: TrustedKey[] | undefined,
+): Promise<{ manifest: Manifest; sums: Map<string, string> }> {
+  const index = await readIndex(forgejo, release);
+  const newest = index.sums.at(-1);
+  const union = unionManifest(index);
+  if (!newest || !union) {
+    throw new ReleaseError(
+      `${release.tag_name} has no ${SUMS_NAME} and ${MANIFEST_NAME}: it was not made by release-boot, or not finished; nothing can be verified`,
+    );
+  }
+  if (trusted) {
+    const signature = release.assets.filter((a) => a.name === SIGNATURE_NAME).at(-1);
+    if (!signature) {
+      throw new ReleaseError(
+        `${release.tag_name} has no ${SIGNATURE_NAME}, but --trust asks for a signed ${SUMS_NAME}: it was published unsigned (drop --trust to verify it unsigned)`,
+      );
+    }
+    const signer = await verifySums(
+      trusted,
+      new TextEncoder().encode(newest.text),
+      // Gone since the listing: an empty signature, refused as such.
+      (await forgejo.assets.text(signature)) ?? "",
+    );
+    log(`${SUMS_NAME} is signed by ${signer.principal} (${signer.fingerprint})`);
+  }
+  const sums = parseSums(newest.text);
+  const manifestSha = sums.get(MANIFEST_NAME);
+  sums.delete(MANIFEST_NAME);
+  const manifest = manifestSha === undefined
+    ? union
+    : index.manifests.find((copy) => copy.sha256 === manifestSha)?.manifest;
+  if (!manifest) {
+    throw new ReleaseError(
+      `no ${MANIFEST_NAME} of ${release.tag_name} has the checksum its ${SUMS_NAME} gives it: the release is inconsistent, refusing to trust it`,
+    );
+  }
+  // The tag is in the download URLs of the .ipxe: a manifest of another release cannot match.
+  if (manifest.tag.toLowerCase() !== release.tag_name.toLowerCase()) {
+    throw new ReleaseError(
+      `the ${MANIFEST_NAME} of ${release.tag_name} describes ${manifest.tag}: the release is inconsistent, refusing to trust it`,
+    );
+  }
+  return { manifest, sums };
+}
+
+/**
+ * Without --flake, the release's own commit from the repository it was published to, reached
+ * through its tag (nix fetches a ref, then checks out the rev). Public repositories only: nix
+ * is never given the token.
+ */
+function releaseFlake(repository: Repository, manifest: Pick<Manifest, "tag" | "commit">): string {
+  const url = new URL(`git+${repository.html_url.replace(/\/+$/, "")}`);
+  url.searchParams.set("ref", `refs/tags/${manifest.tag}`);
+  url.searchParams.set("rev", manifest.commit);
+  return url.toString();
+}
+
+/** The iPXE scripts' download base, as publishing wrote it (`downloadBase`). */
+function releaseDownloadBase(repository: Repository, tag: string): string {
+  return `${repository.html_url.replace(/\/+$/, "")}/releases/download/${encodeURIComponent(tag)}/`;
+}
+
+/** One line per asset (or the JSON) on stdout, the step summary, and the verdict on stderr. */
+async function reportVerification(
+  verification: Verification,
+  options: Pick<VerifyOptions, "json">,
+  env: Env,
+): Promise<void> {
+  result(
+    options.json
+      ? JSON.stringify(verificationJson(verification), null, 2)
+      : renderVerification(verification).trimEnd(),
+  );
+  if (env.GITHUB_STEP_SUMMARY) {
+    await fs.appendFile(env.GITHUB_STEP_SUMMARY, verificationSummary(verification));
+  }
+  const verdict = verificationVerdict(verification);
+  if (verificationExitCode(verification) !== 0) {
+    throw new ReleaseError(
+      `${verdict}; find what differs with diffoscope or nix store diff-closures (docs/RUNNER_IMAGES.md)`,
+    );
+  }
+  log(verdict);
+}
+
 /** What to rebuild for a release: one system's targets, and the sums their files must have. */
 export interface RebuildScope {
   system: string;
@@ -3877,6 +4140,46 @@ export function verificationSummary(verification: Verification): string {
 // ---------------------------------------------------------------------------------------------
 // 10. prune: delete old boot-dev releases and stale drafts, never a published boot-v*
 // ---------------------------------------------------------------------------------------------
+
+async function pruneReleases(options: PruneOptions, env: Env): Promise<void> {
+  const token = readToken(env);
+  if (!token) {
+    throw new UsageError(
+      `prune deletes releases: set FORGEJO_TOKEN to a token that can write releases of ${options.site.repo} (in a workflow: FORGEJO_TOKEN: \${{ secrets.GITHUB_TOKEN }})`,
+    );
+  }
+  const forgejo = connectForgejo(refuseMirror(options.site, options.mirrors), token, options);
+  await step("Check Forgejo", () => checkForgejo(forgejo));
+  // Tags first: a release published meanwhile then has its tag listed, never as an orphan.
+  const plan = await step("Plan", async () => {
+    const tags = await forgejo.tags.list();
+    const releases = await forgejo.releases.list();
+    return planPrune(releases, tags, new Date(), options.keep, options.staleDays);
+  });
+  for (const kept of plan.kept) log(`Keeping ${kept.tag}: ${kept.why}`);
+  const done: PruneDeletion[] = [];
+  for (const deletion of plan.deletions) {
+    try {
+      done.push(options.dryRun ? deletion : await deleteForPrune(forgejo, deletion));
+    } catch (error) {
+      if (!(error instanceof ReleaseError)) throw error;
+      throw new ReleaseError(
+        `${error.message} (prune stopped after ${done.length} of ${plan.deletions.length} deletions; the releases it did not reach are untouched: rerun to continue)`,
+      );
+    }
+    result(renderPruneDeletion(done[done.length - 1], options.dryRun));
+  }
+  result(renderPruneTotal(done, options.dryRun));
+}
+
+/** The release (with its assets), then its tag; a tag a release holds again is kept. */
+async function deleteForPrune(forgejo: Forgejo, deletion: PruneDeletion): Promise<PruneDeletion> {
+  if (deletion.releaseId !== undefined) await forgejo.releases.remove(deletion.releaseId);
+  if (!deletion.deleteTag) return deletion;
+  if (await forgejo.tags.remove(deletion.tag) !== "held") return deletion;
+  log(`Kept the tag ${deletion.tag}: a release holds it again`);
+  return { ...deletion, deleteTag: false };
+}
 
 /** The parts of a release that prune judges. */
 export type PruneRelease =

@@ -190,6 +190,7 @@ async function exerciseEveryRoute(em: Emulator): Promise<Bodies> {
     await ok(send("PATCH", `${base}/releases/${draft.id}`, { draft: false })),
   );
   keep("Tag", "tag", await ok(send("GET", `${base}/tags/boot-v1`)));
+  keepAll("Tag", "tags", await ok(send("GET", `${base}/tags?limit=50`)));
 
   await expectError(`${repo}/releases/{id}`, 404, send("GET", `${base}/releases/999`));
   await expectError(`${repo}/releases`, 401, fetch(`${base}/releases`, { method: "POST" }));

@@ -38,6 +38,9 @@ export const TagSchema = v.object({
 });
 export type Tag = v.InferOutput<typeof TagSchema>;
 
+/** `GET /repos/{owner}/{repo}/tags`: one page of them. */
+export const TagListSchema = v.array(TagSchema);
+
 /** A release asset. `size` is the number of bytes the server stored. */
 export const AttachmentSchema = v.object({
   id: v.number(),

@@ -994,6 +994,7 @@ const API_ROUTES: ApiRoute[] = [
   apiRoute("GET", ASSET, false, getAsset),
   apiRoute("PATCH", ASSET, true, editAsset),
   apiRoute("DELETE", ASSET, true, deleteAsset),
+  apiRoute("GET", "/repos/{owner}/{repo}/tags", false, listTags),
   apiRoute("GET", "/repos/{owner}/{repo}/tags/{tag}", false, getTag),
   apiRoute("DELETE", "/repos/{owner}/{repo}/tags/{tag}", true, deleteTag),
 ];
@@ -1443,6 +1444,22 @@ async function deleteAsset(f: Forgejo, ex: Exchange, params: Params): Promise<vo
   if (!found) return sendNotFound(f, ex);
   await f.deleteAsset(found.asset);
   sendNoContent(ex);
+}
+
+/** Every git tag, paged like the release list. */
+function listTags(f: Forgejo, ex: Exchange): void {
+  // API-FACTS is silent on the order (Forgejo's git for-each-ref sorts by creation date);
+  // callers must not depend on it, so names sorted do here.
+  const all = [...f.gitTags].sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0));
+  const { page, limit } = listOptions(ex.url.searchParams);
+  const onPage = all.slice((page - 1) * limit, page * limit);
+  const headers: Record<string, string> = {
+    "x-total-count": String(all.length),
+    "access-control-expose-headers": "X-Total-Count, Link",
+  };
+  const links = paginationLinks(f, ex.url, all.length, limit, page);
+  if (links.length > 0) headers.link = links.join(",");
+  sendJson(ex, 200, onPage.map(([name, sha]) => tagJson(f, name, sha)), headers);
 }
 
 function getTag(f: Forgejo, ex: Exchange, params: Params): void {

@@ -100,7 +100,7 @@ Deno.test("the prune step uses the defaults on a schedule and the inputs on disp
   assert(options.command === "prune");
   assert.deepEqual(
     [options.site, options.keep, options.staleDays, options.dryRun],
-    [{ server: "https://git.example.org", repo: "ops/runners" }, 10, 7, false],
+    [{ server: "https://git.example.org", repo: "ops/runners" }, 5, 7, false],
   );
 
   const dispatched = await commandLineFor(step.run, {

@@ -15,6 +15,7 @@ import {
   readUploadRecord,
   releaseBody,
   renderSums,
+  repoProblem,
   retryAfterMs,
   rewriteIpxe,
   serverProblem,
@@ -296,6 +297,42 @@ Deno.test("servers on the mirror list are matched as URLs", () => {
     mirrorOf("https://git.example.org/mirror", ["https://git.example.org/mirror/"]),
     "https://git.example.org/mirror/",
   );
+  // One host however it is spelled: a trailing dot, IDNA, a default port, any loopback name.
+  assert.equal(mirrorOf("https://codeberg.org./", mirrors), "https://codeberg.org");
+  assert.equal(
+    mirrorOf("https://bücher.example", ["https://xn--bcher-kva.example"]),
+    "https://xn--bcher-kva.example",
+  );
+  assert.equal(
+    mirrorOf("http://localhost:3000", ["http://127.0.0.1:3000"]),
+    "http://127.0.0.1:3000",
+  );
+  assert.equal(mirrorOf("http://[::1]:3000", ["http://localhost:3000/"]), "http://localhost:3000/");
+  assert.equal(mirrorOf("http://localhost:3001", ["http://127.0.0.1:3000"]), undefined);
+  assert.equal(mirrorOf("http://codeberg.org", mirrors), undefined, "another scheme");
+});
+
+Deno.test("OWNER/NAME follow Forgejo's naming rules, so no name reaches another API route", () => {
+  for (const good of ["ops/runners", "a/b", "Ops-Team/runner.images", "o_1/r-2_x.y"]) {
+    assert.equal(repoProblem(good), undefined, good);
+  }
+  for (
+    const [bad, why] of [
+      ["../admin", /owner "\.\."/],
+      ["ops/..", /name "\.\."/],
+      ["ops/.", /name "\."/],
+      ["ops", /OWNER\/NAME/],
+      ["ops/runners/extra", /OWNER\/NAME/],
+      ["-ops/runners", /owner/],
+      ["ops./runners", /owner/],
+      ["o..ps/runners", /owner/],
+      ["ops/runners.git", /name/],
+      ["ops/run ners", /name/],
+      ["ops/run%2F..", /name/],
+    ] as const
+  ) {
+    assert.match(repoProblem(bad) ?? "", why, bad);
+  }
 });
 
 Deno.test("errors say what failed and what to do", () => {

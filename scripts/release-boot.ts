@@ -3869,8 +3869,12 @@ async function openTagDirectory(out: string, name: string): Promise<string> {
   const mark = path.join(dir, TAG_MARK);
   const stat = await lstatOrUndefined(dir);
   if (!stat) {
-    await fs.mkdir(dir);
-    await fs.writeFile(mark, `${name}\n`, { flag: "wx" });
+    // Made beside it and renamed into place, so DIR/<tag> never exists without its mark.
+    const fresh = path.join(out, `.${name}.${process.pid}.new`);
+    await fs.rm(fresh, { recursive: true, force: true });
+    await fs.mkdir(fresh);
+    await fs.writeFile(path.join(fresh, TAG_MARK), `${name}\n`, { flag: "wx" });
+    await fs.rename(fresh, dir);
     return dir;
   }
   if (!stat.isDirectory()) {

@@ -3471,7 +3471,10 @@ async function reportRelease(release: Release, manifest: Manifest, env: Env): Pr
 
 async function fetchForBoot(options: FetchOptions, env: Env): Promise<void> {
   const out = path.resolve(options.out);
-  if (options.rollback) return await withBootLock(out, () => rollBack(out));
+  if (options.rollback) {
+    if (!(await lstatOrUndefined(out))) throw new ReleaseError(`there is no ${out} to roll back`);
+    return await withBootLock(out, () => rollBack(out));
+  }
   // A mirror serves public files; the primary server's token has no business there.
   const token = mirrorOf(options.site.server, options.mirrors) ? undefined : readToken(env);
   const forgejo = connectForgejo(options.site, token, options);

@@ -271,6 +271,36 @@ Deno.test("fetch says what it needs, one line each", async () => {
       "x",
       "--replace",
     ], /--replace is for making a release, not for fetch/],
+    [[
+      "fetch",
+      "--server",
+      "https://git.example.org",
+      "--repo",
+      "a/b",
+      "--tag",
+      "v1",
+      "--out",
+      "x",
+      "--signing-key",
+      "k",
+    ], /--signing-key is for making a release, not for fetch/],
+    [["--trust", "allowed_signers", "--dry-run"], /--trust is for fetch, not for making a release/],
+    [
+      [
+        "fetch",
+        "--server",
+        "https://git.example.org",
+        "--repo",
+        "a/b",
+        "--tag",
+        "v1",
+        "--out",
+        "x",
+        "--keep",
+        "0",
+      ],
+      /--keep/,
+    ],
   ];
   for (const [args, message] of cases) {
     const run = await runRelease(args);

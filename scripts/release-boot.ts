@@ -3632,7 +3632,11 @@ async function chooseBootFiles(
   }
   if (manifest) return bootFilesOf(manifest, sums, options.targets, options.system, tag);
   const scripts = [...sums.keys()].filter((name) => name.endsWith(".ipxe"));
-  if (scripts.length === 0) return bootFilesByName(sums, tag);
+  if (scripts.length === 0) {
+    const boot = bootFilesByName(sums, tag);
+    log(`${tag} has no iPXE script: fetching its kernel and initrd only; boot them with your own`);
+    return boot;
+  }
   const script = oneScript(scripts, options, tag);
   const copy = release.assets.find((asset) => asset.name === script);
   if (!copy) throw new ReleaseError(`${tag} lists ${script} but does not hold it`);
@@ -3709,46 +3713,48 @@ export function bootFilesOfScript(
   sums: Map<string, string>,
   tag: string,
 ): BootSet {
-  const lastSegment = (uri: string) => {
-    const last = uri.split(/[/?#]/).filter(Boolean).at(-1) ?? uri;
+  // iPXE names an image after its URI's last segment; the release holds it under that name.
+  const nameOf = (uri: string) => {
+    const last = uri.split(/[?#]/)[0].split("/").filter(Boolean).at(-1) ?? uri;
     try {
       return decodeURIComponent(last);
     } catch {
       return last;
     }
   };
-  const images = new Set<string>();
-  const unknown: string[] = [];
+  const fetched = { kernel: [] as string[], initrd: [] as string[] };
   for (const line of text.split("\n")) {
     const command = line.trim().split(/\s+/)[0];
     if (command !== "kernel" && command !== "initrd") continue;
+    // rewriteIpxe reads the line's tokens: its first question is the image the line fetches.
+    let image: string | undefined;
     rewriteIpxe(line, (uri) => {
-      if (uri.startsWith("initrd=") || !line.includes(uri)) return undefined;
-      const name = lastSegment(uri);
-      if (sums.has(name)) images.add(name);
-      else unknown.push(uri);
+      image ??= uri;
       return undefined;
     });
+    if (image) fetched[command].push(image);
   }
-  const names = [...images];
-  if (!names.some((name) => KERNEL_NAME.test(name)) && names.length < 2) {
+  const held = (uris: string[]) => uris.map(nameOf).filter((name) => sums.has(name));
+  const kernels = held(fetched.kernel);
+  const initrds = held(fetched.initrd);
+  if (kernels.length === 0 || initrds.length === 0) {
+    const named = [...fetched.kernel, ...fetched.initrd];
     throw new ReleaseError(
-      `${script} of ${tag} names no kernel and initrd that ${tag} holds${
-        unknown.length > 0 ? ` (it fetches ${unknown.join(", ")})` : ""
+      `${script} of ${tag} names no ${
+        kernels.length === 0 ? "kernel" : "initrd"
+      } that ${tag} holds${
+        named.length > 0 ? ` (it fetches ${named.join(", ")})` : ""
       }: cannot tell what to boot`,
     );
   }
-  const files = [script, ...names].map((name) => ({ name, sha256: sums.get(name)! }));
+  const images = new Set([...kernels, ...initrds]);
   const local = script === "netboot.ipxe" ? "netboot.local.ipxe" : "netboot.ipxe";
   return {
-    files,
+    files: [script, ...images].map((name) => ({ name, sha256: sums.get(name)! })),
     scripts: [{
       from: script,
       name: local,
-      locate: (uri) => {
-        const name = lastSegment(uri);
-        return images.has(name) ? encodeURIComponent(name) : undefined;
-      },
+      locate: (uri) => images.has(nameOf(uri)) ? encodeURIComponent(nameOf(uri)) : undefined,
     }],
   };
 }
@@ -3767,7 +3773,6 @@ export function bootFilesByName(sums: Map<string, string>, tag: string): BootSet
       }): cannot tell what to boot`,
     );
   }
-  log(`${tag} has no iPXE script: fetched its kernel and initrd only; boot them with your own`);
   return {
     files: [kernels[0], initrds[0]].map((name) => ({ name, sha256: sums.get(name)! })),
     scripts: [],

@@ -8,6 +8,7 @@ import assert from "node:assert/strict";
 import * as fs from "node:fs/promises";
 import * as os from "node:os";
 import * as path from "node:path";
+import { bootFilesByName, bootFilesOfScript, rewriteIpxe } from "../scripts/release-boot.ts";
 import { baseEnv, type Run, runRelease, sha256sumCheck } from "./run_helpers.ts";
 import { sha256, TOKEN, type World, world } from "./forgejo_world.ts";
 
@@ -302,3 +303,38 @@ Deno.test("one fetch at a time per DIR: a second one stops in one line; a dead o
     );
     assert.equal(await fs.lstat(lock).catch(() => undefined), undefined, "the lock is released");
   }));
+
+Deno.test("without manifest.json, the iPXE script's kernel and initrd lines say what to boot", () => {
+  const sums = new Map([
+    ["boot.ipxe", "1".repeat(64)],
+    ["vmlinuz 6.6", "2".repeat(64)],
+    ["initrd.zst", "3".repeat(64)],
+    ["other.iso", "4".repeat(64)],
+  ]);
+  const script = [
+    "#!ipxe",
+    "kernel --name k https://cdn.example.org/r/vmlinuz%206.6?x=1 initrd=initrd.zst quiet",
+    "initrd https://cdn.example.org/r/initrd.zst",
+    "boot",
+  ].join("\n");
+  const boot = bootFilesOfScript("boot.ipxe", script, sums, "v1");
+  assert.deepEqual(boot.files.map((file) => file.name), ["boot.ipxe", "vmlinuz 6.6", "initrd.zst"]);
+  assert.equal(boot.scripts[0].name, "netboot.ipxe");
+  assert.equal(
+    rewriteIpxe(script, boot.scripts[0].locate).split("\n")[1],
+    "kernel --name k vmlinuz%206.6 initrd=initrd.zst quiet",
+  );
+  assert.throws(
+    () => bootFilesOfScript("boot.ipxe", "#!ipxe\nkernel http://x/bzImage\nboot\n", sums, "v1"),
+    /boot\.ipxe of v1 names no kernel that v1 holds \(it fetches http:\/\/x\/bzImage\): cannot tell what to boot/,
+  );
+  assert.deepEqual(
+    bootFilesByName(new Map([["bzImage", "a"], ["initrd", "b"], ["x.iso", "c"]]), "v1").files
+      .map((file) => file.name),
+    ["bzImage", "initrd"],
+  );
+  assert.throws(
+    () => bootFilesByName(new Map([["a-bzImage", "a"], ["b-bzImage", "b"], ["initrd", "c"]]), "v1"),
+    /cannot tell what to boot/,
+  );
+});

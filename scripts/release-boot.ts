@@ -3826,6 +3826,7 @@ async function withBootLock<T>(out: string, work: () => Promise<T>): Promise<T> 
   const lock = path.join(out, LOCK_NAME);
   await takeLock(lock);
   try {
+    await removeHalfMade(out);
     return await work();
   } finally {
     await fs.rm(lock, { force: true });
@@ -3854,8 +3855,29 @@ async function takeLock(lock: string): Promise<void> {
         }: let it finish and rerun; if no such process runs, remove ${lock}`,
       );
     }
+    // Moved aside, not deleted: if another fetch took it over first, the moved file is
+    // that fetch's live lock and goes straight back.
+    const aside = `${lock}.${process.pid}.stale`;
+    if (!await fs.rename(lock, aside).then(() => true, () => false)) continue;
+    const moved = Number((await fs.readFile(aside, "utf8").catch(() => "")).trim());
+    if (moved !== pid) {
+      await fs.link(aside, lock).catch(() => undefined);
+      await fs.rm(aside, { force: true });
+      throw new ReleaseError(
+        `another fetch (pid ${moved}) is writing ${path.dirname(lock)}: let it finish and rerun`,
+      );
+    }
+    await fs.rm(aside, { force: true });
     log(`Taking over ${lock}: its fetch (pid ${pid || "unknown"}) is gone`);
-    await fs.rm(lock, { force: true });
+  }
+}
+
+/** Under the lock, what a killed fetch left half-made (`.NAME.PID.new`, `.stale`) goes. */
+async function removeHalfMade(out: string): Promise<void> {
+  for (const entry of await fs.readdir(out)) {
+    if (/^\..+\.\d+\.new$/.test(entry) || /^\.release-boot\.lock\.\d+\.stale$/.test(entry)) {
+      await fs.rm(path.join(out, entry), { recursive: true, force: true });
+    }
   }
 }
 

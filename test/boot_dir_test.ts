@@ -295,6 +295,8 @@ Deno.test("one fetch at a time per DIR: a second one stops in one line; a dead o
     const dead = new Deno.Command("true").spawn();
     await dead.status;
     await fs.writeFile(lock, `${dead.pid}\n`);
+    // It was making DIR/boot-v2 when it was killed.
+    await fs.mkdir(path.join(out, `.boot-v2.${dead.pid}.new`));
     const taken = await fetchTag(w, out, "boot-v2");
     assert.equal(taken.code, 0, taken.stderr);
     assert.match(
@@ -302,6 +304,7 @@ Deno.test("one fetch at a time per DIR: a second one stops in one line; a dead o
       new RegExp(`Taking over \\S+: its fetch \\(pid ${dead.pid}\\) is gone`),
     );
     assert.equal(await fs.lstat(lock).catch(() => undefined), undefined, "the lock is released");
+    assert.deepEqual((await fs.readdir(out)).sort(), ["boot-v1", "boot-v2", "current", "previous"]);
   }));
 
 Deno.test("without manifest.json, the iPXE script's kernel and initrd lines say what to boot", () => {

@@ -21,6 +21,7 @@ const REPO_ROOT = path.resolve(import.meta.dirname!, "..");
 const DENO_CONFIG = path.join(REPO_ROOT, "deno.json");
 const SCRIPT = path.join(REPO_ROOT, "scripts", "release-boot.ts");
 const BASELINE = path.join(REPO_ROOT, "bench", "baseline.sh");
+const FETCH_BASELINE = path.join(REPO_ROOT, "bench", "fetch_baseline.sh");
 const FLAKE_TEMPLATE = path.join(REPO_ROOT, "bench", "flake", "flake.nix");
 const DEFAULT_JSON = path.join(REPO_ROOT, "bench", "results.json");
 
@@ -53,10 +54,17 @@ async function main(): Promise<void> {
     });
     const hashing = await step("Hash throughput", () => measureHashing(bench));
     const publishing = await step("Full publish, then rerun", () => measurePublishing(bench));
+    const fetching = await step("Fetch for booting", () => measureFetching(bench));
     const memory = await step("Peak RSS while publishing", () => measurePeakRss(bench));
     const nixBuilds = countNixBuilds(bench);
 
-    const results = await summarize(bench, [...hashing, ...publishing, memory, nixBuilds]);
+    const results = await summarize(bench, [
+      ...hashing,
+      ...publishing,
+      fetching,
+      memory,
+      nixBuilds,
+    ]);
     const table = renderTable(results.figures);
     console.log(table);
     const json = options.json ?? path.join(bench.dir, "results.json");
@@ -1037,6 +1045,112 @@ function timeFigure(
   };
 }
 
+// --- Fetch for booting -----------------------------------------------------------------------
+
+const FETCH_BASELINE_NAME = "curl -O + sha256sum -c";
+
+/**
+ * release-boot fetch (hashing while it downloads, then the atomic switch of DIR/current)
+ * against curl -O per file then sha256sum -c, from one release release-boot published, each
+ * round into fresh directories, the order alternating; a warm-up pair is not counted.
+ */
+async function measureFetching(bench: Bench): Promise<Figure> {
+  await settle(bench);
+  const tag = "bench-fetch";
+  await runReleaseBoot(bench, "warm-up", bench.publishTargets, tag);
+  await verifySums(bench, tag);
+  const sides = {
+    releaseBoot: (dir: string) => runFetch(bench, tag, dir),
+    baseline: (dir: string) => runFetchBaseline(bench, tag, dir),
+  };
+  const times = { releaseBoot: [] as number[], baseline: [] as number[] };
+  for (let round = 0; round <= bench.options.rounds; round++) {
+    const order = round % 2
+      ? ["baseline", "releaseBoot"] as const
+      : ["releaseBoot", "baseline"] as const;
+    for (const side of order) {
+      const dir = await fs.mkdtemp(path.join(bench.dir, `fetch-${side}-`));
+      await flushToDisk();
+      const seconds = await sides[side](dir);
+      await fs.rm(dir, { recursive: true, force: true });
+      if (round > 0) times[side].push(seconds);
+      log(`  ${round === 0 ? "warm-up " : ""}${side}: ${seconds.toFixed(2)} s`);
+    }
+  }
+  await settle(bench);
+  const ratio = median(times.releaseBoot) / median(times.baseline);
+  return {
+    id: "fetch",
+    figure: `fetch of ${bench.publishTargets.length} files of ${
+      formatSize(bench.options.fileSize)
+    }, verified`,
+    unit: "s",
+    releaseBoot: median(times.releaseBoot),
+    baseline: median(times.baseline),
+    baselineName: FETCH_BASELINE_NAME,
+    ratio,
+    target: "≤ 1.00x",
+    met: ratio <= 1,
+    samples: { "release-boot": times.releaseBoot, [FETCH_BASELINE_NAME]: times.baseline },
+  };
+}
+
+/** release-boot fetch into DIR; its files must be exactly the release's, checked. */
+async function runFetch(bench: Bench, tag: string, dir: string): Promise<number> {
+  const env: Record<string, string> = {
+    PATH: Deno.env.get("PATH") ?? "/usr/bin:/bin",
+    HOME: Deno.env.get("HOME") ?? "/root",
+    NO_COLOR: "1",
+  };
+  const denoDir = Deno.env.get("DENO_DIR");
+  if (denoDir) env.DENO_DIR = denoDir;
+  const child = await runChild(
+    Deno.execPath(),
+    [
+      ...["run", "--allow-all", "--config", DENO_CONFIG, SCRIPT, "fetch"],
+      ...["--server", bench.forgejo.url, "--repo", REPO, "--tag", tag, "--out", dir],
+      ...["--targets", bench.publishTargets.map((t) => t.name).join(",")],
+    ],
+    env,
+    bench.dir,
+  );
+  if (child.code !== 0) {
+    throw new BenchError(`release-boot fetch failed (exit ${child.code}):\n${tail(child.stderr)}`);
+  }
+  await checkFetched(path.join(dir, "current"), bench.publishTargets, "release-boot fetch");
+  return child.seconds;
+}
+
+async function runFetchBaseline(bench: Bench, tag: string, dir: string): Promise<number> {
+  const child = await runChild(
+    "bash",
+    [
+      FETCH_BASELINE,
+      ...[bench.forgejo.url, REPO, tag, dir],
+      ...bench.publishTargets.map((t) => t.asset),
+    ],
+    { PATH: Deno.env.get("PATH") ?? "/usr/bin:/bin", HOME: Deno.env.get("HOME") ?? "/root" },
+    bench.dir,
+  );
+  if (child.code !== 0) {
+    throw new BenchError(
+      `the fetch baseline failed (exit ${child.code}):\n${tail(child.stderr)}`,
+    );
+  }
+  await checkFetched(dir, bench.publishTargets, "the fetch baseline");
+  return child.seconds;
+}
+
+/** Every target's file is in `dir` with the size the build gave it. */
+async function checkFetched(dir: string, targets: Target[], side: string): Promise<void> {
+  for (const target of targets) {
+    const stat = await fs.stat(path.join(dir, target.asset)).catch(() => undefined);
+    if (stat?.size !== target.bytes) {
+      throw new BenchError(`${side} left ${target.asset} with ${stat?.size ?? "no"} bytes`);
+    }
+  }
+}
+
 // --- Peak RSS --------------------------------------------------------------------------------
 
 async function measurePeakRss(bench: Bench): Promise<Figure> {
@@ -1187,6 +1301,7 @@ const FIGURE_IDS = [
   "rerun",
   "rerun-vs-streaming-curl",
   "rerun-uploaded-bytes",
+  "fetch",
   "peak-rss",
   "nix-builds",
 ];

@@ -16,12 +16,11 @@
  */
 import { Buffer } from "node:buffer";
 import { createHash } from "node:crypto";
-import { createReadStream, createWriteStream } from "node:fs";
+import { constants as fsConstants, createReadStream } from "node:fs";
 import * as fs from "node:fs/promises";
 import * as path from "node:path";
 import process from "node:process";
 import { Readable } from "node:stream";
-import { pipeline } from "node:stream/promises";
 import { Worker } from "node:worker_threads";
 import { Agent, type Dispatcher, interceptors, request, type RetryHandler } from "undici";
 import * as v from "valibot";
@@ -65,7 +64,8 @@ const NIX_FEATURES = ["--extra-experimental-features", "nix-command flakes"];
 const KEEP_LOCK = "--no-write-lock-file";
 const SUMS_NAME = "SHA256SUMS";
 const MANIFEST_NAME = "manifest.json";
-const INDEX_NAMES = new Set([SUMS_NAME, MANIFEST_NAME]);
+/** SHA256SUMS, its signature and manifest.json: the release's index, never listed in it. */
+const INDEX_NAMES = new Set([SUMS_NAME, `${SUMS_NAME}.sig`, MANIFEST_NAME]);
 const DEFAULT_MIRRORS = "https://codeberg.org";
 /** prune's retention: the newest boot-dev releases kept, and when a draft is abandoned. */
 const PRUNE_KEEP = 5;
@@ -237,17 +237,24 @@ export interface ReleaseOptions extends CommonOptions {
   finalize: boolean;
   allowDirty: boolean;
   ciRun?: string;
+  /** Signs SHA256SUMS wherever this run writes it; then a release needs its signature. */
+  signingKey?: SigningKey;
 }
 
-/** Download a published release's boot files into `out`. */
-export interface FetchOptions extends CommonOptions {
+/** Download a published release's boot files into `out/<tag>`, then point `out/current` at it. */
+export interface DownloadOptions extends CommonOptions {
   command: "fetch";
+  rollback: false;
   site: Site;
   /** A tag, or "latest": the newest published boot-v* release. */
   tag: string;
   out: string;
   targets: string[];
   system: string;
+  /** From --trust: SHA256SUMS.sig must verify against one of these, or nothing is changed. */
+  trust?: TrustedKey[];
+  /** Tag directories kept in `out`, current and previous always among them. */
+  keep: number;
 }
 
 /** Rebuild a published release from its commit and compare its files with SHA256SUMS. */
@@ -274,6 +281,15 @@ export interface PruneOptions extends CommonOptions {
   dryRun: boolean;
 }
 
+/** Point `out/current` back at `out/previous`, with no network. */
+export interface RollbackOptions extends CommonOptions {
+  command: "fetch";
+  rollback: true;
+  out: string;
+}
+
+export type FetchOptions = DownloadOptions | RollbackOptions;
+
 export type Options = ReleaseOptions | FetchOptions | VerifyOptions | PruneOptions;
 
 const STRING_FLAGS = [
@@ -290,6 +306,7 @@ const STRING_FLAGS = [
   "trust",
   "keep",
   "stale-drafts",
+  "signing-key",
 ] as const;
 const BOOLEAN_FLAGS = [
   "dry-run",
@@ -299,6 +316,7 @@ const BOOLEAN_FLAGS = [
   "finalize",
   "allow-dirty",
   "json",
+  "rollback",
 ] as const;
 type StringFlag = typeof STRING_FLAGS[number];
 type BooleanFlag = typeof BOOLEAN_FLAGS[number];
@@ -308,7 +326,8 @@ const HELP = `release-boot: build a flake's NixOS boot images and publish them a
 Usage:
   deno task release [flags]            (same as ./scripts/release-boot.ts [flags])
   deno task release fetch --server URL --repo OWNER/NAME --tag TAG|latest --out DIR
-                    [--targets netboot] [--system x86_64-linux]
+                    [--trust FILE] [--keep N] [--targets netboot] [--system x86_64-linux]
+  deno task release fetch --rollback --out DIR
   deno task release verify --server URL --repo OWNER/NAME --tag TAG|latest [--flake REF]
                     [--system S] [--trust FILE] [--json]
   deno task release prune --server URL --repo OWNER/NAME [--keep N] [--stale-drafts DAYS]
@@ -337,6 +356,8 @@ Flags:
                      new bytes and the new SHA256SUMS, then delete the old copies
   --finalize         build nothing: check that every asset of the draft for the tag is
                      covered by its SHA256SUMS, then publish it (the last job of a matrix)
+  --signing-key FILE sign SHA256SUMS (SHA256SUMS.sig, an SSH signature) with this unencrypted
+                     ssh-ed25519 key; or give the key's text in RELEASE_BOOT_SIGNING_KEY
   --allow-dirty      publish even from a git checkout with uncommitted changes or a flake
                      whose inputs are not locked (recorded in manifest.json)
   --timeout SECONDS  give up on a request that makes no progress for this long (default
@@ -345,11 +366,16 @@ Flags:
                      token (default "${DEFAULT_MIRRORS}": the mirror only distributes)
   --help             this text
 
-fetch downloads a published release's files for the targets (default netboot), checks
-each against the release's SHA256SUMS before it gets its final name (a mismatch is deleted),
-resumes an interrupted download, and writes netboot.ipxe to load kernel and initrd from the
-same directory, so any HTTP server can serve DIR as it is. "latest" is the newest published
-boot-v* release. A token is optional for a public repository.
+fetch downloads a published release's files for the targets (default netboot) into DIR/TAG,
+checks each against the release's SHA256SUMS before it gets its final name (a mismatch is
+deleted), resumes an interrupted download, writes netboot.ipxe to load kernel and initrd from
+beside it, and only then points the symlink DIR/current at DIR/TAG (DIR/previous keeps the
+one before), so an HTTP server serving DIR/current never sees a half-made directory.
+"latest" is the newest published boot-v* release. A token is optional for a public repository.
+  --trust FILE       allowed_signers (or ssh-ed25519 public key lines): SHA256SUMS.sig must be
+                     signed by one of its keys, else nothing under DIR changes
+  --keep N           tag directories to keep in DIR (default 3; current and previous stay)
+  --rollback         point DIR/current back at DIR/previous; no network
 
 verify rebuilds a published release from the commit its manifest.json names and compares
 every file with its SHA256SUMS: one line per file on stdout (identical, different with both
@@ -372,6 +398,7 @@ Environment:
   GITHUB_RUN_ID      defaults for the flags above, set by Forgejo Actions
   GITHUB_OUTPUT      receives release-url, tag and release-id
   GITHUB_STEP_SUMMARY receives a table of the assets
+  RELEASE_BOOT_SIGNING_KEY  the signing key's text (a CI secret), instead of --signing-key
   RELEASE_BOOT_RETRY_DELAY_MS  first retry delay in milliseconds (default 500)
 
 Examples:
@@ -489,6 +516,7 @@ const WholeNumberSchema = (unit: string, min: number) =>
     v.minValue(min, `it must be at least ${min} ${unit}`),
   );
 const TimeoutFlagSchema = WholeNumberSchema("seconds", 1);
+const KeepTagsFlagSchema = WholeNumberSchema("tag directories", 1);
 const RetryDelaySchema = WholeNumberSchema("milliseconds", 0);
 /**
  * A token is one opaque word. Whitespace or a control character (a pasted newline, a CR from
@@ -598,21 +626,40 @@ export async function readOptions(argv: string[], env: Env): Promise<Options> {
       ),
     },
   };
+  refuseForeignFlags(command ?? "release", flags);
   if (command === "verify") return verifyOptions(flags, env, common);
   if (command === "prune") return pruneOptions(flags, env, common);
-  const opsFlag = flags.given.find((name) => OPS_ONLY_FLAGS.includes(name));
-  if (opsFlag) {
-    throw new UsageError(
-      `--${opsFlag} is a flag of verify or prune, not of ${command ?? "release"}`,
-    );
-  }
-  return fetching ? fetchOptions(flags, env, common) : await releaseOptions(flags, env, common);
+  return fetching
+    ? await fetchOptions(flags, env, common)
+    : await releaseOptions(flags, env, common);
 }
 
 /** The commands named by the first argument; without one, release. */
 const COMMANDS = ["fetch", "verify", "prune"] as const;
-/** Flags only verify or prune take: refused elsewhere rather than silently ignored. */
-const OPS_ONLY_FLAGS = ["json", "keep", "stale-drafts"];
+const COMMON_FLAGS = ["server", "repo", "timeout", "mirrors"];
+/** The flags each command takes; any other is refused rather than silently ignored. */
+const COMMAND_FLAGS: Record<"release" | typeof COMMANDS[number], string[]> = {
+  release: [
+    ...COMMON_FLAGS,
+    ...["flake", "targets", "system", "tag", "commit", "out", "signing-key"],
+    ...["dry-run", "draft", "prerelease", "replace", "finalize", "allow-dirty"],
+  ],
+  fetch: [...COMMON_FLAGS, "targets", "system", "tag", "out", "trust", "keep", "rollback"],
+  verify: [...COMMON_FLAGS, "tag", "flake", "system", "trust", "json"],
+  prune: [...COMMON_FLAGS, "keep", "stale-drafts", "dry-run"],
+};
+
+function refuseForeignFlags(command: keyof typeof COMMAND_FLAGS, flags: Flags): void {
+  const misplaced = flags.given.find((name) => !COMMAND_FLAGS[command].includes(name));
+  if (!misplaced) return;
+  const takers = Object.entries(COMMAND_FLAGS)
+    .filter(([, names]) => names.includes(misplaced))
+    .map(([taker]) => taker);
+  const list = takers.length > 1
+    ? `${takers.slice(0, -1).join(", ")} and ${takers.at(-1)}`
+    : takers[0];
+  throw new UsageError(`--${misplaced} is a flag of ${list}, not of ${command}; see --help`);
+}
 
 async function releaseOptions(
   flags: Flags,
@@ -655,6 +702,7 @@ async function releaseOptions(
     replace: flags.on("replace"),
     finalize: flags.on("finalize"),
     allowDirty: flags.on("allow-dirty"),
+    signingKey: await readSigningKey(flags.value("signing-key"), maskSigningKey(env)),
     ciRun: env.GITHUB_SERVER_URL && env.GITHUB_REPOSITORY && env.GITHUB_RUN_ID
       ? `${
         env.GITHUB_SERVER_URL.replace(/\/+$/, "")
@@ -664,14 +712,18 @@ async function releaseOptions(
   };
 }
 
-/** Flags that shape a release; fetch only reads one. */
-const RELEASE_ONLY_FLAGS = ["flake", "commit", ...BOOLEAN_FLAGS];
-
 /** `fetch` reads a published release: it needs where, which tag, and where to put it. */
-function fetchOptions(flags: Flags, env: Env, common: CommonOptions): FetchOptions {
-  const misplaced = flags.given.find((name) => RELEASE_ONLY_FLAGS.includes(name));
-  if (misplaced) {
-    throw new UsageError(`--${misplaced} is for making a release, not for fetch; see --help`);
+async function fetchOptions(
+  flags: Flags,
+  env: Env,
+  common: CommonOptions,
+): Promise<FetchOptions> {
+  if (flags.on("rollback")) {
+    const extra = flags.given.find((name) => !["rollback", "out"].includes(name));
+    if (extra) throw new UsageError(`--rollback takes only --out DIR, not --${extra}`);
+    const out = flags.value("out");
+    if (!out) throw new UsageError("fetch --rollback needs --out DIR: the boot directory");
+    return { command: "fetch", rollback: true, out, ...common };
   }
   const server = flagOrEnv(flags, "server", env, "GITHUB_SERVER_URL", ServerFlagSchema);
   const repo = flagOrEnv(flags, "repo", env, "GITHUB_REPOSITORY", RepoFlagSchema);
@@ -686,36 +738,26 @@ function fetchOptions(flags: Flags, env: Env, common: CommonOptions): FetchOptio
   if (!out) {
     throw new UsageError("fetch needs --out DIR: the directory to lay the boot files out in");
   }
+  const trustFile = flags.value("trust");
   return {
     command: "fetch",
+    rollback: false,
     site: { server, repo },
     tag: tag === "latest" ? tag : parseFlag("tag", TagFlagSchema, tag),
     out,
     targets: parseFlag("targets", TargetsFlagSchema, flags.value("targets") ?? "netboot"),
     system: parseFlag("system", SystemFlagSchema, flags.value("system") ?? "x86_64-linux"),
+    trust: trustFile === undefined ? undefined : await readTrust(trustFile),
+    keep: parseFlag("keep", KeepTagsFlagSchema, flags.value("keep") ?? "3"),
     ...common,
   };
 }
 
-const VERIFY_FLAGS = [
-  "server",
-  "repo",
-  "tag",
-  "flake",
-  "system",
-  "trust",
-  "json",
-  "timeout",
-  "mirrors",
-];
-const PRUNE_FLAGS = ["server", "repo", "keep", "stale-drafts", "dry-run", "timeout", "mirrors"];
-const KeepFlagSchema = WholeNumberSchema("releases", 0);
+const KeepReleasesFlagSchema = WholeNumberSchema("releases", 0);
 const StaleDraftsFlagSchema = WholeNumberSchema("days", 1);
 
 /** `verify` rebuilds one published release: where it is, which tag, and from what flake. */
 function verifyOptions(flags: Flags, env: Env, common: CommonOptions): VerifyOptions {
-  const misplaced = flags.given.find((name) => !VERIFY_FLAGS.includes(name));
-  if (misplaced) throw new UsageError(`--${misplaced} is not a flag of verify; see --help`);
   const server = flagOrEnv(flags, "server", env, "GITHUB_SERVER_URL", ServerFlagSchema);
   const repo = flagOrEnv(flags, "repo", env, "GITHUB_REPOSITORY", RepoFlagSchema);
   if (!server) throw new UsageError("verify needs --server URL (or GITHUB_SERVER_URL)");
@@ -740,8 +782,6 @@ function verifyOptions(flags: Flags, env: Env, common: CommonOptions): VerifyOpt
 
 /** `prune` deletes from one repository: where it is, and how much to keep. */
 function pruneOptions(flags: Flags, env: Env, common: CommonOptions): PruneOptions {
-  const misplaced = flags.given.find((name) => !PRUNE_FLAGS.includes(name));
-  if (misplaced) throw new UsageError(`--${misplaced} is not a flag of prune; see --help`);
   const server = flagOrEnv(flags, "server", env, "GITHUB_SERVER_URL", ServerFlagSchema);
   const repo = flagOrEnv(flags, "repo", env, "GITHUB_REPOSITORY", RepoFlagSchema);
   if (!server) throw new UsageError("prune needs --server URL (or GITHUB_SERVER_URL)");
@@ -749,7 +789,7 @@ function pruneOptions(flags: Flags, env: Env, common: CommonOptions): PruneOptio
   return {
     command: "prune",
     site: { server, repo },
-    keep: parseFlag("keep", KeepFlagSchema, flags.value("keep") ?? String(PRUNE_KEEP)),
+    keep: parseFlag("keep", KeepReleasesFlagSchema, flags.value("keep") ?? String(PRUNE_KEEP)),
     staleDays: parseFlag(
       "stale-drafts",
       StaleDraftsFlagSchema,
@@ -758,6 +798,14 @@ function pruneOptions(flags: Flags, env: Env, common: CommonOptions): PruneOptio
     dryRun: flags.on("dry-run"),
     ...common,
   };
+}
+
+/** The key's text in the environment is a secret: CI masks it line by line, we print none. */
+function maskSigningKey(env: Env): Env {
+  for (const line of env[SIGNING_KEY_ENV]?.split("\n") ?? []) {
+    if (line.trim().length >= 16 && !line.includes("-----")) mask(line.trim());
+  }
+  return env;
 }
 
 async function gitHead(): Promise<string> {
@@ -1807,7 +1855,9 @@ function sha256Hex(bytes: Uint8Array): string {
   return createHash("sha256").update(bytes).digest("hex");
 }
 
+/** SHA256SUMS lists every asset and manifest.json, so the provenance record is vouched for too. */
 export function bundleRelease(assets: FileAsset[], manifest: Manifest): Bundle {
+  const manifestAsset = bytesAsset(MANIFEST_NAME, `${JSON.stringify(manifest, null, 2)}\n`);
   return {
     files: assets.map((asset) => ({
       name: asset.name,
@@ -1816,8 +1866,8 @@ export function bundleRelease(assets: FileAsset[], manifest: Manifest): Bundle {
       ...(asset.bytes ? { bytes: asset.bytes } : { path: asset.path }),
     })),
     manifest,
-    sums: bytesAsset(SUMS_NAME, renderSums(manifest.assets)),
-    manifestAsset: bytesAsset(MANIFEST_NAME, `${JSON.stringify(manifest, null, 2)}\n`),
+    sums: bytesAsset(SUMS_NAME, renderSums([...manifest.assets, manifestAsset])),
+    manifestAsset,
   };
 }
 
@@ -2895,14 +2945,19 @@ async function recordUpload(
   await forgejo.releases.edit(releaseId, { body: withUploadRecord(release.body, record) });
 }
 
-/** Every copy of SHA256SUMS and manifest.json in a release, read back, oldest first. */
+/** Every copy of SHA256SUMS, its signature and manifest.json in a release, oldest first. */
 export interface RemoteIndex {
   manifests: { copy: Attachment; manifest: Manifest; sha256: string }[];
   sums: { copy: Attachment; text: string }[];
+  /**
+   * `signer`: the fingerprint of the key that made this signature over the newest SHA256SUMS
+   * (checked with the key the signature names); undefined when it signs other bytes.
+   */
+  signatures: { copy: Attachment; text: string; signer?: string }[];
 }
 
 async function readIndex(forgejo: Forgejo, release: Release): Promise<RemoteIndex> {
-  const index: RemoteIndex = { manifests: [], sums: [] };
+  const index: RemoteIndex = { manifests: [], sums: [], signatures: [] };
   for (const copy of [...release.assets].sort((a, b) => a.id - b.id)) {
     // A copy deleted since the listing (another job tidying up) is simply not there.
     const text = INDEX_NAMES.has(copy.name) ? await forgejo.assets.text(copy) : undefined;
@@ -2912,9 +2967,45 @@ async function readIndex(forgejo: Forgejo, release: Release): Promise<RemoteInde
       index.manifests.push({ copy, manifest, sha256: sha256Hex(new TextEncoder().encode(text)) });
     } else if (copy.name === SUMS_NAME) {
       index.sums.push({ copy, text });
+    } else if (copy.name === SIGNATURE_NAME) {
+      index.signatures.push({ copy, text });
     }
   }
+  const newest = index.sums.at(-1);
+  for (const signature of index.signatures) {
+    signature.signer = newest && await signerOver(new TextEncoder().encode(newest.text), signature);
+  }
   return index;
+}
+
+/**
+ * The fingerprint of the key that made `signature` over `sums`, checked with the public key
+ * the signature carries: proof that it signs these bytes, not that the key is trusted.
+ */
+async function signerOver(
+  sums: Uint8Array,
+  signature: { text: string },
+): Promise<string | undefined> {
+  try {
+    const blob = dearmorSignature(signature.text);
+    if (!startsWithAscii(blob, SSHSIG_MAGIC)) return undefined;
+    const fail = () => new ReleaseError("not a signature");
+    const reader = new WireReader(blob.subarray(SSHSIG_MAGIC.length), fail);
+    reader.u32();
+    const publicBlob = reader.string();
+    const fingerprint = sshFingerprint(publicBlob);
+    const own: TrustedKey = {
+      principal: fingerprint,
+      fingerprint,
+      publicBlob,
+      publicKey: readEd25519Blob(publicBlob, fail),
+      origin: SIGNATURE_NAME,
+    };
+    return (await verifySums([own], sums, signature.text)).fingerprint;
+  } catch (error) {
+    if (error instanceof ReleaseError || error instanceof UsageError) return undefined;
+    throw error;
+  }
 }
 
 /** The union of every manifest.json copy (a newer copy wins per name), if any. */
@@ -3142,7 +3233,10 @@ export function mergeManifests(remote: Manifest | undefined, local: Manifest): M
 
 /** What keeps a release from being complete, in two kinds; both empty: it is complete. */
 export interface Judgement {
-  /** SHA256SUMS and manifest.json: once each, agreeing, listing what is wanted. */
+  /**
+   * SHA256SUMS and manifest.json: once each, agreeing, listing what is wanted; SHA256SUMS.sig
+   * at most once and over the current SHA256SUMS (once, by `signer`, when that is given).
+   */
   index: string[];
   /** The other assets: each there once, listed, with its listed size. */
   assets: string[];
@@ -3150,14 +3244,17 @@ export interface Judgement {
 
 /**
  * The one completeness judgement. `wanted`: the assets the index must list exactly (the
- * union of every job's), or undefined to accept what manifest.json lists.
+ * union of every job's), or undefined to accept what manifest.json lists. `signer`: the
+ * fingerprint of the signing key this run holds; then the release must carry its signature.
  */
 export function judgeRelease(
   assets: Pick<Attachment, "name" | "size">[],
-  index: Pick<RemoteIndex, "manifests" | "sums">,
+  index: Pick<RemoteIndex, "manifests" | "sums"> & Partial<Pick<RemoteIndex, "signatures">>,
   wanted?: Pick<ManifestAsset, "name" | "sha256">[],
+  signer?: string,
 ): Judgement {
   const problems: Judgement = { index: [], assets: [] };
+  problems.index.push(...signatureProblems(index.signatures ?? [], signer));
   const manifest = index.manifests.length === 1 ? index.manifests[0] : undefined;
   const sums = index.sums.length === 1 ? index.sums[0] : undefined;
   for (
@@ -3206,6 +3303,22 @@ export function judgeRelease(
   return problems;
 }
 
+function signatureProblems(
+  signatures: Pick<RemoteIndex["signatures"][number], "signer">[],
+  signer: string | undefined,
+): string[] {
+  if (signatures.length > 1) return [`${SIGNATURE_NAME} is there ${signatures.length} times`];
+  const [signature] = signatures;
+  if (!signature) return signer ? [`it has no ${SIGNATURE_NAME}`] : [];
+  if (signature.signer === undefined) {
+    return [`${SIGNATURE_NAME} does not sign the current ${SUMS_NAME}`];
+  }
+  if (signer && signature.signer !== signer) {
+    return [`${SIGNATURE_NAME} is by ${signature.signer}, not by the signing key ${signer}`];
+  }
+  return [];
+}
+
 /** SHA256SUMS lists every asset and manifest.json (releases before that did not list it). */
 function sumsAgree(text: string, assets: ManifestAsset[], manifestSha: string): boolean {
   return text === renderSums([...assets, { name: MANIFEST_NAME, sha256: manifestSha }]) ||
@@ -3245,13 +3358,14 @@ async function writeIndexRounds(
   plan: PlannedAction[],
   options: ReleaseOptions,
 ): Promise<void> {
+  const key = options.signingKey;
   for (let round = 1; round <= 8; round++) {
     // Jobs that collide back off by different amounts, so one of them settles first.
     if (round > 1) await sleep(100 + Math.random() * 400);
     const release = await forgejo.releases.get(draft.id);
     const index = await readIndex(forgejo, release);
     const merged = mergeManifests(unionManifest(index), bundle.manifest);
-    if (judgeRelease(release.assets, index, merged.assets).index.length === 0) {
+    if (judgeRelease(release.assets, index, merged.assets, key?.fingerprint).index.length === 0) {
       // Only now, with the new SHA256SUMS in, may the copies it no longer lists go.
       const replaced = plan.flatMap((action) => action.kind === "conflict" ? [] : action.remove);
       for (const copy of replaced) {
@@ -3262,8 +3376,12 @@ async function writeIndexRounds(
     }
     const newest = { manifests: index.manifests.slice(-1), sums: index.sums.slice(-1) };
     const written = judgeRelease([], newest, merged.assets).index.length === 0
-      ? { manifest: newest.manifests[0].copy.id, sums: newest.sums[0].copy.id }
-      : await uploadIndex(forgejo, release, merged);
+      ? {
+        manifest: newest.manifests[0].copy.id,
+        sums: newest.sums[0].copy.id,
+        signature: await keepOrSign(forgejo, release, index, key),
+      }
+      : await uploadIndex(forgejo, release, merged, key);
     const older = [
       ...index.manifests.filter((m) =>
         m.copy.id < written.manifest &&
@@ -3271,6 +3389,8 @@ async function writeIndexRounds(
       ),
       // Older SHA256SUMS copies only restate manifests that were merged above.
       ...index.sums.filter((s) => s.copy.id < written.sums),
+      // A signature goes with the SHA256SUMS it signs.
+      ...index.signatures.filter((s) => s.copy.id !== written.signature),
     ];
     for (const { copy } of older) await deleteAsset(forgejo, release.id, copy, "an older index");
   }
@@ -3279,17 +3399,52 @@ async function writeIndexRounds(
   );
 }
 
-/** manifest.json first, then SHA256SUMS, which lists the manifest's checksum too. */
+/**
+ * manifest.json first, then SHA256SUMS, which lists the manifest's checksum too, then (with a
+ * key) SHA256SUMS.sig over exactly those bytes.
+ */
 async function uploadIndex(
   forgejo: Forgejo,
   release: Release,
   merged: Manifest,
-): Promise<{ manifest: number; sums: number }> {
+  key: SigningKey | undefined,
+): Promise<{ manifest: number; sums: number; signature?: number }> {
   const fresh = bundleRelease([], merged);
   const manifest = await uploadAsset(forgejo, release.id, fresh.manifestAsset, release.assets);
   const sums = await uploadAsset(forgejo, release.id, fresh.sums, release.assets);
   log(`Wrote ${SUMS_NAME} and ${MANIFEST_NAME} covering ${merged.assets.length} assets`);
-  return { manifest: manifest.id, sums: sums.id };
+  const signature = key && await uploadSignature(forgejo, release, fresh.sums.bytes!, key);
+  return { manifest: manifest.id, sums: sums.id, signature };
+}
+
+/**
+ * The signature to keep beside the newest SHA256SUMS: the newest one over its bytes (by
+ * `key`, when a key is held), else, holding a key, a new one. Undefined: none is kept.
+ */
+async function keepOrSign(
+  forgejo: Forgejo,
+  release: Release,
+  index: RemoteIndex,
+  key: SigningKey | undefined,
+): Promise<number | undefined> {
+  const good = index.signatures.filter((s) =>
+    s.signer !== undefined && (!key || s.signer === key.fingerprint)
+  );
+  const sums = index.sums.at(-1);
+  if (good.length > 0 || !key || !sums) return good.at(-1)?.copy.id;
+  return await uploadSignature(forgejo, release, new TextEncoder().encode(sums.text), key);
+}
+
+async function uploadSignature(
+  forgejo: Forgejo,
+  release: Release,
+  sums: Uint8Array,
+  key: SigningKey,
+): Promise<number> {
+  const asset = bytesAsset(SIGNATURE_NAME, await signSums(key, sums));
+  const stored = await uploadAsset(forgejo, release.id, asset, release.assets);
+  log(`Signed ${SUMS_NAME} with ${key.fingerprint} (${SIGNATURE_NAME})`);
+  return stored.id;
 }
 
 async function updateBody(
@@ -3347,7 +3502,14 @@ async function publishWhenComplete(
   for (let waited = false;; waited = true) {
     if (waited) await sleep(1000);
     const release = await forgejo.releases.get(draft.id);
-    const problems = problemsOf(judgeRelease(release.assets, await readIndex(forgejo, release)));
+    const problems = problemsOf(
+      judgeRelease(
+        release.assets,
+        await readIndex(forgejo, release),
+        undefined,
+        options.signingKey?.fingerprint,
+      ),
+    );
     if (problems.length === 0) {
       if (release.draft && !options.draft) return await publishDraft(forgejo, release);
       if (release.draft) {
@@ -3395,16 +3557,45 @@ async function finalizeRelease(
     );
   }
   await refuseTagOnOtherCommit(forgejo, options);
-  const release = await adoptRelease(forgejo, found, options);
+  const adopted = await adoptRelease(forgejo, found, options);
+  const key = options.signingKey;
+  const unsigned = await readIndex(forgejo, adopted);
+  const withoutSignature = { manifests: unsigned.manifests, sums: unsigned.sums };
+  if (key && problemsOf(judgeRelease(adopted.assets, withoutSignature)).length === 0) {
+    await signIfUnsigned(forgejo, adopted, unsigned, key);
+  }
+  const release = await forgejo.releases.get(adopted.id);
   const index = await readIndex(forgejo, release);
-  const problems = problemsOf(judgeRelease(release.assets, index));
+  const problems = problemsOf(judgeRelease(release.assets, index, undefined, key?.fingerprint));
   if (problems.length > 0) {
     throw new ReleaseError(
-      `release ${options.tag} is not complete, so it stays a draft: ${problems.join("; ")}`,
+      `release ${options.tag} is not complete, so it ${
+        release.draft ? "stays a draft" : "is left as it is"
+      }: ${problems.join("; ")}${
+        !key && problems.some((p) => p.includes(SIGNATURE_NAME))
+          ? ` (rerun with --signing-key or ${SIGNING_KEY_ENV} to sign it again)`
+          : ""
+      }`,
     );
   }
   const published = release.draft ? await publishDraft(forgejo, release) : release;
   await reportRelease(published, index.manifests[0].manifest, env);
+}
+
+/**
+ * Holding the key, finalize signs the complete index itself when its signature is missing,
+ * stale or another key's, and removes every other signature copy.
+ */
+async function signIfUnsigned(
+  forgejo: Forgejo,
+  release: Release,
+  index: RemoteIndex,
+  key: SigningKey,
+): Promise<void> {
+  const kept = await keepOrSign(forgejo, release, index, key);
+  for (const { copy } of index.signatures.filter((s) => s.copy.id !== kept)) {
+    await deleteAsset(forgejo, release.id, copy, "a signature of other bytes");
+  }
 }
 
 async function reportRelease(release: Release, manifest: Manifest, env: Env): Promise<void> {
@@ -3438,22 +3629,37 @@ async function reportRelease(release: Release, manifest: Manifest, env: Env): Pr
 // ---------------------------------------------------------------------------------------------
 
 async function fetchForBoot(options: FetchOptions, env: Env): Promise<void> {
+  const out = path.resolve(options.out);
+  if (options.rollback) {
+    if (!(await lstatOrUndefined(out))) throw new ReleaseError(`there is no ${out} to roll back`);
+    return await withBootLock(out, () => rollBack(out));
+  }
   // A mirror serves public files; the primary server's token has no business there.
   const token = mirrorOf(options.site.server, options.mirrors) ? undefined : readToken(env);
   const forgejo = connectForgejo(options.site, token, options);
   const release = await step("Find the release", () => findBootRelease(forgejo, options.tag));
-  const { manifest, sums } = await readPublishedIndex(forgejo, release);
-  const wanted = chooseAssets(manifest, sums, options.targets, options.system, release.tag_name);
-  const out = path.resolve(options.out);
-  await fs.mkdir(out, { recursive: true });
-  await step("Download and verify", async () => {
-    for (const asset of wanted) await downloadVerified(forgejo, release, asset, out);
+  const tag = release.tag_name;
+  const directory = tagDirectoryName(tag);
+  // Everything that decides whether to trust the release happens before DIR is touched.
+  const index = await readIndex(forgejo, release);
+  const sums = await authenticSums(index, tag, options.trust);
+  const boot = await chooseBootFiles(forgejo, release, index, sums, options);
+  const dir = await withBootLock(out, async () => {
+    const dir = await openTagDirectory(out, directory);
+    await step("Download and verify", async () => {
+      for (const file of boot.files) await downloadVerified(forgejo, release, file, dir);
+    });
+    await writeBootDirectory(dir, boot);
+    await pointCurrentAt(out, directory);
+    await removeOldReleases(out, options.keep);
+    return dir;
   });
-  await writeBootDirectory(out, wanted);
   log(
-    `${release.tag_name}: ${wanted.length} files verified in ${out}; serve it over HTTP and chain netboot.ipxe`,
+    `${tag}: ${boot.files.length} files verified in ${dir}; ${
+      path.join(out, CURRENT)
+    } points at it: serve that over HTTP and chain netboot.ipxe`,
   );
-  result(out);
+  result(dir);
 }
 
 /** `latest` is the newest published boot-v* release: never a draft, pre-release or boot-dev. */
@@ -3480,19 +3686,39 @@ async function findBootRelease(forgejo: Forgejo, tag: string): Promise<Release> 
   return release;
 }
 
-async function readPublishedIndex(
-  forgejo: Forgejo,
-  release: Release,
-): Promise<{ manifest: Manifest; sums: Map<string, string> }> {
-  const index = await readIndex(forgejo, release);
-  const manifest = unionManifest(index);
-  const newestSums = index.sums.at(-1);
-  if (!manifest || !newestSums) {
+/**
+ * SHA256SUMS as the release holds it, the root every file is checked against. With --trust
+ * its signature must verify against a trusted key first; without, one line says that only
+ * integrity, not authenticity, is checked.
+ */
+async function authenticSums(
+  index: RemoteIndex,
+  tag: string,
+  trust: TrustedKey[] | undefined,
+): Promise<Map<string, string>> {
+  if (index.sums.length !== 1) {
     throw new ReleaseError(
-      `${release.tag_name} has no ${SUMS_NAME} and ${MANIFEST_NAME}: it was not made by release-boot, or not finished; nothing can be verified`,
+      index.sums.length === 0
+        ? `${tag} has no ${SUMS_NAME}: it was not finished, or not made to be verified; nothing can be checked`
+        : `${tag} holds ${SUMS_NAME} ${index.sums.length} times: it is not finished; fetch it once it has one`,
     );
   }
-  return { manifest, sums: parseSums(newestSums.text) };
+  const sums = index.sums[0].text;
+  if (trust) {
+    const signature = index.signatures.at(-1);
+    if (!signature) {
+      throw new ReleaseError(
+        `${tag} has no ${SIGNATURE_NAME}, so nothing proves who made its ${SUMS_NAME}; nothing was changed: publish it with a signing key, or fetch without --trust to check integrity only`,
+      );
+    }
+    const signer = await verifySums(trust, new TextEncoder().encode(sums), signature.text);
+    log(`${tag}: ${SUMS_NAME} is signed by ${signer.principal} (${signer.fingerprint})`);
+  } else {
+    log(
+      `${tag}: files are checked against its ${SUMS_NAME} (integrity), but not who made it (authenticity): pass --trust FILE to require its signature`,
+    );
+  }
+  return parseSums(sums);
 }
 
 /** The assets of the chosen targets, each with the checksum SHA256SUMS gives it. */
@@ -3523,63 +3749,417 @@ export function chooseAssets(
   return wanted;
 }
 
+/** One file to download, with the checksum SHA256SUMS gives it. */
+export interface BootFile {
+  name: string;
+  sha256: string;
+}
+
+/** An iPXE script to write beside the files, from `from` with its images found by `locate`. */
+export interface LocalScript {
+  from: string;
+  name: string;
+  locate: (file: string) => string | undefined;
+}
+
+export interface BootSet {
+  files: BootFile[];
+  scripts: LocalScript[];
+}
+
 /**
- * Downloads into `<name>.part` (resuming one left by an interrupted run), checks the whole
- * file against SHA256SUMS, and only then renames it to its final name. A file that does
- * not match is deleted.
+ * The files to boot: with manifest.json (checked against SHA256SUMS), the chosen targets'
+ * assets; without it, a release another tool made, the iPXE script and the kernel and initrd
+ * it names, or failing a script, the one kernel and one initrd by their names.
+ */
+async function chooseBootFiles(
+  forgejo: Forgejo,
+  release: Release,
+  index: RemoteIndex,
+  sums: Map<string, string>,
+  options: DownloadOptions,
+): Promise<BootSet> {
+  const tag = release.tag_name;
+  const listed = sums.get(MANIFEST_NAME);
+  const manifest = listed === undefined
+    ? unionManifest(index)
+    : index.manifests.find((copy) => copy.sha256 === listed)?.manifest;
+  if (listed !== undefined && !manifest) {
+    throw new ReleaseError(
+      `${tag}'s ${MANIFEST_NAME} does not match its ${SUMS_NAME}: the release was changed, refusing to trust it`,
+    );
+  }
+  if (manifest) return bootFilesOf(manifest, sums, options.targets, options.system, tag);
+  const scripts = [...sums.keys()].filter((name) => name.endsWith(".ipxe"));
+  if (scripts.length === 0) {
+    const boot = bootFilesByName(sums, tag);
+    log(`${tag} has no iPXE script: fetching its kernel and initrd only; boot them with your own`);
+    return boot;
+  }
+  const script = oneScript(scripts, options, tag);
+  const copy = release.assets.find((asset) => asset.name === script);
+  if (!copy) throw new ReleaseError(`${tag} lists ${script} but does not hold it`);
+  const text = await forgejo.assets.text(copy);
+  if (text === undefined || sha256Hex(new TextEncoder().encode(text)) !== sums.get(script)) {
+    throw new ReleaseError(`${script} of ${tag} does not match ${SUMS_NAME}; refusing to boot it`);
+  }
+  return bootFilesOfScript(script, text, sums, tag);
+}
+
+/** The assets of the chosen targets from manifest.json, each as SHA256SUMS lists it. */
+export function bootFilesOf(
+  manifest: Pick<Manifest, "assets">,
+  sums: Map<string, string>,
+  targets: string[],
+  system: string,
+  tag: string,
+): BootSet {
+  for (const target of targets) {
+    if (!manifest.assets.some((a) => a.target === target && a.system === system)) {
+      throw new ReleaseError(
+        `${tag} has no ${target} files for ${system}; it has ${
+          [...new Set(manifest.assets.map((a) => `${a.target} (${a.system})`))].join(", ")
+        }`,
+      );
+    }
+  }
+  const assets = manifest.assets.filter((a) => targets.includes(a.target) && a.system === system);
+  const files = assets.map((asset) => {
+    const sha256 = sums.get(asset.name);
+    if (!sha256) {
+      throw new ReleaseError(
+        `${asset.name} is not listed in ${tag}'s ${SUMS_NAME}: the release is inconsistent, refusing to trust it`,
+      );
+    }
+    return { name: asset.name, sha256 };
+  });
+  const built = assets.filter((a) => a.name.endsWith(".built.ipxe"));
+  const scripts = built.map((script) => ({
+    from: script.name,
+    name: built.length === 1
+      ? "netboot.ipxe"
+      : script.name.replace(/\.built\.ipxe$/, ".local.ipxe"),
+    locate: (file: string) => {
+      const found = assets.find((a) =>
+        a.target === script.target && a.system === script.system && a !== script &&
+        !a.name.endsWith(".ipxe") && path.basename(a.storePath) === file
+      );
+      return found && encodeURIComponent(found.name);
+    },
+  }));
+  return { files, scripts };
+}
+
+function oneScript(scripts: string[], options: DownloadOptions, tag: string): string {
+  if (scripts.length === 1) return scripts[0];
+  const fitting = scripts.filter((name) =>
+    name.includes(options.system) && options.targets.some((target) => name.includes(target))
+  );
+  if (fitting.length === 1) return fitting[0];
+  throw new ReleaseError(
+    `${tag} has no ${MANIFEST_NAME} and ${
+      fitting.length === 0 ? "none" : "more than one"
+    } of its iPXE scripts (${
+      scripts.join(", ")
+    }) fits --targets and --system: cannot tell which to boot`,
+  );
+}
+
+/** A release without manifest.json: the script and the images its kernel/initrd lines fetch. */
+export function bootFilesOfScript(
+  script: string,
+  text: string,
+  sums: Map<string, string>,
+  tag: string,
+): BootSet {
+  // iPXE names an image after its URI's last segment; the release holds it under that name.
+  const nameOf = (uri: string) => {
+    const last = uri.split(/[?#]/)[0].split("/").filter(Boolean).at(-1) ?? uri;
+    try {
+      return decodeURIComponent(last);
+    } catch {
+      return last;
+    }
+  };
+  const fetched = { kernel: [] as string[], initrd: [] as string[] };
+  for (const line of text.split("\n")) {
+    const command = line.trim().split(/\s+/)[0];
+    if (command !== "kernel" && command !== "initrd") continue;
+    // rewriteIpxe reads the line's tokens: its first question is the image the line fetches.
+    let image: string | undefined;
+    rewriteIpxe(line, (uri) => {
+      image ??= uri;
+      return undefined;
+    });
+    if (image) fetched[command].push(image);
+  }
+  const held = (uris: string[]) => uris.map(nameOf).filter((name) => sums.has(name));
+  const kernels = held(fetched.kernel);
+  const initrds = held(fetched.initrd);
+  if (kernels.length === 0 || initrds.length === 0) {
+    const named = [...fetched.kernel, ...fetched.initrd];
+    throw new ReleaseError(
+      `${script} of ${tag} names no ${
+        kernels.length === 0 ? "kernel" : "initrd"
+      } that ${tag} holds${
+        named.length > 0 ? ` (it fetches ${named.join(", ")})` : ""
+      }: cannot tell what to boot`,
+    );
+  }
+  const images = new Set([...kernels, ...initrds]);
+  const local = script === "netboot.ipxe" ? "netboot.local.ipxe" : "netboot.ipxe";
+  return {
+    files: [script, ...images].map((name) => ({ name, sha256: sums.get(name)! })),
+    scripts: [{
+      from: script,
+      name: local,
+      locate: (uri) => images.has(nameOf(uri)) ? encodeURIComponent(nameOf(uri)) : undefined,
+    }],
+  };
+}
+
+const KERNEL_NAME = /bzImage|vmlinuz|(^|[-_.])Image([-_.]|$)|kernel/;
+const INITRD_NAME = /initrd|initramfs/;
+
+/** No manifest.json, no iPXE script: one kernel and one initrd, told by their names. */
+export function bootFilesByName(sums: Map<string, string>, tag: string): BootSet {
+  const kernels = [...sums.keys()].filter((name) => KERNEL_NAME.test(name));
+  const initrds = [...sums.keys()].filter((name) => INITRD_NAME.test(name));
+  if (kernels.length !== 1 || initrds.length !== 1) {
+    throw new ReleaseError(
+      `${tag} has no ${MANIFEST_NAME}, no iPXE script, and not one kernel and one initrd by name (${
+        [...sums.keys()].join(", ") || "no files"
+      }): cannot tell what to boot`,
+    );
+  }
+  return {
+    files: [kernels[0], initrds[0]].map((name) => ({ name, sha256: sums.get(name)! })),
+    scripts: [],
+  };
+}
+
+// --- The boot directory: DIR/<tag>/ per release, DIR/current and DIR/previous point at them --
+
+const CURRENT = "current";
+const PREVIOUS = "previous";
+const LOCK_NAME = ".release-boot.lock";
+/** In every tag directory release-boot made: its tag, and by its mtime when it was fetched. */
+const TAG_MARK = ".release-boot-tag";
+
+/** A tag as one directory name: `/` (valid in a tag) cannot make a subdirectory. */
+function tagDirectoryName(tag: string): string {
+  const name = tag.replaceAll("/", "%2F");
+  if (name === CURRENT || name === PREVIOUS || name.startsWith(".")) {
+    throw new ReleaseError(`a release tagged ${tag} cannot get a directory of its own in DIR`);
+  }
+  return name;
+}
+
+/** Thrown for anything in DIR release-boot did not make: it is never written through. */
+function notOurs(file: string, what: string): ReleaseError {
+  return new ReleaseError(
+    `${file} is ${what}, which release-boot did not make: nothing was written through it; remove it, or fetch into another --out`,
+  );
+}
+
+async function lstatOrUndefined(file: string) {
+  return await fs.lstat(file).catch((error: NodeJS.ErrnoException) => {
+    if (error.code === "ENOENT") return undefined;
+    throw new ReleaseError(`cannot read ${file} (${error.code ?? error.message})`);
+  });
+}
+
+/**
+ * One fetch at a time per DIR: a lock file holding the pid, created exclusively. A lock whose
+ * process is gone is taken over; a live one makes this fetch stop at once.
+ */
+async function withBootLock<T>(out: string, work: () => Promise<T>): Promise<T> {
+  const root = await lstatOrUndefined(out);
+  if (root && !root.isDirectory()) {
+    const real = await fs.stat(out).catch(() => undefined);
+    if (!real?.isDirectory()) throw new ReleaseError(`--out ${out} is not a directory`);
+  }
+  await fs.mkdir(out, { recursive: true }).catch((error: NodeJS.ErrnoException) => {
+    throw new ReleaseError(`cannot make --out ${out} (${error.code ?? error.message})`);
+  });
+  const lock = path.join(out, LOCK_NAME);
+  await takeLock(lock);
+  try {
+    await removeHalfMade(out);
+    return await work();
+  } finally {
+    await fs.rm(lock, { force: true });
+  }
+}
+
+async function takeLock(lock: string): Promise<void> {
+  for (let attempt = 1;; attempt++) {
+    try {
+      await fs.writeFile(lock, `${process.pid}\n`, { flag: "wx" });
+      return;
+    } catch (error) {
+      if ((error as NodeJS.ErrnoException).code !== "EEXIST") {
+        throw new ReleaseError(
+          `cannot lock ${path.dirname(lock)} (${(error as NodeJS.ErrnoException).code})`,
+        );
+      }
+    }
+    const stat = await lstatOrUndefined(lock);
+    if (stat && !stat.isFile()) throw notOurs(lock, "not a lock file");
+    const pid = Number((await fs.readFile(lock, "utf8").catch(() => "")).trim());
+    if (attempt > 2 || (Number.isInteger(pid) && pid > 0 && isRunning(pid))) {
+      throw new ReleaseError(
+        `another fetch (pid ${pid || "unknown"}) is writing ${
+          path.dirname(lock)
+        }: let it finish and rerun; if no such process runs, remove ${lock}`,
+      );
+    }
+    // Moved aside, not deleted: if another fetch took it over first, the moved file is
+    // that fetch's live lock and goes straight back.
+    const aside = `${lock}.${process.pid}.stale`;
+    if (!await fs.rename(lock, aside).then(() => true, () => false)) continue;
+    const moved = Number((await fs.readFile(aside, "utf8").catch(() => "")).trim());
+    if (moved !== pid) {
+      await fs.link(aside, lock).catch(() => undefined);
+      await fs.rm(aside, { force: true });
+      throw new ReleaseError(
+        `another fetch (pid ${moved}) is writing ${path.dirname(lock)}: let it finish and rerun`,
+      );
+    }
+    await fs.rm(aside, { force: true });
+    log(`Taking over ${lock}: its fetch (pid ${pid || "unknown"}) is gone`);
+  }
+}
+
+/** Under the lock, what a killed fetch left half-made (`.NAME.PID.new`, `.stale`) goes. */
+async function removeHalfMade(out: string): Promise<void> {
+  for (const entry of await fs.readdir(out)) {
+    if (/^\..+\.\d+\.new$/.test(entry) || /^\.release-boot\.lock\.\d+\.stale$/.test(entry)) {
+      await fs.rm(path.join(out, entry), { recursive: true, force: true });
+    }
+  }
+}
+
+function isRunning(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (error) {
+    return (error as NodeJS.ErrnoException).code === "EPERM";
+  }
+}
+
+/**
+ * DIR/<tag>: made here, or made by an earlier fetch (it holds the mark). A link, a file, a
+ * directory without the mark, or a link planted inside it is refused before anything is written.
+ */
+async function openTagDirectory(out: string, name: string): Promise<string> {
+  const dir = path.join(out, name);
+  const mark = path.join(dir, TAG_MARK);
+  const stat = await lstatOrUndefined(dir);
+  if (!stat) {
+    // Made beside it and renamed into place, so DIR/<tag> never exists without its mark.
+    const fresh = path.join(out, `.${name}.${process.pid}.new`);
+    await fs.rm(fresh, { recursive: true, force: true });
+    await fs.mkdir(fresh);
+    await fs.writeFile(path.join(fresh, TAG_MARK), `${name}\n`, { flag: "wx" });
+    await fs.rename(fresh, dir);
+    return dir;
+  }
+  if (!stat.isDirectory()) {
+    throw notOurs(dir, stat.isSymbolicLink() ? "a symbolic link" : "not a directory");
+  }
+  const marked = await lstatOrUndefined(mark);
+  if (!marked?.isFile()) throw notOurs(dir, "a directory without release-boot's mark");
+  for (const entry of await fs.readdir(dir)) {
+    const file = path.join(dir, entry);
+    const entryStat = await lstatOrUndefined(file);
+    if (entryStat && !entryStat.isFile()) {
+      throw notOurs(file, entryStat.isSymbolicLink() ? "a symbolic link" : "not a regular file");
+    }
+  }
+  const now = new Date();
+  await fs.utimes(mark, now, now);
+  return dir;
+}
+
+/**
+ * Downloads into `<name>.<sha>.part` (resuming one left by an interrupted run), hashing the
+ * bytes as they are written, and only when they match SHA256SUMS renames the part to its
+ * final name. A part that does not match is deleted; an existing file with other bytes is
+ * refused, never replaced.
  */
 async function downloadVerified(
   forgejo: Forgejo,
   release: Release,
-  asset: ManifestAsset,
-  out: string,
+  file: BootFile,
+  dir: string,
 ): Promise<void> {
-  const final = path.join(out, asset.name);
-  const existing = await fs.stat(final).catch(() => undefined);
-  if (existing && (await hashFile(final)).sha256 === asset.sha256) {
-    log(`${asset.name}: already here and verified`);
-    return;
+  const final = path.join(dir, file.name);
+  const existing = await lstatOrUndefined(final);
+  if (existing) {
+    if (!existing.isFile()) throw notOurs(final, "not a regular file");
+    if ((await hashFile(final)).sha256 === file.sha256) {
+      log(`${file.name}: already here and verified`);
+      return;
+    }
+    throw notOurs(final, `a file whose bytes ${SUMS_NAME} does not list`);
   }
-  const copy = release.assets.find((a) => a.name === asset.name);
-  if (!copy) throw new ReleaseError(`${release.tag_name} lists ${asset.name} but does not hold it`);
+  const copy = release.assets.find((a) => a.name === file.name);
+  if (!copy) throw new ReleaseError(`${release.tag_name} lists ${file.name} but does not hold it`);
   // The checksum is in the name, so a part left by another release is never resumed.
-  const part = `${final}.${asset.sha256.slice(0, 16)}.part`;
-  await removeStaleParts(out, asset.name, part);
-  await downloadToPart(forgejo, copy, part);
-  const got = await hashFile(part);
-  if (got.sha256 !== asset.sha256) {
+  const part = `${final}.${file.sha256.slice(0, 16)}.part`;
+  await removeStaleParts(dir, file.name, part);
+  const got = await downloadToPart(forgejo, copy, part);
+  if (got.sha256 !== file.sha256) {
     await fs.rm(part, { force: true });
     throw new ReleaseError(
-      `${asset.name} does not match ${SUMS_NAME} (expected ${asset.sha256}, got ${got.sha256} for ${got.size} bytes); the download was deleted: rerun, and if it persists the release's file is damaged`,
+      `${file.name} does not match ${SUMS_NAME} (expected ${file.sha256}, got ${got.sha256} for ${got.size} bytes); the download was deleted: rerun, and if it persists the release's file is damaged`,
     );
   }
-  await fs.rename(part, final);
-  log(`${asset.name}: ${formatBytes(got.size)}, sha256 verified`);
+  await renameNew(part, final);
+  log(`${file.name}: ${formatBytes(got.size)}, sha256 verified`);
 }
 
-async function removeStaleParts(out: string, name: string, keep: string): Promise<void> {
-  for (const entry of await fs.readdir(out)) {
-    const file = path.join(out, entry);
+/** Renames only onto a name nothing holds: a file planted meanwhile is refused, not replaced. */
+async function renameNew(from: string, to: string): Promise<void> {
+  if (await lstatOrUndefined(to)) throw notOurs(to, "already there");
+  await fs.rename(from, to);
+}
+
+async function removeStaleParts(dir: string, name: string, keep: string): Promise<void> {
+  for (const entry of await fs.readdir(dir)) {
+    const file = path.join(dir, entry);
     if (entry.startsWith(`${name}.`) && entry.endsWith(".part") && file !== keep) {
+      // openTagDirectory refused links: this unlinks a regular file release-boot named.
       await fs.rm(file, { force: true });
     }
   }
 }
 
+const { O_WRONLY, O_APPEND, O_TRUNC, O_RDONLY, O_NOFOLLOW } = fsConstants;
+
 /**
- * One GET of an asset into `part`, from where an earlier run stopped. The client's
- * interceptors follow redirects (without the token off the Forgejo origin) and retry.
+ * One GET of an asset into `part`, from where an earlier run stopped, hashed in the same pass
+ * that writes it (a resumed part's bytes are hashed first). The part is opened never through
+ * a link: a new one exclusively, a resumed one with O_NOFOLLOW. The client's interceptors
+ * follow redirects (without the token off the Forgejo origin) and retry.
  */
-async function downloadToPart(forgejo: Forgejo, copy: Attachment, part: string): Promise<void> {
-  const have = (await fs.stat(part).catch(() => undefined))?.size ?? 0;
+async function downloadToPart(
+  forgejo: Forgejo,
+  copy: Attachment,
+  part: string,
+): Promise<{ sha256: string; size: number }> {
+  const have = (await lstatOrUndefined(part))?.size ?? 0;
   const response = await forgejo.assets.open(copy, have).catch((error: Error) => {
     throw new ReleaseError(
       `the download of ${copy.name} failed (${error.message}); rerun to resume`,
     );
   });
+  const hash = createHash("sha256");
   if (response.statusCode === 416 && have > 0) {
     await response.body.dump();
-    return; // The part already holds every byte; the checksum decides.
+    return { sha256: await hashPart(part, hash), size: have }; // The part has every byte.
   }
   if (response.statusCode !== 200 && response.statusCode !== 206) {
     const text = await readCapped(response.body, MAX_API_BODY, `GET ${copy.name}`);
@@ -3597,44 +4177,147 @@ async function downloadToPart(forgejo: Forgejo, copy: Attachment, part: string):
       }, not at ${have}; rerun to download it whole`,
     );
   }
-  if (have > 0 && response.statusCode === 206) {
+  const resuming = have > 0 && response.statusCode === 206;
+  if (resuming) {
     log(`${copy.name}: resuming after ${formatBytes(have)}`);
+    await hashPart(part, hash);
   }
-  const flags = response.statusCode === 206 ? "a" : "w";
-  await pipeline(response.body, createWriteStream(part, { flags })).catch((error: Error) => {
-    throw new ReleaseError(
-      `the download of ${copy.name} stopped (${error.message}); rerun to resume`,
-    );
+  const flags = have === 0 ? "wx" : O_WRONLY | O_NOFOLLOW | (resuming ? O_APPEND : O_TRUNC);
+  const handle = await fs.open(part, flags).catch((error: NodeJS.ErrnoException) => {
+    throw error.code === "ELOOP" || error.code === "EEXIST"
+      ? notOurs(part, "a symbolic link or a file planted meanwhile")
+      : new ReleaseError(`cannot write ${part} (${error.code ?? error.message})`);
   });
+  let size = resuming ? have : 0;
+  try {
+    for await (const chunk of response.body) {
+      hash.update(chunk);
+      size += chunk.length;
+      await handle.write(chunk);
+    }
+  } catch (error) {
+    throw new ReleaseError(
+      `the download of ${copy.name} stopped (${(error as Error).message}); rerun to resume`,
+    );
+  } finally {
+    await handle.close();
+  }
+  return { sha256: hash.digest("hex"), size };
+}
+
+/** Feeds a part's bytes into `hash`, read never through a link; returns the digest's hex. */
+async function hashPart(part: string, hash: ReturnType<typeof createHash>): Promise<string> {
+  const handle = await fs.open(part, O_RDONLY | O_NOFOLLOW).catch(() => {
+    throw notOurs(part, "a symbolic link");
+  });
+  try {
+    for await (const chunk of handle.createReadStream({ highWaterMark: READ_SIZE })) {
+      hash.update(chunk);
+    }
+  } finally {
+    await handle.close();
+  }
+  return hash.copy().digest("hex");
 }
 
 /**
  * Makes the directory servable as it is: its own SHA256SUMS, and netboot.ipxe rewritten
- * from the script as built so that kernel and initrd load from beside it.
+ * from the script as published so that kernel and initrd load from beside it.
  */
-async function writeBootDirectory(out: string, assets: ManifestAsset[]): Promise<void> {
-  await writeAtomically(path.join(out, SUMS_NAME), renderSums(assets));
-  const scripts = assets.filter((a) => a.name.endsWith(".built.ipxe"));
-  for (const script of scripts) {
-    const locate = (file: string) => {
-      const found = assets.find((a) =>
-        a.target === script.target && a.system === script.system && a !== script &&
-        !a.name.endsWith(".ipxe") && path.basename(a.storePath) === file
-      );
-      return found && encodeURIComponent(found.name);
-    };
-    const name = scripts.length === 1
-      ? "netboot.ipxe"
-      : script.name.replace(/\.built\.ipxe$/, ".local.ipxe");
-    const built = await fs.readFile(path.join(out, script.name), "utf8");
-    await writeAtomically(path.join(out, name), rewriteIpxe(built, locate));
-    log(`${name}: loads its kernel and initrd from the same directory`);
+async function writeBootDirectory(dir: string, boot: BootSet): Promise<void> {
+  await writeOwnFile(path.join(dir, SUMS_NAME), renderSums(boot.files));
+  for (const script of boot.scripts) {
+    const handle = await fs.open(path.join(dir, script.from), O_RDONLY | O_NOFOLLOW);
+    const text = await handle.readFile("utf8").finally(() => handle.close());
+    await writeOwnFile(path.join(dir, script.name), rewriteIpxe(text, script.locate));
+    log(`${script.name}: loads its kernel and initrd from the same directory`);
   }
 }
 
-async function writeAtomically(file: string, text: string): Promise<void> {
-  await fs.writeFile(`${file}.part`, text);
-  await fs.rename(`${file}.part`, file);
+/** Writes a file release-boot makes; one already there with other bytes is not ours. */
+async function writeOwnFile(file: string, text: string): Promise<void> {
+  const existing = await lstatOrUndefined(file);
+  if (existing) {
+    if (existing.isFile() && await fs.readFile(file, "utf8") === text) return;
+    throw notOurs(file, existing.isFile() ? "a file with other contents" : "not a regular file");
+  }
+  const part = `${file}.part`;
+  await fs.rm(part, { force: true });
+  await fs.writeFile(part, text, { flag: "wx" });
+  await renameNew(part, file);
+}
+
+/** The tag directory a link in DIR names, if it is one release-boot made; else undefined. */
+async function linkTarget(out: string, name: string): Promise<string | undefined> {
+  const link = path.join(out, name);
+  const stat = await lstatOrUndefined(link);
+  if (!stat) return undefined;
+  if (!stat.isSymbolicLink()) throw notOurs(link, "not a symbolic link");
+  const target = await fs.readlink(link);
+  if (target.includes("/") || target.startsWith(".")) {
+    throw notOurs(link, `a link to ${target}`);
+  }
+  return target;
+}
+
+/** Replaces (or makes) the link DIR/<name> -> <target> in one rename: never half-pointed. */
+async function pointLink(out: string, name: string, target: string): Promise<void> {
+  const fresh = path.join(out, `.${name}.${process.pid}.new`);
+  await fs.rm(fresh, { force: true });
+  await fs.symlink(target, fresh);
+  await fs.rename(fresh, path.join(out, name));
+}
+
+/** DIR/current -> the new tag; DIR/previous -> what current was, when that differs. */
+async function pointCurrentAt(out: string, directory: string): Promise<void> {
+  const before = await linkTarget(out, CURRENT);
+  await linkTarget(out, PREVIOUS);
+  if (before === directory) return;
+  if (before) await pointLink(out, PREVIOUS, before);
+  await pointLink(out, CURRENT, directory);
+  log(`${path.join(out, CURRENT)} -> ${directory}${before ? ` (previous: ${before})` : ""}`);
+}
+
+/** fetch --rollback: current and previous swap, so a second rollback rolls forward again. */
+async function rollBack(out: string): Promise<void> {
+  const current = await linkTarget(out, CURRENT);
+  const previous = await linkTarget(out, PREVIOUS);
+  if (!previous) {
+    throw new ReleaseError(
+      `${out} has no previous release to roll back to: fetch at least two releases into it first`,
+    );
+  }
+  const stat = await lstatOrUndefined(path.join(out, previous));
+  if (!stat?.isDirectory()) {
+    throw new ReleaseError(`${path.join(out, previous)} is gone: fetch that release again`);
+  }
+  if (current) await pointLink(out, PREVIOUS, current);
+  await pointLink(out, CURRENT, previous);
+  log(
+    `Rolled back: ${path.join(out, CURRENT)} -> ${previous}${current ? ` (was ${current})` : ""}`,
+  );
+  result(path.join(out, previous));
+}
+
+/** Keeps the `keep` most recently fetched tag directories, and always current and previous. */
+async function removeOldReleases(out: string, keep: number): Promise<void> {
+  const pinned = new Set([await linkTarget(out, CURRENT), await linkTarget(out, PREVIOUS)]);
+  const fetched: { name: string; at: number }[] = [];
+  for (const name of await fs.readdir(out)) {
+    if (name.startsWith(".") || name === CURRENT || name === PREVIOUS) continue;
+    const stat = await lstatOrUndefined(path.join(out, name));
+    const mark = stat?.isDirectory() && await lstatOrUndefined(path.join(out, name, TAG_MARK));
+    if (mark && mark.isFile()) fetched.push({ name, at: mark.mtimeMs });
+  }
+  fetched.sort((a, b) => b.at - a.at);
+  const kept = new Set([...pinned].filter((name) => name !== undefined));
+  for (const { name } of fetched) {
+    if (kept.size < keep) kept.add(name);
+  }
+  for (const { name } of fetched.filter(({ name }) => !kept.has(name))) {
+    await fs.rm(path.join(out, name), { recursive: true });
+    log(`Removed ${path.join(out, name)} (--keep ${keep})`);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import { baseEnv, runRelease, sha256sumCheck } from "./run_helpers.ts";
 import { sha256, TAG, TOKEN, uploadBehindItsBack, type World, world } from "./forgejo_world.ts";
 
 const NETBOOT_FILES = [
+  ".release-boot-tag",
   "SHA256SUMS",
   "netboot-x86_64-linux.built.ipxe",
   "netboot-x86_64-linux.bzImage",
@@ -63,14 +64,22 @@ nixTest(
       const mark = w.forgejo.requests.length;
       const run = await fetchInto(w, out, ["--tag", TAG]);
       assert.equal(run.code, 0, run.stderr);
-      assert.equal(run.stdout.trim(), out);
+      assert.equal(run.stdout.trim(), path.join(out, TAG));
+      assert.deepEqual((await fs.readdir(out)).sort(), [TAG, "current"]);
+      assert.equal(await fs.readlink(path.join(out, "current")), TAG);
+      const current = path.join(out, "current");
       assert.deepEqual(
-        (await fs.readdir(out)).sort(),
+        (await fs.readdir(current)).sort(),
         NETBOOT_FILES,
         "netboot only, no iso, no partial files",
       );
-      assert.equal((await sha256sumCheck(out)).code, 0);
-      const local = await fs.readFile(path.join(out, "netboot.ipxe"), "utf8");
+      assert.equal((await sha256sumCheck(current)).code, 0);
+      assert.equal(
+        run.stderr.split("\n").filter((line) => /authenticity/.test(line)).length,
+        1,
+        "one line says the files were checked for integrity, not authenticity",
+      );
+      const local = await fs.readFile(path.join(current, "netboot.ipxe"), "utf8");
       assert.match(
         local,
         /^kernel netboot-x86_64-linux\.bzImage init=\S+\/init initrd=netboot-x86_64-linux\.initrd .*\$\{cmdline\}$/m,
@@ -109,12 +118,13 @@ nixTest("a file that does not match SHA256SUMS is refused and nothing of it is l
       run.stderr,
       /netboot-x86_64-linux\.initrd does not match SHA256SUMS \(expected [0-9a-f]{64}, got [0-9a-f]{64} for 29 bytes\); the download was deleted/,
     );
-    const left = await fs.readdir(out);
+    const left = await fs.readdir(path.join(out, TAG));
     assert.ok(
       !left.some((name) => name.startsWith("netboot-x86_64-linux.initrd")),
       `left: ${left}`,
     );
     assert.ok(!left.includes("netboot.ipxe"), "no boot script pointing at a missing file");
+    assert.ok(!(await fs.readdir(out)).includes("current"), "nothing to boot was pointed at");
   } finally {
     await fs.rm(out, { recursive: true, force: true });
     await w.close();
@@ -127,20 +137,32 @@ nixTest("an interrupted download resumes where it stopped", async () => {
   try {
     assert.equal((await w.publish(["--targets", "netboot"])).code, 0);
     const [initrd] = await w.forgejo.assetBytes(w.release().id, "netboot-x86_64-linux.initrd");
+    // The first fetch stops at the initrd: DIR/<tag> is started, current is not pointed.
+    const copy = w.release().assets.find((a) => a.name === "netboot-x86_64-linux.initrd")!;
+    w.forgejo.addFault({
+      method: "GET",
+      path: `/attachments/${copy.uuid}`,
+      fault: { kind: "status", status: 404 },
+    });
+    const stopped = await fetchInto(w, out, ["--tag", TAG]);
+    assert.equal(stopped.code, 1, stopped.stderr);
+    assert.deepEqual(await fs.readdir(out), [TAG]);
+    const dir = path.join(out, TAG);
+    // What a fetch killed half-way through the initrd leaves.
     const part = `netboot-x86_64-linux.initrd.${sha256(initrd).slice(0, 16)}.part`;
-    await fs.writeFile(path.join(out, part), initrd.subarray(0, 500));
+    await fs.writeFile(path.join(dir, part), initrd.subarray(0, 500));
     // A part left by another release's fetch is never resumed into this one.
     const stale = "netboot-x86_64-linux.initrd.0123456789abcdef.part";
-    await fs.writeFile(path.join(out, stale), "bytes of another initrd");
+    await fs.writeFile(path.join(dir, stale), "bytes of another initrd");
     const run = await fetchInto(w, out, ["--tag", TAG]);
     assert.equal(run.code, 0, run.stderr);
     assert.match(run.stderr, /netboot-x86_64-linux\.initrd: resuming after 500 B/);
     assert.ok(w.forgejo.requests.some((r) => r.headers.range === "bytes=500-"));
     assert.equal(
-      sha256(await fs.readFile(path.join(out, "netboot-x86_64-linux.initrd"))),
+      sha256(await fs.readFile(path.join(out, "current", "netboot-x86_64-linux.initrd"))),
       sha256(initrd),
     );
-    assert.deepEqual((await fs.readdir(out)).filter((name) => name.endsWith(".part")), []);
+    assert.deepEqual((await fs.readdir(dir)).filter((name) => name.endsWith(".part")), []);
   } finally {
     await fs.rm(out, { recursive: true, force: true });
     await w.close();
@@ -158,7 +180,7 @@ nixTest("downloads follow a 303 to object storage without sending the token ther
     assert.ok(storage.length >= 4, "the files came from the storage host");
     assert.ok(storage.every((r) => r.headers.authorization === undefined));
     assert.doesNotMatch(run.stdout + run.stderr, new RegExp(TOKEN));
-    assert.equal((await sha256sumCheck(out)).code, 0);
+    assert.equal((await sha256sumCheck(path.join(out, "current"))).code, 0);
   } finally {
     await fs.rm(out, { recursive: true, force: true });
     await w.close();
@@ -248,7 +270,40 @@ Deno.test("fetch says what it needs, one line each", async () => {
       "--out",
       "x",
       "--replace",
-    ], /--replace is for making a release, not for fetch/],
+    ], /--replace is a flag of release, not of fetch/],
+    [[
+      "fetch",
+      "--server",
+      "https://git.example.org",
+      "--repo",
+      "a/b",
+      "--tag",
+      "v1",
+      "--out",
+      "x",
+      "--signing-key",
+      "k",
+    ], /--signing-key is a flag of release, not of fetch/],
+    [
+      ["--trust", "allowed_signers", "--dry-run"],
+      /--trust is a flag of fetch and verify, not of release/,
+    ],
+    [
+      [
+        "fetch",
+        "--server",
+        "https://git.example.org",
+        "--repo",
+        "a/b",
+        "--tag",
+        "v1",
+        "--out",
+        "x",
+        "--keep",
+        "0",
+      ],
+      /--keep/,
+    ],
   ];
   for (const [args, message] of cases) {
     const run = await runRelease(args);

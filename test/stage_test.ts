@@ -30,9 +30,10 @@ nixTest(
     assert.equal(check.code, 0, check.stdout);
     assert.equal(
       check.stdout.trim().split("\n").length,
-      5,
-      "SHA256SUMS lists every asset but itself and the manifest",
+      6,
+      "SHA256SUMS lists every asset and the manifest, not itself",
     );
+    assert.match(check.stdout, /^manifest\.json: OK$/m);
     const manifest = JSON.parse(await fs.readFile(path.join(out, "manifest.json"), "utf8"));
     assert.equal(manifest.commit, work.commit);
     assert.equal(manifest.tag, `boot-dev-${work.commit.slice(0, 12)}`);

@@ -44,17 +44,23 @@ Deno.test("verify and prune refuse bad flags with one line and exit 2, before an
     ],
     [
       ["prune", ...at, "--tag", "boot-v1"],
-      /^release-boot: --tag is not a flag of prune; see --help$/,
+      /^release-boot: --tag is a flag of release, fetch and verify, not of prune; see --help$/,
     ],
     [["prune", "--repo", "ops/runners"], /prune needs --server URL/],
     [["verify", ...at], /verify needs --tag TAG, or --tag latest/],
     [["verify", ...at, "--tag", "boot v1"], /bad --tag "boot v1": it contains a space/],
-    [["verify", ...at, "--tag", "latest", "--keep", "3"], /--keep is not a flag of verify/],
+    [
+      ["verify", ...at, "--tag", "latest", "--keep", "3"],
+      /--keep is a flag of fetch and prune, not of verify/,
+    ],
     [["verify", ...at, "--tag", "latest", "--system", "x86"], /bad --system "x86"/],
-    [["--keep", "3"], /^release-boot: --keep is a flag of verify or prune, not of release$/],
+    [
+      ["--keep", "3"],
+      /^release-boot: --keep is a flag of fetch and prune, not of release; see --help$/,
+    ],
     [
       ["fetch", ...at, "--tag", "latest", "--out", "x", "--json"],
-      /--json is a flag of verify or prune, not of fetch/,
+      /--json is a flag of verify, not of fetch/,
     ],
   ];
   for (const [args, message] of cases) {

@@ -4463,7 +4463,9 @@ export function rebuildScope(
   sums: Map<string, string>,
   system?: string,
 ): RebuildScope {
-  const unlisted = [...sums.keys()].find((name) => !manifest.assets.some((a) => a.name === name));
+  const unlisted = [...sums.keys()].find((name) =>
+    name !== MANIFEST_NAME && !manifest.assets.some((a) => a.name === name)
+  );
   if (unlisted) {
     throw new ReleaseError(
       `${SUMS_NAME} of ${manifest.tag} lists ${unlisted}, which its ${MANIFEST_NAME} does not: the release is inconsistent, refusing to trust it`,

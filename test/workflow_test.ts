@@ -159,6 +159,17 @@ Deno.test("every job's token is FORGEJO_TOKEN, and inputs and matrix values reac
     assert.equal(step.env?.TAG, "${{ inputs.tag }}");
     assert.doesNotMatch(step.run ?? "", /\$\{\{/, "no expression is spliced into the shell");
   }
+  // The signing key reaches only the job that signs the final SHA256SUMS and publishes.
+  assert.equal(
+    releaseStep(finalize).env?.RELEASE_BOOT_SIGNING_KEY,
+    "${{ secrets.RELEASE_BOOT_SIGNING_KEY }}",
+  );
+  for (const [name, job] of Object.entries(workflow.jobs) as [string, { steps: Step[] }][]) {
+    if (job === finalize) continue;
+    for (const step of job.steps) {
+      assert.equal(step.env?.RELEASE_BOOT_SIGNING_KEY, undefined, `${name}: no signing key`);
+    }
+  }
   assert.equal(releaseStep(build).env?.SYSTEM, "${{ matrix.system }}");
   assert.equal(releaseStep(build).env?.TARGET, "${{ matrix.target }}");
   for (const job of Object.values(workflow.jobs) as { steps: Step[] }[]) {

@@ -1530,14 +1530,17 @@ type BuildRequest = Pick<ReleaseOptions, "flake" | "system" | "targets">;
  * result is matched to its target by derivation.
  */
 async function buildTargets(options: BuildRequest): Promise<TargetBuild[]> {
-  const drvPaths = await targetDerivations(options);
+  // One target has one result: only several need their derivations to be told apart.
+  const drvPaths = options.targets.length > 1 ? await targetDerivations(options) : undefined;
   const installables = options.targets.map((target) => installable(options, target));
   const build = $`nix ${NIX_FEATURES} build ${KEEP_LOCK} --json --no-link ${installables}`.quiet()
     .nothrow();
   build.stderr.on("data", (chunk: Buffer) => process.stderr.write(chunk));
   const result = await build;
   if (result.exitCode !== 0) {
-    const named = options.targets.filter((target) => result.stderr.includes(drvPaths[target]));
+    const named = options.targets.filter((target) =>
+      drvPaths && result.stderr.includes(drvPaths[target])
+    );
     throw new ReleaseError(
       `nix build failed for target ${
         (named.length > 0 ? named : options.targets).join(", ")
@@ -1546,12 +1549,10 @@ async function buildTargets(options: BuildRequest): Promise<TargetBuild[]> {
   }
   const results: BuildResult[] = parseJson(BuildResultsSchema, result.stdout, "nix build --json");
   return options.targets.map((target) => {
-    const built = results.find((r) => r.drvPath === drvPaths[target]);
+    const built = drvPaths ? results.find((r) => r.drvPath === drvPaths[target]) : results[0];
     if (!built) {
       throw new ReleaseError(
-        `nix build did not report target ${target} (${
-          drvPaths[target]
-        }); rerun, and report this with nix --version`,
+        `nix build did not report target ${target}; rerun, and report this with nix --version`,
       );
     }
     return { target, system: options.system, drvPath: built.drvPath, outPath: built.outputs.out };

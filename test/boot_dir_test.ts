@@ -271,7 +271,7 @@ Deno.test("one fetch at a time per DIR: a second one stops in one line; a dead o
     w.forgejo.addFault({
       method: "GET",
       path: `/attachments/${kernel.uuid}`,
-      fault: { kind: "trickle", bytesPerSecond: 2 },
+      fault: { kind: "trickle", bytesPerSecond: 6 },
     });
     let finished: Run | undefined;
     const first = fetchTag(w, out, "boot-v1", ["--timeout", "20"]).then((run) => finished = run);

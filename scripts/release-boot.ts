@@ -181,7 +181,7 @@ async function step<T>(title: string, work: () => Promise<T>): Promise<T> {
   }
 }
 
-export function formatBytes(bytes: number): string {
+function formatBytes(bytes: number): string {
   const units = ["B", "KiB", "MiB", "GiB", "TiB"];
   let value = bytes;
   let unit = 0;
@@ -199,14 +199,14 @@ export function formatBytes(bytes: number): string {
 type Env = Record<string, string | undefined>;
 
 /** Where releases live: a Forgejo base URL and a repository on it. */
-export interface Site {
+interface Site {
   server: string;
   /** OWNER/NAME, each part valid as Forgejo names them. */
   repo: string;
 }
 
 /** How every HTTP request behaves: the tests shrink the delays. */
-export interface HttpSettings {
+interface HttpSettings {
   /** A request making no progress for this long fails (then is retried). */
   timeoutMs: number;
   /** The first retry waits about this long; each further one twice as long. */
@@ -220,7 +220,7 @@ interface CommonOptions {
 }
 
 /** Build the images and stage them in `out`, or publish them to `site`. */
-export interface ReleaseOptions extends CommonOptions {
+interface ReleaseOptions extends CommonOptions {
   command: "release";
   flake: string;
   targets: string[];
@@ -242,7 +242,7 @@ export interface ReleaseOptions extends CommonOptions {
 }
 
 /** Download a published release's boot files into `out/<tag>`, then point `out/current` at it. */
-export interface DownloadOptions extends CommonOptions {
+interface DownloadOptions extends CommonOptions {
   command: "fetch";
   rollback: false;
   site: Site;
@@ -258,7 +258,7 @@ export interface DownloadOptions extends CommonOptions {
 }
 
 /** Rebuild a published release from its commit and compare its files with SHA256SUMS. */
-export interface VerifyOptions extends CommonOptions {
+interface VerifyOptions extends CommonOptions {
   command: "verify";
   site: Site;
   /** A tag, or "latest": the newest published boot-v* release. */
@@ -273,7 +273,7 @@ export interface VerifyOptions extends CommonOptions {
 }
 
 /** Delete old boot-dev releases and stale drafts. */
-export interface PruneOptions extends CommonOptions {
+interface PruneOptions extends CommonOptions {
   command: "prune";
   site: Site;
   keep: number;
@@ -282,13 +282,13 @@ export interface PruneOptions extends CommonOptions {
 }
 
 /** Point `out/current` back at `out/previous`, with no network. */
-export interface RollbackOptions extends CommonOptions {
+interface RollbackOptions extends CommonOptions {
   command: "fetch";
   rollback: true;
   out: string;
 }
 
-export type FetchOptions = DownloadOptions | RollbackOptions;
+type FetchOptions = DownloadOptions | RollbackOptions;
 
 export type Options = ReleaseOptions | FetchOptions | VerifyOptions | PruneOptions;
 
@@ -417,7 +417,7 @@ left untouched. stdout carries only the release URL (or, staged, the directory).
 
 Exit status: 0 done, 1 failed (nothing half-done is visible), 2 bad usage.`;
 
-export function printHelp(): void {
+function printHelp(): void {
   result(HELP);
 }
 
@@ -919,7 +919,7 @@ const IDEMPOTENT = ["GET", "HEAD", "PUT", "PATCH", "DELETE"];
 type Method = "GET" | "POST" | "PATCH" | "DELETE";
 
 /** An HTTP failure, already explained. `transient` ones were worth retrying. */
-export class HttpError extends ReleaseError {
+class HttpError extends ReleaseError {
   constructor(message: string, readonly transient: boolean, readonly retryAfter?: string) {
     super(message);
   }
@@ -944,7 +944,7 @@ interface SendInit {
 }
 
 /** Wait before retry number `attempt` (1-based): Retry-After when given, else exponential. */
-export function backoffMs(
+function backoffMs(
   http: HttpSettings,
   attempt: number,
   retryAfter?: string | string[],
@@ -1392,7 +1392,7 @@ async function checkForgejo(forgejo: Forgejo): Promise<Repository> {
 // 3. The flake: targets, inputs, provenance
 // ---------------------------------------------------------------------------------------------
 
-export interface FlakeInfo {
+interface FlakeInfo {
   metadata: FlakeMetadata;
   /** False when flake.lock is missing or stale (nix would have to lock inputs). */
   locked: boolean;
@@ -1436,7 +1436,7 @@ function parseJson<T>(schema: v.GenericSchema<unknown, T>, text: string, source:
 }
 
 /** The last error lines nix printed, without its progress noise. */
-export function nixErrorTail(stderr: string, lines = 12): string {
+function nixErrorTail(stderr: string, lines = 12): string {
   const all = stderr.split("\n").map((line) => line.trimEnd()).filter(Boolean);
   const start = all.findLastIndex((line) => line.startsWith("error:"));
   const tail = start >= 0 ? all.slice(start) : all;
@@ -1514,7 +1514,7 @@ function refuseUntrustedFlake(flake: FlakeInfo, options: ReleaseOptions): void {
 // 4. Build
 // ---------------------------------------------------------------------------------------------
 
-export interface TargetBuild {
+interface TargetBuild {
   target: string;
   system: string;
   drvPath: string;
@@ -1575,7 +1575,7 @@ async function targetDerivations(options: BuildRequest): Promise<Record<string, 
 // 5. Build products and asset names
 // ---------------------------------------------------------------------------------------------
 
-export interface Product {
+interface Product {
   name: string;
   path: string;
   target: string;
@@ -1697,7 +1697,7 @@ function refuseBadNames(products: Product[]): void {
 // 6. Hashes, SHA256SUMS, manifest.json
 // ---------------------------------------------------------------------------------------------
 
-export interface FileAsset extends Product {
+interface FileAsset extends Product {
   size: number;
   sha256: string;
   /** Content made by release-boot from `path` (a rewritten iPXE script) instead of the file. */
@@ -1713,7 +1713,7 @@ export interface BundleAsset {
   bytes?: Uint8Array;
 }
 
-export interface Bundle {
+interface Bundle {
   files: BundleAsset[];
   manifest: Manifest;
   sums: BundleAsset;
@@ -1737,7 +1737,7 @@ closeSync(fd);
 parentPort.postMessage({ sha256: hash.digest("hex"), size });
 `;
 
-export function hashFile(file: string): Promise<{ sha256: string; size: number }> {
+function hashFile(file: string): Promise<{ sha256: string; size: number }> {
   return new Promise((resolve, reject) => {
     const worker = new Worker(HASH_WORKER, {
       eval: true,
@@ -1814,7 +1814,7 @@ function flakeInputs(metadata: FlakeMetadata): Record<string, FlakeInput> {
   return inputs;
 }
 
-export function describeRelease(
+function describeRelease(
   options: ReleaseOptions,
   flake: FlakeInfo,
   assets: FileAsset[],
@@ -1857,7 +1857,7 @@ function sha256Hex(bytes: Uint8Array): string {
 }
 
 /** SHA256SUMS lists every asset and manifest.json, so the provenance record is vouched for too. */
-export function bundleRelease(assets: FileAsset[], manifest: Manifest): Bundle {
+function bundleRelease(assets: FileAsset[], manifest: Manifest): Bundle {
   const manifestAsset = bytesAsset(MANIFEST_NAME, `${JSON.stringify(manifest, null, 2)}\n`);
   return {
     files: assets.map((asset) => ({
@@ -1916,7 +1916,7 @@ function downloadBase(options: ReleaseOptions, repository: Repository | undefine
 }
 
 /** Built iPXE script of a target: `<target>-<system>.built.ipxe`, kept as nix built it. */
-export function builtScriptName(name: string): string {
+function builtScriptName(name: string): string {
   return name.replace(/\.ipxe$/, ".built.ipxe");
 }
 
@@ -1961,7 +1961,7 @@ async function pointIpxeAtRelease(assets: FileAsset[], base: string): Promise<Fi
 // signSums writes, byte for byte the signature `ssh-keygen -Y sign` would write (Ed25519 is
 // deterministic); verifySums checks what `ssh-keygen -Y sign` writes.
 
-export const SIGNATURE_NAME = `${SUMS_NAME}.sig`;
+const SIGNATURE_NAME = `${SUMS_NAME}.sig`;
 export const SIGNING_KEY_ENV = "RELEASE_BOOT_SIGNING_KEY";
 /** Key, signature and trust files are hundreds of bytes; anything larger is not one of them. */
 const MAX_SIGNING_TEXT = 64 * 1024;
@@ -1988,7 +1988,7 @@ const ALLOWED_SIGNERS_OPTIONS = "cert-authority, namespaces=, valid-after=, vali
  * The release's signing key: its public half in the clear, its private half only as a
  * non-extractable CryptoKey. Printing or serialising it shows the fingerprint, never the seed.
  */
-export class SigningKey {
+class SigningKey {
   readonly #privateKey: CryptoKey;
   /** The public key in SSH wire format (string "ssh-ed25519", string key). */
   readonly publicBlob: Uint8Array;
@@ -2031,7 +2031,7 @@ export class SigningKey {
 }
 
 /** A public key the fetch side accepts signatures from, with its allowed_signers limits. */
-export interface TrustedKey {
+interface TrustedKey {
   /** The allowed_signers principals, or for a bare key line its comment or fingerprint. */
   principal: string;
   fingerprint: string;
@@ -2902,7 +2902,7 @@ async function adoptRelease(
  * on the release page) and updated after each upload. It lets a rerun trust a copy by its id
  * instead of uploading it again, and tells a replaced copy from the new one.
  */
-export type UploadRecord = Record<string, { id: number; size: number; sha256: string }>;
+type UploadRecord = Record<string, { id: number; size: number; sha256: string }>;
 
 const RECORD_PATTERN = /\n?<!-- release-boot:uploaded (\{.*?\}) -->\n?/s;
 
@@ -2947,7 +2947,7 @@ async function recordUpload(
 }
 
 /** Every copy of SHA256SUMS, its signature and manifest.json in a release, oldest first. */
-export interface RemoteIndex {
+interface RemoteIndex {
   manifests: { copy: Attachment; manifest: Manifest; sha256: string }[];
   sums: { copy: Attachment; text: string }[];
   /**
@@ -3021,7 +3021,7 @@ function unionManifest(index: RemoteIndex): Manifest | undefined {
 // 7c. What to upload: a pure plan from the local bundle and the release's current state
 // ---------------------------------------------------------------------------------------------
 
-export type PlannedAction =
+type PlannedAction =
   /** Already there with the same size and checksum: `remove` lists stray copies to delete. */
   | { kind: "skip"; asset: BundleAsset; keep: Attachment; remove: Attachment[] }
   /** Not there (or only partial/unverifiable copies, removed once the new index is in). */
@@ -3030,7 +3030,7 @@ export type PlannedAction =
   | { kind: "conflict"; asset: BundleAsset; remote: Attachment[]; remoteSha256?: string };
 
 /** What the release says a stored copy holds: its sha256, or undefined when unknown. */
-export type RecordedSha = (copy: Attachment) => string | undefined;
+type RecordedSha = (copy: Attachment) => string | undefined;
 
 export function planUploads(
   local: BundleAsset[],
@@ -3233,7 +3233,7 @@ export function mergeManifests(remote: Manifest | undefined, local: Manifest): M
 }
 
 /** What keeps a release from being complete, in two kinds; both empty: it is complete. */
-export interface Judgement {
+interface Judgement {
   /**
    * SHA256SUMS and manifest.json: once each, agreeing, listing what is wanted; SHA256SUMS.sig
    * at most once and over the current SHA256SUMS (once, by `signer`, when that is given).
@@ -3751,19 +3751,19 @@ export function chooseAssets(
 }
 
 /** One file to download, with the checksum SHA256SUMS gives it. */
-export interface BootFile {
+interface BootFile {
   name: string;
   sha256: string;
 }
 
 /** An iPXE script to write beside the files, from `from` with its images found by `locate`. */
-export interface LocalScript {
+interface LocalScript {
   from: string;
   name: string;
   locate: (file: string) => string | undefined;
 }
 
-export interface BootSet {
+interface BootSet {
   files: BootFile[];
   scripts: LocalScript[];
 }
@@ -3808,7 +3808,7 @@ async function chooseBootFiles(
 }
 
 /** The assets of the chosen targets from manifest.json, each as SHA256SUMS lists it. */
-export function bootFilesOf(
+function bootFilesOf(
   manifest: Pick<Manifest, "assets">,
   sums: Map<string, string>,
   targets: string[],
@@ -4448,7 +4448,7 @@ async function reportVerification(
 }
 
 /** What to rebuild for a release: one system's targets, and the sums their files must have. */
-export interface RebuildScope {
+interface RebuildScope {
   system: string;
   targets: string[];
   /** Asset name -> sha256 as SHA256SUMS gives it, for every asset of `system`. */
@@ -4544,7 +4544,7 @@ function pinToCommit(metadata: FlakeMetadata, commit: string): string {
 }
 
 /** One file of a rebuild, under its asset name. */
-export interface RebuiltAsset {
+interface RebuiltAsset {
   name: string;
   size: number;
   sha256: string;
@@ -4552,7 +4552,7 @@ export interface RebuiltAsset {
   storeSha256?: string;
 }
 
-export interface RebuildRequest {
+interface RebuildRequest {
   flake: string;
   system: string;
   targets: string[];
@@ -4772,7 +4772,7 @@ export function renderVerification(verification: Verification): string {
 }
 
 /** The one line that sums a verification up, for stderr and the step summary. */
-export function verificationVerdict(verification: Verification): string {
+function verificationVerdict(verification: Verification): string {
   const { tag, commit, checks } = verification;
   const count = (result: AssetCheck["result"]) => checks.filter((c) => c.result === result).length;
   const assets = checks.length - count("unlisted");
@@ -4873,7 +4873,7 @@ export type PruneRelease =
   & { assets: Pick<Attachment, "size" | "created_at">[] };
 
 /** One deletion: the release first (which deletes its assets), then its tag. */
-export interface PruneDeletion {
+interface PruneDeletion {
   tag: string;
   /** Absent for a tag whose release is already gone. */
   releaseId?: number;
@@ -4886,7 +4886,7 @@ export interface PruneDeletion {
   why: string;
 }
 
-export interface PrunePlan {
+interface PrunePlan {
   /** Oldest first, so an interrupted run has removed the oldest. */
   deletions: PruneDeletion[];
   /** The boot-* releases left alone, and why. */

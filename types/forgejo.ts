@@ -17,16 +17,13 @@ export const APIErrorSchema = v.object({
 export type APIError = v.InferOutput<typeof APIErrorSchema>;
 
 export const PermissionSchema = v.object({
-  admin: v.optional(v.boolean()),
   push: v.optional(v.boolean()),
-  pull: v.optional(v.boolean()),
 });
 
 /** `GET /repos/{owner}/{repo}`. */
 export const RepositorySchema = v.object({
   full_name: v.string(),
   html_url: v.string(),
-  private: v.optional(v.boolean()),
   permissions: v.optional(PermissionSchema),
 });
 export type Repository = v.InferOutput<typeof RepositorySchema>;

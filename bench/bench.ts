@@ -1094,8 +1094,9 @@ async function measureFetching(bench: Bench): Promise<Figure> {
     baseline: median(times.baseline),
     baselineName: FETCH_BASELINE_NAME,
     ratio,
-    target: "≤ 1.00x",
-    met: ratio <= 1,
+    // One pass over the bytes (hashed as they arrive) against two (curl, then sha256sum -c).
+    target: "≤ 0.70x",
+    met: ratio <= 0.7,
     samples: { "release-boot": times.releaseBoot, [FETCH_BASELINE_NAME]: times.baseline },
   };
 }

@@ -3709,7 +3709,7 @@ async function authenticSums(
     const signature = index.signatures.at(-1);
     if (!signature) {
       throw new ReleaseError(
-        `${tag} has no ${SIGNATURE_NAME}, so nothing proves who made its ${SUMS_NAME}; nothing was changed: publish it with a signing key, or fetch without --trust to check integrity only`,
+        `${tag} has no ${SIGNATURE_NAME}, so nothing proves who made its ${SUMS_NAME}; nothing was changed: publish it with a signing key, or drop --trust to check integrity only`,
       );
     }
     const signer = await verifySums(trust, new TextEncoder().encode(sums), signature.text);
@@ -4365,29 +4365,13 @@ async function readIndexToVerify(
   trusted: TrustedKey[] | undefined,
 ): Promise<{ manifest: Manifest; sums: Map<string, string> }> {
   const index = await readIndex(forgejo, release);
-  const newest = index.sums.at(-1);
   const union = unionManifest(index);
-  if (!newest || !union) {
+  if (index.sums.length === 0 || !union) {
     throw new ReleaseError(
       `${release.tag_name} has no ${SUMS_NAME} and ${MANIFEST_NAME}: it was not made by release-boot, or not finished; nothing can be verified`,
     );
   }
-  if (trusted) {
-    const signature = release.assets.filter((a) => a.name === SIGNATURE_NAME).at(-1);
-    if (!signature) {
-      throw new ReleaseError(
-        `${release.tag_name} has no ${SIGNATURE_NAME}, but --trust asks for a signed ${SUMS_NAME}: it was published unsigned (drop --trust to verify it unsigned)`,
-      );
-    }
-    const signer = await verifySums(
-      trusted,
-      new TextEncoder().encode(newest.text),
-      // Gone since the listing: an empty signature, refused as such.
-      (await forgejo.assets.text(signature)) ?? "",
-    );
-    log(`${SUMS_NAME} is signed by ${signer.principal} (${signer.fingerprint})`);
-  }
-  const sums = parseSums(newest.text);
+  const sums = await authenticSums(index, release.tag_name, trusted);
   const manifestSha = sums.get(MANIFEST_NAME);
   sums.delete(MANIFEST_NAME);
   const manifest = manifestSha === undefined

@@ -3722,10 +3722,9 @@ async function authenticSums(
   return parseSums(sums);
 }
 
-/** The assets of the chosen targets, each with the checksum SHA256SUMS gives it. */
-export function chooseAssets(
+/** manifest.json's assets of the chosen targets; a target it has no files for is refused. */
+function assetsOfTargets(
   manifest: Pick<Manifest, "assets">,
-  sums: Map<string, string>,
   targets: string[],
   system: string,
   tag: string,
@@ -3739,7 +3738,18 @@ export function chooseAssets(
       );
     }
   }
-  const wanted = manifest.assets.filter((a) => targets.includes(a.target) && a.system === system);
+  return manifest.assets.filter((a) => targets.includes(a.target) && a.system === system);
+}
+
+/** The assets of the chosen targets, each with the checksum SHA256SUMS gives it. */
+export function chooseAssets(
+  manifest: Pick<Manifest, "assets">,
+  sums: Map<string, string>,
+  targets: string[],
+  system: string,
+  tag: string,
+): ManifestAsset[] {
+  const wanted = assetsOfTargets(manifest, targets, system, tag);
   for (const asset of wanted) {
     if (sums.get(asset.name) !== asset.sha256) {
       throw new ReleaseError(
@@ -3815,16 +3825,7 @@ function bootFilesOf(
   system: string,
   tag: string,
 ): BootSet {
-  for (const target of targets) {
-    if (!manifest.assets.some((a) => a.target === target && a.system === system)) {
-      throw new ReleaseError(
-        `${tag} has no ${target} files for ${system}; it has ${
-          [...new Set(manifest.assets.map((a) => `${a.target} (${a.system})`))].join(", ")
-        }`,
-      );
-    }
-  }
-  const assets = manifest.assets.filter((a) => targets.includes(a.target) && a.system === system);
+  const assets = assetsOfTargets(manifest, targets, system, tag);
   const files = assets.map((asset) => {
     const sha256 = sums.get(asset.name);
     if (!sha256) {

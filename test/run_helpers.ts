@@ -54,6 +54,28 @@ export async function runRelease(
   };
 }
 
+/** Runs a program with optional standard input and collects its output, as a shell would. */
+export async function runCommand(
+  program: string,
+  args: string[],
+  stdin?: Uint8Array,
+): Promise<Run> {
+  const child = new Deno.Command(program, {
+    args,
+    stdin: stdin ? "piped" : "null",
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  if (stdin) {
+    const writer = child.stdin.getWriter();
+    await writer.write(stdin);
+    await writer.close();
+  }
+  const { code, stdout, stderr } = await child.output();
+  const text = new TextDecoder();
+  return { code, stdout: text.decode(stdout), stderr: text.decode(stderr) };
+}
+
 /** A copy of the fixture flake whose files carry `salt`, so its bytes differ per salt. */
 export async function makeFixture(salt: string): Promise<{ dir: string; ref: string }> {
   const dir = await fs.mkdtemp(path.join(os.tmpdir(), "release-boot-fixture-"));

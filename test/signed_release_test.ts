@@ -8,7 +8,7 @@ import * as os from "node:os";
 import * as path from "node:path";
 import { judgeRelease } from "../scripts/release-boot.ts";
 import { nixTest } from "./nix_helpers.ts";
-import { baseEnv, type Run, runRelease } from "./run_helpers.ts";
+import { baseEnv, type Run, runCommand, runRelease } from "./run_helpers.ts";
 import { sha256, TAG, verifyAgainstSums, type World, world } from "./forgejo_world.ts";
 
 const INITRD = "netboot-x86_64-linux.initrd";
@@ -22,30 +22,10 @@ interface Keys {
   allowedSigners: string;
 }
 
-async function command(program: string, args: string[], stdin?: Uint8Array): Promise<Run> {
-  const child = new Deno.Command(program, {
-    args,
-    stdin: stdin ? "piped" : "null",
-    stdout: "piped",
-    stderr: "piped",
-  }).spawn();
-  if (stdin) {
-    const writer = child.stdin.getWriter();
-    await writer.write(stdin);
-    await writer.close();
-  }
-  const { code, stdout, stderr } = await child.output();
-  return {
-    code,
-    stdout: new TextDecoder().decode(stdout),
-    stderr: new TextDecoder().decode(stderr),
-  };
-}
-
 async function makeKeys(name = "release-key"): Promise<Keys> {
   const dir = await fs.mkdtemp(path.join(os.tmpdir(), "release-boot-keys-"));
   const key = path.join(dir, name);
-  const made = await command("ssh-keygen", [
+  const made = await runCommand("ssh-keygen", [
     "-q",
     "-t",
     "ed25519",
@@ -106,7 +86,7 @@ async function sshVerify(w: World, keys: Keys): Promise<Run> {
   assert.equal(signatures.length, 1, "exactly one SHA256SUMS.sig");
   const sig = path.join(keys.dir, "SHA256SUMS.sig");
   await fs.writeFile(sig, signatures[0]);
-  return await command(
+  return await runCommand(
     "ssh-keygen",
     ["-Y", "verify", "-f", keys.allowedSigners, "-I", "ops", "-n", "file", "-s", sig],
     sums,
@@ -181,7 +161,7 @@ nixTest(
       // A signature over other bytes, uploaded beside the draft's SHA256SUMS.
       const other = path.join(keys.dir, "other");
       await fs.writeFile(other, "other bytes\n");
-      const signed = await command("ssh-keygen", [
+      const signed = await runCommand("ssh-keygen", [
         "-Y",
         "sign",
         "-f",

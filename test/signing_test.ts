@@ -16,32 +16,14 @@ import {
   UsageError,
   verifySums,
 } from "../scripts/release-boot.ts";
+import { type Run, runCommand } from "./run_helpers.ts";
 
 const SUMS = new TextEncoder().encode(
   `${"a".repeat(64)}  bzImage-x86_64-linux\n${"b".repeat(64)}  initrd-x86_64-linux\n`,
 );
 
-interface Run {
-  code: number;
-  stdout: string;
-  stderr: string;
-}
-
-async function sshKeygen(args: string[], stdin?: Uint8Array): Promise<Run> {
-  const child = new Deno.Command("ssh-keygen", {
-    args,
-    stdin: stdin ? "piped" : "null",
-    stdout: "piped",
-    stderr: "piped",
-  }).spawn();
-  if (stdin) {
-    const writer = child.stdin.getWriter();
-    await writer.write(stdin);
-    await writer.close();
-  }
-  const { code, stdout, stderr } = await child.output();
-  const text = new TextDecoder();
-  return { code, stdout: text.decode(stdout), stderr: text.decode(stderr) };
+function sshKeygen(args: string[], stdin?: Uint8Array): Promise<Run> {
+  return runCommand("ssh-keygen", args, stdin);
 }
 
 /** A temporary directory for one test, removed afterwards. */

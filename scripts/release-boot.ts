@@ -360,8 +360,9 @@ Flags:
                      ssh-ed25519 key; or give the key's text in RELEASE_BOOT_SIGNING_KEY
   --allow-dirty      publish even from a git checkout with uncommitted changes or a flake
                      whose inputs are not locked (recorded in manifest.json)
-  --timeout SECONDS  give up on a request that makes no progress for this long (default
-                     600; a whole request may take this long plus 1 s per MiB it carries)
+  --timeout SECONDS  a request making no progress this long fails, then is retried (default
+                     600); a whole request, tries included, ends after five times this plus
+                     1 s per MiB it carries
   --mirrors LIST     comma-separated server URLs never published to and never sent the
                      token (default "${DEFAULT_MIRRORS}": the mirror only distributes)
   --help             this text
@@ -409,7 +410,11 @@ Examples:
   deno task release --targets netboot --draft --tag boot-v1.2.0   # one job of a matrix
   deno task release --finalize --tag boot-v1.2.0                   # the job after it
   deno task release fetch --server https://git.example.org --repo ops/runners \\
-      --tag latest --out /srv/pxe
+      --tag latest --out /srv/netboot --trust /etc/release-boot/allowed_signers
+  deno task release fetch --rollback --out /srv/netboot
+  deno task release verify --server https://git.example.org --repo ops/runners --tag latest
+  FORGEJO_TOKEN=... deno task release prune --server https://git.example.org \\
+      --repo ops/runners --dry-run
 
 Reruns are safe: assets already in the release with the same size and checksum are skipped,
 an interrupted run leaves a draft that the next run completes, and a finished release is

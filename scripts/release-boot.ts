@@ -3724,7 +3724,20 @@ async function authenticSums(
       `${tag}: files are checked against its ${SUMS_NAME} (integrity), but not who made it (authenticity): pass --trust FILE to require its signature`,
     );
   }
-  return parseSums(sums);
+  return plainNames(parseSums(sums), tag);
+}
+
+/** A release names files: never a path, which could reach outside the directory written. */
+function plainNames(sums: Map<string, string>, tag: string): Map<string, string> {
+  const bad = [...sums.keys()].find((name) => !ASSET_NAME.test(name));
+  if (bad !== undefined) {
+    throw new ReleaseError(
+      `${SUMS_NAME} of ${tag} lists ${
+        JSON.stringify(bad)
+      }, which is not a plain file name: refusing to trust the release`,
+    );
+  }
+  return sums;
 }
 
 /** manifest.json's assets of the chosen targets; a target it has no files for is refused. */

@@ -48,7 +48,8 @@ async function releaseByHand(
   const sums = Object.entries(files)
     .map(([name, text]) => `${sha256(new TextEncoder().encode(text))}  ${name}\n`).join("");
   for (const [name, text] of [...Object.entries(files), ["SHA256SUMS", sums]]) {
-    await api(w, "POST", `/releases/${release.id}/assets?name=${name}`, text, false);
+    const query = new URLSearchParams({ name });
+    await api(w, "POST", `/releases/${release.id}/assets?${query}`, text, false);
   }
   return files;
 }
@@ -341,3 +342,17 @@ Deno.test("without manifest.json, the iPXE script's kernel and initrd lines say 
     /cannot tell what to boot/,
   );
 });
+
+Deno.test("file names a release gives that are not plain file names are refused, never written", () =>
+  scene(async (w, out, outside) => {
+    // A hostile server: its assets and SHA256SUMS name files outside the boot directory.
+    const escape = (name: string) =>
+      path.relative(path.join(out, "boot-v1"), path.join(outside, name));
+    await releaseByHand(w, "boot-v1", {
+      [escape("bzImage")]: "kernel\n",
+      [escape("initrd")]: "initrd\n",
+    });
+    const run = await fetchTag(w, out, "boot-v1");
+    assertOneLineFailure(run, /lists "[^"]*bzImage", which is not a plain file name/);
+    assert.deepEqual(await fs.readdir(outside), [], "nothing was written outside DIR");
+  }));

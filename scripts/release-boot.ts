@@ -895,6 +895,8 @@ function refuseMirror(site: Site, mirrors: string[]): Site {
 /** Sizes no real release reaches: a larger body comes from a broken or hostile server. */
 const MAX_API_BODY = 16 << 20;
 const MAX_INDEX_FILE = 1 << 20;
+/** Index copies read from one release: racing jobs leave a few, never dozens. */
+const MAX_INDEX_COPIES = 24;
 /** Forgejo serves at most 50 per page; 200 pages are 10,000 releases, past any history. */
 const PAGE_SIZE = 50;
 const MAX_PAGES = 200;
@@ -2963,6 +2965,12 @@ interface RemoteIndex {
 }
 
 async function readIndex(forgejo: Forgejo, release: Release): Promise<RemoteIndex> {
+  const copies = release.assets.filter((copy) => INDEX_NAMES.has(copy.name)).length;
+  if (copies > MAX_INDEX_COPIES) {
+    throw new ReleaseError(
+      `${release.tag_name} holds ${copies} copies of ${SUMS_NAME}, ${MANIFEST_NAME} and ${SIGNATURE_NAME}, more than racing jobs ever leave (${MAX_INDEX_COPIES}): refusing to read them; delete the extra copies in Forgejo`,
+    );
+  }
   const index: RemoteIndex = { manifests: [], sums: [], signatures: [] };
   for (const copy of [...release.assets].sort((a, b) => a.id - b.id)) {
     // A copy deleted since the listing (another job tidying up) is simply not there.

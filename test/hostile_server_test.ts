@@ -220,6 +220,18 @@ nixTest("an index file larger than any real one is refused, not downloaded", asy
   });
 });
 
+nixTest("a release holding dozens of index copies is refused, not read", async () => {
+  await withWorld(async (w) => {
+    await apiPost(w, "/releases", { tag_name: TAG, target_commitish: "", draft: true });
+    for (let n = 0; n < 25; n++) await uploadBehindItsBack(w, "SHA256SUMS", `copy ${n}\n`);
+    const run = await w.publish(["--targets", "netboot"]);
+    assert.equal(run.code, 1, run.stderr);
+    assert.match(run.stderr, /holds 25 copies of SHA256SUMS, .*refusing to read them/);
+    const reads = w.forgejo.requests.filter((r) => r.path.includes("/attachments/"));
+    assert.equal(reads.length, 0, "none was downloaded");
+  });
+});
+
 nixTest("a server that trickles its answer hits the request's overall deadline", async () => {
   await withWorld(async (w) => {
     w.forgejo.addFault({ method: "GET", path: "/version", fault: { kind: "trickle" } });

@@ -1,11 +1,12 @@
 /** The verify and prune workflows: triggers, mirror guard, token wiring, and what they run. */
 import assert from "node:assert/strict";
 import * as fs from "node:fs/promises";
-import * as os from "node:os";
+
 import * as path from "node:path";
-import { $, YAML } from "zx";
+import { YAML } from "zx";
 import { readOptions } from "../scripts/release-boot.ts";
 import { repoRoot } from "./run_helpers.ts";
+import { releaseArgs, runWithStandInNix } from "./workflow_helpers.ts";
 
 // deno-lint-ignore no-explicit-any
 async function workflow(name: string): Promise<any> {
@@ -25,37 +26,21 @@ const CI = {
 
 /** The one step that runs release-boot. */
 function releaseStep(job: { steps: { run?: string }[] }) {
-  const steps = job.steps.filter((step) => step.run?.includes("deno task release"));
+  const steps = job.steps.filter((step) => step.run?.includes("deno task --frozen release"));
   assert.equal(steps.length, 1);
   return steps[0] as { run: string; env: Record<string, string> };
 }
 
-/**
- * Runs the step's shell line with a stand-in `nix` that records its arguments, and returns
- * what would reach release-boot.
- */
+/** What the step's shell line hands to release-boot, run with a stand-in `nix`. */
 async function commandLineFor(run: string, env: Record<string, string>): Promise<string[]> {
-  const bin = await fs.mkdtemp(path.join(os.tmpdir(), "release-boot-bin-"));
-  try {
-    const record = path.join(bin, "argv.json");
-    await fs.writeFile(
-      path.join(bin, "nix"),
-      `#!/usr/bin/env python3\nimport json, sys\njson.dump(sys.argv[1:], open(${
-        JSON.stringify(record)
-      }, "w"))\n`,
-      { mode: 0o755 },
-    );
-    await $({ env: { PATH: `${bin}:/usr/bin:/bin`, ...env } })`bash -euc ${run}`.quiet();
-    const argv = JSON.parse(await fs.readFile(record, "utf8"));
-    assert.deepEqual(argv.slice(0, 5), ["develop", "--command", "deno", "task", "release"]);
-    return argv.slice(5);
-  } finally {
-    await fs.rm(bin, { recursive: true, force: true });
-  }
+  const call = await runWithStandInNix(run, { RUNNER_TEMP: "/tmp/job-1", ...env });
+  assert.equal(call.denoDir, "/tmp/job-1/deno", "deno's cache is the job's own");
+  return releaseArgs(call);
 }
 
 Deno.test("verify and prune run weekly and on dispatch, never on the Codeberg mirror", () => {
   for (const [flow, job] of [[verify, verify.jobs.verify], [prune, prune.jobs.prune]]) {
+    assert.ok(job["timeout-minutes"] < 180, "under the runner's default 3 h job timeout");
     assert.deepEqual(Object.keys(flow.on).sort(), ["schedule", "workflow_dispatch"]);
     assert.equal(flow.on.schedule.length, 1);
     // Weekly: one fixed minute, hour and day of the week.

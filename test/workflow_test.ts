@@ -14,6 +14,7 @@ import { $, YAML } from "zx";
 import { readOptions } from "../scripts/release-boot.ts";
 import { NIX_FLAGS, nixTest } from "./nix_helpers.ts";
 import { repoRoot } from "./run_helpers.ts";
+import { releaseArgs, runWithStandInNix } from "./workflow_helpers.ts";
 
 /** The workflow's command lines make releases: parse them, and say so if one does not. */
 async function readReleaseOptions(argv: string[], env: Record<string, string | undefined>) {
@@ -115,27 +116,14 @@ Deno.test("preflight gates the builds and the boot test, and both gate finalize"
 
 Deno.test("the boot test builds checks.x86_64-linux.runner-boots, without writing a lock file", async () => {
   const step = bootTest.steps.find((s: Step) => s.run?.includes("runner-boots")) as Step;
-  const bin = await fs.mkdtemp(path.join(os.tmpdir(), "release-boot-bin-"));
-  try {
-    const record = path.join(bin, "argv.json");
-    await fs.writeFile(
-      path.join(bin, "nix"),
-      `#!/usr/bin/env python3\nimport json, sys\njson.dump(sys.argv[1:], open(${
-        JSON.stringify(record)
-      }, "w"))\n`,
-      { mode: 0o755 },
-    );
-    await $({ env: { PATH: `${bin}:/usr/bin:/bin` } })`bash -euc ${step.run}`.quiet();
-    assert.deepEqual(JSON.parse(await fs.readFile(record, "utf8")), [
-      "build",
-      "--no-write-lock-file",
-      "--no-link",
-      "--print-build-logs",
-      ".#checks.x86_64-linux.runner-boots",
-    ]);
-  } finally {
-    await fs.rm(bin, { recursive: true, force: true });
-  }
+  const call = await runWithStandInNix(step.run);
+  assert.deepEqual(call.argv, [
+    "build",
+    "--no-write-lock-file",
+    "--no-link",
+    "--print-build-logs",
+    ".#checks.x86_64-linux.runner-boots",
+  ]);
 });
 
 Deno.test("the matrix builds netboot, iso and kexec for x86_64 and netboot, sd and kexec for aarch64, one per job", () => {
@@ -179,52 +167,11 @@ Deno.test("every job's token is FORGEJO_TOKEN, and inputs and matrix values reac
   }
 });
 
-interface Recorded {
-  argv: string[];
-  denoDir: string | undefined;
-}
-
-/**
- * Runs a step's shell line as the runner would (bash -e) with a stand-in `nix` that records its
- * arguments and DENO_DIR, and returns what it saw.
- */
-async function runStep(step: Step, env: Record<string, string>): Promise<Recorded> {
-  const bin = await fs.mkdtemp(path.join(os.tmpdir(), "release-boot-bin-"));
-  try {
-    const record = path.join(bin, "record.json");
-    await fs.writeFile(
-      path.join(bin, "nix"),
-      `#!/usr/bin/env python3\nimport json, os, sys\njson.dump({"argv": sys.argv[1:], "denoDir": os.environ.get("DENO_DIR")}, open(${
-        JSON.stringify(record)
-      }, "w"))\n`,
-      { mode: 0o755 },
-    );
-    await $({ env: { PATH: `${bin}:/usr/bin:/bin`, ...env } })`bash -euc ${step.run}`.quiet();
-    return JSON.parse(await fs.readFile(record, "utf8"));
-  } finally {
-    await fs.rm(bin, { recursive: true, force: true });
-  }
-}
-
-/** The part of a recorded nix command line that reaches release-boot. */
-function releaseArgs(recorded: Recorded): string[] {
-  assert.deepEqual(recorded.argv.slice(0, 7), [
-    "develop",
-    "--no-write-lock-file",
-    "--command",
-    "deno",
-    "task",
-    "--frozen",
-    "release",
-  ]);
-  return recorded.argv.slice(7);
-}
-
 Deno.test("each build job uploads its one image to the draft, on dispatch with a tag and on a tag push", async () => {
   const step = releaseStep(build);
   for (const matrix of build.strategy.matrix.include as Record<string, string>[]) {
     const env = { SYSTEM: matrix.system, TARGET: matrix.target, RUNNER_TEMP: "/tmp/job-1" };
-    const dispatched = await runStep(step, { ...env, TAG: "boot-v1.2.0" });
+    const dispatched = await runWithStandInNix(step.run, { ...env, TAG: "boot-v1.2.0" });
     assert.equal(dispatched.denoDir, "/tmp/job-1/deno", "DENO_DIR is the job's own");
     const options = await readReleaseOptions(releaseArgs(dispatched), {
       ...CI_ENV,
@@ -236,7 +183,7 @@ Deno.test("each build job uploads its one image to the draft, on dispatch with a
       ["boot-v1.2.0", matrix.system, [matrix.target], true, false],
     );
 
-    const pushed = releaseArgs(await runStep(step, { ...env, TAG: "" }));
+    const pushed = releaseArgs(await runWithStandInNix(step.run, { ...env, TAG: "" }));
     assert.deepEqual(pushed, ["--draft", "--system", matrix.system, "--targets", matrix.target]);
     const tagged = await readReleaseOptions(pushed, {
       ...CI_ENV,
@@ -258,7 +205,10 @@ Deno.test("the build step refuses to run without the runner's per-job temporary 
 
 Deno.test("finalize publishes the draft of the same tag, building nothing", async () => {
   const step = releaseStep(finalize);
-  const recorded = await runStep(step, { TAG: "boot-v1.2.0", RUNNER_TEMP: "/tmp/job-2" });
+  const recorded = await runWithStandInNix(step.run, {
+    TAG: "boot-v1.2.0",
+    RUNNER_TEMP: "/tmp/job-2",
+  });
   assert.equal(recorded.denoDir, "/tmp/job-2/deno");
   const options = await readReleaseOptions(releaseArgs(recorded), {
     ...CI_ENV,
@@ -273,7 +223,7 @@ Deno.test("finalize publishes the draft of the same tag, building nothing", asyn
   ]);
   // Without a tag input, every job derives the same boot-dev-<commit> tag from the commit.
   const untagged = await readReleaseOptions(
-    releaseArgs(await runStep(step, { TAG: "", RUNNER_TEMP: "/t" })),
+    releaseArgs(await runWithStandInNix(step.run, { TAG: "", RUNNER_TEMP: "/t" })),
     {
       ...CI_ENV,
       GITHUB_REF_TYPE: "branch",
@@ -282,7 +232,7 @@ Deno.test("finalize publishes the draft of the same tag, building nothing", asyn
   );
   const built = await readReleaseOptions(
     releaseArgs(
-      await runStep(releaseStep(build), {
+      await runWithStandInNix(releaseStep(build).run, {
         TAG: "",
         RUNNER_TEMP: "/t",
         SYSTEM: "x86_64-linux",

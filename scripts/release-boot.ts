@@ -2765,8 +2765,8 @@ async function refuseForeignOut(out: string): Promise<void> {
 }
 
 /**
- * Writes the bundle next to its final place, then renames it in: a failure or a SIGTERM
- * never leaves a half-written --out, and a rerun replaces the earlier stage whole.
+ * Writes the bundle next to its final place, then renames it in: a failure, SIGTERM or
+ * Ctrl-C never leaves a half-written --out, and a rerun replaces the earlier stage whole.
  */
 async function stageLocally(bundle: Bundle, options: ReleaseOptions): Promise<void> {
   const out = path.resolve(options.out);
@@ -2774,11 +2774,20 @@ async function stageLocally(bundle: Bundle, options: ReleaseOptions): Promise<vo
   await fs.mkdir(path.dirname(out), { recursive: true });
   await removeAbandonedStages(out);
   const partial = await fs.mkdtemp(`${out}.partial-`);
-  const onTerm = () => {
-    Deno.removeSync(partial, { recursive: true });
-    Deno.exit(143);
+  // Stopped part-way (SIGTERM from CI, Ctrl-C), the partial copy goes; --out stays as it was.
+  const onStop = (signal: "SIGTERM" | "SIGINT") => () => {
+    try {
+      Deno.removeSync(partial, { recursive: true });
+    } catch {
+      // Already renamed into place: nothing partial is left.
+    }
+    Deno.exit(signal === "SIGTERM" ? 143 : 130);
   };
-  Deno.addSignalListener("SIGTERM", onTerm);
+  const stops = (["SIGTERM", "SIGINT"] as const).map((signal) => ({
+    signal,
+    stop: onStop(signal),
+  }));
+  for (const { signal, stop } of stops) Deno.addSignalListener(signal, stop);
   try {
     await fs.chmod(partial, 0o755);
     for (const asset of [...bundle.files, bundle.sums, bundle.manifestAsset]) {
@@ -2793,7 +2802,7 @@ async function stageLocally(bundle: Bundle, options: ReleaseOptions): Promise<vo
     await fs.rm(partial, { recursive: true, force: true });
     throw error;
   } finally {
-    Deno.removeSignalListener("SIGTERM", onTerm);
+    for (const { signal, stop } of stops) Deno.removeSignalListener(signal, stop);
   }
   log(`Staged ${bundle.files.length} assets, ${SUMS_NAME} and ${MANIFEST_NAME} in ${out}`);
   log(`Check them: (cd ${out} && sha256sum -c ${SUMS_NAME})`);

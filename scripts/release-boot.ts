@@ -1723,8 +1723,8 @@ export interface BundleAsset {
 interface Bundle {
   files: BundleAsset[];
   manifest: Manifest;
-  sums: BundleAsset;
-  manifestAsset: BundleAsset;
+  sums: BytesAsset;
+  manifestAsset: BytesAsset;
 }
 
 // Hashing runs in worker threads: node:crypto's update() is synchronous, so files hash in
@@ -1854,7 +1854,10 @@ function describeRelease(
   };
 }
 
-function bytesAsset(name: string, text: string): BundleAsset {
+/** An asset made of bytes release-boot wrote (SHA256SUMS, manifest.json), not a file. */
+type BytesAsset = BundleAsset & { bytes: Uint8Array };
+
+function bytesAsset(name: string, text: string): BytesAsset {
   const bytes = new TextEncoder().encode(text);
   return { name, bytes, size: bytes.length, sha256: sha256Hex(bytes) };
 }
@@ -3436,7 +3439,7 @@ async function uploadIndex(
   const manifest = await uploadAsset(forgejo, release.id, fresh.manifestAsset, release.assets);
   const sums = await uploadAsset(forgejo, release.id, fresh.sums, release.assets);
   log(`Wrote ${SUMS_NAME} and ${MANIFEST_NAME} covering ${merged.assets.length} assets`);
-  const signature = key && await uploadSignature(forgejo, release, fresh.sums.bytes!, key);
+  const signature = key && await uploadSignature(forgejo, release, fresh.sums.bytes, key);
   return { manifest: manifest.id, sums: sums.id, signature };
 }
 
@@ -3946,13 +3949,20 @@ export function bootFilesOfScript(
   const images = new Set([...kernels, ...initrds]);
   const local = script === "netboot.ipxe" ? "netboot.local.ipxe" : "netboot.ipxe";
   return {
-    files: [script, ...images].map((name) => ({ name, sha256: sums.get(name)! })),
+    files: [script, ...images].map((name) => listedFile(sums, name, tag)),
     scripts: [{
       from: script,
       name: local,
       locate: (uri) => images.has(nameOf(uri)) ? encodeURIComponent(nameOf(uri)) : undefined,
     }],
   };
+}
+
+/** A file SHA256SUMS lists, with the checksum it gives it. */
+function listedFile(sums: Map<string, string>, name: string, tag: string): BootFile {
+  const sha256 = sums.get(name);
+  if (sha256 === undefined) throw new ReleaseError(`${tag}'s ${SUMS_NAME} does not list ${name}`);
+  return { name, sha256 };
 }
 
 const KERNEL_NAME = /bzImage|vmlinuz|(^|[-_.])Image([-_.]|$)|kernel/;
@@ -3970,7 +3980,7 @@ export function bootFilesByName(sums: Map<string, string>, tag: string): BootSet
     );
   }
   return {
-    files: [kernels[0], initrds[0]].map((name) => ({ name, sha256: sums.get(name)! })),
+    files: [kernels[0], initrds[0]].map((name) => listedFile(sums, name, tag)),
     scripts: [],
   };
 }

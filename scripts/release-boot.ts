@@ -3100,11 +3100,24 @@ function refuseConflicts(plan: PlannedAction[], release: Release, options: Relea
   );
 }
 
-/** What a failure part-way leaves behind, said as it is. */
-function whatIsLeft(release: Release): string {
-  return release.draft
-    ? "the release stays a draft: rerun the same command to resume"
-    : `the published release ${release.tag_name} still has its SHA256SUMS and every copy it lists (new copies may sit beside them): rerun the same command to finish`;
+/**
+ * Runs `work` on `release`; a failure part-way also says what it leaves behind, as it is.
+ * `progress` says how far the work got, when that helps.
+ */
+async function sayingWhatIsLeft<T>(
+  release: Release,
+  work: () => Promise<T>,
+  progress = "",
+): Promise<T> {
+  try {
+    return await work();
+  } catch (error) {
+    if (!(error instanceof ReleaseError)) throw error;
+    const left = release.draft
+      ? "the release stays a draft: rerun the same command to resume"
+      : `the published release ${release.tag_name} still has its SHA256SUMS and every copy it lists (new copies may sit beside them): rerun the same command to finish`;
+    throw new ReleaseError(`${error.message}; ${progress}${left}`);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -3121,17 +3134,10 @@ async function uploadPlanned(
     if (action.kind === "skip") log(`${action.asset.name}: already in the release, skipped`);
   }
   for (const [done, action] of uploads.entries()) {
-    try {
+    await sayingWhatIsLeft(release, async () => {
       const stored = await uploadAsset(forgejo, release.id, action.asset, release.assets);
       await recordUpload(forgejo, release.id, action.asset, stored);
-    } catch (error) {
-      if (!(error instanceof ReleaseError)) throw error;
-      throw new ReleaseError(
-        `${error.message}; ${done} of ${uploads.length} uploads had finished and ${
-          whatIsLeft(release)
-        }`,
-      );
-    }
+    }, `${done} of ${uploads.length} uploads had finished and `);
   }
 }
 
@@ -3369,60 +3375,47 @@ async function writeIndex(
   plan: PlannedAction[],
   options: ReleaseOptions,
 ): Promise<void> {
-  try {
-    await writeIndexRounds(forgejo, draft, bundle, plan, options);
-  } catch (error) {
-    if (!(error instanceof ReleaseError)) throw error;
-    throw new ReleaseError(`${error.message}; ${whatIsLeft(draft)}`);
-  }
-}
-
-async function writeIndexRounds(
-  forgejo: Forgejo,
-  draft: Release,
-  bundle: Bundle,
-  plan: PlannedAction[],
-  options: ReleaseOptions,
-): Promise<void> {
-  const key = options.signingKey;
-  for (let round = 1; round <= 8; round++) {
-    // Jobs that collide back off by different amounts, so one of them settles first.
-    if (round > 1) await sleep(100 + Math.random() * 400);
-    const release = await forgejo.releases.get(draft.id);
-    const index = await readIndex(forgejo, release);
-    const merged = mergeManifests(unionManifest(index), bundle.manifest);
-    if (judgeRelease(release.assets, index, merged.assets, key?.fingerprint).index.length === 0) {
-      // Only now, with the new SHA256SUMS in, may the copies it no longer lists go.
-      const replaced = plan.flatMap((action) => action.kind === "conflict" ? [] : action.remove);
-      for (const copy of replaced) {
-        await deleteAsset(forgejo, release.id, copy, "a stray or replaced copy");
+  await sayingWhatIsLeft(draft, async () => {
+    const key = options.signingKey;
+    for (let round = 1; round <= 8; round++) {
+      // Jobs that collide back off by different amounts, so one of them settles first.
+      if (round > 1) await sleep(100 + Math.random() * 400);
+      const release = await forgejo.releases.get(draft.id);
+      const index = await readIndex(forgejo, release);
+      const merged = mergeManifests(unionManifest(index), bundle.manifest);
+      if (judgeRelease(release.assets, index, merged.assets, key?.fingerprint).index.length === 0) {
+        // Only now, with the new SHA256SUMS in, may the copies it no longer lists go.
+        const replaced = plan.flatMap((action) => action.kind === "conflict" ? [] : action.remove);
+        for (const copy of replaced) {
+          await deleteAsset(forgejo, release.id, copy, "a stray or replaced copy");
+        }
+        await updateBody(forgejo, release, index.manifests[0].manifest, options);
+        return;
       }
-      await updateBody(forgejo, release, index.manifests[0].manifest, options);
-      return;
+      const newest = { manifests: index.manifests.slice(-1), sums: index.sums.slice(-1) };
+      const written = judgeRelease([], newest, merged.assets).index.length === 0
+        ? {
+          manifest: newest.manifests[0].copy.id,
+          sums: newest.sums[0].copy.id,
+          signature: await keepOrSign(forgejo, release, index, key),
+        }
+        : await uploadIndex(forgejo, release, merged, key);
+      const older = [
+        ...index.manifests.filter((m) =>
+          m.copy.id < written.manifest &&
+          m.manifest.assets.every((asset) => merged.assets.some((mine) => mine.name === asset.name))
+        ),
+        // Older SHA256SUMS copies only restate manifests that were merged above.
+        ...index.sums.filter((s) => s.copy.id < written.sums),
+        // A signature goes with the SHA256SUMS it signs.
+        ...index.signatures.filter((s) => s.copy.id !== written.signature),
+      ];
+      for (const { copy } of older) await deleteAsset(forgejo, release.id, copy, "an older index");
     }
-    const newest = { manifests: index.manifests.slice(-1), sums: index.sums.slice(-1) };
-    const written = judgeRelease([], newest, merged.assets).index.length === 0
-      ? {
-        manifest: newest.manifests[0].copy.id,
-        sums: newest.sums[0].copy.id,
-        signature: await keepOrSign(forgejo, release, index, key),
-      }
-      : await uploadIndex(forgejo, release, merged, key);
-    const older = [
-      ...index.manifests.filter((m) =>
-        m.copy.id < written.manifest &&
-        m.manifest.assets.every((asset) => merged.assets.some((mine) => mine.name === asset.name))
-      ),
-      // Older SHA256SUMS copies only restate manifests that were merged above.
-      ...index.sums.filter((s) => s.copy.id < written.sums),
-      // A signature goes with the SHA256SUMS it signs.
-      ...index.signatures.filter((s) => s.copy.id !== written.signature),
-    ];
-    for (const { copy } of older) await deleteAsset(forgejo, release.id, copy, "an older index");
-  }
-  throw new ReleaseError(
-    `${SUMS_NAME} of ${options.tag} kept changing under this run (other jobs writing)`,
-  );
+    throw new ReleaseError(
+      `${SUMS_NAME} of ${options.tag} kept changing under this run (other jobs writing)`,
+    );
+  });
 }
 
 /**

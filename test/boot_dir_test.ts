@@ -64,23 +64,8 @@ function netboot(tag: string): Record<string, string> {
   };
 }
 
-async function fetchTag(w: World, out: string, tag: string, args: string[] = []): Promise<Run> {
-  return await runRelease(
-    [
-      "fetch",
-      "--server",
-      w.forgejo.url,
-      "--repo",
-      "ops/runners",
-      "--tag",
-      tag,
-      "--out",
-      out,
-      ...(args.includes("--timeout") ? [] : ["--timeout", "3"]),
-      ...args,
-    ],
-    { cwd: w.work.dir, env: baseEnv() },
-  );
+function fetchTag(w: World, out: string, tag: string, args: string[] = []): Promise<Run> {
+  return w.fetch(out, ["--tag", tag, ...args]);
 }
 
 async function rollback(out: string): Promise<Run> {

@@ -4,7 +4,7 @@ import * as fs from "node:fs/promises";
 import * as os from "node:os";
 import * as path from "node:path";
 import { nixTest } from "./nix_helpers.ts";
-import { baseEnv, runRelease, sha256sumCheck } from "./run_helpers.ts";
+import { runRelease, sha256sumCheck } from "./run_helpers.ts";
 import { sha256, TAG, TOKEN, uploadBehindItsBack, type World, world } from "./forgejo_world.ts";
 
 const NETBOOT_FILES = [
@@ -17,22 +17,8 @@ const NETBOOT_FILES = [
   "netboot.ipxe",
 ];
 
-async function fetchInto(w: World, out: string, args: string[] = [], token?: string) {
-  return await runRelease(
-    [
-      "fetch",
-      "--server",
-      w.forgejo.url,
-      "--repo",
-      "ops/runners",
-      "--out",
-      out,
-      "--timeout",
-      "3",
-      ...args,
-    ],
-    { cwd: w.work.dir, env: baseEnv(token ? { FORGEJO_TOKEN: token } : {}) },
-  );
+function fetchInto(w: World, out: string, args: string[] = [], token?: string) {
+  return w.fetch(out, args, token ? { FORGEJO_TOKEN: token } : {});
 }
 
 async function scratch(): Promise<string> {

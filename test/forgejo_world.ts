@@ -31,6 +31,8 @@ export interface World {
     fixtureRef?: string,
     signal?: AbortSignal,
   ): Promise<Run>;
+  /** Runs release-boot fetch against the emulator into `out` (no token unless `env` has one). */
+  fetch(out: string, args?: string[], env?: Record<string, string>): Promise<Run>;
   release(): Release;
   close(): Promise<void>;
 }
@@ -60,6 +62,21 @@ export async function world(options: EmulatorOptions = {}, salt = "one"): Promis
           ...args,
         ],
         { cwd: work.dir, env: baseEnv({ FORGEJO_TOKEN: TOKEN, ...env }), signal },
+      ),
+    fetch: (out, args = [], env = {}) =>
+      runRelease(
+        [
+          "fetch",
+          "--server",
+          forgejo.url,
+          "--repo",
+          "ops/runners",
+          "--out",
+          out,
+          ...(args.includes("--timeout") ? [] : ["--timeout", "3"]),
+          ...args,
+        ],
+        { cwd: work.dir, env: baseEnv(env) },
       ),
     release: () => {
       const releases = forgejo.releases().map((r) => v.parse(ReleaseSchema, r));

@@ -8,7 +8,7 @@ import * as os from "node:os";
 import * as path from "node:path";
 import { judgeRelease } from "../scripts/release-boot.ts";
 import { nixTest } from "./nix_helpers.ts";
-import { baseEnv, type Run, runCommand, runRelease } from "./run_helpers.ts";
+import { type Run, runCommand } from "./run_helpers.ts";
 import { sha256, TAG, verifyAgainstSums, type World, world } from "./forgejo_world.ts";
 
 const INITRD = "netboot-x86_64-linux.initrd";
@@ -58,24 +58,8 @@ function assertNoKey(run: Run, keys: Keys): void {
   }
 }
 
-async function fetchInto(w: World, out: string, args: string[]): Promise<Run> {
-  return await runRelease(
-    [
-      "fetch",
-      "--server",
-      w.forgejo.url,
-      "--repo",
-      "ops/runners",
-      "--tag",
-      TAG,
-      "--out",
-      out,
-      "--timeout",
-      "3",
-      ...args,
-    ],
-    { cwd: w.work.dir, env: baseEnv() },
-  );
+function fetchInto(w: World, out: string, args: string[]): Promise<Run> {
+  return w.fetch(out, ["--tag", TAG, ...args]);
 }
 
 /** `ssh-keygen -Y verify` of the release's SHA256SUMS with its SHA256SUMS.sig. */

@@ -33,6 +33,14 @@ async function apiPost(w: World, route: string, body: unknown): Promise<unknown>
   return await answer.json();
 }
 
+/** A local stage of the fixture's netboot target into `out`: no server, no token. */
+function stageInto(out: string) {
+  return runRelease([
+    ...["--flake", "path:./test/fixture", "--targets", "netboot"],
+    ...["--commit", OTHER_SHA, "--out", out],
+  ]);
+}
+
 /** Every SHA256SUMS copy's entries each have a stored copy with those bytes. */
 async function everySumHasItsBytes(w: World): Promise<void> {
   const release = w.release();
@@ -97,16 +105,7 @@ nixTest("a stage refuses an --out that is not an earlier stage, before building"
       await fs.mkdir(path.dirname(path.join(app, file)), { recursive: true });
       await fs.writeFile(path.join(app, file), "{}\n");
     }
-    const run = await runRelease([
-      "--flake",
-      "path:./test/fixture",
-      "--targets",
-      "netboot",
-      "--commit",
-      OTHER_SHA,
-      "--out",
-      app,
-    ]);
+    const run = await stageInto(app);
     assert.equal(run.code, 2, run.stderr);
     assert.match(run.stderr, /--out .* holds files that are not an earlier stage of release-boot/);
     assert.doesNotMatch(run.stderr, /==> Build/, "refused before any build");
@@ -120,14 +119,7 @@ nixTest("a stage refuses an --out that is not an earlier stage, before building"
 nixTest("an --out that is a file is one line, exit 2, before building", async () => {
   const file = await Deno.makeTempFile();
   try {
-    const run = await runRelease([
-      "--flake",
-      "path:./test/fixture",
-      "--commit",
-      OTHER_SHA,
-      "--out",
-      file,
-    ]);
+    const run = await stageInto(file);
     assert.equal(run.code, 2, run.stderr);
     assert.equal(run.stderr.trim().split("\n").length, 1, run.stderr);
     assert.match(run.stderr, /--out .* is not a directory/);
@@ -143,16 +135,7 @@ nixTest("a stage removes what an interrupted stage left beside --out", async () 
     const left = `${out}.partial-AbC123`;
     await fs.mkdir(left);
     await fs.writeFile(path.join(left, "netboot-x86_64-linux.initrd"), "half");
-    const run = await runRelease([
-      "--flake",
-      "path:./test/fixture",
-      "--targets",
-      "netboot",
-      "--commit",
-      OTHER_SHA,
-      "--out",
-      out,
-    ]);
+    const run = await stageInto(out);
     assert.equal(run.code, 0, run.stderr);
     assert.deepEqual((await fs.readdir(parent)).sort(), ["out"]);
   } finally {

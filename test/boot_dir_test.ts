@@ -8,7 +8,7 @@ import assert from "node:assert/strict";
 import * as fs from "node:fs/promises";
 import * as os from "node:os";
 import * as path from "node:path";
-import { bootFilesByName, bootFilesOfScript, rewriteIpxe } from "../scripts/release-boot.ts";
+import { bootFilesByName, bootFilesOfScript, rewriteIpxe } from "../scripts/lib/ipxe.ts";
 import { baseEnv, type Run, runRelease, sha256sumCheck } from "./run_helpers.ts";
 import { sha256, TOKEN, type World, world } from "./forgejo_world.ts";
 

@@ -4,7 +4,7 @@ import * as fs from "node:fs/promises";
 
 import * as path from "node:path";
 import { YAML } from "zx";
-import { readOptions } from "../scripts/release-boot.ts";
+import { readOptions } from "../scripts/lib/cli.ts";
 import { repoRoot } from "./run_helpers.ts";
 import { releaseArgs, runWithStandInNix } from "./workflow_helpers.ts";
 

@@ -1,28 +1,23 @@
 /** The pipeline's pure steps: names, sums, plans, merges and messages. */
 import assert from "node:assert/strict";
+import { assetName, parseHydraBuildProducts } from "../scripts/lib/nix.ts";
+import { type BundleAsset, explainStatus, mirrorOf, retryAfterMs } from "../scripts/lib/forgejo.ts";
 import {
-  assetName,
-  type BundleAsset,
   chooseAssets,
-  explainStatus,
   judgeRelease,
   mergeManifests,
-  mirrorOf,
-  parseHydraBuildProducts,
   parseSums,
+  renderSums,
+} from "../scripts/lib/release_index.ts";
+import {
   planUploads,
-  readOptions,
   readUploadRecord,
   releaseBody,
-  renderSums,
-  repoProblem,
-  retryAfterMs,
-  rewriteIpxe,
-  serverProblem,
-  tagProblem,
-  UsageError,
   withUploadRecord,
 } from "../scripts/release-boot.ts";
+import { readOptions, repoProblem, serverProblem, tagProblem } from "../scripts/lib/cli.ts";
+import { rewriteIpxe } from "../scripts/lib/ipxe.ts";
+import { UsageError } from "../scripts/lib/run.ts";
 import type { Attachment } from "../types/forgejo.ts";
 import { type Manifest, ManifestAssetSchema } from "../types/manifest.ts";
 import * as v from "valibot";

@@ -6,7 +6,7 @@ import assert from "node:assert/strict";
 import * as fs from "node:fs/promises";
 import * as os from "node:os";
 import * as path from "node:path";
-import { judgeRelease } from "../scripts/release-boot.ts";
+import { judgeRelease } from "../scripts/lib/release_index.ts";
 import { nixTest } from "./nix_helpers.ts";
 import { type Run, runCommand } from "./run_helpers.ts";
 import { sha256, TAG, verifyAgainstSums, type World, world } from "./forgejo_world.ts";

@@ -7,15 +7,13 @@ import * as path from "node:path";
 import { $ } from "zx";
 import {
   parseSigningKey,
-  parseTrust,
   readSigningKey,
-  readTrust,
-  ReleaseError,
   SIGNING_KEY_ENV,
   signSums,
-  UsageError,
   verifySums,
-} from "../scripts/release-boot.ts";
+} from "../scripts/lib/sshsig.ts";
+import { parseTrust, readTrust } from "../scripts/lib/allowed_signers.ts";
+import { ReleaseError, UsageError } from "../scripts/lib/run.ts";
 import { type Run, runCommand } from "./run_helpers.ts";
 
 const SUMS = new TextEncoder().encode(

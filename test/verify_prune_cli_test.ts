@@ -6,7 +6,7 @@ import assert from "node:assert/strict";
 import * as fs from "node:fs/promises";
 import * as os from "node:os";
 import * as path from "node:path";
-import { parseSigningKey, signSums } from "../scripts/release-boot.ts";
+import { parseSigningKey, signSums } from "../scripts/lib/sshsig.ts";
 import { type Emulator, startForgejo } from "./forgejo/emulator.ts";
 import { TAG, TOKEN, withWorld, type World } from "./forgejo_world.ts";
 import { nixTest } from "./nix_helpers.ts";

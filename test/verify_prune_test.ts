@@ -9,21 +9,22 @@ import {
   type AssetCheck,
   checkFlakeCommit,
   compareRebuild,
-  parseSums,
-  planPrune,
-  type PruneRelease,
   rebuildRelease,
   rebuildScope,
-  ReleaseError,
-  renderPruneDeletion,
-  renderPruneTotal,
   renderVerification,
-  UsageError,
   type Verification,
   verificationExitCode,
   verificationJson,
   verificationSummary,
-} from "../scripts/release-boot.ts";
+} from "../scripts/lib/verify.ts";
+import { parseSums } from "../scripts/lib/release_index.ts";
+import {
+  planPrune,
+  type PruneRelease,
+  renderPruneDeletion,
+  renderPruneTotal,
+} from "../scripts/lib/prune.ts";
+import { ReleaseError, UsageError } from "../scripts/lib/run.ts";
 import type { Manifest } from "../types/manifest.ts";
 import { nixTest } from "./nix_helpers.ts";
 import { exists, fixtureDir, makeFixture, makeWorkdir, runRelease } from "./run_helpers.ts";

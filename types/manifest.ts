@@ -55,3 +55,9 @@ export const ManifestSchema = v.object({
   assets: v.array(ManifestAssetSchema),
 });
 export type Manifest = v.InferOutput<typeof ManifestSchema>;
+
+/** The release's index: SHA256SUMS, its signature and manifest.json, never listed in itself. */
+export const SUMS_NAME = "SHA256SUMS";
+export const SIGNATURE_NAME = `${SUMS_NAME}.sig`;
+export const MANIFEST_NAME = "manifest.json";
+export const INDEX_NAMES = new Set([SUMS_NAME, SIGNATURE_NAME, MANIFEST_NAME]);

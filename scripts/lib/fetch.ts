@@ -1,0 +1,546 @@
+/**
+ * `release-boot fetch`: a published release laid out for PXE in DIR/<tag>, every byte checked
+ * before it is kept, then DIR/current pointed at it (and `--rollback` back). It writes nothing
+ * outside DIR and nothing to the release.
+ */
+import process from "node:process";
+import * as fs from "node:fs/promises";
+import * as path from "node:path";
+import { createHash } from "node:crypto";
+import { constants as fsConstants } from "node:fs";
+import { type Attachment, type Release } from "../../types/forgejo.ts";
+import { type Manifest, MANIFEST_NAME, SUMS_NAME } from "../../types/manifest.ts";
+import { hashFile, READ_SIZE, sha256Hex } from "./hash.ts";
+import { type Env, formatBytes, log, ReleaseError, result, step } from "./run.ts";
+import { type DownloadOptions, type FetchOptions } from "./cli.ts";
+import {
+  connectForgejo,
+  explainStatus,
+  type Forgejo,
+  MAX_API_BODY,
+  mirrorOf,
+  readCapped,
+  readToken,
+} from "./forgejo.ts";
+import {
+  assetsOfTargets,
+  authenticSums,
+  findBootRelease,
+  readIndex,
+  type RemoteIndex,
+  renderSums,
+  unionManifest,
+} from "./release_index.ts";
+import {
+  type BootFile,
+  bootFilesByName,
+  bootFilesOfScript,
+  type BootSet,
+  rewriteIpxe,
+} from "./ipxe.ts";
+
+export async function fetchForBoot(options: FetchOptions, env: Env): Promise<void> {
+  const out = path.resolve(options.out);
+  if (options.rollback) {
+    if (!(await lstatOrUndefined(out))) throw new ReleaseError(`there is no ${out} to roll back`);
+    return await withBootLock(out, () => rollBack(out));
+  }
+  // A mirror serves public files; the primary server's token has no business there.
+  const token = mirrorOf(options.site.server, options.mirrors) ? undefined : readToken(env);
+  const forgejo = connectForgejo(options.site, token, options);
+  const release = await step("Find the release", () => findBootRelease(forgejo, options.tag));
+  const tag = release.tag_name;
+  const directory = tagDirectoryName(tag);
+  // Everything that decides whether to trust the release happens before DIR is touched.
+  const index = await readIndex(forgejo, release);
+  const sums = await authenticSums(index, tag, options.trust);
+  const boot = await chooseBootFiles(forgejo, release, index, sums, options);
+  const dir = await withBootLock(out, async () => {
+    const dir = await openTagDirectory(out, directory);
+    await step("Download and verify", async () => {
+      for (const file of boot.files) await downloadVerified(forgejo, release, file, dir);
+    });
+    await writeBootDirectory(dir, boot);
+    await pointCurrentAt(out, directory);
+    await removeOldReleases(out, options.keep);
+    return dir;
+  });
+  log(
+    `${tag}: ${boot.files.length} files verified in ${dir}; ${
+      path.join(out, CURRENT)
+    } points at it: serve that over HTTP and chain netboot.ipxe`,
+  );
+  result(dir);
+}
+
+/**
+ * The files to boot: with manifest.json (checked against SHA256SUMS), the chosen targets'
+ * assets; without it, a release another tool made, the iPXE script and the kernel and initrd
+ * it names, or failing a script, the one kernel and one initrd by their names.
+ */
+async function chooseBootFiles(
+  forgejo: Forgejo,
+  release: Release,
+  index: RemoteIndex,
+  sums: Map<string, string>,
+  options: DownloadOptions,
+): Promise<BootSet> {
+  const tag = release.tag_name;
+  const listed = sums.get(MANIFEST_NAME);
+  const manifest = listed === undefined
+    ? unionManifest(index)
+    : index.manifests.find((copy) => copy.sha256 === listed)?.manifest;
+  if (listed !== undefined && !manifest) {
+    throw new ReleaseError(
+      `${tag}'s ${MANIFEST_NAME} does not match its ${SUMS_NAME}: the release was changed, refusing to trust it`,
+    );
+  }
+  if (manifest) return bootFilesOf(manifest, sums, options.targets, options.system, tag);
+  const scripts = [...sums.keys()].filter((name) => name.endsWith(".ipxe"));
+  if (scripts.length === 0) {
+    const boot = bootFilesByName(sums, tag);
+    log(`${tag} has no iPXE script: fetching its kernel and initrd only; boot them with your own`);
+    return boot;
+  }
+  const script = oneScript(scripts, options, tag);
+  const copy = release.assets.find((asset) => asset.name === script);
+  if (!copy) throw new ReleaseError(`${tag} lists ${script} but does not hold it`);
+  const text = await forgejo.assets.text(copy);
+  if (text === undefined || sha256Hex(new TextEncoder().encode(text)) !== sums.get(script)) {
+    throw new ReleaseError(`${script} of ${tag} does not match ${SUMS_NAME}; refusing to boot it`);
+  }
+  return bootFilesOfScript(script, text, sums, tag);
+}
+
+/** The assets of the chosen targets from manifest.json, each as SHA256SUMS lists it. */
+function bootFilesOf(
+  manifest: Pick<Manifest, "assets">,
+  sums: Map<string, string>,
+  targets: string[],
+  system: string,
+  tag: string,
+): BootSet {
+  const assets = assetsOfTargets(manifest, targets, system, tag);
+  const files = assets.map((asset) => {
+    const sha256 = sums.get(asset.name);
+    if (!sha256) {
+      throw new ReleaseError(
+        `${asset.name} is not listed in ${tag}'s ${SUMS_NAME}: the release is inconsistent, refusing to trust it`,
+      );
+    }
+    return { name: asset.name, sha256 };
+  });
+  const built = assets.filter((a) => a.name.endsWith(".built.ipxe"));
+  const scripts = built.map((script) => ({
+    from: script.name,
+    name: built.length === 1
+      ? "netboot.ipxe"
+      : script.name.replace(/\.built\.ipxe$/, ".local.ipxe"),
+    locate: (file: string) => {
+      const found = assets.find((a) =>
+        a.target === script.target && a.system === script.system && a !== script &&
+        !a.name.endsWith(".ipxe") && path.basename(a.storePath) === file
+      );
+      return found && encodeURIComponent(found.name);
+    },
+  }));
+  return { files, scripts };
+}
+
+function oneScript(scripts: string[], options: DownloadOptions, tag: string): string {
+  if (scripts.length === 1) return scripts[0];
+  const fitting = scripts.filter((name) =>
+    name.includes(options.system) && options.targets.some((target) => name.includes(target))
+  );
+  if (fitting.length === 1) return fitting[0];
+  throw new ReleaseError(
+    `${tag} has no ${MANIFEST_NAME} and ${
+      fitting.length === 0 ? "none" : "more than one"
+    } of its iPXE scripts (${
+      scripts.join(", ")
+    }) fits --targets and --system: cannot tell which to boot`,
+  );
+}
+
+const CURRENT = "current";
+
+const PREVIOUS = "previous";
+
+const LOCK_NAME = ".release-boot.lock";
+
+/** In every tag directory release-boot made: its tag, and by its mtime when it was fetched. */
+const TAG_MARK = ".release-boot-tag";
+
+/** A tag as one directory name: `/` (valid in a tag) cannot make a subdirectory. */
+function tagDirectoryName(tag: string): string {
+  const name = tag.replaceAll("/", "%2F");
+  if (name === CURRENT || name === PREVIOUS || name.startsWith(".")) {
+    throw new ReleaseError(`a release tagged ${tag} cannot get a directory of its own in DIR`);
+  }
+  return name;
+}
+
+/** Thrown for anything in DIR release-boot did not make: it is never written through. */
+function notOurs(file: string, what: string): ReleaseError {
+  return new ReleaseError(
+    `${file} is ${what}, which release-boot did not make: nothing was written through it; remove it, or fetch into another --out`,
+  );
+}
+
+async function lstatOrUndefined(file: string) {
+  return await fs.lstat(file).catch((error: NodeJS.ErrnoException) => {
+    if (error.code === "ENOENT") return undefined;
+    throw new ReleaseError(`cannot read ${file} (${error.code ?? error.message})`);
+  });
+}
+
+/**
+ * One fetch at a time per DIR: a lock file holding the pid, created exclusively. A lock whose
+ * process is gone is taken over; a live one makes this fetch stop at once.
+ */
+async function withBootLock<T>(out: string, work: () => Promise<T>): Promise<T> {
+  const root = await lstatOrUndefined(out);
+  if (root && !root.isDirectory()) {
+    const real = await fs.stat(out).catch(() => undefined);
+    if (!real?.isDirectory()) throw new ReleaseError(`--out ${out} is not a directory`);
+  }
+  await fs.mkdir(out, { recursive: true }).catch((error: NodeJS.ErrnoException) => {
+    throw new ReleaseError(`cannot make --out ${out} (${error.code ?? error.message})`);
+  });
+  const lock = path.join(out, LOCK_NAME);
+  await takeLock(lock);
+  try {
+    await removeHalfMade(out);
+    return await work();
+  } finally {
+    await fs.rm(lock, { force: true });
+  }
+}
+
+async function takeLock(lock: string): Promise<void> {
+  for (let attempt = 1;; attempt++) {
+    try {
+      await fs.writeFile(lock, `${process.pid}\n`, { flag: "wx" });
+      return;
+    } catch (error) {
+      if ((error as NodeJS.ErrnoException).code !== "EEXIST") {
+        throw new ReleaseError(
+          `cannot lock ${path.dirname(lock)} (${(error as NodeJS.ErrnoException).code})`,
+        );
+      }
+    }
+    const stat = await lstatOrUndefined(lock);
+    if (stat && !stat.isFile()) throw notOurs(lock, "not a lock file");
+    const pid = Number((await fs.readFile(lock, "utf8").catch(() => "")).trim());
+    if (attempt > 2 || (Number.isInteger(pid) && pid > 0 && isRunning(pid))) {
+      throw new ReleaseError(
+        `another fetch (pid ${pid || "unknown"}) is writing ${
+          path.dirname(lock)
+        }: let it finish and rerun; if no such process runs, remove ${lock}`,
+      );
+    }
+    // Moved aside, not deleted: if another fetch took it over first, the moved file is
+    // that fetch's live lock and goes straight back.
+    const aside = `${lock}.${process.pid}.stale`;
+    if (!await fs.rename(lock, aside).then(() => true, () => false)) continue;
+    const moved = Number((await fs.readFile(aside, "utf8").catch(() => "")).trim());
+    if (moved !== pid) {
+      await fs.link(aside, lock).catch(() => undefined);
+      await fs.rm(aside, { force: true });
+      throw new ReleaseError(
+        `another fetch (pid ${moved}) is writing ${path.dirname(lock)}: let it finish and rerun`,
+      );
+    }
+    await fs.rm(aside, { force: true });
+    log(`Taking over ${lock}: its fetch (pid ${pid || "unknown"}) is gone`);
+  }
+}
+
+/** Under the lock, what a killed fetch left half-made (`.NAME.PID.new`, `.stale`) goes. */
+async function removeHalfMade(out: string): Promise<void> {
+  for (const entry of await fs.readdir(out)) {
+    if (/^\..+\.\d+\.new$/.test(entry) || /^\.release-boot\.lock\.\d+\.stale$/.test(entry)) {
+      await fs.rm(path.join(out, entry), { recursive: true, force: true });
+    }
+  }
+}
+
+function isRunning(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (error) {
+    return (error as NodeJS.ErrnoException).code === "EPERM";
+  }
+}
+
+/**
+ * DIR/<tag>: made here, or made by an earlier fetch (it holds the mark). A link, a file, a
+ * directory without the mark, or a link planted inside it is refused before anything is written.
+ */
+async function openTagDirectory(out: string, name: string): Promise<string> {
+  const dir = path.join(out, name);
+  const mark = path.join(dir, TAG_MARK);
+  const stat = await lstatOrUndefined(dir);
+  if (!stat) {
+    // Made beside it and renamed into place, so DIR/<tag> never exists without its mark.
+    const fresh = path.join(out, `.${name}.${process.pid}.new`);
+    await fs.rm(fresh, { recursive: true, force: true });
+    await fs.mkdir(fresh);
+    await fs.writeFile(path.join(fresh, TAG_MARK), `${name}\n`, { flag: "wx" });
+    await fs.rename(fresh, dir);
+    return dir;
+  }
+  if (!stat.isDirectory()) {
+    throw notOurs(dir, stat.isSymbolicLink() ? "a symbolic link" : "not a directory");
+  }
+  const marked = await lstatOrUndefined(mark);
+  if (!marked?.isFile()) throw notOurs(dir, "a directory without release-boot's mark");
+  for (const entry of await fs.readdir(dir)) {
+    const file = path.join(dir, entry);
+    const entryStat = await lstatOrUndefined(file);
+    if (entryStat && !entryStat.isFile()) {
+      throw notOurs(file, entryStat.isSymbolicLink() ? "a symbolic link" : "not a regular file");
+    }
+  }
+  const now = new Date();
+  await fs.utimes(mark, now, now);
+  return dir;
+}
+
+/**
+ * Downloads into `<name>.<sha>.part` (resuming one left by an interrupted run), hashing the
+ * bytes as they are written, and only when they match SHA256SUMS renames the part to its
+ * final name. A part that does not match is deleted; an existing file with other bytes is
+ * refused, never replaced.
+ */
+async function downloadVerified(
+  forgejo: Forgejo,
+  release: Release,
+  file: BootFile,
+  dir: string,
+): Promise<void> {
+  const final = path.join(dir, file.name);
+  const existing = await lstatOrUndefined(final);
+  if (existing) {
+    if (!existing.isFile()) throw notOurs(final, "not a regular file");
+    if ((await hashFile(final)).sha256 === file.sha256) {
+      log(`${file.name}: already here and verified`);
+      return;
+    }
+    throw notOurs(final, `a file whose bytes ${SUMS_NAME} does not list`);
+  }
+  const copy = release.assets.find((a) => a.name === file.name);
+  if (!copy) throw new ReleaseError(`${release.tag_name} lists ${file.name} but does not hold it`);
+  // The checksum is in the name, so a part left by another release is never resumed.
+  const part = `${final}.${file.sha256.slice(0, 16)}.part`;
+  await removeStaleParts(dir, file.name, part);
+  const got = await downloadToPart(forgejo, copy, part);
+  if (got.sha256 !== file.sha256) {
+    await fs.rm(part, { force: true });
+    throw new ReleaseError(
+      `${file.name} does not match ${SUMS_NAME} (expected ${file.sha256}, got ${got.sha256} for ${got.size} bytes); the download was deleted: rerun, and if it persists the release's file is damaged`,
+    );
+  }
+  await renameNew(part, final);
+  log(`${file.name}: ${formatBytes(got.size)}, sha256 verified`);
+}
+
+/** Renames only onto a name nothing holds: a file planted meanwhile is refused, not replaced. */
+async function renameNew(from: string, to: string): Promise<void> {
+  if (await lstatOrUndefined(to)) throw notOurs(to, "already there");
+  await fs.rename(from, to);
+}
+
+async function removeStaleParts(dir: string, name: string, keep: string): Promise<void> {
+  for (const entry of await fs.readdir(dir)) {
+    const file = path.join(dir, entry);
+    if (entry.startsWith(`${name}.`) && entry.endsWith(".part") && file !== keep) {
+      // openTagDirectory refused links: this unlinks a regular file release-boot named.
+      await fs.rm(file, { force: true });
+    }
+  }
+}
+
+const { O_WRONLY, O_APPEND, O_TRUNC, O_RDONLY, O_NOFOLLOW } = fsConstants;
+
+/**
+ * One GET of an asset into `part`, from where an earlier run stopped, hashed in the same pass
+ * that writes it (a resumed part's bytes are hashed first). The part is opened never through
+ * a link: a new one exclusively, a resumed one with O_NOFOLLOW. The client's interceptors
+ * follow redirects (without the token off the Forgejo origin) and retry.
+ */
+async function downloadToPart(
+  forgejo: Forgejo,
+  copy: Attachment,
+  part: string,
+): Promise<{ sha256: string; size: number }> {
+  const have = (await lstatOrUndefined(part))?.size ?? 0;
+  const response = await forgejo.assets.open(copy, have).catch((error: Error) => {
+    throw new ReleaseError(
+      `the download of ${copy.name} failed (${error.message}); rerun to resume`,
+    );
+  });
+  const hash = createHash("sha256");
+  if (response.statusCode === 416 && have > 0) {
+    await response.body.dump();
+    return { sha256: await hashPart(part, hash), size: have }; // The part has every byte.
+  }
+  if (response.statusCode !== 200 && response.statusCode !== 206) {
+    const text = await readCapped(response.body, MAX_API_BODY, `GET ${copy.name}`);
+    throw new ReleaseError(
+      explainStatus(forgejo, { status: response.statusCode, text }, `download of ${copy.name}`),
+    );
+  }
+  const range = String(response.headers["content-range"] ?? "");
+  if (response.statusCode === 206 && !range.startsWith(`bytes ${have}-`)) {
+    await response.body.dump();
+    await fs.rm(part, { force: true });
+    throw new ReleaseError(
+      `the server resumed ${copy.name} at ${
+        range || "an unknown offset"
+      }, not at ${have}; rerun to download it whole`,
+    );
+  }
+  const resuming = have > 0 && response.statusCode === 206;
+  if (resuming) {
+    log(`${copy.name}: resuming after ${formatBytes(have)}`);
+    await hashPart(part, hash);
+  }
+  const flags = have === 0 ? "wx" : O_WRONLY | O_NOFOLLOW | (resuming ? O_APPEND : O_TRUNC);
+  const handle = await fs.open(part, flags).catch((error: NodeJS.ErrnoException) => {
+    throw error.code === "ELOOP" || error.code === "EEXIST"
+      ? notOurs(part, "a symbolic link or a file planted meanwhile")
+      : new ReleaseError(`cannot write ${part} (${error.code ?? error.message})`);
+  });
+  let size = resuming ? have : 0;
+  try {
+    for await (const chunk of response.body) {
+      hash.update(chunk);
+      size += chunk.length;
+      await handle.write(chunk);
+    }
+  } catch (error) {
+    throw new ReleaseError(
+      `the download of ${copy.name} stopped (${(error as Error).message}); rerun to resume`,
+    );
+  } finally {
+    await handle.close();
+  }
+  return { sha256: hash.digest("hex"), size };
+}
+
+/** Feeds a part's bytes into `hash`, read never through a link; returns the digest's hex. */
+async function hashPart(part: string, hash: ReturnType<typeof createHash>): Promise<string> {
+  const handle = await fs.open(part, O_RDONLY | O_NOFOLLOW).catch(() => {
+    throw notOurs(part, "a symbolic link");
+  });
+  try {
+    for await (const chunk of handle.createReadStream({ highWaterMark: READ_SIZE })) {
+      hash.update(chunk);
+    }
+  } finally {
+    await handle.close();
+  }
+  return hash.copy().digest("hex");
+}
+
+/**
+ * Makes the directory servable as it is: its own SHA256SUMS, and netboot.ipxe rewritten
+ * from the script as published so that kernel and initrd load from beside it.
+ */
+async function writeBootDirectory(dir: string, boot: BootSet): Promise<void> {
+  await writeOwnFile(path.join(dir, SUMS_NAME), renderSums(boot.files));
+  for (const script of boot.scripts) {
+    const handle = await fs.open(path.join(dir, script.from), O_RDONLY | O_NOFOLLOW);
+    const text = await handle.readFile("utf8").finally(() => handle.close());
+    await writeOwnFile(path.join(dir, script.name), rewriteIpxe(text, script.locate));
+    log(`${script.name}: loads its kernel and initrd from the same directory`);
+  }
+}
+
+/** Writes a file release-boot makes; one already there with other bytes is not ours. */
+async function writeOwnFile(file: string, text: string): Promise<void> {
+  const existing = await lstatOrUndefined(file);
+  if (existing) {
+    if (existing.isFile() && await fs.readFile(file, "utf8") === text) return;
+    throw notOurs(file, existing.isFile() ? "a file with other contents" : "not a regular file");
+  }
+  const part = `${file}.part`;
+  await fs.rm(part, { force: true });
+  await fs.writeFile(part, text, { flag: "wx" });
+  await renameNew(part, file);
+}
+
+/** The tag directory a link in DIR names, if it is one release-boot made; else undefined. */
+async function linkTarget(out: string, name: string): Promise<string | undefined> {
+  const link = path.join(out, name);
+  const stat = await lstatOrUndefined(link);
+  if (!stat) return undefined;
+  if (!stat.isSymbolicLink()) throw notOurs(link, "not a symbolic link");
+  const target = await fs.readlink(link);
+  if (target.includes("/") || target.startsWith(".")) {
+    throw notOurs(link, `a link to ${target}`);
+  }
+  return target;
+}
+
+/** Replaces (or makes) the link DIR/<name> -> <target> in one rename: never half-pointed. */
+async function pointLink(out: string, name: string, target: string): Promise<void> {
+  const fresh = path.join(out, `.${name}.${process.pid}.new`);
+  await fs.rm(fresh, { force: true });
+  await fs.symlink(target, fresh);
+  await fs.rename(fresh, path.join(out, name));
+}
+
+/** DIR/current -> the new tag; DIR/previous -> what current was, when that differs. */
+async function pointCurrentAt(out: string, directory: string): Promise<void> {
+  const before = await linkTarget(out, CURRENT);
+  await linkTarget(out, PREVIOUS);
+  if (before === directory) return;
+  if (before) await pointLink(out, PREVIOUS, before);
+  await pointLink(out, CURRENT, directory);
+  log(`${path.join(out, CURRENT)} -> ${directory}${before ? ` (previous: ${before})` : ""}`);
+}
+
+/** fetch --rollback: current and previous swap, so a second rollback rolls forward again. */
+async function rollBack(out: string): Promise<void> {
+  const current = await linkTarget(out, CURRENT);
+  const previous = await linkTarget(out, PREVIOUS);
+  if (!previous) {
+    throw new ReleaseError(
+      `${out} has no previous release to roll back to: fetch at least two releases into it first`,
+    );
+  }
+  const stat = await lstatOrUndefined(path.join(out, previous));
+  if (!stat?.isDirectory()) {
+    throw new ReleaseError(`${path.join(out, previous)} is gone: fetch that release again`);
+  }
+  if (current) await pointLink(out, PREVIOUS, current);
+  await pointLink(out, CURRENT, previous);
+  log(
+    `Rolled back: ${path.join(out, CURRENT)} -> ${previous}${current ? ` (was ${current})` : ""}`,
+  );
+  result(path.join(out, previous));
+}
+
+/** Keeps the `keep` most recently fetched tag directories, and always current and previous. */
+async function removeOldReleases(out: string, keep: number): Promise<void> {
+  const pinned = new Set([await linkTarget(out, CURRENT), await linkTarget(out, PREVIOUS)]);
+  const fetched: { name: string; at: number }[] = [];
+  for (const name of await fs.readdir(out)) {
+    if (name.startsWith(".") || name === CURRENT || name === PREVIOUS) continue;
+    const stat = await lstatOrUndefined(path.join(out, name));
+    const mark = stat?.isDirectory() && await lstatOrUndefined(path.join(out, name, TAG_MARK));
+    if (mark && mark.isFile()) fetched.push({ name, at: mark.mtimeMs });
+  }
+  fetched.sort((a, b) => b.at - a.at);
+  const kept = new Set([...pinned].filter((name) => name !== undefined));
+  for (const { name } of fetched) {
+    if (kept.size < keep) kept.add(name);
+  }
+  for (const { name } of fetched.filter(({ name }) => !kept.has(name))) {
+    await fs.rm(path.join(out, name), { recursive: true });
+    log(`Removed ${path.join(out, name)} (--keep ${keep})`);
+  }
+}

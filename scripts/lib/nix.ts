@@ -1,0 +1,298 @@
+/**
+ * Nix: reading the flake, building the targets in one call, and naming the build products as
+ * release assets. Publishing and verify both build through here, so it must not know where
+ * the assets go.
+ */
+import process from "node:process";
+import * as fs from "node:fs/promises";
+import * as path from "node:path";
+import * as v from "valibot";
+import { Buffer } from "node:buffer";
+import { $ } from "zx";
+import { ASSET_NAME } from "../../types/manifest.ts";
+import {
+  AttrNamesSchema,
+  type BuildResult,
+  BuildResultsSchema,
+  type FlakeMetadata,
+  FlakeMetadataSchema,
+  OutPathsSchema,
+} from "../../types/nix.ts";
+import { formatBytes, log, ReleaseError, UsageError } from "./run.ts";
+import { type ReleaseOptions } from "./cli.ts";
+import { parseJson } from "./json.ts";
+import { hashFiles } from "./hash.ts";
+
+const NIX_FEATURES = ["--extra-experimental-features", "nix-command flakes"];
+
+// Never change the operator's flake: an unlocked input is locked in memory, not on disk.
+// (Nix takes this flag only after the subcommand.)
+export const KEEP_LOCK = "--no-write-lock-file";
+
+export interface FlakeInfo {
+  metadata: FlakeMetadata;
+  /** False when flake.lock is missing or stale (nix would have to lock inputs). */
+  locked: boolean;
+  dirty: boolean;
+  nixVersion: string;
+}
+
+function installable(options: Pick<ReleaseOptions, "flake" | "system">, target?: string): string {
+  const attr = `packages.${options.system}`;
+  return `${options.flake}#${target ? `${attr}.${target}` : attr}`;
+}
+
+export async function nixJson<T>(
+  schema: v.GenericSchema<unknown, T>,
+  args: string[],
+  what: string,
+): Promise<T> {
+  const result = await $`nix ${NIX_FEATURES} ${args}`.quiet().nothrow();
+  if (result.exitCode !== 0) {
+    throw new ReleaseError(`${what} failed: ${nixErrorTail(result.stderr, 1)}`);
+  }
+  return parseJson(schema, result.stdout, `nix ${args[0]} ${args[1] ?? ""}`.trim());
+}
+
+/** The last error lines nix printed, without its progress noise. */
+export function nixErrorTail(stderr: string, lines = 12): string {
+  const all = stderr.split("\n").map((line) => line.trimEnd()).filter(Boolean);
+  const start = all.findLastIndex((line) => line.startsWith("error:"));
+  const tail = start >= 0 ? all.slice(start) : all;
+  return tail.slice(0, lines).join("\n").replace(/^error: /, "");
+}
+
+export async function readFlake(options: ReleaseOptions): Promise<FlakeInfo> {
+  const available = await listTargets(options);
+  const unknown = options.targets.filter((target) => !available.includes(target));
+  if (unknown.length > 0) {
+    throw new UsageError(
+      `unknown target ${unknown.join(", ")} in --targets: the flake ${options.flake} has ${
+        available.length ? available.join(", ") : "no packages"
+      } for ${options.system}`,
+    );
+  }
+  const version = await $`nix --version`.quiet();
+  const nixVersion = version.stdout.trim().match(/(\d+\.\d+\S*)/)?.[1] ?? version.stdout.trim();
+  // Without KEEP_LOCK: nix then fails, instead of warning, when flake.lock is not complete.
+  const strict =
+    await $`nix ${NIX_FEATURES} flake metadata --json --no-update-lock-file ${options.flake}`
+      .quiet().nothrow();
+  const locked = strict.exitCode === 0;
+  if (!locked && !/requires lock file changes/.test(strict.stderr)) {
+    throw new ReleaseError(`cannot read the flake's metadata: ${nixErrorTail(strict.stderr, 1)}`);
+  }
+  const metadata = locked
+    ? parseJson(FlakeMetadataSchema, strict.stdout, "nix flake metadata")
+    : await nixJson(
+      FlakeMetadataSchema,
+      ["flake", "metadata", KEEP_LOCK, "--json", options.flake],
+      "reading the flake's metadata",
+    );
+  const dirty = metadata.locked.type === "git" && !metadata.revision;
+  return { metadata, locked, dirty, nixVersion };
+}
+
+async function listTargets(options: ReleaseOptions): Promise<string[]> {
+  const result = await $`nix ${NIX_FEATURES} eval ${KEEP_LOCK} --json ${
+    installable(options)
+  } --apply builtins.attrNames`
+    .quiet().nothrow();
+  if (result.exitCode === 0) return parseJson(AttrNamesSchema, result.stdout, "nix eval");
+  if (/does not provide attribute/.test(result.stderr)) return [];
+  throw new UsageError(`cannot read the flake ${options.flake}: ${nixErrorTail(result.stderr, 1)}`);
+}
+
+interface TargetBuild {
+  target: string;
+  system: string;
+  drvPath: string;
+  outPath: string;
+}
+
+/** What a build needs to know: `release` and `verify` both build this way. */
+type BuildRequest = Pick<ReleaseOptions, "flake" | "system" | "targets">;
+
+/**
+ * One nix build for every target: one evaluation, and nix builds them in parallel. Nix lists
+ * its results in its own order (store-path order on 2.8, not the installables'), so each
+ * result is matched to its target by derivation.
+ */
+export async function buildTargets(options: BuildRequest): Promise<TargetBuild[]> {
+  // One target has one result: only several need their derivations to be told apart.
+  const drvPaths = options.targets.length > 1 ? await targetDerivations(options) : undefined;
+  const installables = options.targets.map((target) => installable(options, target));
+  const build = $`nix ${NIX_FEATURES} build ${KEEP_LOCK} --json --no-link ${installables}`.quiet()
+    .nothrow();
+  build.stderr.on("data", (chunk: Buffer) => process.stderr.write(chunk));
+  const result = await build;
+  if (result.exitCode !== 0) {
+    const named = options.targets.filter((target) =>
+      drvPaths && result.stderr.includes(drvPaths[target])
+    );
+    throw new ReleaseError(
+      `nix build failed for target ${
+        (named.length > 0 ? named : options.targets).join(", ")
+      } (${options.system}); nothing was published:\n${nixErrorTail(result.stderr)}`,
+    );
+  }
+  const results: BuildResult[] = parseJson(BuildResultsSchema, result.stdout, "nix build --json");
+  return options.targets.map((target) => {
+    const built = drvPaths ? results.find((r) => r.drvPath === drvPaths[target]) : results[0];
+    if (!built) {
+      throw new ReleaseError(
+        `nix build did not report target ${target}; rerun, and report this with nix --version`,
+      );
+    }
+    return { target, system: options.system, drvPath: built.drvPath, outPath: built.outputs.out };
+  });
+}
+
+/** Each target's derivation, from one evaluation. */
+async function targetDerivations(options: BuildRequest): Promise<Record<string, string>> {
+  const apply = `ps: builtins.mapAttrs (name: _: ps.\${name}.drvPath) (builtins.fromJSON ''${
+    JSON.stringify(Object.fromEntries(options.targets.map((t) => [t, null])))
+  }'')`;
+  return await nixJson(
+    OutPathsSchema,
+    ["eval", KEEP_LOCK, "--json", installable(options), "--apply", apply],
+    `evaluating the targets ${options.targets.join(", ")}`,
+  );
+}
+
+export interface Product {
+  name: string;
+  path: string;
+  target: string;
+  system: string;
+  drvPath: string;
+}
+
+/** `file <type> <path>` lines of nix-support/hydra-build-products; other kinds are reports. */
+export function parseHydraBuildProducts(text: string): string[] {
+  return text.split("\n")
+    .map((line) => line.trim().match(/^file\s+\S+\s+("?)(\/\S.*?)\1$/))
+    .filter((match): match is RegExpMatchArray => match !== null)
+    .map((match) => match[2]);
+}
+
+const KNOWN_EXTENSIONS = [
+  "img.zst",
+  "img.xz",
+  "img.gz",
+  "tar.zst",
+  "tar.xz",
+  "tar.gz",
+  "iso",
+  "img",
+  "ipxe",
+  "efi",
+  "qcow2",
+  "raw",
+  "vhd",
+  "vhdx",
+  "tar",
+  "zst",
+  "xz",
+  "gz",
+];
+
+/**
+ * `<target>-<system>.<suffix>`: suffix is the file's known extension (an ISO's name carries
+ * the NixOS version, which must not leak into a stable asset name), else the file's name.
+ */
+export function assetName(target: string, system: string, file: string): string {
+  const base = path.basename(file);
+  const extension = KNOWN_EXTENSIONS.find((ext) => base.toLowerCase().endsWith(`.${ext}`));
+  const suffix = extension ? base.slice(base.length - extension.length) : base;
+  return `${target}-${system}.${suffix}`;
+}
+
+export async function collectProducts(builds: TargetBuild[]): Promise<Product[]> {
+  const products: Product[] = [];
+  for (const build of builds) {
+    for (const file of await productFiles(build.outPath)) {
+      const name = assetName(build.target, build.system, file);
+      products.push({
+        // The plain .ipxe name goes to the script that boots from the release.
+        name: name.endsWith(".ipxe") ? builtScriptName(name) : name,
+        path: file,
+        target: build.target,
+        system: build.system,
+        drvPath: build.drvPath,
+      });
+    }
+  }
+  refuseBadNames(products);
+  return products;
+}
+
+/** The files a build output publishes, with links resolved to the real store files. */
+async function productFiles(outPath: string): Promise<string[]> {
+  const listing = await fs.readFile(
+    path.join(outPath, "nix-support", "hydra-build-products"),
+    "utf8",
+  )
+    .catch(() => undefined);
+  const listed = listing === undefined
+    ? await regularFiles(outPath)
+    : parseHydraBuildProducts(listing);
+  const files = await Promise.all(listed.map((file) => fs.realpath(file)));
+  if (files.length === 0) {
+    throw new ReleaseError(`the build output ${outPath} has no files to publish`);
+  }
+  return files;
+}
+
+async function regularFiles(root: string): Promise<string[]> {
+  const stat = await fs.stat(root);
+  if (stat.isFile()) return [root];
+  const found: string[] = [];
+  for (const entry of (await fs.readdir(root)).sort()) {
+    if (entry === "nix-support") continue;
+    const full = path.join(root, entry);
+    const entryStat = await fs.stat(full);
+    if (entryStat.isDirectory()) found.push(...await regularFiles(full));
+    else if (entryStat.isFile()) found.push(full);
+  }
+  return found;
+}
+
+function refuseBadNames(products: Product[]): void {
+  const seen = new Map<string, string>();
+  for (const product of products) {
+    if (!ASSET_NAME.test(product.name)) {
+      throw new ReleaseError(
+        `${product.path} would be published as ${
+          JSON.stringify(product.name)
+        }, which is not a plain file name: rename it in the flake`,
+      );
+    }
+    const earlier = seen.get(product.name);
+    if (earlier) {
+      throw new ReleaseError(
+        `two files of target ${product.target} would both be published as ${product.name} (${earlier} and ${product.path}): give them different extensions in the flake`,
+      );
+    }
+    seen.set(product.name, product.path);
+  }
+}
+
+export interface FileAsset extends Product {
+  size: number;
+  sha256: string;
+  /** Content made by release-boot from `path` (a rewritten iPXE script) instead of the file. */
+  bytes?: Uint8Array;
+}
+
+export async function hashProducts(products: Product[]): Promise<FileAsset[]> {
+  const hashes = await hashFiles(products.map((product) => product.path));
+  const assets = products.map((product, index) => ({ ...product, ...hashes[index] }));
+  for (const asset of assets) log(`${asset.sha256}  ${asset.name} (${formatBytes(asset.size)})`);
+  return assets;
+}
+
+/** Built iPXE script of a target: `<target>-<system>.built.ipxe`, kept as nix built it. */
+function builtScriptName(name: string): string {
+  return name.replace(/\.ipxe$/, ".built.ipxe");
+}

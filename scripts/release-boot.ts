@@ -35,18 +35,16 @@ import {
 } from "../types/manifest.ts";
 import { type FlakeMetadata } from "../types/nix.ts";
 import {
-  configureOutput,
   type Env,
   formatBytes,
-  hideSecretsFromChildren,
-  log,
-  output,
+  type Io,
+  processIo,
   ReleaseError,
-  result,
-  step,
+  type Run,
+  startRun,
   UsageError,
 } from "./lib/run.ts";
-import { printHelp, readOptions, type ReleaseOptions } from "./lib/cli.ts";
+import { HELP, readOptions, type ReleaseOptions } from "./lib/cli.ts";
 import {
   type BundleAsset,
   checkForgejo,
@@ -79,46 +77,68 @@ import {
 } from "./lib/release_index.ts";
 import { sha256Hex } from "./lib/hash.ts";
 import { pointIpxeAtRelease } from "./lib/ipxe.ts";
-import { SIGNING_KEY_ENV, SigningKey, signSums } from "./lib/sshsig.ts";
+import { readSigningKey, SIGNING_KEY_ENV, type SigningKey, signSums } from "./lib/sshsig.ts";
 import { fetchForBoot } from "./lib/fetch.ts";
 import { verifyRelease } from "./lib/verify.ts";
 import { pruneReleases } from "./lib/prune.ts";
 
-async function main(argv: string[], env: Env): Promise<void> {
-  configureOutput(env);
-  if (argv.includes("--help") || argv.includes("-h")) return printHelp();
-  hideSecretsFromChildren(env);
-  const options = await readOptions(argv, env);
-  if (options.command === "fetch") return await fetchForBoot(options, env);
-  if (options.command === "verify") return await verifyRelease(options, env);
-  if (options.command === "prune") return await pruneReleases(options, env);
+/**
+ * One run of release-boot: its exit status (0 done, 1 failed, 2 bad usage), and on failure
+ * the one line that says why (and, in CI, the same line as an error annotation).
+ */
+export async function main(argv: string[], env: Env, io: Io): Promise<number> {
+  const run = startRun(env, io);
+  try {
+    await runbook(run, argv, env);
+    return 0;
+  } catch (error) {
+    const known = error instanceof UsageError || error instanceof ReleaseError;
+    const message = known
+      ? (error as Error).message
+      : `unexpected error: ${(error as Error)?.stack ?? error}`;
+    run.log(`release-boot: ${message}`);
+    if (run.ci) run.log(`::error::${message.split("\n")[0]}`);
+    return error instanceof UsageError ? 2 : 1;
+  }
+}
 
+/** What a run does, in order: the commands, then the release pipeline step by step. */
+async function runbook(run: Run, argv: string[], env: Env): Promise<void> {
+  if (argv.includes("--help") || argv.includes("-h")) return run.result(HELP);
+  const options = await readOptions(argv, env, run.$);
+  if (options.command === "fetch") return await fetchForBoot(run, options, env);
+  if (options.command === "verify") return await verifyRelease(run, options, env);
+  if (options.command === "prune") return await pruneReleases(run, options, env);
+
+  // A bad key is refused before any work, as a bad flag is.
+  const key = await readSigningKey(options.signingKeyFile, env, run);
   const forgejo = options.site && !options.dryRun
     ? connectForgejo(
+      run,
       refuseMirror(options.site, options.mirrors),
-      requireToken(options, env),
+      requireToken(options, env, run),
       options,
     )
     : undefined;
   if (!forgejo && !options.dryRun) await refuseForeignOut(options.out);
-  const repository = forgejo && await step("Check Forgejo", () => checkForgejo(forgejo));
-  if (forgejo && options.finalize) return await finalizeRelease(forgejo, options, env);
+  const repository = forgejo && await run.step("Check Forgejo", () => checkForgejo(run, forgejo));
+  if (forgejo && options.finalize) return await finalizeRelease(run, forgejo, options, key, env);
 
-  const flake = await step("Read the flake", () => readFlake(options));
+  const flake = await run.step("Read the flake", () => readFlake(run, options));
   if (forgejo) refuseUntrustedFlake(flake, options);
-  const builds = await step("Build", () => buildTargets(options));
+  const builds = await run.step("Build", () => buildTargets(run, options));
   const products = await collectProducts(builds);
-  const hashed = await step("Hash", () => hashProducts(products));
-  const assets = await pointIpxeAtRelease(hashed, downloadBase(options, repository));
+  const hashed = await run.step("Hash", () => hashProducts(run, products));
+  const assets = await pointIpxeAtRelease(run, hashed, downloadBase(options, repository));
   const bundle = bundleRelease(assets, describeRelease(options, flake, assets));
 
-  if (options.dryRun) return printPlan(bundle, options);
-  if (!forgejo) return await stageLocally(bundle, options);
+  if (options.dryRun) return printPlan(run, bundle, options);
+  if (!forgejo) return await stageLocally(run, bundle, options);
 
-  await step("Check the tag", () => refuseTagOnOtherCommit(forgejo, options));
-  const draft = await step(
+  await run.step("Check the tag", () => refuseTagOnOtherCommit(forgejo, options));
+  const draft = await run.step(
     "Find or create the draft",
-    () => findOrCreateDraft(forgejo, options, bundle),
+    () => findOrCreateDraft(run, forgejo, options, bundle),
   );
   const plan = planUploads(
     bundle.files,
@@ -128,10 +148,16 @@ async function main(argv: string[], env: Env): Promise<void> {
     options.replace,
   );
   refuseConflicts(plan, draft, options);
-  await step("Upload", () => uploadPlanned(forgejo, draft, plan));
-  await step("Write checksums", () => writeIndex(forgejo, draft, bundle, plan, options));
-  const release = await step("Publish", () => publishWhenComplete(forgejo, draft, options));
-  await reportRelease(release, bundle.manifest, env);
+  await run.step("Upload", () => uploadPlanned(run, forgejo, draft, plan));
+  await run.step(
+    "Write checksums",
+    () => writeIndex(run, forgejo, draft, bundle, plan, options, key),
+  );
+  const release = await run.step(
+    "Publish",
+    () => publishWhenComplete(run, forgejo, draft, options, key),
+  );
+  await reportRelease(run, release, bundle.manifest, env);
 }
 
 /** Publishing trusts only what can be rebuilt: locked inputs and a committed tree. */
@@ -247,18 +273,18 @@ function bundleRelease(assets: FileAsset[], manifest: Manifest): Bundle {
 }
 
 /** Where the release's files will be downloadable from; relative for a local stage. */
-export function downloadBase(options: ReleaseOptions, repository: Repository | undefined): string {
+function downloadBase(options: ReleaseOptions, repository: Repository | undefined): string {
   if (!options.site) return "";
   const repoUrl = repository?.html_url.replace(/\/+$/, "") ??
     `${options.site.server}/${options.site.repo}`;
   return `${repoUrl}/releases/download/${encodeURIComponent(options.tag)}/`;
 }
 
-function printPlan(bundle: Bundle, options: ReleaseOptions): void {
+function printPlan(run: Run, bundle: Bundle, options: ReleaseOptions): void {
   const where = options.site ? `${options.site.server}/${options.site.repo}` : options.out;
-  result(`Plan for ${options.tag} (commit ${options.commit}) -> ${where}; nothing written:`);
+  run.result(`Plan for ${options.tag} (commit ${options.commit}) -> ${where}; nothing written:`);
   for (const asset of [...bundle.files, bundle.sums, bundle.manifestAsset]) {
-    result(`  ${asset.sha256}  ${asset.name}  ${formatBytes(asset.size)}`);
+    run.result(`  ${asset.sha256}  ${asset.name}  ${formatBytes(asset.size)}`);
   }
 }
 
@@ -292,11 +318,11 @@ async function refuseForeignOut(out: string): Promise<void> {
  * Writes the bundle next to its final place, then renames it in: a failure, SIGTERM or
  * Ctrl-C never leaves a half-written --out, and a rerun replaces the earlier stage whole.
  */
-async function stageLocally(bundle: Bundle, options: ReleaseOptions): Promise<void> {
+async function stageLocally(run: Run, bundle: Bundle, options: ReleaseOptions): Promise<void> {
   const out = path.resolve(options.out);
   await refuseForeignOut(out);
   await fs.mkdir(path.dirname(out), { recursive: true });
-  await removeAbandonedStages(out);
+  await removeAbandonedStages(run, out);
   const partial = await fs.mkdtemp(`${out}.partial-`);
   // Stopped part-way (SIGTERM from CI, Ctrl-C), the partial copy goes; --out stays as it was.
   const onStop = (signal: "SIGTERM" | "SIGINT") => () => {
@@ -328,18 +354,18 @@ async function stageLocally(bundle: Bundle, options: ReleaseOptions): Promise<vo
   } finally {
     for (const { signal, stop } of stops) Deno.removeSignalListener(signal, stop);
   }
-  log(`Staged ${bundle.files.length} assets, ${SUMS_NAME} and ${MANIFEST_NAME} in ${out}`);
-  log(`Check them: (cd ${out} && sha256sum -c ${SUMS_NAME})`);
-  log(
+  run.log(`Staged ${bundle.files.length} assets, ${SUMS_NAME} and ${MANIFEST_NAME} in ${out}`);
+  run.log(`Check them: (cd ${out} && sha256sum -c ${SUMS_NAME})`);
+  run.log(
     `Publish them: FORGEJO_TOKEN=... deno task release --server https://FORGEJO --repo OWNER/NAME --tag ${options.tag} --commit ${options.commit} --flake ${options.flake} --targets ${
       options.targets.join(",")
     }`,
   );
-  result(out);
+  run.result(out);
 }
 
 /** `<out>.partial-*` directories a killed stage left: only plain files, never anything else. */
-async function removeAbandonedStages(out: string): Promise<void> {
+async function removeAbandonedStages(run: Run, out: string): Promise<void> {
   const parent = path.dirname(out);
   const prefix = `${path.basename(out)}.partial-`;
   for (const entry of await fs.readdir(parent)) {
@@ -350,7 +376,7 @@ async function removeAbandonedStages(out: string): Promise<void> {
     const files = await fs.readdir(dir, { withFileTypes: true });
     if (files.every((file) => file.isFile() && ASSET_NAME.test(file.name))) {
       await fs.rm(dir, { recursive: true, force: true });
-      log(`Removed ${dir}, left by an interrupted stage`);
+      run.log(`Removed ${dir}, left by an interrupted stage`);
     }
   }
 }
@@ -365,12 +391,13 @@ async function refuseTagOnOtherCommit(forgejo: Forgejo, options: ReleaseOptions)
 }
 
 async function findOrCreateDraft(
+  run: Run,
   forgejo: Forgejo,
   options: ReleaseOptions,
   bundle: Bundle,
 ): Promise<Release> {
   const existing = await forgejo.releases.byTag(options.tag);
-  if (existing) return await adoptRelease(forgejo, existing, options);
+  if (existing) return await adoptRelease(run, forgejo, existing, options);
   const created = await forgejo.releases.create({
     tag_name: options.tag,
     // The commit SHA, never a branch: publishing makes the tag from it later.
@@ -381,7 +408,7 @@ async function findOrCreateDraft(
     prerelease: options.prerelease,
   });
   if (created) {
-    log(`Created draft release ${created.tag_name} (id ${created.id})`);
+    run.log(`Created draft release ${created.tag_name} (id ${created.id})`);
     return created;
   }
   // Another job created it between our lookup and our POST: continue with theirs.
@@ -391,8 +418,8 @@ async function findOrCreateDraft(
       `Forgejo says a release for ${options.tag} exists but does not show it; rerun`,
     );
   }
-  log(`Another run created ${options.tag} at the same time; continuing with it`);
-  return await adoptRelease(forgejo, raced, options);
+  run.log(`Another run created ${options.tag} at the same time; continuing with it`);
+  return await adoptRelease(run, forgejo, raced, options);
 }
 
 /**
@@ -401,6 +428,7 @@ async function findOrCreateDraft(
  * nothing is pinned to the built SHA first; one naming another SHA is refused.
  */
 async function adoptRelease(
+  run: Run,
   forgejo: Forgejo,
   release: Release,
   options: Pick<ReleaseOptions, "commit" | "prerelease" | "tag">,
@@ -412,7 +440,7 @@ async function adoptRelease(
       `the release ${release.tag_name} is for commit ${target}, not ${options.commit}: a tag means one commit; release a new tag, or delete that release in Forgejo first`,
     );
   }
-  log(
+  run.log(
     `Found ${
       release.draft ? "draft" : "published"
     } release ${release.tag_name} (id ${release.id}, ${release.assets.length} assets)`,
@@ -424,7 +452,7 @@ async function adoptRelease(
   };
   if (Object.keys(edit).length === 0) return release;
   if (edit.target_commitish) {
-    log(
+    run.log(
       `Pinned the draft to commit ${options.commit} (it named ${
         JSON.stringify(release.target_commitish)
       }, where its tag would land when published)`,
@@ -557,17 +585,18 @@ async function sayingWhatIsLeft<T>(
 }
 
 async function uploadPlanned(
+  run: Run,
   forgejo: Forgejo,
   release: Release,
   plan: PlannedAction[],
 ): Promise<void> {
   const uploads = plan.filter((action) => action.kind === "upload");
   for (const action of plan) {
-    if (action.kind === "skip") log(`${action.asset.name}: already in the release, skipped`);
+    if (action.kind === "skip") run.log(`${action.asset.name}: already in the release, skipped`);
   }
   for (const [done, action] of uploads.entries()) {
     await sayingWhatIsLeft(release, async () => {
-      const stored = await uploadAsset(forgejo, release.id, action.asset, release.assets);
+      const stored = await uploadAsset(run, forgejo, release.id, action.asset, release.assets);
       await recordUpload(forgejo, release.id, action.asset, stored);
     }, `${done} of ${uploads.length} uploads had finished and `);
   }
@@ -580,17 +609,18 @@ async function uploadPlanned(
  * only older manifest copies whose every name its own lists, so no job's entries are lost.
  */
 async function writeIndex(
+  run: Run,
   forgejo: Forgejo,
   draft: Release,
   bundle: Bundle,
   plan: PlannedAction[],
   options: ReleaseOptions,
+  key: SigningKey | undefined,
 ): Promise<void> {
   await sayingWhatIsLeft(draft, async () => {
-    const key = options.signingKey;
     for (let round = 1; round <= 8; round++) {
       // Jobs that collide back off by different amounts, so one of them settles first.
-      if (round > 1) await sleep(100 + Math.random() * 400);
+      if (round > 1) await sleep(options.http.indexWaitMs * (1 + Math.random() * 4));
       const release = await forgejo.releases.get(draft.id);
       const index = await readIndex(forgejo, release);
       const merged = mergeManifests(unionManifest(index), bundle.manifest);
@@ -598,7 +628,7 @@ async function writeIndex(
         // Only now, with the new SHA256SUMS in, may the copies it no longer lists go.
         const replaced = plan.flatMap((action) => action.kind === "conflict" ? [] : action.remove);
         for (const copy of replaced) {
-          await deleteAsset(forgejo, release.id, copy, "a stray or replaced copy");
+          await deleteAsset(run, forgejo, release.id, copy, "a stray or replaced copy");
         }
         await updateBody(forgejo, release, index.manifests[0].manifest, options);
         return;
@@ -608,9 +638,9 @@ async function writeIndex(
         ? {
           manifest: newest.manifests[0].copy.id,
           sums: newest.sums[0].copy.id,
-          signature: await keepOrSign(forgejo, release, index, key),
+          signature: await keepOrSign(run, forgejo, release, index, key),
         }
-        : await uploadIndex(forgejo, release, merged, key);
+        : await uploadIndex(run, forgejo, release, merged, key);
       const older = [
         ...index.manifests.filter((m) =>
           m.copy.id < written.manifest &&
@@ -621,7 +651,9 @@ async function writeIndex(
         // A signature goes with the SHA256SUMS it signs.
         ...index.signatures.filter((s) => s.copy.id !== written.signature),
       ];
-      for (const { copy } of older) await deleteAsset(forgejo, release.id, copy, "an older index");
+      for (const { copy } of older) {
+        await deleteAsset(run, forgejo, release.id, copy, "an older index");
+      }
     }
     throw new ReleaseError(
       `${SUMS_NAME} of ${options.tag} kept changing under this run (other jobs writing)`,
@@ -634,16 +666,17 @@ async function writeIndex(
  * key) SHA256SUMS.sig over exactly those bytes.
  */
 async function uploadIndex(
+  run: Run,
   forgejo: Forgejo,
   release: Release,
   merged: Manifest,
   key: SigningKey | undefined,
 ): Promise<{ manifest: number; sums: number; signature?: number }> {
   const fresh = bundleRelease([], merged);
-  const manifest = await uploadAsset(forgejo, release.id, fresh.manifestAsset, release.assets);
-  const sums = await uploadAsset(forgejo, release.id, fresh.sums, release.assets);
-  log(`Wrote ${SUMS_NAME} and ${MANIFEST_NAME} covering ${merged.assets.length} assets`);
-  const signature = key && await uploadSignature(forgejo, release, fresh.sums.bytes, key);
+  const manifest = await uploadAsset(run, forgejo, release.id, fresh.manifestAsset, release.assets);
+  const sums = await uploadAsset(run, forgejo, release.id, fresh.sums, release.assets);
+  run.log(`Wrote ${SUMS_NAME} and ${MANIFEST_NAME} covering ${merged.assets.length} assets`);
+  const signature = key && await uploadSignature(run, forgejo, release, fresh.sums.bytes, key);
   return { manifest: manifest.id, sums: sums.id, signature };
 }
 
@@ -652,6 +685,7 @@ async function uploadIndex(
  * `key`, when a key is held), else, holding a key, a new one. Undefined: none is kept.
  */
 async function keepOrSign(
+  run: Run,
   forgejo: Forgejo,
   release: Release,
   index: RemoteIndex,
@@ -662,18 +696,19 @@ async function keepOrSign(
   );
   const sums = index.sums.at(-1);
   if (good.length > 0 || !key || !sums) return good.at(-1)?.copy.id;
-  return await uploadSignature(forgejo, release, new TextEncoder().encode(sums.text), key);
+  return await uploadSignature(run, forgejo, release, new TextEncoder().encode(sums.text), key);
 }
 
 async function uploadSignature(
+  run: Run,
   forgejo: Forgejo,
   release: Release,
   sums: Uint8Array,
   key: SigningKey,
 ): Promise<number> {
   const asset = bytesAsset(SIGNATURE_NAME, await signSums(key, sums));
-  const stored = await uploadAsset(forgejo, release.id, asset, release.assets);
-  log(`Signed ${SUMS_NAME} with ${key.fingerprint} (${SIGNATURE_NAME})`);
+  const stored = await uploadAsset(run, forgejo, release.id, asset, release.assets);
+  run.log(`Signed ${SUMS_NAME} with ${key.fingerprint} (${SIGNATURE_NAME})`);
   return stored.id;
 }
 
@@ -720,33 +755,35 @@ export function releaseBody(manifest: Manifest, options: Pick<ReleaseOptions, "s
  * covered, that job is still writing: wait (up to --timeout) for it to cover them.
  */
 async function publishWhenComplete(
+  run: Run,
   forgejo: Forgejo,
   draft: Release,
   options: ReleaseOptions,
+  key: SigningKey | undefined,
 ): Promise<Release> {
   const deadline = Date.now() + options.http.timeoutMs;
   for (let waited = false;; waited = true) {
-    if (waited) await sleep(1000);
+    if (waited) await sleep(options.http.pollMs);
     const release = await forgejo.releases.get(draft.id);
     const problems = problemsOf(
       judgeRelease(
         release.assets,
         await readIndex(forgejo, release),
         undefined,
-        options.signingKey?.fingerprint,
+        key?.fingerprint,
       ),
     );
     if (problems.length === 0) {
-      if (release.draft && !options.draft) return await publishDraft(forgejo, release);
+      if (release.draft && !options.draft) return await publishDraft(run, forgejo, release);
       if (release.draft) {
-        log(
+        run.log(
           `Left ${options.tag} a draft (--draft): publish it with --finalize --tag ${options.tag}`,
         );
       }
       return release;
     }
     if (release.draft && options.draft) {
-      log(`${options.tag} stays a draft until every job is in: ${problems.join("; ")}`);
+      run.log(`${options.tag} stays a draft until every job is in: ${problems.join("; ")}`);
       return release;
     }
     if (Date.now() > deadline) {
@@ -756,24 +793,28 @@ async function publishWhenComplete(
         }: if another job is still adding assets, it completes the release when it finishes; otherwise rerun with every target, or delete what does not belong`,
       );
     }
-    if (!waited) log(`Waiting for another job to finish ${options.tag}: ${problems.join("; ")}`);
+    if (!waited) {
+      run.log(`Waiting for another job to finish ${options.tag}: ${problems.join("; ")}`);
+    }
   }
 }
 
-async function publishDraft(forgejo: Forgejo, release: Release): Promise<Release> {
+async function publishDraft(run: Run, forgejo: Forgejo, release: Release): Promise<Release> {
   await forgejo.releases.edit(release.id, { draft: false });
   const published = await forgejo.releases.get(release.id);
   if (published.draft) {
     throw new ReleaseError(`Forgejo did not publish ${release.tag_name}; rerun to try again`);
   }
-  log(`Published ${published.tag_name}`);
+  run.log(`Published ${published.tag_name}`);
   return published;
 }
 
 /** The last job of a matrix: no build, just check the assembled draft and publish it. */
 async function finalizeRelease(
+  run: Run,
   forgejo: Forgejo,
   options: ReleaseOptions,
+  key: SigningKey | undefined,
   env: Env,
 ): Promise<void> {
   const found = await forgejo.releases.byTag(options.tag);
@@ -783,12 +824,11 @@ async function finalizeRelease(
     );
   }
   await refuseTagOnOtherCommit(forgejo, options);
-  const adopted = await adoptRelease(forgejo, found, options);
-  const key = options.signingKey;
+  const adopted = await adoptRelease(run, forgejo, found, options);
   const unsigned = await readIndex(forgejo, adopted);
   const withoutSignature = { manifests: unsigned.manifests, sums: unsigned.sums };
   if (key && problemsOf(judgeRelease(adopted.assets, withoutSignature)).length === 0) {
-    await signIfUnsigned(forgejo, adopted, unsigned, key);
+    await signIfUnsigned(run, forgejo, adopted, unsigned, key);
   }
   const release = await forgejo.releases.get(adopted.id);
   const index = await readIndex(forgejo, release);
@@ -804,8 +844,8 @@ async function finalizeRelease(
       }`,
     );
   }
-  const published = release.draft ? await publishDraft(forgejo, release) : release;
-  await reportRelease(published, index.manifests[0].manifest, env);
+  const published = release.draft ? await publishDraft(run, forgejo, release) : release;
+  await reportRelease(run, published, index.manifests[0].manifest, env);
 }
 
 /**
@@ -813,18 +853,24 @@ async function finalizeRelease(
  * stale or another key's, and removes every other signature copy.
  */
 async function signIfUnsigned(
+  run: Run,
   forgejo: Forgejo,
   release: Release,
   index: RemoteIndex,
   key: SigningKey,
 ): Promise<void> {
-  const kept = await keepOrSign(forgejo, release, index, key);
+  const kept = await keepOrSign(run, forgejo, release, index, key);
   for (const { copy } of index.signatures.filter((s) => s.copy.id !== kept)) {
-    await deleteAsset(forgejo, release.id, copy, "a signature of other bytes");
+    await deleteAsset(run, forgejo, release.id, copy, "a signature of other bytes");
   }
 }
 
-async function reportRelease(release: Release, manifest: Manifest, env: Env): Promise<void> {
+async function reportRelease(
+  run: Run,
+  release: Release,
+  manifest: Manifest,
+  env: Env,
+): Promise<void> {
   if (env.GITHUB_OUTPUT) {
     await fs.appendFile(
       env.GITHUB_OUTPUT,
@@ -847,20 +893,8 @@ async function reportRelease(release: Release, manifest: Manifest, env: Env): Pr
       ].join("\n"),
     );
   }
-  log(`Release ${release.tag_name}${release.draft ? " (draft)" : ""}: ${release.html_url}`);
-  result(release.html_url);
+  run.log(`Release ${release.tag_name}${release.draft ? " (draft)" : ""}: ${release.html_url}`);
+  run.result(release.html_url);
 }
 
-if (import.meta.main) {
-  try {
-    await main(Deno.args, Deno.env.toObject());
-  } catch (error) {
-    const known = error instanceof UsageError || error instanceof ReleaseError;
-    const message = known
-      ? (error as Error).message
-      : `unexpected error: ${(error as Error)?.stack ?? error}`;
-    log(`release-boot: ${message}`);
-    if (output.ci) log(`::error::${message.split("\n")[0]}`);
-    Deno.exit(error instanceof UsageError ? 2 : 1);
-  }
-}
+if (import.meta.main) Deno.exit(await main(Deno.args, Deno.env.toObject(), processIo()));

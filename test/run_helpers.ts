@@ -2,6 +2,7 @@
 import * as fs from "node:fs/promises";
 import * as os from "node:os";
 import * as path from "node:path";
+import { type Io, type Run as RunContext, startRun } from "../scripts/lib/run.ts";
 
 export const repoRoot = path.resolve(import.meta.dirname!, "..");
 export const script = path.join(repoRoot, "scripts", "release-boot.ts");
@@ -23,12 +24,43 @@ export function baseEnv(extra: Record<string, string> = {}): Record<string, stri
     HOME: Deno.env.get("HOME") ?? "/root",
     NIX_CONFIG: "substituters =\nexperimental-features = nix-command flakes",
     NO_COLOR: "1",
-    // Real backoff is seconds of sleep per retry; the behaviour is the same at 20 ms.
+    // Real backoff and polling are seconds of sleep; the behaviour is the same at milliseconds.
     RELEASE_BOOT_RETRY_DELAY_MS: "20",
+    RELEASE_BOOT_POLL_MS: "50",
+    RELEASE_BOOT_INDEX_WAIT_MS: "5",
   };
   const denoDir = Deno.env.get("DENO_DIR");
   if (denoDir) env.DENO_DIR = denoDir;
   return { ...env, ...extra };
+}
+
+/** Output kept in memory, as a test reads it. */
+export interface MemoryIo extends Io {
+  readonly out: string;
+  readonly err: string;
+}
+
+export function memoryIo(): MemoryIo {
+  const decoder = new TextDecoder();
+  const text = (chunk: string | Uint8Array) =>
+    typeof chunk === "string" ? chunk : decoder.decode(chunk);
+  const kept = { out: "", err: "" };
+  return {
+    stdout: (chunk) => void (kept.out += text(chunk)),
+    stderr: (chunk) => void (kept.err += text(chunk)),
+    stderrIsTerminal: false,
+    get out() {
+      return kept.out;
+    },
+    get err() {
+      return kept.err;
+    },
+  };
+}
+
+/** A run's context for calling release-boot's steps in this process, its output kept. */
+export function startTestRun(env: Record<string, string | undefined> = baseEnv()): RunContext {
+  return startRun(env, memoryIo());
 }
 
 export async function runRelease(

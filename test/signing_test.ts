@@ -4,7 +4,6 @@ import { Buffer } from "node:buffer";
 import * as fs from "node:fs/promises";
 import * as os from "node:os";
 import * as path from "node:path";
-import { $ } from "zx";
 import {
   parseSigningKey,
   readSigningKey,
@@ -14,7 +13,7 @@ import {
 } from "../scripts/lib/sshsig.ts";
 import { parseTrust, readTrust } from "../scripts/lib/allowed_signers.ts";
 import { ReleaseError, UsageError } from "../scripts/lib/run.ts";
-import { type Run, runCommand } from "./run_helpers.ts";
+import { type Run, runCommand, startTestRun } from "./run_helpers.ts";
 
 const SUMS = new TextEncoder().encode(
   `${"a".repeat(64)}  bzImage-x86_64-linux\n${"b".repeat(64)}  initrd-x86_64-linux\n`,
@@ -222,7 +221,7 @@ Deno.test("a bare public key line (the .pub file) is trust, named by its comment
   await inTempDir(async (dir) => {
     const keyFile = await makeKey(dir, "key");
     const armored = await sshSign(dir, keyFile, ["-n", "file"]);
-    const trusted = await readTrust(`${keyFile}.pub`);
+    const trusted = await readTrust(`${keyFile}.pub`, startTestRun());
     assert.deepEqual(await verifySums(trusted, SUMS, armored), {
       principal: "release-boot",
       fingerprint: await fingerprintOf(keyFile),
@@ -377,40 +376,46 @@ Deno.test("the signing key comes from --signing-key or RELEASE_BOOT_SIGNING_KEY,
     const text = await fs.readFile(keyFile, "utf8");
     const fingerprint = await fingerprintOf(keyFile);
 
-    assert.equal(await readSigningKey(undefined, {}), undefined);
-    assert.equal(await readSigningKey(undefined, { [SIGNING_KEY_ENV]: "" }), undefined);
-    assert.equal((await readSigningKey(keyFile, {}))?.fingerprint, fingerprint);
+    assert.equal(await readSigningKey(undefined, {}, startTestRun()), undefined);
+    assert.equal(
+      await readSigningKey(undefined, { [SIGNING_KEY_ENV]: "" }, startTestRun()),
+      undefined,
+    );
+    assert.equal((await readSigningKey(keyFile, {}, startTestRun()))?.fingerprint, fingerprint);
 
-    $.env = { PATH: "/usr/bin", [SIGNING_KEY_ENV]: text };
-    const fromEnv = await readSigningKey(undefined, { [SIGNING_KEY_ENV]: text });
+    const run = startTestRun({ PATH: "/usr/bin", [SIGNING_KEY_ENV]: text });
+    const fromEnv = await readSigningKey(undefined, { [SIGNING_KEY_ENV]: text }, run);
     assert.equal(fromEnv?.fingerprint, fingerprint);
-    assert.equal($.env[SIGNING_KEY_ENV], undefined, "child processes must not inherit the key");
-    assert.equal((await $`env`).stdout.includes(SIGNING_KEY_ENV), false);
+    assert.equal(
+      (await run.$`env`).stdout.includes(SIGNING_KEY_ENV),
+      false,
+      "child processes must not inherit the key",
+    );
 
     await assert.rejects(
-      readSigningKey(keyFile, { [SIGNING_KEY_ENV]: text }),
+      readSigningKey(keyFile, { [SIGNING_KEY_ENV]: text }, startTestRun()),
       (error: Error) =>
         error instanceof UsageError && /give the signing key one way/.test(error.message),
     );
     await assert.rejects(
-      readSigningKey(undefined, { [SIGNING_KEY_ENV]: "garbage" }),
+      readSigningKey(undefined, { [SIGNING_KEY_ENV]: "garbage" }, startTestRun()),
       (error: Error) =>
         error instanceof UsageError &&
         error.message.startsWith(`${SIGNING_KEY_ENV}: the signing key is not an OpenSSH`),
     );
     await assert.rejects(
-      readSigningKey(path.join(dir, "missing"), {}),
+      readSigningKey(path.join(dir, "missing"), {}, startTestRun()),
       (error: Error) =>
         error instanceof UsageError && error.message.includes("missing: cannot open it (ENOENT)"),
     );
     const large = path.join(dir, "large");
     await fs.writeFile(large, "x".repeat(65 * 1024));
     await assert.rejects(
-      readSigningKey(large, {}),
+      readSigningKey(large, {}, startTestRun()),
       (error: Error) => error instanceof UsageError && /over 64 KiB/.test(error.message),
     );
     await assert.rejects(
-      readSigningKey(dir, {}),
+      readSigningKey(dir, {}, startTestRun()),
       (error: Error) => error instanceof UsageError && /not a regular file/.test(error.message),
     );
   });
@@ -421,13 +426,11 @@ Deno.test("a key file other users can read is used, with a warning to chmod 600 
     const keyFile = await makeKey(dir, "key");
     await fs.chmod(keyFile, 0o644);
     const warnings: string[] = [];
-    const writeError = console.error;
-    console.error = (message: string) => warnings.push(message);
-    try {
-      assert.equal((await readSigningKey(keyFile, {}))?.fingerprint, await fingerprintOf(keyFile));
-    } finally {
-      console.error = writeError;
-    }
+    const run = { log: (message: string) => warnings.push(message), mask: () => {} };
+    assert.equal(
+      (await readSigningKey(keyFile, {}, run))?.fingerprint,
+      await fingerprintOf(keyFile),
+    );
     assert.equal(warnings.length, 1);
     assert.match(warnings[0], /can be read by other users \(mode 644\): chmod 600 /);
   });

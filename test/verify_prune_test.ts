@@ -27,13 +27,20 @@ import {
 import { ReleaseError, UsageError } from "../scripts/lib/run.ts";
 import type { Manifest } from "../types/manifest.ts";
 import { nixTest } from "./nix_helpers.ts";
-import { exists, fixtureDir, makeFixture, makeWorkdir, runRelease } from "./run_helpers.ts";
+import {
+  exists,
+  fixtureDir,
+  makeFixture,
+  makeWorkdir,
+  runRelease,
+  startTestRun,
+} from "./run_helpers.ts";
 
 // The script's nix calls run in this process: offline, like the child runs of run_helpers.
-$.env = {
+const run = startTestRun({
   ...process.env,
   NIX_CONFIG: "substituters =\nexperimental-features = nix-command flakes",
-};
+});
 
 const SYSTEM = "x86_64-linux";
 const SHA_A = "a".repeat(64);
@@ -73,7 +80,7 @@ nixTest(
       assert.deepEqual(scope.targets.sort(), ["netboot", "unstable"]);
       const buildDirsBefore = await keptStampBuildDirs();
 
-      const rebuilt = await rebuildRelease({
+      const rebuilt = await rebuildRelease(run, {
         flake: fixture.ref,
         system: scope.system,
         targets: scope.targets,
@@ -134,7 +141,7 @@ nixTest(
       const later = await git(dir, "rev-parse", "HEAD");
       const release = { tag: "boot-v1", commit: released };
 
-      const refused = await checkFlakeCommit(dir, release).then(
+      const refused = await checkFlakeCommit(run, dir, release).then(
         () => assert.fail("a checkout at another commit was accepted"),
         (error) => error,
       );
@@ -144,17 +151,17 @@ nixTest(
         `the flake ${dir} is at commit ${later}, but boot-v1 was built from ${released}: check out ${released}, or pass --flake 'git+file://${dir}?rev=${released}'`,
       );
       // The fix it names works as given.
-      await checkFlakeCommit(`git+file://${dir}?rev=${released}`, release);
+      await checkFlakeCommit(run, `git+file://${dir}?rev=${released}`, release);
 
       await git(dir, "checkout", "-q", released);
-      await checkFlakeCommit(dir, release);
+      await checkFlakeCommit(run, dir, release);
       await fs.writeFile(path.join(dir, "salt.nix"), '"edited"\n');
       await assert.rejects(
-        checkFlakeCommit(dir, release),
+        checkFlakeCommit(run, dir, release),
         new RegExp(`has uncommitted changes, so it is not commit ${released} that boot-v1`),
       );
       await assert.rejects(
-        checkFlakeCommit(`path:${dir}`, release),
+        checkFlakeCommit(run, `path:${dir}`, release),
         /is a path flake without a git revision, so nothing ties it to commit/,
       );
     } finally {

@@ -2,7 +2,7 @@
  * Trust files (`--trust FILE`): allowed_signers lines or bare ssh-ed25519 public keys, read into
  * the keys a signature may come from. It decides nothing about a signature itself (sshsig.ts).
  */
-import { log, UsageError } from "./run.ts";
+import { type Run, UsageError } from "./run.ts";
 import {
   decodeBase64,
   describeKeyType,
@@ -20,10 +20,14 @@ import {
 const ALLOWED_SIGNERS_OPTIONS = "cert-authority, namespaces=, valid-after=, valid-before=";
 
 /** The trust file of `fetch --trust FILE`: allowed_signers, or public key lines. */
-export async function readTrust(file: string, namespace = "file"): Promise<TrustedKey[]> {
+export async function readTrust(
+  file: string,
+  run: Pick<Run, "log">,
+  namespace = "file",
+): Promise<TrustedKey[]> {
   const source = `--trust ${file}`;
   const { text } = await readSmallText(file, source);
-  return parseTrust(text, { namespace, source });
+  return parseTrust(text, { namespace, source, note: run.log });
 }
 
 /**
@@ -34,7 +38,7 @@ export async function readTrust(file: string, namespace = "file"): Promise<Trust
  */
 export function parseTrust(
   text: string,
-  { namespace = "file", source = "the trust file", note = log }: {
+  { namespace = "file", source = "the trust file", note = () => {} }: {
     namespace?: string;
     source?: string;
     note?: (message: string) => void;

@@ -5,11 +5,8 @@
  */
 import * as path from "node:path";
 import * as v from "valibot";
-import { $, minimist } from "zx";
-import { type Env, mask, result, UsageError } from "./run.ts";
-
-import { readSigningKey, SIGNING_KEY_ENV, SigningKey, type TrustedKey } from "./sshsig.ts";
-import { readTrust } from "./allowed_signers.ts";
+import { minimist, type Shell } from "zx";
+import { childShell, type Env, UsageError } from "./run.ts";
 
 const DEFAULT_MIRRORS = "https://codeberg.org";
 
@@ -25,12 +22,16 @@ export interface Site {
   repo: string;
 }
 
-/** How every HTTP request behaves: the tests shrink the delays. */
+/** How every HTTP request behaves, and how long a run waits between looks: tests shrink these. */
 export interface HttpSettings {
   /** A request making no progress for this long fails (then is retried). */
   timeoutMs: number;
   /** The first retry waits about this long; each further one twice as long. */
   retryDelayMs: number;
+  /** Publishing waits this long between looks at a release another job is completing. */
+  pollMs: number;
+  /** Jobs whose index writes collide wait between one and five times this before the next round. */
+  indexWaitMs: number;
 }
 
 export interface CommonOptions {
@@ -57,8 +58,8 @@ export interface ReleaseOptions extends CommonOptions {
   finalize: boolean;
   allowDirty: boolean;
   ciRun?: string;
-  /** Signs SHA256SUMS wherever this run writes it; then a release needs its signature. */
-  signingKey?: SigningKey;
+  /** --signing-key FILE: the key signs SHA256SUMS wherever this run writes it. */
+  signingKeyFile?: string;
 }
 
 /** Download a published release's boot files into `out/<tag>`, then point `out/current` at it. */
@@ -71,8 +72,8 @@ export interface DownloadOptions extends CommonOptions {
   out: string;
   targets: string[];
   system: string;
-  /** From --trust: SHA256SUMS.sig must verify against one of these, or nothing is changed. */
-  trust?: TrustedKey[];
+  /** An allowed_signers file: SHA256SUMS.sig must verify against one of its keys, or nothing is changed. */
+  trust?: string;
   /** Tag directories kept in `out`, current and previous always among them. */
   keep: number;
 }
@@ -144,7 +145,8 @@ type StringFlag = typeof STRING_FLAGS[number];
 
 type BooleanFlag = typeof BOOLEAN_FLAGS[number];
 
-const HELP = `release-boot: build a flake's NixOS boot images and publish them as a Forgejo release.
+export const HELP =
+  `release-boot: build a flake's NixOS boot images and publish them as a Forgejo release.
 
 Usage:
   deno task release [flags]            (same as ./scripts/release-boot.ts [flags])
@@ -224,6 +226,8 @@ Environment:
   GITHUB_STEP_SUMMARY receives a table of the assets
   RELEASE_BOOT_SIGNING_KEY  the signing key's text (a CI secret), instead of --signing-key
   RELEASE_BOOT_RETRY_DELAY_MS  first retry delay in milliseconds (default 500)
+  RELEASE_BOOT_POLL_MS  wait between looks at a release another job completes (default 1000)
+  RELEASE_BOOT_INDEX_WAIT_MS  least wait after colliding SHA256SUMS writes (default 100)
 
 Examples:
   deno task release --flake path:./test/fixture --targets netboot,iso
@@ -244,10 +248,6 @@ an interrupted run leaves a draft that the next run completes, and a finished re
 left untouched. stdout carries only the release URL (or, staged, the directory).
 
 Exit status: 0 done, 1 failed (nothing half-done is visible), 2 bad usage.`;
-
-export function printHelp(): void {
-  result(HELP);
-}
 
 /** Git's check-ref-format rules, as they apply to a tag name. */
 export function tagProblem(tag: string): string | undefined {
@@ -355,7 +355,7 @@ const TimeoutFlagSchema = WholeNumberSchema("seconds", 1);
 
 const KeepTagsFlagSchema = WholeNumberSchema("tag directories", 1);
 
-const RetryDelaySchema = WholeNumberSchema("milliseconds", 0);
+const DelaySchema = WholeNumberSchema("milliseconds", 0);
 
 export function serverProblem(text: string): string | undefined {
   let url: URL;
@@ -438,8 +438,15 @@ function flagOrEnv<T>(
     : parseFlag(name, schema, value, given === undefined ? variable : `--${name}`);
 }
 
-/** Flags and environment become Options, or a UsageError before any work is done. */
-export async function readOptions(argv: string[], env: Env): Promise<Options> {
+/**
+ * Flags and environment become Options, or a UsageError before any work is done. `shell`
+ * runs git when the commit must come from the checkout.
+ */
+export async function readOptions(
+  argv: string[],
+  env: Env,
+  shell: Shell = childShell(env),
+): Promise<Options> {
   const command = COMMANDS.find((name) => name === argv[0]);
   const fetching = command === "fetch";
   const flags = readFlags(command ? argv.slice(1) : argv);
@@ -449,9 +456,21 @@ export async function readOptions(argv: string[], env: Env): Promise<Options> {
       timeoutMs: 1000 * parseFlag("timeout", TimeoutFlagSchema, flags.value("timeout") ?? "600"),
       retryDelayMs: parseFlag(
         "retry delay",
-        RetryDelaySchema,
+        DelaySchema,
         env.RELEASE_BOOT_RETRY_DELAY_MS || "500",
         "RELEASE_BOOT_RETRY_DELAY_MS",
+      ),
+      pollMs: parseFlag(
+        "poll",
+        DelaySchema,
+        env.RELEASE_BOOT_POLL_MS || "1000",
+        "RELEASE_BOOT_POLL_MS",
+      ),
+      indexWaitMs: parseFlag(
+        "index wait",
+        DelaySchema,
+        env.RELEASE_BOOT_INDEX_WAIT_MS || "100",
+        "RELEASE_BOOT_INDEX_WAIT_MS",
       ),
     },
   };
@@ -459,8 +478,8 @@ export async function readOptions(argv: string[], env: Env): Promise<Options> {
   if (command === "verify") return verifyOptions(flags, env, common);
   if (command === "prune") return pruneOptions(flags, env, common);
   return fetching
-    ? await fetchOptions(flags, env, common)
-    : await releaseOptions(flags, env, common);
+    ? fetchOptions(flags, env, common)
+    : await releaseOptions(flags, env, common, shell);
 }
 
 /** The commands named by the first argument; without one, release. */
@@ -496,6 +515,7 @@ async function releaseOptions(
   flags: Flags,
   env: Env,
   common: CommonOptions,
+  shell: Shell,
 ): Promise<ReleaseOptions> {
   const server = flagOrEnv(flags, "server", env, "GITHUB_SERVER_URL", ServerFlagSchema);
   const repo = flagOrEnv(flags, "repo", env, "GITHUB_REPOSITORY", RepoFlagSchema);
@@ -513,7 +533,7 @@ async function releaseOptions(
     throw new UsageError("--finalize publishes the draft; it cannot be combined with --draft");
   }
   const commit = flagOrEnv(flags, "commit", env, "GITHUB_SHA", CommitFlagSchema) ??
-    parseFlag("commit", CommitFlagSchema, await gitHead(), "commit");
+    parseFlag("commit", CommitFlagSchema, await gitHead(shell), "commit");
   const tag = (flags.value("tag") === undefined && env.GITHUB_REF_TYPE !== "tag")
     ? `boot-dev-${commit.slice(0, 12)}`
     : flagOrEnv(flags, "tag", env, "GITHUB_REF_NAME", TagFlagSchema) ??
@@ -533,7 +553,7 @@ async function releaseOptions(
     replace: flags.on("replace"),
     finalize: flags.on("finalize"),
     allowDirty: flags.on("allow-dirty"),
-    signingKey: await readSigningKey(flags.value("signing-key"), maskSigningKey(env)),
+    signingKeyFile: flags.value("signing-key"),
     ciRun: env.GITHUB_SERVER_URL && env.GITHUB_REPOSITORY && env.GITHUB_RUN_ID
       ? `${
         env.GITHUB_SERVER_URL.replace(/\/+$/, "")
@@ -544,11 +564,7 @@ async function releaseOptions(
 }
 
 /** `fetch` reads a published release: it needs where, which tag, and where to put it. */
-async function fetchOptions(
-  flags: Flags,
-  env: Env,
-  common: CommonOptions,
-): Promise<FetchOptions> {
+function fetchOptions(flags: Flags, env: Env, common: CommonOptions): FetchOptions {
   if (flags.on("rollback")) {
     const extra = flags.given.find((name) => !["rollback", "out"].includes(name));
     if (extra) throw new UsageError(`--rollback takes only --out DIR, not --${extra}`);
@@ -569,7 +585,6 @@ async function fetchOptions(
   if (!out) {
     throw new UsageError("fetch needs --out DIR: the directory to lay the boot files out in");
   }
-  const trustFile = flags.value("trust");
   return {
     command: "fetch",
     rollback: false,
@@ -578,7 +593,7 @@ async function fetchOptions(
     out,
     targets: parseFlag("targets", TargetsFlagSchema, flags.value("targets") ?? "netboot"),
     system: parseFlag("system", SystemFlagSchema, flags.value("system") ?? "x86_64-linux"),
-    trust: trustFile === undefined ? undefined : await readTrust(trustFile),
+    trust: flags.value("trust"),
     keep: parseFlag("keep", KeepTagsFlagSchema, flags.value("keep") ?? "3"),
     ...common,
   };
@@ -632,16 +647,8 @@ function pruneOptions(flags: Flags, env: Env, common: CommonOptions): PruneOptio
   };
 }
 
-/** The key's text in the environment is a secret: CI masks it line by line, we print none. */
-function maskSigningKey(env: Env): Env {
-  for (const line of env[SIGNING_KEY_ENV]?.split("\n") ?? []) {
-    if (line.trim().length >= 16 && !line.includes("-----")) mask(line.trim());
-  }
-  return env;
-}
-
-async function gitHead(): Promise<string> {
-  const head = await $`git rev-parse HEAD`.quiet().nothrow();
+async function gitHead(shell: Shell): Promise<string> {
+  const head = await shell`git rev-parse HEAD`.quiet().nothrow();
   if (head.exitCode !== 0) {
     throw new UsageError(
       "no commit to release: this is not a git checkout and GITHUB_SHA is unset; pass --commit SHA",

@@ -11,7 +11,8 @@ import { constants as fsConstants } from "node:fs";
 import { type Attachment, type Release } from "../../types/forgejo.ts";
 import { type Manifest, MANIFEST_NAME, SUMS_NAME } from "../../types/manifest.ts";
 import { hashFile, READ_SIZE, sha256Hex } from "./hash.ts";
-import { type Env, formatBytes, log, ReleaseError, result, step } from "./run.ts";
+import { type Env, formatBytes, ReleaseError, type Run } from "./run.ts";
+import { readTrust } from "./allowed_signers.ts";
 import { type DownloadOptions, type FetchOptions } from "./cli.ts";
 import {
   connectForgejo,
@@ -39,38 +40,39 @@ import {
   rewriteIpxe,
 } from "./ipxe.ts";
 
-export async function fetchForBoot(options: FetchOptions, env: Env): Promise<void> {
+export async function fetchForBoot(run: Run, options: FetchOptions, env: Env): Promise<void> {
   const out = path.resolve(options.out);
   if (options.rollback) {
     if (!(await lstatOrUndefined(out))) throw new ReleaseError(`there is no ${out} to roll back`);
-    return await withBootLock(out, () => rollBack(out));
+    return await withBootLock(run, out, () => rollBack(run, out));
   }
+  const trusted = options.trust === undefined ? undefined : await readTrust(options.trust, run);
   // A mirror serves public files; the primary server's token has no business there.
-  const token = mirrorOf(options.site.server, options.mirrors) ? undefined : readToken(env);
-  const forgejo = connectForgejo(options.site, token, options);
-  const release = await step("Find the release", () => findBootRelease(forgejo, options.tag));
+  const token = mirrorOf(options.site.server, options.mirrors) ? undefined : readToken(env, run);
+  const forgejo = connectForgejo(run, options.site, token, options);
+  const release = await run.step("Find the release", () => findBootRelease(forgejo, options.tag));
   const tag = release.tag_name;
   const directory = tagDirectoryName(tag);
   // Everything that decides whether to trust the release happens before DIR is touched.
   const index = await readIndex(forgejo, release);
-  const sums = await authenticSums(index, tag, options.trust);
-  const boot = await chooseBootFiles(forgejo, release, index, sums, options);
-  const dir = await withBootLock(out, async () => {
+  const sums = await authenticSums(run, index, tag, trusted);
+  const boot = await chooseBootFiles(run, forgejo, release, index, sums, options);
+  const dir = await withBootLock(run, out, async () => {
     const dir = await openTagDirectory(out, directory);
-    await step("Download and verify", async () => {
-      for (const file of boot.files) await downloadVerified(forgejo, release, file, dir);
+    await run.step("Download and verify", async () => {
+      for (const file of boot.files) await downloadVerified(run, forgejo, release, file, dir);
     });
-    await writeBootDirectory(dir, boot);
-    await pointCurrentAt(out, directory);
-    await removeOldReleases(out, options.keep);
+    await writeBootDirectory(run, dir, boot);
+    await pointCurrentAt(run, out, directory);
+    await removeOldReleases(run, out, options.keep);
     return dir;
   });
-  log(
+  run.log(
     `${tag}: ${boot.files.length} files verified in ${dir}; ${
       path.join(out, CURRENT)
     } points at it: serve that over HTTP and chain netboot.ipxe`,
   );
-  result(dir);
+  run.result(dir);
 }
 
 /**
@@ -79,6 +81,7 @@ export async function fetchForBoot(options: FetchOptions, env: Env): Promise<voi
  * it names, or failing a script, the one kernel and one initrd by their names.
  */
 async function chooseBootFiles(
+  run: Run,
   forgejo: Forgejo,
   release: Release,
   index: RemoteIndex,
@@ -99,7 +102,9 @@ async function chooseBootFiles(
   const scripts = [...sums.keys()].filter((name) => name.endsWith(".ipxe"));
   if (scripts.length === 0) {
     const boot = bootFilesByName(sums, tag);
-    log(`${tag} has no iPXE script: fetching its kernel and initrd only; boot them with your own`);
+    run.log(
+      `${tag} has no iPXE script: fetching its kernel and initrd only; boot them with your own`,
+    );
     return boot;
   }
   const script = oneScript(scripts, options, tag);
@@ -198,7 +203,7 @@ async function lstatOrUndefined(file: string) {
  * One fetch at a time per DIR: a lock file holding the pid, created exclusively. A lock whose
  * process is gone is taken over; a live one makes this fetch stop at once.
  */
-async function withBootLock<T>(out: string, work: () => Promise<T>): Promise<T> {
+async function withBootLock<T>(run: Run, out: string, work: () => Promise<T>): Promise<T> {
   const root = await lstatOrUndefined(out);
   if (root && !root.isDirectory()) {
     const real = await fs.stat(out).catch(() => undefined);
@@ -208,7 +213,7 @@ async function withBootLock<T>(out: string, work: () => Promise<T>): Promise<T> 
     throw new ReleaseError(`cannot make --out ${out} (${error.code ?? error.message})`);
   });
   const lock = path.join(out, LOCK_NAME);
-  await takeLock(lock);
+  await takeLock(run, lock);
   try {
     await removeHalfMade(out);
     return await work();
@@ -217,7 +222,7 @@ async function withBootLock<T>(out: string, work: () => Promise<T>): Promise<T> 
   }
 }
 
-async function takeLock(lock: string): Promise<void> {
+async function takeLock(run: Run, lock: string): Promise<void> {
   for (let attempt = 1;; attempt++) {
     try {
       await fs.writeFile(lock, `${process.pid}\n`, { flag: "wx" });
@@ -252,7 +257,7 @@ async function takeLock(lock: string): Promise<void> {
       );
     }
     await fs.rm(aside, { force: true });
-    log(`Taking over ${lock}: its fetch (pid ${pid || "unknown"}) is gone`);
+    run.log(`Taking over ${lock}: its fetch (pid ${pid || "unknown"}) is gone`);
   }
 }
 
@@ -315,6 +320,7 @@ async function openTagDirectory(out: string, name: string): Promise<string> {
  * refused, never replaced.
  */
 async function downloadVerified(
+  run: Run,
   forgejo: Forgejo,
   release: Release,
   file: BootFile,
@@ -325,7 +331,7 @@ async function downloadVerified(
   if (existing) {
     if (!existing.isFile()) throw notOurs(final, "not a regular file");
     if ((await hashFile(final)).sha256 === file.sha256) {
-      log(`${file.name}: already here and verified`);
+      run.log(`${file.name}: already here and verified`);
       return;
     }
     throw notOurs(final, `a file whose bytes ${SUMS_NAME} does not list`);
@@ -335,7 +341,7 @@ async function downloadVerified(
   // The checksum is in the name, so a part left by another release is never resumed.
   const part = `${final}.${file.sha256.slice(0, 16)}.part`;
   await removeStaleParts(dir, file.name, part);
-  const got = await downloadToPart(forgejo, copy, part);
+  const got = await downloadToPart(run, forgejo, copy, part);
   if (got.sha256 !== file.sha256) {
     await fs.rm(part, { force: true });
     throw new ReleaseError(
@@ -343,7 +349,7 @@ async function downloadVerified(
     );
   }
   await renameNew(part, final);
-  log(`${file.name}: ${formatBytes(got.size)}, sha256 verified`);
+  run.log(`${file.name}: ${formatBytes(got.size)}, sha256 verified`);
 }
 
 /** Renames only onto a name nothing holds: a file planted meanwhile is refused, not replaced. */
@@ -371,6 +377,7 @@ const { O_WRONLY, O_APPEND, O_TRUNC, O_RDONLY, O_NOFOLLOW } = fsConstants;
  * follow redirects (without the token off the Forgejo origin) and retry.
  */
 async function downloadToPart(
+  run: Run,
   forgejo: Forgejo,
   copy: Attachment,
   part: string,
@@ -404,7 +411,7 @@ async function downloadToPart(
   }
   const resuming = have > 0 && response.statusCode === 206;
   if (resuming) {
-    log(`${copy.name}: resuming after ${formatBytes(have)}`);
+    run.log(`${copy.name}: resuming after ${formatBytes(have)}`);
     await hashPart(part, hash);
   }
   const flags = have === 0 ? "wx" : O_WRONLY | O_NOFOLLOW | (resuming ? O_APPEND : O_TRUNC);
@@ -449,13 +456,13 @@ async function hashPart(part: string, hash: ReturnType<typeof createHash>): Prom
  * Makes the directory servable as it is: its own SHA256SUMS, and netboot.ipxe rewritten
  * from the script as published so that kernel and initrd load from beside it.
  */
-async function writeBootDirectory(dir: string, boot: BootSet): Promise<void> {
+async function writeBootDirectory(run: Run, dir: string, boot: BootSet): Promise<void> {
   await writeOwnFile(path.join(dir, SUMS_NAME), renderSums(boot.files));
   for (const script of boot.scripts) {
     const handle = await fs.open(path.join(dir, script.from), O_RDONLY | O_NOFOLLOW);
     const text = await handle.readFile("utf8").finally(() => handle.close());
     await writeOwnFile(path.join(dir, script.name), rewriteIpxe(text, script.locate));
-    log(`${script.name}: loads its kernel and initrd from the same directory`);
+    run.log(`${script.name}: loads its kernel and initrd from the same directory`);
   }
 }
 
@@ -494,17 +501,17 @@ async function pointLink(out: string, name: string, target: string): Promise<voi
 }
 
 /** DIR/current -> the new tag; DIR/previous -> what current was, when that differs. */
-async function pointCurrentAt(out: string, directory: string): Promise<void> {
+async function pointCurrentAt(run: Run, out: string, directory: string): Promise<void> {
   const before = await linkTarget(out, CURRENT);
   await linkTarget(out, PREVIOUS);
   if (before === directory) return;
   if (before) await pointLink(out, PREVIOUS, before);
   await pointLink(out, CURRENT, directory);
-  log(`${path.join(out, CURRENT)} -> ${directory}${before ? ` (previous: ${before})` : ""}`);
+  run.log(`${path.join(out, CURRENT)} -> ${directory}${before ? ` (previous: ${before})` : ""}`);
 }
 
 /** fetch --rollback: current and previous swap, so a second rollback rolls forward again. */
-async function rollBack(out: string): Promise<void> {
+async function rollBack(run: Run, out: string): Promise<void> {
   const current = await linkTarget(out, CURRENT);
   const previous = await linkTarget(out, PREVIOUS);
   if (!previous) {
@@ -518,14 +525,14 @@ async function rollBack(out: string): Promise<void> {
   }
   if (current) await pointLink(out, PREVIOUS, current);
   await pointLink(out, CURRENT, previous);
-  log(
+  run.log(
     `Rolled back: ${path.join(out, CURRENT)} -> ${previous}${current ? ` (was ${current})` : ""}`,
   );
-  result(path.join(out, previous));
+  run.result(path.join(out, previous));
 }
 
 /** Keeps the `keep` most recently fetched tag directories, and always current and previous. */
-async function removeOldReleases(out: string, keep: number): Promise<void> {
+async function removeOldReleases(run: Run, out: string, keep: number): Promise<void> {
   const pinned = new Set([await linkTarget(out, CURRENT), await linkTarget(out, PREVIOUS)]);
   const fetched: { name: string; at: number }[] = [];
   for (const name of await fs.readdir(out)) {
@@ -541,6 +548,6 @@ async function removeOldReleases(out: string, keep: number): Promise<void> {
   }
   for (const { name } of fetched.filter(({ name }) => !kept.has(name))) {
     await fs.rm(path.join(out, name), { recursive: true });
-    log(`Removed ${path.join(out, name)} (--keep ${keep})`);
+    run.log(`Removed ${path.join(out, name)} (--keep ${keep})`);
   }
 }

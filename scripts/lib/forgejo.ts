@@ -27,16 +27,7 @@ import {
   TagSchema,
 } from "../../types/forgejo.ts";
 import { READ_SIZE, sha256Hex } from "./hash.ts";
-import {
-  drawProgress,
-  type Env,
-  formatBytes,
-  log,
-  mask,
-  output,
-  ReleaseError,
-  UsageError,
-} from "./run.ts";
+import { type Env, formatBytes, ReleaseError, type Run, UsageError } from "./run.ts";
 import {
   type CommonOptions,
   type HttpSettings,
@@ -57,7 +48,7 @@ const TokenSchema = v.pipe(
 );
 
 /** The token from the environment (FORGEJO_TOKEN, else GITHUB_TOKEN), checked and masked. */
-export function readToken(env: Env): string | undefined {
+export function readToken(env: Env, run: Pick<Run, "mask">): string | undefined {
   const variable = env.FORGEJO_TOKEN ? "FORGEJO_TOKEN" : "GITHUB_TOKEN";
   const token = env[variable] || undefined;
   if (token === undefined) return undefined;
@@ -67,12 +58,12 @@ export function readToken(env: Env): string | undefined {
       `${variable} ${parsed.issues[0].message} (a pasted newline?): set it to the token alone`,
     );
   }
-  mask(token);
+  run.mask(token);
   return token;
 }
 
-export function requireToken(options: ReleaseOptions, env: Env): string {
-  const token = readToken(env);
+export function requireToken(options: ReleaseOptions, env: Env, run: Pick<Run, "mask">): string {
+  const token = readToken(env, run);
   if (!token) {
     throw new UsageError(
       "no token: set FORGEJO_TOKEN to a token that can write releases of " +
@@ -208,7 +199,7 @@ function isTransient(error: { statusCode?: number; code?: string }): boolean {
  * undici's retry interceptor with this script's policy: only transient failures, only
  * methods that may repeat, `TRIES` in all, and each retry said out loud.
  */
-function retryPolicy(http: HttpSettings): RetryHandler.RetryCallback {
+function retryPolicy(run: Run, http: HttpSettings): RetryHandler.RetryCallback {
   return (error, { state, opts }, done) => {
     const failure = error as Error & {
       statusCode?: number;
@@ -221,7 +212,7 @@ function retryPolicy(http: HttpSettings): RetryHandler.RetryCallback {
     }
     const delay = backoffMs(http, state.counter, failure.headers?.["retry-after"]);
     const what = `${opts.method} ${String(opts.path).split("?")[0]}`;
-    log(
+    run.log(
       `${
         failure.statusCode
           ? `Forgejo answered ${failure.statusCode} for ${what}`
@@ -240,7 +231,12 @@ export type Forgejo = ReturnType<typeof connectForgejo>;
  * any other origin undici's redirect interceptor drops the authorization header (and
  * `headersFor` never adds it to a request for another origin).
  */
-export function connectForgejo(site: Site, token: string | undefined, settings: CommonOptions) {
+export function connectForgejo(
+  run: Run,
+  site: Site,
+  token: string | undefined,
+  settings: CommonOptions,
+) {
   const { http } = settings;
   const origin = new URL(site.server).origin;
   const agent = new Agent({
@@ -252,7 +248,7 @@ export function connectForgejo(site: Site, token: string | undefined, settings: 
     interceptors.retry({
       maxRetries: TRIES - 1,
       methods: IDEMPOTENT,
-      retry: retryPolicy(http),
+      retry: retryPolicy(run, http),
       throwOnError: false,
     }),
     interceptors.redirect({ maxRedirections: MAX_REDIRECTS, throwOnMaxRedirect: true }),
@@ -448,7 +444,7 @@ export function connectForgejo(site: Site, token: string | undefined, settings: 
       async upload(releaseId: number, asset: BundleAsset): Promise<Attachment> {
         const url = repoApi(`/releases/${releaseId}/assets`, { name: asset.name });
         const answer = await send("POST", url, {
-          body: asset.bytes ?? Readable.from(readWithProgress(asset)),
+          body: asset.bytes ?? Readable.from(readWithProgress(run, asset)),
           headers: {
             "content-type": "application/octet-stream",
             "content-length": String(asset.size),
@@ -601,7 +597,7 @@ function explainUploadFailure(site: Site, answer: Exchange, asset: BundleAsset):
 }
 
 /** Fails early, before a long build, when the server, repository or token is wrong. */
-export async function checkForgejo(forgejo: Forgejo): Promise<Repository> {
+export async function checkForgejo(run: Run, forgejo: Forgejo): Promise<Repository> {
   const { status, version } = await forgejo.version();
   if (!version) {
     throw new ReleaseError(
@@ -614,7 +610,7 @@ export async function checkForgejo(forgejo: Forgejo): Promise<Repository> {
       `the token cannot write releases of ${forgejo.repo} (it has read access only): a personal token needs write:repository and a user with write access; the workflow token is read-only for pull requests from forks`,
     );
   }
-  log(`Forgejo ${version}, repository ${repo.full_name}`);
+  run.log(`Forgejo ${version}, repository ${repo.full_name}`);
   return repo;
 }
 
@@ -634,6 +630,7 @@ export interface BundleAsset {
  * before this upload, to tell this upload's copies from older ones.
  */
 export async function uploadAsset(
+  run: Run,
   forgejo: Forgejo,
   releaseId: number,
   asset: BundleAsset,
@@ -642,13 +639,13 @@ export async function uploadAsset(
   const what = `upload of ${asset.name} (${formatBytes(asset.size)})`;
   for (let attempt = 1;; attempt++) {
     if (attempt > 1) {
-      const arrived = await copiesSince(forgejo, releaseId, asset, before);
+      const arrived = await copiesSince(run, forgejo, releaseId, asset, before);
       if (arrived) return arrived;
     }
     try {
       const stored = await forgejo.assets.upload(releaseId, asset);
       if (stored.size === asset.size) return stored;
-      await deleteAsset(forgejo, releaseId, stored, "a truncated upload");
+      await deleteAsset(run, forgejo, releaseId, stored, "a truncated upload");
       throw new HttpError(`Forgejo stored ${stored.size} of ${asset.size} bytes`, true);
     } catch (error) {
       if (!(error instanceof HttpError) || !error.transient) throw error;
@@ -656,7 +653,7 @@ export async function uploadAsset(
         throw new ReleaseError(`${what} failed ${TRIES} times (${error.message})`);
       }
       const delay = backoffMs(forgejo.http, attempt, error.retryAfter);
-      log(
+      run.log(
         `${what}: ${error.message}; retrying in ${(delay / 1000).toFixed(1)}s (${attempt}/${
           TRIES - 1
         })`,
@@ -668,6 +665,7 @@ export async function uploadAsset(
 
 /** A complete copy of `asset` stored since `before` by a failed attempt; partial ones go. */
 async function copiesSince(
+  run: Run,
   forgejo: Forgejo,
   releaseId: number,
   asset: BundleAsset,
@@ -683,30 +681,31 @@ async function copiesSince(
         sha256Hex(new TextEncoder().encode(await forgejo.assets.text(copy) ?? "")) ===
           asset.sha256);
     if (ours) {
-      log(`${asset.name}: the failed attempt was stored after all (id ${copy.id}); kept it`);
+      run.log(`${asset.name}: the failed attempt was stored after all (id ${copy.id}); kept it`);
       return copy;
     }
     if (asset.path !== undefined) {
-      await deleteAsset(forgejo, releaseId, copy, "a partial upload");
+      await deleteAsset(run, forgejo, releaseId, copy, "a partial upload");
     }
   }
   return undefined;
 }
 
 export async function deleteAsset(
+  run: Run,
   forgejo: Forgejo,
   releaseId: number,
   copy: Attachment,
   why: string,
 ): Promise<void> {
   await forgejo.assets.remove(releaseId, copy);
-  log(`Deleted ${why}: ${copy.name} (id ${copy.id}, ${copy.size} bytes)`);
+  run.log(`Deleted ${why}: ${copy.name} (id ${copy.id}, ${copy.size} bytes)`);
 }
 
 /** Streams a file in 1 MiB chunks and shows progress: a bar on a terminal, a few lines in CI. */
-async function* readWithProgress(asset: BundleAsset): AsyncIterable<Uint8Array> {
+async function* readWithProgress(run: Run, asset: BundleAsset): AsyncIterable<Uint8Array> {
   if (asset.path === undefined) throw new ReleaseError(`${asset.name} has no file to upload`);
-  const terminal = !output.ci && Deno.stderr.isTerminal();
+  const terminal = !run.ci && run.io.stderrIsTerminal;
   const large = asset.size >= 64 << 20;
   let sent = 0;
   let reported = 0;
@@ -716,12 +715,12 @@ async function* readWithProgress(asset: BundleAsset): AsyncIterable<Uint8Array> 
     const percent = Math.floor((sent / asset.size) * 100);
     if (terminal && large) {
       const bar = "#".repeat(Math.floor(percent / 4)).padEnd(25, ".");
-      drawProgress(`\r${asset.name} [${bar}] ${percent}%`);
+      run.drawProgress(`\r${asset.name} [${bar}] ${percent}%`);
     } else if (large && percent >= reported + 25) {
       reported = percent - (percent % 25);
-      log(`${asset.name}: ${reported}% of ${formatBytes(asset.size)}`);
+      run.log(`${asset.name}: ${reported}% of ${formatBytes(asset.size)}`);
     }
   }
-  if (terminal && large) drawProgress("\n");
+  if (terminal && large) run.drawProgress("\n");
   if (sent !== asset.size) throw new ReleaseError(`${asset.path} changed size while uploading`);
 }

@@ -5,7 +5,7 @@
 import * as fs from "node:fs/promises";
 import * as path from "node:path";
 import { MANIFEST_NAME, SUMS_NAME } from "../../types/manifest.ts";
-import { log, ReleaseError } from "./run.ts";
+import { ReleaseError, type Run } from "./run.ts";
 import { type FileAsset } from "./nix.ts";
 import { sha256Hex } from "./hash.ts";
 
@@ -46,7 +46,11 @@ export function rewriteIpxe(script: string, locate: (file: string) => string | u
  * name whose kernel and initrd come from `base` (the release's download URLs), and keeps
  * the script as built under `<target>-<system>.built.ipxe`.
  */
-export async function pointIpxeAtRelease(assets: FileAsset[], base: string): Promise<FileAsset[]> {
+export async function pointIpxeAtRelease(
+  run: Run,
+  assets: FileAsset[],
+  base: string,
+): Promise<FileAsset[]> {
   const result: FileAsset[] = [];
   for (const built of assets) {
     result.push(built);
@@ -66,7 +70,7 @@ export async function pointIpxeAtRelease(assets: FileAsset[], base: string): Pro
       sha256: sha256Hex(bytes),
     };
     result.push(script);
-    log(
+    run.log(
       `${script.sha256}  ${script.name} (boots from ${base || "the directory it is served from"})`,
     );
   }

@@ -3,12 +3,10 @@
  * release assets. Publishing and verify both build through here, so it must not know where
  * the assets go.
  */
-import process from "node:process";
 import * as fs from "node:fs/promises";
 import * as path from "node:path";
 import * as v from "valibot";
 import { Buffer } from "node:buffer";
-import { $ } from "zx";
 import { ASSET_NAME } from "../../types/manifest.ts";
 import {
   AttrNamesSchema,
@@ -18,7 +16,7 @@ import {
   FlakeMetadataSchema,
   OutPathsSchema,
 } from "../../types/nix.ts";
-import { formatBytes, log, ReleaseError, UsageError } from "./run.ts";
+import { formatBytes, ReleaseError, type Run, UsageError } from "./run.ts";
 import { type ReleaseOptions } from "./cli.ts";
 import { parseJson } from "./json.ts";
 import { hashFiles } from "./hash.ts";
@@ -43,11 +41,12 @@ function installable(options: Pick<ReleaseOptions, "flake" | "system">, target?:
 }
 
 export async function nixJson<T>(
+  run: Run,
   schema: v.GenericSchema<unknown, T>,
   args: string[],
   what: string,
 ): Promise<T> {
-  const result = await $`nix ${NIX_FEATURES} ${args}`.quiet().nothrow();
+  const result = await run.$`nix ${NIX_FEATURES} ${args}`.quiet().nothrow();
   if (result.exitCode !== 0) {
     throw new ReleaseError(`${what} failed: ${nixErrorTail(result.stderr, 1)}`);
   }
@@ -62,8 +61,8 @@ export function nixErrorTail(stderr: string, lines = 12): string {
   return tail.slice(0, lines).join("\n").replace(/^error: /, "");
 }
 
-export async function readFlake(options: ReleaseOptions): Promise<FlakeInfo> {
-  const available = await listTargets(options);
+export async function readFlake(run: Run, options: ReleaseOptions): Promise<FlakeInfo> {
+  const available = await listTargets(run, options);
   const unknown = options.targets.filter((target) => !available.includes(target));
   if (unknown.length > 0) {
     throw new UsageError(
@@ -72,12 +71,12 @@ export async function readFlake(options: ReleaseOptions): Promise<FlakeInfo> {
       } for ${options.system}`,
     );
   }
-  const version = await $`nix --version`.quiet();
+  const version = await run.$`nix --version`.quiet();
   const nixVersion = version.stdout.trim().match(/(\d+\.\d+\S*)/)?.[1] ?? version.stdout.trim();
   // Without KEEP_LOCK: nix then fails, instead of warning, when flake.lock is not complete.
-  const strict =
-    await $`nix ${NIX_FEATURES} flake metadata --json --no-update-lock-file ${options.flake}`
-      .quiet().nothrow();
+  const strict = await run
+    .$`nix ${NIX_FEATURES} flake metadata --json --no-update-lock-file ${options.flake}`
+    .quiet().nothrow();
   const locked = strict.exitCode === 0;
   if (!locked && !/requires lock file changes/.test(strict.stderr)) {
     throw new ReleaseError(`cannot read the flake's metadata: ${nixErrorTail(strict.stderr, 1)}`);
@@ -85,6 +84,7 @@ export async function readFlake(options: ReleaseOptions): Promise<FlakeInfo> {
   const metadata = locked
     ? parseJson(FlakeMetadataSchema, strict.stdout, "nix flake metadata")
     : await nixJson(
+      run,
       FlakeMetadataSchema,
       ["flake", "metadata", KEEP_LOCK, "--json", options.flake],
       "reading the flake's metadata",
@@ -93,8 +93,8 @@ export async function readFlake(options: ReleaseOptions): Promise<FlakeInfo> {
   return { metadata, locked, dirty, nixVersion };
 }
 
-async function listTargets(options: ReleaseOptions): Promise<string[]> {
-  const result = await $`nix ${NIX_FEATURES} eval ${KEEP_LOCK} --json ${
+async function listTargets(run: Run, options: ReleaseOptions): Promise<string[]> {
+  const result = await run.$`nix ${NIX_FEATURES} eval ${KEEP_LOCK} --json ${
     installable(options)
   } --apply builtins.attrNames`
     .quiet().nothrow();
@@ -118,13 +118,14 @@ type BuildRequest = Pick<ReleaseOptions, "flake" | "system" | "targets">;
  * its results in its own order (store-path order on 2.8, not the installables'), so each
  * result is matched to its target by derivation.
  */
-export async function buildTargets(options: BuildRequest): Promise<TargetBuild[]> {
+export async function buildTargets(run: Run, options: BuildRequest): Promise<TargetBuild[]> {
   // One target has one result: only several need their derivations to be told apart.
-  const drvPaths = options.targets.length > 1 ? await targetDerivations(options) : undefined;
+  const drvPaths = options.targets.length > 1 ? await targetDerivations(run, options) : undefined;
   const installables = options.targets.map((target) => installable(options, target));
-  const build = $`nix ${NIX_FEATURES} build ${KEEP_LOCK} --json --no-link ${installables}`.quiet()
+  const build = run.$`nix ${NIX_FEATURES} build ${KEEP_LOCK} --json --no-link ${installables}`
+    .quiet()
     .nothrow();
-  build.stderr.on("data", (chunk: Buffer) => process.stderr.write(chunk));
+  build.stderr.on("data", (chunk: Buffer) => run.io.stderr(chunk));
   const result = await build;
   if (result.exitCode !== 0) {
     const named = options.targets.filter((target) =>
@@ -149,11 +150,12 @@ export async function buildTargets(options: BuildRequest): Promise<TargetBuild[]
 }
 
 /** Each target's derivation, from one evaluation. */
-async function targetDerivations(options: BuildRequest): Promise<Record<string, string>> {
+async function targetDerivations(run: Run, options: BuildRequest): Promise<Record<string, string>> {
   const apply = `ps: builtins.mapAttrs (name: _: ps.\${name}.drvPath) (builtins.fromJSON ''${
     JSON.stringify(Object.fromEntries(options.targets.map((t) => [t, null])))
   }'')`;
   return await nixJson(
+    run,
     OutPathsSchema,
     ["eval", KEEP_LOCK, "--json", installable(options), "--apply", apply],
     `evaluating the targets ${options.targets.join(", ")}`,
@@ -285,10 +287,12 @@ export interface FileAsset extends Product {
   bytes?: Uint8Array;
 }
 
-export async function hashProducts(products: Product[]): Promise<FileAsset[]> {
+export async function hashProducts(run: Run, products: Product[]): Promise<FileAsset[]> {
   const hashes = await hashFiles(products.map((product) => product.path));
   const assets = products.map((product, index) => ({ ...product, ...hashes[index] }));
-  for (const asset of assets) log(`${asset.sha256}  ${asset.name} (${formatBytes(asset.size)})`);
+  for (const asset of assets) {
+    run.log(`${asset.sha256}  ${asset.name} (${formatBytes(asset.size)})`);
+  }
   return assets;
 }
 

@@ -3,47 +3,51 @@
  * never a published boot-v* release. It only deletes what its plan names.
  */
 import { type Attachment, type Release, type Tag } from "../../types/forgejo.ts";
-import { type Env, formatBytes, log, ReleaseError, result, step, UsageError } from "./run.ts";
+import { type Env, formatBytes, ReleaseError, type Run, UsageError } from "./run.ts";
 import { type PruneOptions } from "./cli.ts";
 import { checkForgejo, connectForgejo, type Forgejo, readToken, refuseMirror } from "./forgejo.ts";
 
-export async function pruneReleases(options: PruneOptions, env: Env): Promise<void> {
-  const token = readToken(env);
+export async function pruneReleases(run: Run, options: PruneOptions, env: Env): Promise<void> {
+  const token = readToken(env, run);
   if (!token) {
     throw new UsageError(
       `prune deletes releases: set FORGEJO_TOKEN to a token that can write releases of ${options.site.repo} (in a workflow: FORGEJO_TOKEN: \${{ secrets.GITHUB_TOKEN }})`,
     );
   }
-  const forgejo = connectForgejo(refuseMirror(options.site, options.mirrors), token, options);
-  await step("Check Forgejo", () => checkForgejo(forgejo));
+  const forgejo = connectForgejo(run, refuseMirror(options.site, options.mirrors), token, options);
+  await run.step("Check Forgejo", () => checkForgejo(run, forgejo));
   // Tags first: a release published meanwhile then has its tag listed, never as an orphan.
-  const plan = await step("Plan", async () => {
+  const plan = await run.step("Plan", async () => {
     const tags = await forgejo.tags.list();
     const releases = await forgejo.releases.list();
     return planPrune(releases, tags, new Date(), options.keep, options.staleDays);
   });
-  for (const kept of plan.kept) log(`Keeping ${kept.tag}: ${kept.why}`);
+  for (const kept of plan.kept) run.log(`Keeping ${kept.tag}: ${kept.why}`);
   const done: PruneDeletion[] = [];
   for (const deletion of plan.deletions) {
     try {
-      done.push(options.dryRun ? deletion : await deleteForPrune(forgejo, deletion));
+      done.push(options.dryRun ? deletion : await deleteForPrune(run, forgejo, deletion));
     } catch (error) {
       if (!(error instanceof ReleaseError)) throw error;
       throw new ReleaseError(
         `${error.message} (prune stopped after ${done.length} of ${plan.deletions.length} deletions; the releases it did not reach are untouched: rerun to continue)`,
       );
     }
-    result(renderPruneDeletion(done[done.length - 1], options.dryRun));
+    run.result(renderPruneDeletion(done[done.length - 1], options.dryRun));
   }
-  result(renderPruneTotal(done, options.dryRun));
+  run.result(renderPruneTotal(done, options.dryRun));
 }
 
 /** The release (with its assets), then its tag; a tag a release holds again is kept. */
-async function deleteForPrune(forgejo: Forgejo, deletion: PruneDeletion): Promise<PruneDeletion> {
+async function deleteForPrune(
+  run: Run,
+  forgejo: Forgejo,
+  deletion: PruneDeletion,
+): Promise<PruneDeletion> {
   if (deletion.releaseId !== undefined) await forgejo.releases.remove(deletion.releaseId);
   if (!deletion.deleteTag) return deletion;
   if (await forgejo.tags.remove(deletion.tag) !== "held") return deletion;
-  log(`Kept the tag ${deletion.tag}: a release holds it again`);
+  run.log(`Kept the tag ${deletion.tag}: a release holds it again`);
   return { ...deletion, deleteTag: false };
 }
 

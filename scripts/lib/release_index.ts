@@ -15,7 +15,7 @@ import {
   SIGNATURE_NAME,
   SUMS_NAME,
 } from "../../types/manifest.ts";
-import { log, ReleaseError, UsageError } from "./run.ts";
+import { ReleaseError, type Run, UsageError } from "./run.ts";
 import { type Forgejo } from "./forgejo.ts";
 import { parseJson } from "./json.ts";
 import { sha256Hex } from "./hash.ts";
@@ -254,6 +254,7 @@ export async function findBootRelease(forgejo: Forgejo, tag: string): Promise<Re
  * integrity, not authenticity, is checked.
  */
 export async function authenticSums(
+  run: Run,
   index: RemoteIndex,
   tag: string,
   trust: TrustedKey[] | undefined,
@@ -274,9 +275,9 @@ export async function authenticSums(
       );
     }
     const signer = await verifySums(trust, new TextEncoder().encode(sums), signature.text);
-    log(`${tag}: ${SUMS_NAME} is signed by ${signer.principal} (${signer.fingerprint})`);
+    run.log(`${tag}: ${SUMS_NAME} is signed by ${signer.principal} (${signer.fingerprint})`);
   } else {
-    log(
+    run.log(
       `${tag}: files are checked against its ${SUMS_NAME} (integrity), but not who made it (authenticity): pass --trust FILE to require its signature`,
     );
   }

@@ -1,9 +1,10 @@
 /**
- * The run's plumbing: the two error classes (exit 2 and exit 1), where output goes (progress
- * on stderr, results on stdout, secrets redacted) and how child processes get their
- * environment. It knows nothing of releases, Forgejo or nix.
+ * One run's context, made in main and passed down: where its output goes (progress on stderr,
+ * results on stdout, its secrets redacted), the shell its child processes start from (no
+ * secret in their environment), and the two error classes that end a run. Nothing here
+ * outlives a run; it knows nothing of releases, Forgejo or nix.
  */
-import { $ } from "zx";
+import { $, type Shell } from "zx";
 
 /** Bad flags or environment: exit 2, and nothing was done. */
 export class UsageError extends Error {}
@@ -11,45 +12,89 @@ export class UsageError extends Error {}
 /** The release could not be made as asked: exit 1, nothing half-done visible. */
 export class ReleaseError extends Error {}
 
-export const output = { ci: false, secrets: [] as string[] };
+export type Env = Record<string, string | undefined>;
 
-export function configureOutput(env: Env): void {
-  output.ci = env.CI === "true" || env.GITHUB_ACTIONS === "true";
+/** Where a run's text goes: the process's own streams, or whatever a caller collects it in. */
+export interface Io {
+  stdout(text: string | Uint8Array): void;
+  stderr(text: string | Uint8Array): void;
+  /** A terminal gets progress bars; a log (CI, a pipe) gets a few lines instead. */
+  stderrIsTerminal: boolean;
 }
 
-/** Registers a secret: masked by the CI log, and replaced by *** in everything we print. */
-export function mask(secret: string): void {
-  // The mask command is the one line that must carry the secret itself.
-  if (output.ci) console.error(`::add-mask::${secret}`);
-  output.secrets.push(secret);
+/** The process's stdout and stderr, written synchronously so lines never interleave. */
+export function processIo(): Io {
+  const encoder = new TextEncoder();
+  const writeAll = (stream: typeof Deno.stdout, text: string | Uint8Array) => {
+    const bytes = typeof text === "string" ? encoder.encode(text) : text;
+    for (let at = 0; at < bytes.length;) at += stream.writeSync(bytes.subarray(at));
+  };
+  return {
+    stdout: (text) => writeAll(Deno.stdout, text),
+    stderr: (text) => writeAll(Deno.stderr, text),
+    stderrIsTerminal: Deno.stderr.isTerminal(),
+  };
 }
 
-function redact(text: string): string {
-  return output.secrets.reduce((out, secret) => out.replaceAll(secret, "***"), text);
+/** What every step of a run reports through and starts child processes with. */
+export interface Run {
+  /** In a CI job: secrets are masked in its log and steps become collapsible groups. */
+  ci: boolean;
+  io: Io;
+  /** Progress and problems, for people: stderr. */
+  log(message: string): void;
+  /** The result a caller may capture (a URL, a directory, a plan): stdout. */
+  result(line: string): void;
+  /** Rewrites the current terminal line: upload progress bars. */
+  drawProgress(line: string): void;
+  step<T>(title: string, work: () => Promise<T>): Promise<T>;
+  /** Registers a secret: masked by the CI log, and replaced by *** in everything printed. */
+  mask(secret: string): void;
+  redact(text: string): string;
+  /** zx's `$` for nix and git, whose environment holds no token or key. */
+  $: Shell;
 }
 
-/** Progress and problems, for people: stderr. */
-export function log(message: string): void {
-  console.error(redact(message));
+export function startRun(env: Env, io: Io): Run {
+  const ci = env.CI === "true" || env.GITHUB_ACTIONS === "true";
+  const secrets: string[] = [];
+  const redact = (text: string) =>
+    secrets.reduce((out, secret) => out.replaceAll(secret, "***"), text);
+  const log = (message: string) => io.stderr(`${redact(message)}\n`);
+  return {
+    ci,
+    io,
+    log,
+    result: (line) => io.stdout(`${redact(line)}\n`),
+    drawProgress: (line) => io.stderr(redact(line)),
+    async step(title, work) {
+      log(ci ? `::group::${title}` : `==> ${title}`);
+      try {
+        return await work();
+      } finally {
+        if (ci) log("::endgroup::");
+      }
+    },
+    mask(secret) {
+      // The mask command is the one line that must carry the secret itself.
+      if (ci) io.stderr(`::add-mask::${secret}\n`);
+      secrets.push(secret);
+    },
+    redact,
+    $: childShell(env),
+  };
 }
 
-/** The result a caller may capture (a URL, a directory, a plan): stdout. */
-export function result(line: string): void {
-  console.log(redact(line));
-}
-
-/** Rewrites the current terminal line: upload progress bars. */
-export function drawProgress(line: string): void {
-  Deno.stderr.writeSync(new TextEncoder().encode(redact(line)));
-}
-
-export async function step<T>(title: string, work: () => Promise<T>): Promise<T> {
-  log(output.ci ? `::group::${title}` : `==> ${title}`);
-  try {
-    return await work();
-  } finally {
-    if (output.ci) log("::endgroup::");
-  }
+/**
+ * A shell whose child processes (nix, git) never see a token or key: it hands them `env`
+ * without any variable named like a secret, never the whole environment zx would pass.
+ */
+export function childShell(env: Env): Shell {
+  return $({
+    env: Object.fromEntries(
+      Object.entries(env).filter(([name]) => !/TOKEN|SECRET|PASSWORD|KEY/i.test(name)),
+    ),
+  });
 }
 
 export function formatBytes(bytes: number): string {
@@ -61,13 +106,4 @@ export function formatBytes(bytes: number): string {
     unit++;
   }
   return unit === 0 ? `${bytes} B` : `${value.toFixed(1)} ${units[unit]}`;
-}
-
-export type Env = Record<string, string | undefined>;
-
-/** Child processes (nix, git) never see a token or key: zx passes $.env to them. */
-export function hideSecretsFromChildren(env: Env): void {
-  $.env = Object.fromEntries(
-    Object.entries(env).filter(([name]) => !/TOKEN|SECRET|PASSWORD|KEY/i.test(name)),
-  );
 }

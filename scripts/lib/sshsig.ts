@@ -12,9 +12,8 @@
 import * as fs from "node:fs/promises";
 import { Buffer } from "node:buffer";
 import { createHash } from "node:crypto";
-import { $ } from "zx";
 import { SIGNATURE_NAME, SUMS_NAME } from "../../types/manifest.ts";
-import { type Env, log, ReleaseError, UsageError } from "./run.ts";
+import { type Env, ReleaseError, type Run, UsageError } from "./run.ts";
 
 export const SIGNING_KEY_ENV = "RELEASE_BOOT_SIGNING_KEY";
 
@@ -112,15 +111,19 @@ export interface TrustedKey {
 
 /**
  * The signing key from `--signing-key FILE` or from RELEASE_BOOT_SIGNING_KEY (the key's text,
- * as a CI secret), undefined when neither is given. The key text is then dropped from the
- * environment that zx hands to child processes.
+ * as a CI secret), undefined when neither is given. The key's text in the environment is a
+ * secret: the run masks it line by line and prints none of it (and child processes never get
+ * it: the run's shell leaves it out of their environment).
  */
 export async function readSigningKey(
   flagFile: string | undefined,
   env: Env,
+  run: Pick<Run, "log" | "mask">,
 ): Promise<SigningKey | undefined> {
+  for (const line of env[SIGNING_KEY_ENV]?.split("\n") ?? []) {
+    if (line.trim().length >= 16 && !line.includes("-----")) run.mask(line.trim());
+  }
   const fromEnv = env[SIGNING_KEY_ENV]?.trim() ? env[SIGNING_KEY_ENV] : undefined;
-  delete $.env[SIGNING_KEY_ENV];
   if (flagFile !== undefined && fromEnv !== undefined) {
     throw new UsageError(
       `both --signing-key and ${SIGNING_KEY_ENV} are set: give the signing key one way only`,
@@ -130,7 +133,7 @@ export async function readSigningKey(
     const source = `--signing-key ${flagFile}`;
     const { text, mode } = await readSmallText(flagFile, source);
     if (mode & 0o077) {
-      log(
+      run.log(
         `warning: ${source} can be read by other users (mode ${(mode & 0o777).toString(8)}): ` +
           `chmod 600 ${flagFile}`,
       );

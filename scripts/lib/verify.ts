@@ -4,7 +4,6 @@
  */
 import * as fs from "node:fs/promises";
 import * as path from "node:path";
-import { $ } from "zx";
 import { type Release, type Repository } from "../../types/forgejo.ts";
 import { type Manifest, MANIFEST_NAME, SUMS_NAME } from "../../types/manifest.ts";
 import { type FlakeMetadata, FlakeMetadataSchema } from "../../types/nix.ts";
@@ -17,7 +16,7 @@ import {
   nixJson,
   type Product,
 } from "./nix.ts";
-import { type Env, log, ReleaseError, result, step, UsageError } from "./run.ts";
+import { type Env, ReleaseError, type Run, UsageError } from "./run.ts";
 import { type VerifyOptions } from "./cli.ts";
 import { connectForgejo, type Forgejo, mirrorOf, readToken } from "./forgejo.ts";
 import { hashFiles } from "./hash.ts";
@@ -33,23 +32,23 @@ import {
   unionManifest,
 } from "./release_index.ts";
 
-export async function verifyRelease(options: VerifyOptions, env: Env): Promise<void> {
+export async function verifyRelease(run: Run, options: VerifyOptions, env: Env): Promise<void> {
   // Read like fetch: a mirror serves public files, and never sees the primary's token.
-  const token = mirrorOf(options.site.server, options.mirrors) ? undefined : readToken(env);
-  const trusted = options.trust === undefined ? undefined : await readTrust(options.trust);
-  const forgejo = connectForgejo(options.site, token, options);
-  const release = await step("Find the release", () => findBootRelease(forgejo, options.tag));
-  const { manifest, sums } = await step(
+  const token = mirrorOf(options.site.server, options.mirrors) ? undefined : readToken(env, run);
+  const trusted = options.trust === undefined ? undefined : await readTrust(options.trust, run);
+  const forgejo = connectForgejo(run, options.site, token, options);
+  const release = await run.step("Find the release", () => findBootRelease(forgejo, options.tag));
+  const { manifest, sums } = await run.step(
     "Read SHA256SUMS and manifest.json",
-    () => readIndexToVerify(forgejo, release, trusted),
+    () => readIndexToVerify(run, forgejo, release, trusted),
   );
   const scope = rebuildScope(manifest, sums, options.system);
   const repository = await forgejo.repository();
   const flake = options.flake ?? releaseFlake(repository, manifest);
-  log(`Rebuilding ${release.tag_name} from ${flake}`);
-  await step("Check the flake", () => checkFlakeCommit(flake, manifest));
-  const rebuilt = await step("Rebuild", () =>
-    rebuildRelease({
+  run.log(`Rebuilding ${release.tag_name} from ${flake}`);
+  await run.step("Check the flake", () => checkFlakeCommit(run, flake, manifest));
+  const rebuilt = await run.step("Rebuild", () =>
+    rebuildRelease(run, {
       flake,
       system: scope.system,
       targets: scope.targets,
@@ -57,6 +56,7 @@ export async function verifyRelease(options: VerifyOptions, env: Env): Promise<v
     }));
   const checks = compareRebuild(scope.expected, rebuilt);
   await reportVerification(
+    run,
     { tag: release.tag_name, commit: manifest.commit, system: scope.system, checks },
     options,
     env,
@@ -68,6 +68,7 @@ export async function verifyRelease(options: VerifyOptions, env: Env): Promise<v
  * a valid signature, and when it lists manifest.json only that exact copy is believed.
  */
 async function readIndexToVerify(
+  run: Run,
   forgejo: Forgejo,
   release: Release,
   trusted: TrustedKey[] | undefined,
@@ -79,7 +80,7 @@ async function readIndexToVerify(
       `${release.tag_name} has no ${SUMS_NAME} and ${MANIFEST_NAME}: it was not made by release-boot, or not finished; nothing can be verified`,
     );
   }
-  const sums = await authenticSums(index, release.tag_name, trusted);
+  const sums = await authenticSums(run, index, release.tag_name, trusted);
   const manifestSha = sums.get(MANIFEST_NAME);
   sums.delete(MANIFEST_NAME);
   const manifest = manifestSha === undefined
@@ -118,11 +119,12 @@ function releaseDownloadBase(repository: Repository, tag: string): string {
 
 /** One line per asset (or the JSON) on stdout, the step summary, and the verdict on stderr. */
 async function reportVerification(
+  run: Run,
   verification: Verification,
   options: Pick<VerifyOptions, "json">,
   env: Env,
 ): Promise<void> {
-  result(
+  run.result(
     options.json
       ? JSON.stringify(verificationJson(verification), null, 2)
       : renderVerification(verification).trimEnd(),
@@ -136,7 +138,7 @@ async function reportVerification(
       `${verdict}; find what differs with diffoscope or nix store diff-closures (docs/RUNNER_IMAGES.md)`,
     );
   }
-  log(verdict);
+  run.log(verdict);
 }
 
 /** What to rebuild for a release: one system's targets, and the sums their files must have. */
@@ -192,10 +194,12 @@ export function rebuildScope(
  * clean and at that commit, and a reference elsewhere must resolve to it (pin it with ?rev=).
  */
 export async function checkFlakeCommit(
+  run: Run,
   flake: string,
   release: Pick<Manifest, "tag" | "commit">,
 ): Promise<void> {
   const metadata = await nixJson(
+    run,
     FlakeMetadataSchema,
     ["flake", "metadata", KEEP_LOCK, "--json", flake],
     `reading the flake ${flake}`,
@@ -267,17 +271,19 @@ interface CheckLeftovers {
  * removed afterwards). The published `.ipxe` is regenerated from the rebuilt script with
  * `downloadBase`, exactly as publishing wrote it.
  */
-export async function rebuildRelease(request: RebuildRequest): Promise<RebuiltAsset[]> {
-  const builds = await buildTargets(request);
+export async function rebuildRelease(run: Run, request: RebuildRequest): Promise<RebuiltAsset[]> {
+  const builds = await buildTargets(run, request);
   const products = await collectProducts(builds);
   const storeDir = path.dirname(builds[0].outPath);
   const outputOf = (file: string) => storeOutput(file, storeDir);
-  const derivers = await queryDerivers([...new Set(products.map((p) => outputOf(p.path)))]);
+  const derivers = await queryDerivers(run, [...new Set(products.map((p) => outputOf(p.path)))]);
   const leftovers: CheckLeftovers = { storeCopies: [], buildDirs: [] };
   try {
     const rebuiltAt = new Map<string, string>();
     for (const drv of new Set(derivers.values())) {
-      for (const [out, copy] of await checkDerivation(drv, leftovers)) rebuiltAt.set(out, copy);
+      for (const [out, copy] of await checkDerivation(run, drv, leftovers)) {
+        rebuiltAt.set(out, copy);
+      }
     }
     const rebuilt: Product[] = [];
     for (const product of products) {
@@ -286,7 +292,9 @@ export async function rebuildRelease(request: RebuildRequest): Promise<RebuiltAs
       const file = copy ? copy + product.path.slice(out.length) : product.path;
       // A rebuild that came out different may lack the file: then it is missing, not an error.
       if (copy && !(await fs.lstat(file).catch(() => undefined))?.isFile()) {
-        log(`${product.name}: the rebuild of ${out} made no file ${file.slice(copy.length + 1)}`);
+        run.log(
+          `${product.name}: the rebuild of ${out} made no file ${file.slice(copy.length + 1)}`,
+        );
         continue;
       }
       rebuilt.push({ ...product, path: file });
@@ -294,7 +302,11 @@ export async function rebuildRelease(request: RebuildRequest): Promise<RebuiltAs
     const changed = products.filter((product) => rebuiltAt.has(outputOf(product.path)));
     const storeSums = await hashFiles(changed.map((product) => product.path));
     const storeSha256 = new Map(changed.map((product, i) => [product.name, storeSums[i].sha256]));
-    const assets = await pointIpxeAtRelease(await hashProducts(rebuilt), request.downloadBase);
+    const assets = await pointIpxeAtRelease(
+      run,
+      await hashProducts(run, rebuilt),
+      request.downloadBase,
+    );
     return assets.map((asset) => {
       const inStore = storeSha256.get(asset.name);
       return {
@@ -305,7 +317,7 @@ export async function rebuildRelease(request: RebuildRequest): Promise<RebuiltAs
       };
     });
   } finally {
-    await removeLeftovers(leftovers);
+    await removeLeftovers(run, leftovers);
   }
 }
 
@@ -319,8 +331,8 @@ function storeOutput(file: string, storeDir: string): string {
 }
 
 /** Output path -> the derivation that built it. */
-async function queryDerivers(outputs: string[]): Promise<Map<string, string>> {
-  const result = await $`nix-store --query --deriver ${outputs}`.quiet().nothrow();
+async function queryDerivers(run: Run, outputs: string[]): Promise<Map<string, string>> {
+  const result = await run.$`nix-store --query --deriver ${outputs}`.quiet().nothrow();
   if (result.exitCode !== 0) {
     throw new ReleaseError(
       `cannot ask nix what built the files: ${nixErrorTail(result.stderr, 1)}`,
@@ -348,11 +360,12 @@ const KEPT_BUILD_DIR = /keeping build directory '([^']+)'/g;
  * a message (and exit status 104 on 2.8), so the message decides, not the status.
  */
 async function checkDerivation(
+  run: Run,
   drv: string,
   leftovers: CheckLeftovers,
 ): Promise<Map<string, string>> {
-  log(`Rebuilding ${drv}`);
-  const result = await $`nix-store --realise --check --keep-failed ${drv}`.quiet().nothrow();
+  run.log(`Rebuilding ${drv}`);
+  const result = await run.$`nix-store --realise --check --keep-failed ${drv}`.quiet().nothrow();
   for (const [, dir] of result.stderr.matchAll(KEPT_BUILD_DIR)) {
     if (path.isAbsolute(dir) && /^nix-build-.+-\d+$/.test(path.basename(dir))) {
       leftovers.buildDirs.push(dir);
@@ -376,18 +389,18 @@ async function checkDerivation(
 }
 
 /** Removes what the checks left; what cannot be removed is named, never fatal. */
-async function removeLeftovers(leftovers: CheckLeftovers): Promise<void> {
+async function removeLeftovers(run: Run, leftovers: CheckLeftovers): Promise<void> {
   if (leftovers.storeCopies.length > 0) {
-    const result = await $`nix-store --delete ${leftovers.storeCopies}`.quiet().nothrow();
+    const result = await run.$`nix-store --delete ${leftovers.storeCopies}`.quiet().nothrow();
     for (const copy of leftovers.storeCopies) {
       if (await fs.lstat(copy).catch(() => undefined)) {
-        log(`Could not remove the rebuilt copy ${copy} (${nixErrorTail(result.stderr, 1)})`);
+        run.log(`Could not remove the rebuilt copy ${copy} (${nixErrorTail(result.stderr, 1)})`);
       }
     }
   }
   for (const dir of leftovers.buildDirs) {
     await fs.rm(dir, { recursive: true, force: true }).catch((error: Error) =>
-      log(`Could not remove the build directory ${dir}: ${error.message}`)
+      run.log(`Could not remove the build directory ${dir}: ${error.message}`)
     );
   }
 }

@@ -15,19 +15,17 @@ import {
   buildStatement,
   BY_HAND_BUILDER,
   checkSubjects,
-  ENVELOPE_NAME,
   keyIdOf,
-  ProvenanceError,
   type ProvenanceFacts,
   provenanceFile,
   readStatement,
   renderStatement,
   signEnvelope,
-  STATEMENT_NAME,
   verifyEnvelope,
 } from "../scripts/lib/provenance.ts";
-import { type Manifest, ManifestSchema } from "../types/manifest.ts";
-import type { Statement } from "../types/provenance.ts";
+import { ReleaseError } from "../scripts/lib/run.ts";
+import { INDEX_NAMES as INDEX, type Manifest, ManifestSchema } from "../types/manifest.ts";
+import { ENVELOPE_NAME, type Statement, STATEMENT_NAME } from "../types/provenance.ts";
 import { nixTest } from "./nix_helpers.ts";
 import { fixtureDir, makeWorkdir, repoRoot, runCommand, runRelease } from "./run_helpers.ts";
 
@@ -37,8 +35,6 @@ const DRV_ISO = "/nix/store/0m1l9d5wbxwk1hq2j0l4ydb4lxz5s3c0-nixos-runner-iso.dr
 const COMMIT = "5b0e1f4c9d2a7b8e6f3a1c0d9e8f7a6b5c4d3e2f";
 const NIXPKGS_REV = "e2b8fe2e0a9c1d3f4b5a6c7d8e9f0a1b2c3d4e5f";
 const FLAKE = `git+https://git.example.org/ops/runners?ref=refs/tags/boot-v1.2.0&rev=${COMMIT}`;
-/** The index of a release: SHA256SUMS lists manifest.json and the provenance, never itself. */
-const INDEX = new Set(["SHA256SUMS", "SHA256SUMS.sig", "manifest.json"]);
 
 function asset(name: string, sha256: string, target: string, drvPath: string, system?: string) {
   return {
@@ -182,7 +178,7 @@ async function signed(statement: Statement, key: Awaited<ReturnType<typeof makeK
 
 async function refusal(work: Promise<unknown>): Promise<string> {
   const error = await work.then(() => undefined, (error: Error) => error);
-  assert.ok(error instanceof ProvenanceError, `expected a refusal, got ${error}`);
+  assert.ok(error instanceof ReleaseError, `expected a refusal, got ${error}`);
   assert.doesNotMatch(error.message, /\n/, "a refusal is one line");
   return error.message;
 }

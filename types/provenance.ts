@@ -6,6 +6,12 @@
  */
 import * as v from "valibot";
 
+/** Written when no signing key is held: the statement, indented JSON. */
+export const STATEMENT_NAME = "provenance.intoto.json";
+/** Written when a signing key is held: the statement in a DSSE envelope, one JSON line. */
+export const ENVELOPE_NAME = "provenance.intoto.jsonl";
+export type ProvenanceName = typeof STATEMENT_NAME | typeof ENVELOPE_NAME;
+
 export const STATEMENT_TYPE = "https://in-toto.io/Statement/v1";
 export const SLSA_PROVENANCE_V1 = "https://slsa.dev/provenance/v1";
 /** DSSE's payloadType for an in-toto statement; it is part of what the signature covers. */

@@ -1,39 +1,32 @@
 /**
  * SLSA v1 provenance for a release: the in-toto Statement made from manifest.json's facts, its
  * DSSE envelope signed with the release key, and the checks that read both back. It reads no
- * files, speaks no HTTP and holds no key: callers hand it facts, bytes and a sign function.
+ * files and speaks no HTTP: callers hand it facts and bytes, and the key only to sign with.
  */
-import { createHash } from "node:crypto";
 import * as v from "valibot";
 import type { Manifest } from "../../types/manifest.ts";
 import {
   BUILD_TYPE,
   type Envelope,
+  ENVELOPE_NAME,
   EnvelopeSchema,
   IN_TOTO_PAYLOAD_TYPE,
+  type ProvenanceName,
   type ResourceDescriptor,
   SLSA_PROVENANCE_V1,
   type Statement,
+  STATEMENT_NAME,
   STATEMENT_TYPE,
   StatementSchema,
   type Workflow,
 } from "../../types/provenance.ts";
+import { ReleaseError } from "./run.ts";
+import { ed25519Blob, readEd25519Blob, type SigningKey, sshFingerprint } from "./sshsig.ts";
 
-/** Written when no signing key is held. */
-export const STATEMENT_NAME = "provenance.intoto.json";
-/** Written when a signing key is held: the statement in a DSSE envelope, one JSON line. */
-export const ENVELOPE_NAME = "provenance.intoto.jsonl";
-/** Part of a release's index: listed in SHA256SUMS, never a subject of the statement. */
-export const PROVENANCE_NAMES: ReadonlySet<string> = new Set([STATEMENT_NAME, ENVELOPE_NAME]);
 /** builder.id of a release made by hand, outside CI: nothing vouches for the machine. */
 export const BY_HAND_BUILDER = "https://release-boot.invalid/builders/by-hand";
 /** A statement is kilobytes; a provenance file larger than this is not one release-boot wrote. */
 export const MAX_PROVENANCE_BYTES = 1 << 20;
-
-const ED25519 = "ssh-ed25519";
-
-/** A provenance file that cannot be read or does not verify; its message is one line. */
-export class ProvenanceError extends Error {}
 
 /** Who ran the build and when. */
 export interface RunDetails {
@@ -60,6 +53,46 @@ export interface Signer {
   sign: (bytes: Uint8Array) => Promise<Uint8Array>;
   /** The raw 32-byte Ed25519 public key. */
   publicKey: Uint8Array;
+}
+
+/** The release's signing key as a Signer: the key that signs SHA256SUMS signs the envelope. */
+export function signerOf(key: SigningKey): Signer {
+  return {
+    sign: async (bytes) => new Uint8Array(await key.sign(bytes)),
+    publicKey: readEd25519Blob(
+      key.publicBlob,
+      (problem) => new ReleaseError(`the signing key ${key.fingerprint} is damaged (${problem})`),
+    ),
+  };
+}
+
+/** Where a run in CI is: Forgejo's GITHUB_* variables (see builderOf). */
+export interface CiJob {
+  server: string;
+  repository: string;
+  /** The URL of the CI run. */
+  runUrl: string;
+  workflowRef?: string;
+}
+
+/**
+ * Who ran this build and when: in CI its workflow (builderOf) and the run's URL; by hand
+ * BY_HAND_BUILDER and the id this run made for itself. It finishes now.
+ */
+export function runDetailsOf(
+  ci: CiJob | undefined,
+  started: { id: string; startedOn: Date },
+): Pick<ProvenanceFacts, "run" | "workflow"> {
+  const { builderId, workflow } = ci ? builderOf(ci) : { builderId: BY_HAND_BUILDER };
+  return {
+    run: {
+      builderId,
+      invocationId: ci?.runUrl ?? started.id,
+      startedOn: started.startedOn,
+      finishedOn: new Date(),
+    },
+    ...(workflow ? { workflow } : {}),
+  };
 }
 
 /** A key the reader trusts; release-boot's --trust keys have this shape. */
@@ -113,7 +146,7 @@ export function buildStatement(facts: ProvenanceFacts): Statement {
   };
   const checked = v.safeParse(StatementSchema, statement);
   if (!checked.success) {
-    throw new ProvenanceError(`the provenance statement would be invalid: ${firstIssue(checked)}`);
+    throw new ReleaseError(`the provenance statement would be invalid: ${firstIssue(checked)}`);
   }
   return checked.output;
 }
@@ -149,7 +182,7 @@ export async function signEnvelope(
   const signature = await sign(signed);
   // A sign function of another key would publish an envelope no one can verify.
   if (!await ed25519Verifies(publicKey, signed, signature)) {
-    throw new ProvenanceError(
+    throw new ReleaseError(
       `the provenance signature does not verify with ${
         keyIdOf(publicKey)
       }: sign and publicKey are not one key pair`,
@@ -168,8 +201,7 @@ export async function signEnvelope(
  * it (and as go-securesystemslib's dsse.SHA256KeyID computes it).
  */
 export function keyIdOf(publicKey: Uint8Array): string {
-  const blob = concatBytes(sshString(new TextEncoder().encode(ED25519)), sshString(publicKey));
-  return `SHA256:${createHash("sha256").update(blob).digest("base64").replace(/=+$/, "")}`;
+  return sshFingerprint(ed25519Blob(publicKey));
 }
 
 /**
@@ -203,13 +235,13 @@ export async function verifyEnvelope(
     }
   }
   if (failed) {
-    throw new ProvenanceError(
+    throw new ReleaseError(
       `${ENVELOPE_NAME} does not verify with ${
         keyIdOf(failed.publicKey)
       } (${failed.principal}): its statement or signature was changed after it was signed; download it again, and if it persists the release was tampered with`,
     );
   }
-  throw new ProvenanceError(
+  throw new ReleaseError(
     `${ENVELOPE_NAME} is signed by ${
       signers.join(", ")
     }, a key the trust file does not list: add its public key if you trust it, or find out who signed this release`,
@@ -220,18 +252,16 @@ export async function verifyEnvelope(
  * The statement in a provenance file, without checking any signature: for judging whether a
  * release is complete. `verifyEnvelope` is the check a reader who trusts a key makes.
  */
-export function readStatement(
-  name: typeof STATEMENT_NAME | typeof ENVELOPE_NAME,
-  bytes: Uint8Array,
-): Statement {
+export function readStatement(name: ProvenanceName, bytes: Uint8Array): Statement {
   return name === ENVELOPE_NAME
     ? parseStatementBytes(Uint8Array.fromBase64(parseEnvelope(bytes).payload), name)
     : parseStatementBytes(bytes, name);
 }
 
 /**
- * What keeps the statement's subjects from being exactly the release files SHA256SUMS lists
- * (every entry but the index files and the provenance file itself); empty when they agree.
+ * What keeps the statement's subjects from being exactly the release files SHA256SUMS lists:
+ * every entry but `index`, the index files' names (INDEX_NAMES, the provenance's among them).
+ * Empty when they agree.
  */
 export function checkSubjects(
   statement: Statement,
@@ -244,7 +274,7 @@ export function checkSubjects(
     if (attested.has(name)) problems.push(`the provenance names ${name} twice`);
     attested.set(name, digest.sha256);
     const listed = sums.get(name);
-    if (listed === undefined || index.has(name) || PROVENANCE_NAMES.has(name)) {
+    if (listed === undefined || index.has(name)) {
       problems.push(
         `the provenance attests ${name}, which SHA256SUMS does not list as a release file`,
       );
@@ -255,7 +285,7 @@ export function checkSubjects(
     }
   }
   for (const name of sums.keys()) {
-    if (!index.has(name) && !PROVENANCE_NAMES.has(name) && !attested.has(name)) {
+    if (!index.has(name) && !attested.has(name)) {
       problems.push(`SHA256SUMS lists ${name}, which the provenance does not attest`);
     }
   }
@@ -332,7 +362,7 @@ function digestOf(
 function parseEnvelope(bytes: Uint8Array): Envelope {
   const envelope = parseJson(EnvelopeSchema, bytes, ENVELOPE_NAME, "a DSSE envelope");
   if (envelope.payloadType !== IN_TOTO_PAYLOAD_TYPE) {
-    throw new ProvenanceError(
+    throw new ReleaseError(
       `${ENVELOPE_NAME} carries "${envelope.payloadType}", not an in-toto statement (${IN_TOTO_PAYLOAD_TYPE})`,
     );
   }
@@ -350,17 +380,17 @@ function parseJson<T>(
   what: string,
 ): T {
   if (bytes.length > MAX_PROVENANCE_BYTES) {
-    throw new ProvenanceError(`${source} is over 1 MiB, so it is not ${what}`);
+    throw new ReleaseError(`${source} is over 1 MiB, so it is not ${what}`);
   }
   let data: unknown;
   try {
     data = JSON.parse(new TextDecoder("utf-8", { fatal: true }).decode(bytes));
   } catch {
-    throw new ProvenanceError(`${source} is not JSON, so it is not ${what}`);
+    throw new ReleaseError(`${source} is not JSON, so it is not ${what}`);
   }
   const result = v.safeParse(schema, data);
   if (!result.success) {
-    throw new ProvenanceError(`${source} is not ${what} (${firstIssue(result)})`);
+    throw new ReleaseError(`${source} is not ${what} (${firstIssue(result)})`);
   }
   return result.output;
 }
@@ -386,7 +416,7 @@ async function ed25519Verifies(
   signature: Uint8Array,
 ): Promise<boolean> {
   if (publicKey.length !== 32) {
-    throw new ProvenanceError(`an Ed25519 public key is 32 bytes, not ${publicKey.length}`);
+    throw new ReleaseError(`an Ed25519 public key is 32 bytes, not ${publicKey.length}`);
   }
   const key = await crypto.subtle.importKey(
     "raw",
@@ -396,12 +426,6 @@ async function ed25519Verifies(
     ["verify"],
   );
   return await crypto.subtle.verify("Ed25519", key, new Uint8Array(signature), data);
-}
-
-function sshString(bytes: Uint8Array): Uint8Array {
-  const length = new Uint8Array(4);
-  new DataView(length.buffer).setUint32(0, bytes.length);
-  return concatBytes(length, bytes);
 }
 
 function concatBytes(...parts: Uint8Array[]): Uint8Array<ArrayBuffer> {

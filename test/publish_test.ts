@@ -46,9 +46,15 @@ nixTest(
         w.work.commit,
         "publishing made the tag at the built commit",
       );
-      assert.deepEqual(names(release), [...ALL, "SHA256SUMS", "manifest.json"].sort());
+      assert.deepEqual(
+        names(release),
+        [...ALL, "SHA256SUMS", "manifest.json", "provenance.intoto.json"].sort(),
+      );
       const sums = await verifyAgainstSums(w.forgejo, release);
-      assert.deepEqual([...sums.keys()].sort(), [...ALL, "manifest.json"].sort());
+      assert.deepEqual(
+        [...sums.keys()].sort(),
+        [...ALL, "manifest.json", "provenance.intoto.json"].sort(),
+      );
       assert.equal(run.stdout, `${release.html_url}\n`, "stdout carries the release URL only");
 
       // The draft is created first, the index files come after every image, publish is last.
@@ -123,7 +129,10 @@ nixTest(
       assert.equal(resumed.code, 0, resumed.stderr);
       const release = w.release();
       assert.equal(release.draft, false);
-      assert.deepEqual(names(release), [...ALL, "SHA256SUMS", "manifest.json"].sort());
+      assert.deepEqual(
+        names(release),
+        [...ALL, "SHA256SUMS", "manifest.json", "provenance.intoto.json"].sort(),
+      );
       for (const name of NETBOOT) {
         assert.equal(
           uploadsOf(w.forgejo, name).length,
@@ -209,7 +218,7 @@ nixTest(
       assert.equal(release.draft, false);
       assert.deepEqual(
         names(release),
-        [...ALL, "SHA256SUMS", "manifest.json"].sort(),
+        [...ALL, "SHA256SUMS", "manifest.json", "provenance.intoto.json"].sort(),
         "every asset exactly once",
       );
       await verifyAgainstSums(w.forgejo, release);
@@ -235,9 +244,15 @@ nixTest(
       for (const run of runs) assert.equal(run.code, 0, run.stderr);
       const release = w.release();
       assert.equal(release.draft, false, "the job that completed the set published it");
-      assert.deepEqual(names(release), [...every, "SHA256SUMS", "manifest.json"].sort());
+      assert.deepEqual(
+        names(release),
+        [...every, "SHA256SUMS", "manifest.json", "provenance.intoto.json"].sort(),
+      );
       const sums = await verifyAgainstSums(w.forgejo, release);
-      assert.deepEqual([...sums.keys()].sort(), [...every, "manifest.json"].sort());
+      assert.deepEqual(
+        [...sums.keys()].sort(),
+        [...every, "manifest.json", "provenance.intoto.json"].sort(),
+      );
     });
   },
 );
@@ -261,7 +276,10 @@ nixTest(
       assert.equal(release.draft, false);
       assert.equal(w.forgejo.tags()[TAG], w.work.commit);
       const sums = await verifyAgainstSums(w.forgejo, release);
-      assert.deepEqual([...sums.keys()].sort(), [...ALL, "manifest.json"].sort());
+      assert.deepEqual(
+        [...sums.keys()].sort(),
+        [...ALL, "manifest.json", "provenance.intoto.json"].sort(),
+      );
       assert.match(await fs.readFile(output, "utf8"), /^release-url=/);
     });
   },
@@ -347,7 +365,7 @@ nixTest(
       const release = w.release();
       assert.deepEqual(
         names(release),
-        [...NETBOOT, "SHA256SUMS", "manifest.json"].sort(),
+        [...NETBOOT, "SHA256SUMS", "manifest.json", "provenance.intoto.json"].sort(),
         "one asset per name",
       );
       const initrd = await w.forgejo.assetBytes(release.id, "netboot-x86_64-linux.initrd");
@@ -392,7 +410,10 @@ nixTest(
       assert.equal((await w.publish(["--targets", "iso"])).code, 0);
       const release = w.release();
       assert.equal(release.draft, false);
-      assert.deepEqual(names(release), [...ALL, "SHA256SUMS", "manifest.json"].sort());
+      assert.deepEqual(
+        names(release),
+        [...ALL, "SHA256SUMS", "manifest.json", "provenance.intoto.json"].sort(),
+      );
     }, { draftsHiddenFromTagLookup: true });
   },
 );

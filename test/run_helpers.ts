@@ -156,4 +156,5 @@ export const STAGED_NETBOOT_ISO = [
   "netboot-x86_64-linux.bzImage",
   "netboot-x86_64-linux.initrd",
   "netboot-x86_64-linux.ipxe",
+  "provenance.intoto.json",
 ];

@@ -58,8 +58,21 @@ export interface ReleaseOptions extends CommonOptions {
   finalize: boolean;
   allowDirty: boolean;
   ciRun?: string;
+  /** The CI run this release is made in, for its provenance; absent when run by hand. */
+  ci?: CiJob;
   /** --signing-key FILE: the key signs SHA256SUMS wherever this run writes it. */
   signingKeyFile?: string;
+}
+
+/** Where a run in CI is, from Forgejo's GITHUB_* variables. */
+export interface CiJob {
+  server: string;
+  /** OWNER/NAME */
+  repository: string;
+  /** The URL of the CI run. */
+  runUrl: string;
+  /** GITHUB_WORKFLOW_REF: `OWNER/NAME/PATH@REF` of the workflow file; older servers omit it. */
+  workflowRef?: string;
 }
 
 /** Download a published release's boot files into `out/<tag>`, then point `out/current` at it. */
@@ -222,6 +235,7 @@ Environment:
   GITHUB_TOKEN       used when FORGEJO_TOKEN is unset (the workflow token)
   GITHUB_SERVER_URL, GITHUB_REPOSITORY, GITHUB_SHA, GITHUB_REF_TYPE, GITHUB_REF_NAME,
   GITHUB_RUN_ID      defaults for the flags above, set by Forgejo Actions
+  GITHUB_WORKFLOW_REF the workflow file and ref, named as the builder in the provenance
   GITHUB_OUTPUT      receives release-url, tag and release-id
   GITHUB_STEP_SUMMARY receives a table of the assets
   RELEASE_BOOT_SIGNING_KEY  the signing key's text (a CI secret), instead of --signing-key
@@ -334,6 +348,21 @@ const CommitFlagSchema = v.pipe(
 const ServerFlagSchema = v.pipe(
   ruled(serverProblem),
   v.transform((url) => url.replace(/\/+$/, "")),
+);
+
+/** The CI server names the builder in a release's provenance, so it must be a URL. */
+const CiServerSchema = v.pipe(
+  v.string(),
+  v.url("it is not a URL"),
+  v.transform((url) => url.replace(/\/+$/, "")),
+);
+
+const WorkflowRefSchema = v.pipe(
+  v.string(),
+  v.regex(
+    /^[^/\s@]+\/[^/\s@]+\/[^\s@]+@\S+$/,
+    "a workflow ref is OWNER/NAME/PATH@REF, e.g. ops/runners/.forgejo/workflows/boot-images.yml@refs/tags/boot-v1.2.0",
+  ),
 );
 
 const FlakeFlagSchema = v.pipe(
@@ -538,6 +567,7 @@ async function releaseOptions(
     ? `boot-dev-${commit.slice(0, 12)}`
     : flagOrEnv(flags, "tag", env, "GITHUB_REF_NAME", TagFlagSchema) ??
       `boot-dev-${commit.slice(0, 12)}`;
+  const ci = ciJob(env);
   return {
     command: "release",
     flake: parseFlag("flake", FlakeFlagSchema, flags.value("flake") ?? "."),
@@ -554,12 +584,23 @@ async function releaseOptions(
     finalize: flags.on("finalize"),
     allowDirty: flags.on("allow-dirty"),
     signingKeyFile: flags.value("signing-key"),
-    ciRun: env.GITHUB_SERVER_URL && env.GITHUB_REPOSITORY && env.GITHUB_RUN_ID
-      ? `${
-        env.GITHUB_SERVER_URL.replace(/\/+$/, "")
-      }/${env.GITHUB_REPOSITORY}/actions/runs/${env.GITHUB_RUN_ID}`
-      : undefined,
+    ciRun: ci?.runUrl,
+    ci,
     ...common,
+  };
+}
+
+/** The CI run, when Forgejo Actions' variables say there is one. */
+function ciJob(env: Env): CiJob | undefined {
+  if (!env.GITHUB_SERVER_URL || !env.GITHUB_REPOSITORY || !env.GITHUB_RUN_ID) return undefined;
+  const server = parseFlag("server", CiServerSchema, env.GITHUB_SERVER_URL, "GITHUB_SERVER_URL");
+  return {
+    server,
+    repository: env.GITHUB_REPOSITORY,
+    runUrl: `${server}/${env.GITHUB_REPOSITORY}/actions/runs/${env.GITHUB_RUN_ID}`,
+    workflowRef: env.GITHUB_WORKFLOW_REF
+      ? parseFlag("workflow", WorkflowRefSchema, env.GITHUB_WORKFLOW_REF, "GITHUB_WORKFLOW_REF")
+      : undefined,
   };
 }
 

@@ -21,6 +21,7 @@ import {
   type Workflow,
 } from "../../types/provenance.ts";
 import { ReleaseError } from "./run.ts";
+import type { CiJob } from "./cli.ts";
 import { ed25519Blob, readEd25519Blob, type SigningKey, sshFingerprint } from "./sshsig.ts";
 
 /** builder.id of a release made by hand, outside CI: nothing vouches for the machine. */
@@ -64,15 +65,6 @@ export function signerOf(key: SigningKey): Signer {
       (problem) => new ReleaseError(`the signing key ${key.fingerprint} is damaged (${problem})`),
     ),
   };
-}
-
-/** Where a run in CI is: Forgejo's GITHUB_* variables (see builderOf). */
-export interface CiJob {
-  server: string;
-  repository: string;
-  /** The URL of the CI run. */
-  runUrl: string;
-  workflowRef?: string;
 }
 
 /**

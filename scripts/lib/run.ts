@@ -40,6 +40,9 @@ export function processIo(): Io {
 export interface Run {
   /** In a CI job: secrets are masked in its log and steps become collapsible groups. */
   ci: boolean;
+  /** When main started this run, and an id it made for itself: what its records say of it. */
+  startedOn: Date;
+  id: string;
   io: Io;
   /** Progress and problems, for people: stderr. */
   log(message: string): void;
@@ -63,6 +66,8 @@ export function startRun(env: Env, io: Io): Run {
   const log = (message: string) => io.stderr(`${redact(message)}\n`);
   return {
     ci,
+    startedOn: new Date(),
+    id: crypto.randomUUID(),
     io,
     log,
     result: (line) => io.stdout(`${redact(line)}\n`),

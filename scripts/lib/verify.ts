@@ -5,7 +5,7 @@
 import * as fs from "node:fs/promises";
 import * as path from "node:path";
 import { type Release, type Repository } from "../../types/forgejo.ts";
-import { type Manifest, MANIFEST_NAME, SUMS_NAME } from "../../types/manifest.ts";
+import { INDEX_NAMES, type Manifest, MANIFEST_NAME, SUMS_NAME } from "../../types/manifest.ts";
 import { type FlakeMetadata, FlakeMetadataSchema } from "../../types/nix.ts";
 import {
   buildTargets,
@@ -105,7 +105,10 @@ async function readIndexToVerify(
  * through its tag (nix fetches a ref, then checks out the rev). Public repositories only: nix
  * is never given the token.
  */
-function releaseFlake(repository: Repository, manifest: Pick<Manifest, "tag" | "commit">): string {
+export function releaseFlake(
+  repository: Pick<Repository, "html_url">,
+  manifest: Pick<Manifest, "tag" | "commit">,
+): string {
   const url = new URL(`git+${repository.html_url.replace(/\/+$/, "")}`);
   url.searchParams.set("ref", `refs/tags/${manifest.tag}`);
   url.searchParams.set("rev", manifest.commit);
@@ -159,7 +162,7 @@ export function rebuildScope(
   system?: string,
 ): RebuildScope {
   const unlisted = [...sums.keys()].find((name) =>
-    name !== MANIFEST_NAME && !manifest.assets.some((a) => a.name === name)
+    !INDEX_NAMES.has(name) && !manifest.assets.some((a) => a.name === name)
   );
   if (unlisted) {
     throw new ReleaseError(

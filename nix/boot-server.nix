@@ -106,6 +106,7 @@ in
     };
   };
 
+  # firstStage too, for tests that build iPXE from its source with the same script.
   config.system.build = lib.mkIf (cfg.trustedCa != null) {
     trustedIpxe = {
       efi = bootFile "ipxe.efi" "efi";

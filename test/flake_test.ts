@@ -871,9 +871,16 @@ nixTest(
         const trust = build.makeFlags.filter((flag) => flag.startsWith("TRUST="));
         assert.equal(trust.length, 1, build.makeFlags.join(" "));
         assert.equal(await fs.readFile(trust[0].slice("TRUST=".length), "utf8"), ca.pem);
-        const embed = build.makeFlags.filter((flag) => flag.startsWith("EMBED="));
-        assert.equal(embed.length, 1, build.makeFlags.join(" "));
-        assert.equal(await fs.readFile(embed[0].slice("EMBED=".length), "utf8"), build.embedded);
+        // The embedded script is the one the configuration offers as its first stage.
+        const firstStage = await nixBuild(
+          ref,
+          "nixosConfigurations.runner-x86_64-netboot.config.system.build.trustedIpxe.firstStage",
+        );
+        assert.deepEqual(
+          build.makeFlags.filter((flag) => flag.startsWith("EMBED=")),
+          [`EMBED=${firstStage}`],
+        );
+        assert.equal(await fs.readFile(firstStage, "utf8"), build.embedded);
         assert.match(build.embedded, /^#!ipxe\n/);
         assert.doesNotMatch(build.embedded, /@\w+@/, "every placeholder is filled in");
       }

@@ -14,9 +14,9 @@ let
   placeholderUrl = "http://boot.example.org/netboot/current/netboot.ipxe";
 
   # iPXE splits a script line into tokens at whitespace before it expands ${...}, and a token
-  # `||`, `&&`, `;` or one starting with `#` ends the command (core/exec.c, split_command and
-  # command_terminator, in the iPXE source at ../shared/ipxe): text spliced into the first stage
-  # must not hold those, or a line could lose its `|| goto`.
+  # `||`, `&&`, `;` or one starting with `#` ends the command (iPXE's src/core/exec.c,
+  # split_command and command_terminator): text spliced into the first stage must not hold those,
+  # or a line could lose its `|| goto`.
   assertions = [
     {
       assertion = cfg.scriptUrl != placeholderUrl;
@@ -60,7 +60,7 @@ let
   # becomes EMBED= in makeFlags (line 133); IMAGE_TRUST_CMD and DOWNLOAD_PROTO_HTTPS are among
   # its default options (lines 88 and 90); TRUST= has no argument, so it joins makeFlags here.
   # TRUST= makes the CA the only root iPXE trusts, by its SHA-256 fingerprint (iPXE's
-  # Makefile.housekeeping, TRUSTED_FPS).
+  # src/Makefile.housekeeping, TRUSTED_FPS).
   trustedIpxe = (pkgs.ipxe.override { embedScript = firstStage; }).overrideAttrs (old: {
     makeFlags = old.makeFlags ++ [ "TRUST=${cfg.trustedCa}" ];
   });

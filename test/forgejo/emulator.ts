@@ -121,6 +121,9 @@ export interface RecordedRequest {
   bodyBytes: number;
   /** 0 if no response was sent. */
   status: number;
+  /** When the request arrived and when its exchange closed (answered or not), in epoch ms. */
+  receivedAt: number;
+  closedAt?: number;
 }
 
 export interface Emulator {
@@ -655,9 +658,16 @@ function beginExchange(
     headers: flattenHeaders(req.headers),
     bodyBytes: 0,
     status: 0,
+    receivedAt: epochMs(),
   };
+  res.once("close", () => record.closedAt = epochMs());
   f.requests.push(record);
   return { req, res, record, url, access: "anonymous" };
+}
+
+/** Sub-millisecond, so that the overlap of two short requests shows. */
+function epochMs(): number {
+  return performance.timeOrigin + performance.now();
 }
 
 function flattenHeaders(headers: IncomingHttpHeaders): Record<string, string> {

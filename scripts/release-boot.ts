@@ -28,14 +28,12 @@ import {
 } from "../types/forgejo.ts";
 import {
   ASSET_NAME,
-  type FlakeInput,
   INDEX_NAMES,
   type Manifest,
   MANIFEST_NAME,
   SIGNATURE_NAME,
   SUMS_NAME,
 } from "../types/manifest.ts";
-import { type FlakeMetadata } from "../types/nix.ts";
 import {
   type Env,
   formatBytes,
@@ -68,6 +66,7 @@ import {
   readFlake,
 } from "./lib/nix.ts";
 import {
+  describeRelease,
   judgeRelease,
   mergeManifests,
   parseSums,
@@ -207,61 +206,6 @@ interface Bundle {
   sums: BytesAsset;
   manifestAsset: BytesAsset;
   provenance: BytesAsset;
-}
-
-function flakeInputs(metadata: FlakeMetadata): Record<string, FlakeInput> {
-  const nodes = metadata.locks.nodes;
-  const rootInputs = nodes[metadata.locks.root]?.inputs ?? {};
-  const inputs: Record<string, FlakeInput> = {};
-  for (const [name, ref] of Object.entries(rootInputs)) {
-    const node = typeof ref === "string" ? nodes[ref] : undefined;
-    const locked = node?.locked;
-    if (!locked) continue;
-    const url = locked.owner && locked.repo
-      ? `${locked.type}:${locked.owner}/${locked.repo}`
-      : locked.url ?? locked.path;
-    inputs[name] = {
-      type: locked.type,
-      url,
-      rev: locked.rev,
-      narHash: locked.narHash,
-      lastModified: locked.lastModified,
-    };
-  }
-  return inputs;
-}
-
-function describeRelease(
-  options: ReleaseOptions,
-  flake: FlakeInfo,
-  assets: FileAsset[],
-): Manifest {
-  return {
-    schema: 1,
-    tag: options.tag,
-    commit: options.commit,
-    flake: {
-      ref: options.flake,
-      url: flake.metadata.url,
-      revision: flake.metadata.revision,
-      narHash: flake.metadata.locked.narHash,
-      locked: flake.locked,
-      dirty: flake.dirty,
-      inputs: flakeInputs(flake.metadata),
-    },
-    nixVersion: flake.nixVersion,
-    ciRun: options.ciRun,
-    createdAt: new Date().toISOString(),
-    assets: assets.map((asset) => ({
-      name: asset.name,
-      size: asset.size,
-      sha256: asset.sha256,
-      target: asset.target,
-      system: asset.system,
-      storePath: asset.path,
-      drvPath: asset.drvPath,
-    })),
-  };
 }
 
 /** An asset made of bytes release-boot wrote (SHA256SUMS, manifest.json), not a file. */

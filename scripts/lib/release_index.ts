@@ -1,14 +1,16 @@
 /**
- * A release's index, the one home every command reads it from: SHA256SUMS, manifest.json and
- * the provenance rendered and parsed, read back from a release with who signed them, merged
- * across jobs, and judged complete or not; which copy holds which bytes (the upload record in
- * the release body); and the published release and checksums fetch and verify start from. It
- * reads releases and renders what is written to them; it never uploads, edits or deletes.
+ * A release's index, the one home every command reads it from: manifest.json described from a
+ * build; SHA256SUMS, manifest.json and the provenance rendered, parsed and read back from a
+ * release with who signed them, merged across jobs, and judged complete or not; which copy
+ * holds which bytes (the upload record in the release body); and the published release and
+ * checksums fetch and verify start from. It reads releases and renders what is written to
+ * them; it never uploads, edits or deletes.
  */
 import * as v from "valibot";
 import { type Attachment, type Release } from "../../types/forgejo.ts";
 import {
   ASSET_NAME,
+  type FlakeInput,
   INDEX_NAMES,
   type Manifest,
   MANIFEST_NAME,
@@ -19,6 +21,9 @@ import {
 } from "../../types/manifest.ts";
 import { ReleaseError, type Run, UsageError } from "./run.ts";
 import { type Forgejo } from "./forgejo.ts";
+import { type ReleaseOptions } from "./cli.ts";
+import { type FileAsset, type FlakeInfo } from "./nix.ts";
+import { type FlakeMetadata } from "../../types/nix.ts";
 import { parseJson, safeJson } from "./json.ts";
 import { sha256Hex } from "./hash.ts";
 import { signatureKey, type SigningKey, type TrustedKey, verifySums } from "./sshsig.ts";
@@ -215,6 +220,65 @@ export function mergeManifests(remote: Manifest | undefined, local: Manifest): M
     ...local,
     flake: { ...local.flake, inputs: { ...remote.flake.inputs, ...local.flake.inputs } },
     assets,
+  };
+}
+
+function flakeInputs(metadata: FlakeMetadata): Record<string, FlakeInput> {
+  const nodes = metadata.locks.nodes;
+  const rootInputs = nodes[metadata.locks.root]?.inputs ?? {};
+  const inputs: Record<string, FlakeInput> = {};
+  for (const [name, ref] of Object.entries(rootInputs)) {
+    const node = typeof ref === "string" ? nodes[ref] : undefined;
+    const locked = node?.locked;
+    if (!locked) continue;
+    const url = locked.owner && locked.repo
+      ? `${locked.type}:${locked.owner}/${locked.repo}`
+      : locked.url ?? locked.path;
+    inputs[name] = {
+      type: locked.type,
+      url,
+      rev: locked.rev,
+      narHash: locked.narHash,
+      lastModified: locked.lastModified,
+    };
+  }
+  return inputs;
+}
+
+/**
+ * manifest.json of this run's build: the tag and commit, the flake with its locked inputs,
+ * the nix that built it, and every asset with the derivation it came from.
+ */
+export function describeRelease(
+  options: ReleaseOptions,
+  flake: FlakeInfo,
+  assets: FileAsset[],
+): Manifest {
+  return {
+    schema: 1,
+    tag: options.tag,
+    commit: options.commit,
+    flake: {
+      ref: options.flake,
+      url: flake.metadata.url,
+      revision: flake.metadata.revision,
+      narHash: flake.metadata.locked.narHash,
+      locked: flake.locked,
+      dirty: flake.dirty,
+      inputs: flakeInputs(flake.metadata),
+    },
+    nixVersion: flake.nixVersion,
+    ciRun: options.ciRun,
+    createdAt: new Date().toISOString(),
+    assets: assets.map((asset) => ({
+      name: asset.name,
+      size: asset.size,
+      sha256: asset.sha256,
+      target: asset.target,
+      system: asset.system,
+      storePath: asset.path,
+      drvPath: asset.drvPath,
+    })),
   };
 }
 

@@ -172,7 +172,8 @@ Usage:
                     [--dry-run]
 
 With no server configured (no --server, no GITHUB_SERVER_URL) the release is staged in
---out: every asset, SHA256SUMS and manifest.json, exactly as it would be published.
+--out: every asset, SHA256SUMS, manifest.json and the provenance, exactly as it would be
+published.
 
 Flags:
   --flake REF        flake to build (default "."); target N builds REF#packages.<system>.N
@@ -194,8 +195,9 @@ Flags:
                      new bytes and the new SHA256SUMS, then delete the old copies
   --finalize         build nothing: check that every asset of the draft for the tag is
                      covered by its SHA256SUMS, then publish it (the last job of a matrix)
-  --signing-key FILE sign SHA256SUMS (SHA256SUMS.sig, an SSH signature) with this unencrypted
-                     ssh-ed25519 key; or give the key's text in RELEASE_BOOT_SIGNING_KEY
+  --signing-key FILE sign SHA256SUMS (SHA256SUMS.sig, an SSH signature) and the provenance
+                     (provenance.intoto.jsonl) with this unencrypted ssh-ed25519 key; or give
+                     the key's text in RELEASE_BOOT_SIGNING_KEY
   --allow-dirty      publish even from a git checkout with uncommitted changes or a flake
                      whose inputs are not locked (recorded in manifest.json)
   --timeout SECONDS  a request making no progress this long fails, then is retried (default
@@ -211,8 +213,8 @@ deleted), resumes an interrupted download, writes netboot.ipxe to load kernel an
 beside it, and only then points the symlink DIR/current at DIR/TAG (DIR/previous keeps the
 one before), so an HTTP server serving DIR/current never sees a half-made directory.
 "latest" is the newest published boot-v* release. A token is optional for a public repository.
-  --trust FILE       allowed_signers (or ssh-ed25519 public key lines): SHA256SUMS.sig must be
-                     signed by one of its keys, else nothing under DIR changes
+  --trust FILE       allowed_signers (or ssh-ed25519 public key lines): SHA256SUMS.sig and the
+                     provenance must be signed by its keys, else nothing under DIR changes
   --keep N           tag directories to keep in DIR (default 3; current and previous stay)
   --rollback         point DIR/current back at DIR/previous; no network
 
@@ -221,8 +223,8 @@ every file with its SHA256SUMS: one line per file on stdout (identical, differen
 sums, missing), the JSON with --json, the verdict on stderr. --flake (default: the release's
 tag and commit fetched from the repository, git+URL?ref=refs/tags/TAG&rev=COMMIT) must be
 at that commit: a clean checkout of it, or a reference pinned with ?rev=. --trust FILE
-(allowed_signers) requires SHA256SUMS.sig by one of its keys. Exit 0 when every file is
-identical, 1 when any differs or is missing (or the release cannot be checked).
+(allowed_signers) requires SHA256SUMS.sig and the provenance signed by its keys. Exit 0 when
+every file is identical, 1 when any differs or is missing (or the release cannot be checked).
 
 prune deletes published boot-dev-* releases beyond the --keep newest (default ${PRUNE_KEEP}) with
 their tags, drafts unchanged for --stale-drafts days (default ${PRUNE_STALE_DAYS}) and boot-dev-*

@@ -208,7 +208,7 @@ interface Bundle {
   provenance: BytesAsset;
 }
 
-/** An asset made of bytes release-boot wrote (SHA256SUMS, manifest.json), not a file. */
+/** An asset made of bytes release-boot wrote (SHA256SUMS, manifest.json, the provenance). */
 type BytesAsset = BundleAsset & { bytes: Uint8Array };
 
 function bytesAsset(name: string, content: string | Uint8Array): BytesAsset {
@@ -612,6 +612,7 @@ async function writeIndex(
         await updateBody(forgejo, release, index.manifests[0].manifest, options);
         return;
       }
+      // The newest copies may already cover everything; their signature is kept or made below.
       const newest = {
         manifests: index.manifests.slice(-1),
         sums: index.sums.slice(-1),
@@ -825,6 +826,7 @@ async function finalizeRelease(
   const adopted = await adoptRelease(run, forgejo, found, options);
   const unsigned = await readIndex(forgejo, adopted);
   const union = unionManifest(unsigned);
+  // Complete but for its signatures (build jobs need not hold the key): written again, signed.
   const { signatures: _, ...unsignedParts } = unsigned;
   if (key && union && problemsOf(judgeRelease(adopted.assets, unsignedParts)).length === 0) {
     await writeIndex(run, forgejo, repository, adopted, union, [], options, key);

@@ -18,6 +18,8 @@ import {
   signerOf,
 } from "../scripts/lib/provenance.ts";
 import { parseSigningKey } from "../scripts/lib/sshsig.ts";
+import { readOptions } from "../scripts/lib/cli.ts";
+import { UsageError } from "../scripts/lib/run.ts";
 import type { Attachment } from "../types/forgejo.ts";
 import {
   ENVELOPE_NAME,
@@ -194,6 +196,35 @@ Deno.test("the judgement wants one provenance, listed in SHA256SUMS as it is, at
     judgeRelease([attachment(4, "a.iso"), attachment(3, STATEMENT_NAME)], index([good])).assets,
     [],
     "the provenance is never an asset SHA256SUMS must cover",
+  );
+});
+
+Deno.test("in CI the options carry the run and its workflow ref for the provenance; a ref that names no workflow file is refused", async () => {
+  const ci = {
+    GITHUB_SHA: "0123456789abcdef0123456789abcdef01234567",
+    GITHUB_SERVER_URL: "https://git.example.org/",
+    GITHUB_REPOSITORY: "ops/runners",
+    GITHUB_RUN_ID: "42",
+    GITHUB_WORKFLOW_REF: "ops/runners/.forgejo/workflows/boot-images.yml@refs/heads/main",
+  };
+  const options = await readOptions(["--targets", "netboot"], ci);
+  assert(options.command === "release");
+  assert.deepEqual(options.ci, {
+    server: "https://git.example.org",
+    repository: "ops/runners",
+    runUrl: "https://git.example.org/ops/runners/actions/runs/42",
+    workflowRef: ci.GITHUB_WORKFLOW_REF,
+  });
+  const byHand = await readOptions(["--commit", ci.GITHUB_SHA], {});
+  assert(byHand.command === "release");
+  assert.equal(byHand.ci, undefined);
+  await assert.rejects(
+    readOptions([], { ...ci, GITHUB_WORKFLOW_REF: "boot images.yml" }),
+    (error: Error) =>
+      error instanceof UsageError &&
+      /^bad GITHUB_WORKFLOW_REF "boot images\.yml": a workflow ref is OWNER\/NAME\/PATH@REF/.test(
+        error.message,
+      ),
   );
 });
 

@@ -63,12 +63,29 @@ export function startTestRun(env: Record<string, string | undefined> = baseEnv()
   return startRun(env, memoryIo());
 }
 
-export async function runRelease(
-  args: string[],
-  options: { env?: Record<string, string>; cwd?: string; signal?: AbortSignal } = {},
-): Promise<Run> {
+interface RunOptions {
+  env?: Record<string, string>;
+  cwd?: string;
+  signal?: AbortSignal;
+  /**
+   * Limits the network to these hosts (as --allow-net takes them): a request anywhere else
+   * fails at once, before any name is looked up, so a test may run code that would leave
+   * the machine.
+   */
+  allowNet?: string;
+}
+
+/** The permissions of the script's shebang, the network limited to `hosts` when given. */
+function permissions(hosts: string | undefined): string[] {
+  if (hosts === undefined) return ["--allow-all"];
+  return ["--allow-read", "--allow-write", "--allow-run", "--allow-env", "--allow-sys"]
+    .concat(`--allow-net=${hosts}`);
+}
+
+export async function runRelease(args: string[], options: RunOptions = {}): Promise<Run> {
+  const config = ["--config", path.join(repoRoot, "deno.json")];
   const command = new Deno.Command(Deno.execPath(), {
-    args: ["run", "--allow-all", "--config", path.join(repoRoot, "deno.json"), script, ...args],
+    args: ["run", ...permissions(options.allowNet), ...config, script, ...args],
     cwd: options.cwd ?? repoRoot,
     env: options.env ?? baseEnv(),
     clearEnv: true,

@@ -3,7 +3,7 @@
  * release-boot: build a flake's NixOS boot images and publish them as a verified Forgejo
  * release (or stage the same bundle locally when no server is configured).
  *
- * The runbook this replaces, in order (see main()):
+ * The runbook this replaces, in order (see runbook()):
  *   1. read flags and environment; refuse bad input before any work
  *   2. check the Forgejo server, repository and token (when publishing)
  *   3. read the flake: its targets and locked inputs
@@ -13,10 +13,12 @@
  *   7. stage locally, or: draft release -> upload what is missing -> checksums -> publish
  *
  * `release-boot fetch` is the way back: a published release, verified, laid out for PXE.
+ *
+ * This file is the one executable and holds the release pipeline's own steps; every other
+ * subsystem is a module under scripts/lib/ that never imports this file (docs/ARCHITECTURE.md).
  */
 import * as fs from "node:fs/promises";
 import * as path from "node:path";
-import * as v from "valibot";
 import { sleep } from "zx";
 import {
   type Attachment,
@@ -56,7 +58,7 @@ import {
   requireToken,
   uploadAsset,
 } from "./lib/forgejo.ts";
-import { safeJson } from "./lib/json.ts";
+
 import {
   buildTargets,
   collectProducts,
@@ -71,9 +73,13 @@ import {
   parseSums,
   problemsOf,
   readIndex,
+  readRecordedSums,
+  readUploadRecord,
+  type RecordedSha,
   type RemoteIndex,
   renderSums,
   unionManifest,
+  withUploadRecord,
 } from "./lib/release_index.ts";
 import { sha256Hex } from "./lib/hash.ts";
 import { pointIpxeAtRelease } from "./lib/ipxe.ts";
@@ -159,6 +165,10 @@ async function runbook(run: Run, argv: string[], env: Env): Promise<void> {
   );
   await reportRelease(run, release, bundle.manifest, env);
 }
+
+// ---------------------------------------------------------------------------------------------
+// What is published: the flake checked, the assets described and bundled
+// ---------------------------------------------------------------------------------------------
 
 /** Publishing trusts only what can be rebuilt: locked inputs and a committed tree. */
 function refuseUntrustedFlake(flake: FlakeInfo, options: ReleaseOptions): void {
@@ -280,6 +290,10 @@ function downloadBase(options: ReleaseOptions, repository: Repository | undefine
   return `${repoUrl}/releases/download/${encodeURIComponent(options.tag)}/`;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Dry run and local stage
+// ---------------------------------------------------------------------------------------------
+
 function printPlan(run: Run, bundle: Bundle, options: ReleaseOptions): void {
   const where = options.site ? `${options.site.server}/${options.site.repo}` : options.out;
   run.result(`Plan for ${options.tag} (commit ${options.commit}) -> ${where}; nothing written:`);
@@ -381,6 +395,10 @@ async function removeAbandonedStages(run: Run, out: string): Promise<void> {
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// The release: find or create the draft, refuse what would change history
+// ---------------------------------------------------------------------------------------------
+
 async function refuseTagOnOtherCommit(forgejo: Forgejo, options: ReleaseOptions): Promise<void> {
   const tag = await forgejo.tags.get(options.tag);
   if (tag && tag.commit.sha !== options.commit) {
@@ -461,43 +479,6 @@ async function adoptRelease(
   return await forgejo.releases.edit(release.id, edit);
 }
 
-/**
- * Which attachment holds which bytes, kept in the release body as an HTML comment (invisible
- * on the release page) and updated after each upload. It lets a rerun trust a copy by its id
- * instead of uploading it again, and tells a replaced copy from the new one.
- */
-type UploadRecord = Record<string, { id: number; size: number; sha256: string }>;
-
-const RECORD_PATTERN = /\n?<!-- release-boot:uploaded (\{.*?\}) -->\n?/s;
-
-const UploadRecordSchema = v.record(
-  v.string(),
-  v.object({ id: v.number(), size: v.number(), sha256: v.string() }),
-);
-
-export function readUploadRecord(body: string): UploadRecord {
-  const match = body.match(RECORD_PATTERN);
-  if (!match) return {};
-  const parsed = v.safeParse(UploadRecordSchema, safeJson(match[1]));
-  return parsed.success ? parsed.output : {};
-}
-
-export function withUploadRecord(body: string, record: UploadRecord): string {
-  const text = body.replace(RECORD_PATTERN, "\n").trimEnd();
-  return `${text}\n\n<!-- release-boot:uploaded ${JSON.stringify(record)} -->\n`;
-}
-
-/** A copy's sha256 from the upload record, else (for older copies) from manifest.json. */
-async function readRecordedSums(forgejo: Forgejo, release: Release): Promise<RecordedSha> {
-  const record = readUploadRecord(release.body);
-  const manifest = unionManifest(await readIndex(forgejo, release));
-  return (copy) => {
-    const entry = record[copy.name];
-    if (entry) return entry.id === copy.id ? entry.sha256 : undefined;
-    return manifest?.assets.find((asset) => asset.name === copy.name)?.sha256;
-  };
-}
-
 async function recordUpload(
   forgejo: Forgejo,
   releaseId: number,
@@ -510,6 +491,10 @@ async function recordUpload(
   await forgejo.releases.edit(releaseId, { body: withUploadRecord(release.body, record) });
 }
 
+// ---------------------------------------------------------------------------------------------
+// What to upload: a pure plan from the local bundle and the release's current state
+// ---------------------------------------------------------------------------------------------
+
 type PlannedAction =
   /** Already there with the same size and checksum: `remove` lists stray copies to delete. */
   | { kind: "skip"; asset: BundleAsset; keep: Attachment; remove: Attachment[] }
@@ -517,9 +502,6 @@ type PlannedAction =
   | { kind: "upload"; asset: BundleAsset; remove: Attachment[] }
   /** There with other bytes: refused unless --replace, which uploads then removes. */
   | { kind: "conflict"; asset: BundleAsset; remote: Attachment[]; remoteSha256?: string };
-
-/** What the release says a stored copy holds: its sha256, or undefined when unknown. */
-type RecordedSha = (copy: Attachment) => string | undefined;
 
 export function planUploads(
   local: BundleAsset[],
@@ -584,6 +566,10 @@ async function sayingWhatIsLeft<T>(
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Uploads, each recorded in the release body
+// ---------------------------------------------------------------------------------------------
+
 async function uploadPlanned(
   run: Run,
   forgejo: Forgejo,
@@ -601,6 +587,10 @@ async function uploadPlanned(
     }, `${done} of ${uploads.length} uploads had finished and `);
   }
 }
+
+// ---------------------------------------------------------------------------------------------
+// SHA256SUMS and manifest.json: the union of every job's assets, written until it holds
+// ---------------------------------------------------------------------------------------------
 
 /**
  * Writes SHA256SUMS and manifest.json covering every asset, re-reading until exactly one of
@@ -749,6 +739,10 @@ export function releaseBody(manifest: Manifest, options: Pick<ReleaseOptions, "s
   if (manifest.ciRun) lines.push("", `Built by [CI run](${manifest.ciRun}).`);
   return `${lines.join("\n")}\n`;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Publish once everything is there, then confirm it
+// ---------------------------------------------------------------------------------------------
 
 /**
  * Publishes the draft once it is complete. When another job's assets are there but not yet

@@ -296,6 +296,43 @@ Deno.test("downloads serve the bytes and honour Range: bytes=N-", async () => {
   });
 });
 
+Deno.test("each recorded request says when it arrived and closed, so overlapping uploads show", async () => {
+  await withForgejo({}, async (em) => {
+    const rel = await createRelease(em, { tag_name: "boot-v1" });
+    const mark = em.requests.length;
+    // The first upload's body stays open until the second upload has been answered.
+    let finishFirst!: () => void;
+    const secondAnswered = new Promise<void>((resolve) => finishFirst = resolve);
+    const body = new ReadableStream<Uint8Array>({
+      async start(controller) {
+        controller.enqueue(bytesOf("first half "));
+        await secondAnswered;
+        controller.enqueue(bytesOf("second half"));
+        controller.close();
+      },
+    });
+    const first = fetch(`${em.url}/api/v1/repos/ops/runners/releases/${rel.id}/assets?name=a.iso`, {
+      method: "POST",
+      headers: { authorization: `token ${TOKEN}`, "content-type": "application/octet-stream" },
+      body,
+    });
+    while (em.requests.length === mark) await new Promise((resolve) => setTimeout(resolve, 5));
+    assert.equal((await upload(em, rel.id, "b.iso", bytesOf("whole"))).status, 201);
+    finishFirst();
+    assert.equal((await first).status, 201);
+    await (await first).body?.cancel();
+    const third = await upload(em, rel.id, "c.iso", bytesOf("after"));
+    assert.equal(third.status, 201);
+
+    const [a, b, c] = em.requests.slice(mark);
+    assert.deepEqual([a.query.name, b.query.name, c.query.name], ["a.iso", "b.iso", "c.iso"]);
+    // b arrived and closed while a was open; c arrived after both had closed.
+    assert.ok(a.receivedAt < b.receivedAt && b.closedAt! < a.closedAt!);
+    assert.ok(a.closedAt! <= c.receivedAt && b.closedAt! <= c.receivedAt);
+    assert.ok(c.receivedAt <= c.closedAt!);
+  });
+});
+
 Deno.test("with serveDirect a download answers 303 to the storage host, which needs no token", async () => {
   await withForgejo({ serveDirect: true }, async (em) => {
     const rel = await createRelease(em, { tag_name: "boot-v1", draft: true });

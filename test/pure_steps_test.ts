@@ -7,14 +7,11 @@ import {
   judgeRelease,
   mergeManifests,
   parseSums,
-  renderSums,
-} from "../scripts/lib/release_index.ts";
-import {
-  planUploads,
   readUploadRecord,
-  releaseBody,
+  renderSums,
   withUploadRecord,
-} from "../scripts/release-boot.ts";
+} from "../scripts/lib/release_index.ts";
+import { planUploads, releaseBody } from "../scripts/release-boot.ts";
 import { readOptions, repoProblem, serverProblem, tagProblem } from "../scripts/lib/cli.ts";
 import { rewriteIpxe } from "../scripts/lib/ipxe.ts";
 import { UsageError } from "../scripts/lib/run.ts";

@@ -33,8 +33,9 @@ export async function readTrust(
 /**
  * Reads trusted keys: allowed_signers lines (`principals [options] keytype key [comment]`) or
  * bare `ssh-ed25519 AAAA... [comment]` lines. Keys of other types and cert-authority lines are
- * skipped with a note (a shared allowed_signers file may hold them for other uses); a line
- * that cannot be read, or a file without an Ed25519 key valid for `namespace`, is refused.
+ * skipped with a note to `note` (readTrust gives it the run's log; a shared allowed_signers file
+ * may hold them for other uses); a line that cannot be read, or a file without an Ed25519 key
+ * valid for `namespace`, is refused.
  */
 export function parseTrust(
   text: string,

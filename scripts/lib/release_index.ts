@@ -1,9 +1,11 @@
 /**
  * A release's index, the one home every command reads it from: SHA256SUMS and manifest.json
  * rendered and parsed, read back from a release with who signed them, merged across jobs, and
- * judged complete or not; and the published release and checksums fetch and verify start from.
- * It reads releases; it never uploads or deletes.
+ * judged complete or not; which copy holds which bytes (the upload record in the release body);
+ * and the published release and checksums fetch and verify start from. It reads releases and
+ * renders what is written to them; it never uploads, edits or deletes.
  */
+import * as v from "valibot";
 import { type Attachment, type Release } from "../../types/forgejo.ts";
 import {
   ASSET_NAME,
@@ -17,7 +19,7 @@ import {
 } from "../../types/manifest.ts";
 import { ReleaseError, type Run, UsageError } from "./run.ts";
 import { type Forgejo } from "./forgejo.ts";
-import { parseJson } from "./json.ts";
+import { parseJson, safeJson } from "./json.ts";
 import { sha256Hex } from "./hash.ts";
 import { signatureKey, type TrustedKey, verifySums } from "./sshsig.ts";
 
@@ -104,6 +106,46 @@ export function unionManifest(index: RemoteIndex): Manifest | undefined {
     (union, next) => mergeManifests(union, next.manifest),
     undefined,
   );
+}
+
+/** What the release says a stored copy holds: its sha256, or undefined when unknown. */
+export type RecordedSha = (copy: Attachment) => string | undefined;
+
+/**
+ * Which attachment holds which bytes, kept in the release body as an HTML comment (invisible
+ * on the release page) and updated after each upload. It lets a rerun trust a copy by its id
+ * instead of uploading it again, and tells a replaced copy from the new one.
+ */
+export type UploadRecord = Record<string, { id: number; size: number; sha256: string }>;
+
+const RECORD_PATTERN = /\n?<!-- release-boot:uploaded (\{.*?\}) -->\n?/s;
+
+const UploadRecordSchema = v.record(
+  v.string(),
+  v.object({ id: v.number(), size: v.number(), sha256: v.string() }),
+);
+
+export function readUploadRecord(body: string): UploadRecord {
+  const match = body.match(RECORD_PATTERN);
+  if (!match) return {};
+  const parsed = v.safeParse(UploadRecordSchema, safeJson(match[1]));
+  return parsed.success ? parsed.output : {};
+}
+
+export function withUploadRecord(body: string, record: UploadRecord): string {
+  const text = body.replace(RECORD_PATTERN, "\n").trimEnd();
+  return `${text}\n\n<!-- release-boot:uploaded ${JSON.stringify(record)} -->\n`;
+}
+
+/** A copy's sha256 from the upload record, else (for older copies) from manifest.json. */
+export async function readRecordedSums(forgejo: Forgejo, release: Release): Promise<RecordedSha> {
+  const record = readUploadRecord(release.body);
+  const manifest = unionManifest(await readIndex(forgejo, release));
+  return (copy) => {
+    const entry = record[copy.name];
+    if (entry) return entry.id === copy.id ? entry.sha256 : undefined;
+    return manifest?.assets.find((asset) => asset.name === copy.name)?.sha256;
+  };
 }
 
 /**

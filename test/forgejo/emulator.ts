@@ -136,6 +136,9 @@ export interface RecordedRequest {
   status: number;
   /** Body bytes of a served file (a download) handed to the connection so far. */
   sentBytes: number;
+  /** When the request arrived and when its exchange closed (answered or not), in epoch ms. */
+  receivedAt: number;
+  closedAt?: number;
 }
 
 export interface Emulator {
@@ -675,9 +678,16 @@ function beginExchange(
     bodyBytes: 0,
     status: 0,
     sentBytes: 0,
+    receivedAt: epochMs(),
   };
+  res.once("close", () => record.closedAt = epochMs());
   f.requests.push(record);
   return { req, res, record, url, access: "anonymous" };
+}
+
+/** Sub-millisecond, so that the overlap of two short requests shows. */
+function epochMs(): number {
+  return performance.timeOrigin + performance.now();
 }
 
 function flattenHeaders(headers: IncomingHttpHeaders): Record<string, string> {

@@ -279,7 +279,7 @@ Deno.test("one judgement: complete only when the index is there once, agrees, an
   assert.deepEqual(judge([iso, ...indexFiles], { manifests, sums: older }), []);
 });
 
-Deno.test("servers on the mirror list are matched as URLs", () => {
+Deno.test("servers on the mirror list are matched by host: any spelling, any port, a subdomain", () => {
   const mirrors = ["https://codeberg.org"];
   assert.equal(mirrorOf("https://Codeberg.org", mirrors), "https://codeberg.org");
   assert.equal(mirrorOf("https://codeberg.org:443/", mirrors), "https://codeberg.org");
@@ -300,8 +300,15 @@ Deno.test("servers on the mirror list are matched as URLs", () => {
     "http://127.0.0.1:3000",
   );
   assert.equal(mirrorOf("http://[::1]:3000", ["http://localhost:3000/"]), "http://localhost:3000/");
-  assert.equal(mirrorOf("http://localhost:3001", ["http://127.0.0.1:3000"]), undefined);
-  assert.equal(mirrorOf("http://codeberg.org", mirrors), undefined, "another scheme");
+  // The mirror's host on any port or scheme, and its subdomains, are the mirror.
+  assert.equal(
+    mirrorOf("http://localhost:3001", ["http://127.0.0.1:3000"]),
+    "http://127.0.0.1:3000",
+  );
+  assert.equal(mirrorOf("http://codeberg.org", mirrors), "https://codeberg.org", "another scheme");
+  assert.equal(mirrorOf("https://codeberg.org:8443", mirrors), "https://codeberg.org");
+  assert.equal(mirrorOf("https://www.Codeberg.org.", mirrors), "https://codeberg.org");
+  assert.equal(mirrorOf("https://notcodeberg.org", mirrors), undefined);
 });
 
 Deno.test("OWNER/NAME follow Forgejo's naming rules, so no name reaches another API route", () => {

@@ -74,26 +74,26 @@ export function requireToken(options: ReleaseOptions, env: Env, run: Pick<Run, "
 }
 
 /**
- * The mirror-list entry that `server` falls under. Origins are compared normalised: case,
- * a trailing dot, a default port and IDNA spellings are one host, and every loopback name
- * is one host, so no spelling of a mirror gets the token.
+ * The mirror-list entry that `server` falls under. A mirror is its host, whatever the scheme
+ * or port, and every subdomain of it; hosts are compared normalised (case, a trailing dot and
+ * IDNA spellings are one host, and every loopback name is one host), so no spelling of a
+ * mirror gets the token.
  */
 export function mirrorOf(server: string, mirrors: string[]): string | undefined {
   const target = new URL(server);
+  const host = hostKey(target);
   return mirrors.find((mirror) => {
     const url = URL.canParse(mirror) ? new URL(mirror) : undefined;
-    if (!url || hostKey(url) !== hostKey(target)) return false;
+    if (!url || !(host === hostKey(url) || host.endsWith(`.${hostKey(url)}`))) return false;
     const base = url.pathname.replace(/\/+$/, "");
     const at = target.pathname.replace(/\/+$/, "");
     return at === base || at.startsWith(`${base}/`);
   });
 }
 
-/** scheme://host:port with the host as a server sees it. URL already lowercases and IDNA-encodes. */
+/** The host as a server sees it. URL already lowercases and IDNA-encodes. */
 function hostKey(url: URL): string {
-  const host = isLoopback(url) ? "loopback" : url.hostname.replace(/\.$/, "");
-  const port = url.port || (url.protocol === "https:" ? "443" : "80");
-  return `${url.protocol}//${host}:${port}`;
+  return isLoopback(url) ? "loopback" : url.hostname.replace(/\.$/, "");
 }
 
 export function refuseMirror(site: Site, mirrors: string[]): Site {

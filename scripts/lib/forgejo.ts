@@ -417,6 +417,14 @@ export function connectForgejo(
           ]),
         ),
       get: (id: number) => json(ReleaseSchema, "GET", repoApi(`/releases/${id}`)),
+      /** By id; undefined when it is gone. */
+      async byId(id: number): Promise<Release | undefined> {
+        const url = repoApi(`/releases/${id}`);
+        const answer = await send("GET", url, { expect: [404] });
+        return answer.status === 404
+          ? undefined
+          : parseAnswer(ReleaseSchema, answer.text, `GET ${url.pathname}`);
+      },
       /** The new release, or undefined when one already exists for the tag (409). */
       async create(option: CreateReleaseOption): Promise<Release | undefined> {
         const url = repoApi("/releases");

@@ -44,6 +44,7 @@ import {
   ReleaseError,
   type Run,
   startRun,
+  stepOutputs,
   UsageError,
 } from "./lib/run.ts";
 import { HELP, readOptions, type ReleaseOptions } from "./lib/cli.ts";
@@ -868,7 +869,11 @@ async function reportRelease(
   if (env.GITHUB_OUTPUT) {
     await fs.appendFile(
       env.GITHUB_OUTPUT,
-      `release-url=${release.html_url}\ntag=${release.tag_name}\nrelease-id=${release.id}\n`,
+      stepOutputs({
+        "release-url": release.html_url,
+        tag: release.tag_name,
+        "release-id": String(release.id),
+      }),
     );
   }
   if (env.GITHUB_STEP_SUMMARY) {

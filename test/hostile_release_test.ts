@@ -32,7 +32,7 @@ import {
 } from "./boot_dir_helpers.ts";
 import { publishFromGit } from "./git_fixture.ts";
 import { nixTest } from "./nix_helpers.ts";
-import { baseEnv, runRelease, sha256sumCheck } from "./run_helpers.ts";
+import { baseEnv, parseStepOutputs, runRelease, sha256sumCheck } from "./run_helpers.ts";
 import { type Keys, makeKeys, sshSign } from "./signing_helpers.ts";
 
 const INITRD = "netboot-x86_64-linux.initrd";
@@ -375,31 +375,6 @@ Deno.test("fetch sends no token to a mirror's host on another port", () =>
 // ---------------------------------------------------------------------------------------------
 // 10. Step outputs
 // ---------------------------------------------------------------------------------------------
-
-/** GITHUB_OUTPUT as the runner reads it: `name=value` lines and `name<<DELIMITER` blocks. */
-function parseStepOutputs(text: string): Map<string, string> {
-  const outputs = new Map<string, string>();
-  const all = text.split("\n");
-  for (let at = 0; at < all.length; at++) {
-    const line = all[at];
-    if (line === "") continue;
-    const equals = line.indexOf("=");
-    const heredoc = line.indexOf("<<");
-    if (equals >= 0 && (heredoc < 0 || equals < heredoc)) {
-      outputs.set(line.slice(0, equals), line.slice(equals + 1));
-      continue;
-    }
-    assert.ok(heredoc > 0, `not an output line: ${JSON.stringify(line)}`);
-    const delimiter = line.slice(heredoc + 2);
-    const value: string[] = [];
-    for (at++; all[at] !== delimiter; at++) {
-      assert.ok(at < all.length, `${delimiter} never closes ${line.slice(0, heredoc)}`);
-      value.push(all[at]);
-    }
-    outputs.set(line.slice(0, heredoc), value.join("\n"));
-  }
-  return outputs;
-}
 
 nixTest(
   "a newline in the server's html_url cannot add a step output",

@@ -1,4 +1,5 @@
 /** Runs release-boot as operators do: a child process with its own flags and environment. */
+import assert from "node:assert/strict";
 import * as fs from "node:fs/promises";
 import * as os from "node:os";
 import * as path from "node:path";
@@ -174,3 +175,28 @@ export const STAGED_NETBOOT_ISO = [
   "netboot-x86_64-linux.initrd",
   "netboot-x86_64-linux.ipxe",
 ];
+
+/** GITHUB_OUTPUT as the runner reads it: `name=value` lines and `name<<DELIMITER` blocks. */
+export function parseStepOutputs(text: string): Map<string, string> {
+  const outputs = new Map<string, string>();
+  const all = text.split("\n");
+  for (let at = 0; at < all.length; at++) {
+    const line = all[at];
+    if (line === "") continue;
+    const equals = line.indexOf("=");
+    const heredoc = line.indexOf("<<");
+    if (equals >= 0 && (heredoc < 0 || equals < heredoc)) {
+      outputs.set(line.slice(0, equals), line.slice(equals + 1));
+      continue;
+    }
+    assert.ok(heredoc > 0, `not an output line: ${JSON.stringify(line)}`);
+    const delimiter = line.slice(heredoc + 2);
+    const value: string[] = [];
+    for (at++; all[at] !== delimiter; at++) {
+      assert.ok(at < all.length, `${delimiter} never closes ${line.slice(0, heredoc)}`);
+      value.push(all[at]);
+    }
+    outputs.set(line.slice(0, heredoc), value.join("\n"));
+  }
+  return outputs;
+}

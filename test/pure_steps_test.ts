@@ -1,7 +1,13 @@
 /** The pipeline's pure steps: names, sums, plans, merges and messages. */
 import assert from "node:assert/strict";
 import { assetName, parseHydraBuildProducts } from "../scripts/lib/nix.ts";
-import { type BundleAsset, explainStatus, mirrorOf, retryAfterMs } from "../scripts/lib/forgejo.ts";
+import {
+  type BundleAsset,
+  deadlineFor,
+  explainStatus,
+  mirrorOf,
+  retryAfterMs,
+} from "../scripts/lib/forgejo.ts";
 import {
   chooseAssets,
   judgeRelease,
@@ -364,6 +370,14 @@ Deno.test("Retry-After is honoured in seconds and as a date, and bounded", () =>
   assert.equal(retryAfterMs("99999"), 120_000);
   const inAMoment = new Date(Date.now() + 5000).toUTCString();
   assert.ok(retryAfterMs(inAMoment)! > 3000);
+});
+
+Deno.test("the deadline of a request carrying a huge file is still a wait, not at once", async () => {
+  const http = { timeoutMs: 600_000, retryDelayMs: 1000, pollMs: 1000, indexWaitMs: 1000 };
+  // A server may list a file at any size; a longer timer than the platform's fires at once.
+  const signal = AbortSignal.timeout(deadlineFor(http, 2 ** 50));
+  await new Promise((resolve) => setTimeout(resolve, 50));
+  assert.equal(signal.aborted, false);
 });
 
 Deno.test("the release body links the commit and lists inputs, sizes and sums", () => {

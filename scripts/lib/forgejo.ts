@@ -533,7 +533,7 @@ const MAX_DEADLINE_MS = 2 ** 31 - 1;
  * The overall deadline of one request, all its tries included: the idle timeout only catches
  * a silent peer, this also ends one that trickles a byte at a time.
  */
-function deadlineFor(http: HttpSettings, carries: number): number {
+export function deadlineFor(http: HttpSettings, carries: number): number {
   return Math.min(TRIES * (http.timeoutMs + MS_PER_MIB * (carries / (1 << 20))), MAX_DEADLINE_MS);
 }
 

@@ -42,6 +42,7 @@ import {
   ReleaseError,
   type Run,
   startRun,
+  stepOutputs,
   UsageError,
 } from "./lib/run.ts";
 import { HELP, readOptions, type ReleaseOptions } from "./lib/cli.ts";
@@ -54,6 +55,7 @@ import {
   MAX_INDEX_FILE,
   refuseMirror,
   requireToken,
+  sayingWhatIsLeft,
   uploadAsset,
 } from "./lib/forgejo.ts";
 
@@ -533,26 +535,6 @@ function refuseConflicts(plan: PlannedAction[], release: Release, options: Relea
   );
 }
 
-/**
- * Runs `work` on `release`; a failure part-way also says what it leaves behind, as it is.
- * `progress` says how far the work got, when that helps.
- */
-async function sayingWhatIsLeft<T>(
-  release: Release,
-  work: () => Promise<T>,
-  progress = "",
-): Promise<T> {
-  try {
-    return await work();
-  } catch (error) {
-    if (!(error instanceof ReleaseError)) throw error;
-    const left = release.draft
-      ? "the release stays a draft: rerun the same command to resume"
-      : `the published release ${release.tag_name} still has its SHA256SUMS and every copy it lists (new copies may sit beside them): rerun the same command to finish`;
-    throw new ReleaseError(`${error.message}; ${progress}${left}`);
-  }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Uploads, each recorded in the release body
 // ---------------------------------------------------------------------------------------------
@@ -568,7 +550,7 @@ async function uploadPlanned(
     if (action.kind === "skip") run.log(`${action.asset.name}: already in the release, skipped`);
   }
   for (const [done, action] of uploads.entries()) {
-    await sayingWhatIsLeft(release, async () => {
+    await sayingWhatIsLeft(run, forgejo, release, async () => {
       const stored = await uploadAsset(run, forgejo, release.id, action.asset, release.assets);
       await recordUpload(forgejo, release.id, action.asset, stored);
     }, `${done} of ${uploads.length} uploads had finished and `);
@@ -596,7 +578,7 @@ async function writeIndex(
   options: ReleaseOptions,
   key: SigningKey | undefined,
 ): Promise<void> {
-  await sayingWhatIsLeft(draft, async () => {
+  await sayingWhatIsLeft(run, forgejo, draft, async () => {
     for (let round = 1; round <= 8; round++) {
       // Jobs that collide back off by different amounts, so one of them settles first.
       if (round > 1) await sleep(options.http.indexWaitMs * (1 + Math.random() * 4));
@@ -858,7 +840,11 @@ async function reportRelease(
   if (env.GITHUB_OUTPUT) {
     await fs.appendFile(
       env.GITHUB_OUTPUT,
-      `release-url=${release.html_url}\ntag=${release.tag_name}\nrelease-id=${release.id}\n`,
+      stepOutputs({
+        "release-url": release.html_url,
+        tag: release.tag_name,
+        "release-id": String(release.id),
+      }),
     );
   }
   if (env.GITHUB_STEP_SUMMARY) {

@@ -9,7 +9,14 @@ import * as path from "node:path";
 import { $ } from "zx";
 import { type Emulator, type EmulatorOptions, startForgejo } from "./forgejo/emulator.ts";
 import { NIX_FLAGS, nixTest } from "./nix_helpers.ts";
-import { baseEnv, makeFixture, makeWorkdir, repoRoot, runRelease } from "./run_helpers.ts";
+import {
+  baseEnv,
+  makeFixture,
+  makeWorkdir,
+  parseStepOutputs,
+  repoRoot,
+  runRelease,
+} from "./run_helpers.ts";
 
 import {
   ALL,
@@ -80,9 +87,13 @@ nixTest(
       assert.match(release.body, new RegExp(`commit/${w.work.commit}`));
       assert.match(release.body, /iso-x86_64-linux\.iso \| 1014 B \| `[0-9a-f]{64}`/);
 
-      assert.equal(
-        await fs.readFile(output, "utf8"),
-        `release-url=${release.html_url}\ntag=${TAG}\nrelease-id=${release.id}\n`,
+      assert.deepEqual(
+        parseStepOutputs(await fs.readFile(output, "utf8")),
+        new Map([
+          ["release-url", release.html_url],
+          ["tag", TAG],
+          ["release-id", String(release.id)],
+        ]),
       );
       assert.match(await fs.readFile(summary, "utf8"), /\| iso-x86_64-linux\.iso \| 1014 B \|/);
       assertNoToken(run, w.forgejo);
@@ -280,7 +291,8 @@ nixTest(
         [...sums.keys()].sort(),
         [...ALL, "manifest.json", "provenance.intoto.json"].sort(),
       );
-      assert.match(await fs.readFile(output, "utf8"), /^release-url=/);
+      const outputs = parseStepOutputs(await fs.readFile(output, "utf8"));
+      assert.equal(outputs.get("release-url"), release.html_url);
     });
   },
 );

@@ -1,4 +1,5 @@
 /** Runs release-boot as operators do: a child process with its own flags and environment. */
+import assert from "node:assert/strict";
 import * as fs from "node:fs/promises";
 import * as os from "node:os";
 import * as path from "node:path";
@@ -63,12 +64,29 @@ export function startTestRun(env: Record<string, string | undefined> = baseEnv()
   return startRun(env, memoryIo());
 }
 
-export async function runRelease(
-  args: string[],
-  options: { env?: Record<string, string>; cwd?: string; signal?: AbortSignal } = {},
-): Promise<Run> {
+interface RunOptions {
+  env?: Record<string, string>;
+  cwd?: string;
+  signal?: AbortSignal;
+  /**
+   * Limits the network to these hosts (as --allow-net takes them): a request anywhere else
+   * fails at once, before any name is looked up, so a test may run code that would leave
+   * the machine.
+   */
+  allowNet?: string;
+}
+
+/** The permissions of the script's shebang, the network limited to `hosts` when given. */
+function permissions(hosts: string | undefined): string[] {
+  if (hosts === undefined) return ["--allow-all"];
+  return ["--allow-read", "--allow-write", "--allow-run", "--allow-env", "--allow-sys"]
+    .concat(`--allow-net=${hosts}`);
+}
+
+export async function runRelease(args: string[], options: RunOptions = {}): Promise<Run> {
+  const config = ["--config", path.join(repoRoot, "deno.json")];
   const command = new Deno.Command(Deno.execPath(), {
-    args: ["run", "--allow-all", "--config", path.join(repoRoot, "deno.json"), script, ...args],
+    args: ["run", ...permissions(options.allowNet), ...config, script, ...args],
     cwd: options.cwd ?? repoRoot,
     env: options.env ?? baseEnv(),
     clearEnv: true,
@@ -158,3 +176,28 @@ export const STAGED_NETBOOT_ISO = [
   "netboot-x86_64-linux.ipxe",
   "provenance.intoto.json",
 ];
+
+/** GITHUB_OUTPUT as the runner reads it: `name=value` lines and `name<<DELIMITER` blocks. */
+export function parseStepOutputs(text: string): Map<string, string> {
+  const outputs = new Map<string, string>();
+  const all = text.split("\n");
+  for (let at = 0; at < all.length; at++) {
+    const line = all[at];
+    if (line === "") continue;
+    const equals = line.indexOf("=");
+    const heredoc = line.indexOf("<<");
+    if (equals >= 0 && (heredoc < 0 || equals < heredoc)) {
+      outputs.set(line.slice(0, equals), line.slice(equals + 1));
+      continue;
+    }
+    assert.ok(heredoc > 0, `not an output line: ${JSON.stringify(line)}`);
+    const delimiter = line.slice(heredoc + 2);
+    const value: string[] = [];
+    for (at++; all[at] !== delimiter; at++) {
+      assert.ok(at < all.length, `${delimiter} never closes ${line.slice(0, heredoc)}`);
+      value.push(all[at]);
+    }
+    outputs.set(line.slice(0, heredoc), value.join("\n"));
+  }
+  return outputs;
+}

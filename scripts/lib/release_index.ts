@@ -445,6 +445,12 @@ export async function findBootRelease(forgejo: Forgejo, tag: string): Promise<Re
       `${forgejo.repo} has no release ${tag} that this token can see; check --tag`,
     );
   }
+  // Forgejo matches tags case-insensitively; any other answer is a release served in its place.
+  if (release.tag_name.toLowerCase() !== tag.toLowerCase()) {
+    throw new ReleaseError(
+      `asked for release ${tag}, the server answered with ${release.tag_name}: refusing it; nothing was changed: check --server`,
+    );
+  }
   if (release.draft) {
     throw new ReleaseError(`${tag} is still a draft: publish it before booting from it`);
   }
@@ -526,6 +532,43 @@ async function checkProvenance(
       );
     }
   }
+}
+
+/**
+ * The manifest.json that says what a release boots: the copy SHA256SUMS lists (only that exact
+ * copy is believed), else the union of the copies (releases from before SHA256SUMS listed it).
+ * `signed`: SHA256SUMS was checked against --trust; then it must list manifest.json, or an
+ * unsigned file would decide what boots. The manifest must name the release's own tag: one
+ * naming another is an older release served again under a new tag. `command` words the fix.
+ */
+export function releaseManifest(
+  index: RemoteIndex,
+  sums: Map<string, string>,
+  tag: string,
+  { signed, command }: { signed: boolean; command: "fetch" | "verify" },
+): Manifest | undefined {
+  const listed = sums.get(MANIFEST_NAME);
+  if (listed === undefined && signed) {
+    throw new ReleaseError(
+      `the signed ${SUMS_NAME} of ${tag} does not list ${MANIFEST_NAME}, so nothing signed says how to boot it: refusing it under --trust; nothing was changed: publish the release again with a signing key`,
+    );
+  }
+  const manifest = listed === undefined
+    ? unionManifest(index)
+    : index.manifests.find((copy) => copy.sha256 === listed)?.manifest;
+  if (listed !== undefined && !manifest) {
+    throw new ReleaseError(
+      `${tag}'s ${MANIFEST_NAME} does not match its ${SUMS_NAME}: the release was changed, refusing to trust it`,
+    );
+  }
+  if (manifest && manifest.tag.toLowerCase() !== tag.toLowerCase()) {
+    throw new ReleaseError(
+      `the ${
+        signed ? "signed " : ""
+      }${MANIFEST_NAME} of ${tag} names ${manifest.tag}: an older release served under another tag; nothing was changed: ${command} ${manifest.tag} by its own tag, or check --server`,
+    );
+  }
+  return manifest;
 }
 
 /** A release names files: never a path, which could reach outside the directory written. */

@@ -102,6 +102,18 @@ export function childShell(env: Env): Shell {
   });
 }
 
+/**
+ * Step outputs as GITHUB_OUTPUT takes them, each a `name<<delimiter` block: a value holding a
+ * newline (a server's URL) stays one value and adds no output. Each delimiter is random, as
+ * GitHub's own toolkit makes it, so no value can close its block early.
+ */
+export function stepOutputs(outputs: Record<string, string>): string {
+  return Object.entries(outputs).map(([name, value]) => {
+    const delimiter = `ghadelimiter_${crypto.randomUUID()}`;
+    return `${name}<<${delimiter}\n${value}\n${delimiter}\n`;
+  }).join("");
+}
+
 export function formatBytes(bytes: number): string {
   const units = ["B", "KiB", "MiB", "GiB", "TiB"];
   let value = bytes;

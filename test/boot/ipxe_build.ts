@@ -36,18 +36,20 @@ export async function buildIpxe(
   options: { embed?: string; trust?: string } = {},
 ): Promise<IpxeImage> {
   const started = performance.now();
+  const seconds = () => (performance.now() - started) / 1000;
   const cache = await cacheDir();
+  const trust = options.trust === undefined ? undefined : await fs.readFile(options.trust);
+  const key = createHash("sha256")
+    .update(JSON.stringify([options.embed ?? null, trust?.toString("base64") ?? null]))
+    .digest("hex")
+    .slice(0, 16);
+  const lkrn = path.join(cache, "images", `ipxe-${key}.lkrn`);
+  // An image appears only whole (renamed into place), so a cached one needs no lock.
+  if (await exists(lkrn)) return { lkrn, work: "cached", seconds: seconds() };
   await fs.mkdir(cache, { recursive: true });
   const lock = await Deno.open(`${cache}.lock`, { create: true, write: true });
   try {
     await lock.lock(true);
-    const trust = options.trust === undefined ? undefined : await fs.readFile(options.trust);
-    const key = createHash("sha256")
-      .update(JSON.stringify([options.embed ?? null, trust?.toString("base64") ?? null]))
-      .digest("hex")
-      .slice(0, 16);
-    const lkrn = path.join(cache, "images", `ipxe-${key}.lkrn`);
-    const seconds = () => (performance.now() - started) / 1000;
     if (await exists(lkrn)) return { lkrn, work: "cached", seconds: seconds() };
 
     const stamp = path.join(cache, "built");

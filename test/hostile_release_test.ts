@@ -372,6 +372,27 @@ Deno.test("fetch sends no token to a mirror's host on another port", () =>
     );
   }));
 
+Deno.test("a --mirrors entry without a scheme is the mirror: fetch sends it no token", () =>
+  scene(async (w, out) => {
+    await releaseByHand(w, "boot-v1", netboot("boot-v1"));
+    const mark = w.forgejo.requests.length;
+    const run = await runRelease(
+      [
+        ...["fetch", "--server", w.forgejo.url.replace("127.0.0.1", "localhost")],
+        ...["--repo", "ops/runners", "--out", out, "--tag", "boot-v1", "--mirrors", "localhost"],
+      ],
+      { env: baseEnv({ FORGEJO_TOKEN: TOKEN }) },
+    );
+    assert.equal(run.code, 0, run.stderr);
+    const sent = w.forgejo.requests.slice(mark);
+    assert.ok(sent.length > 0);
+    assert.deepEqual(
+      sent.filter((r) => r.headers.authorization !== undefined).map((r) => r.path),
+      [],
+      "no request to the mirror named by its bare host carried the token",
+    );
+  }));
+
 // ---------------------------------------------------------------------------------------------
 // 10. Step outputs
 // ---------------------------------------------------------------------------------------------

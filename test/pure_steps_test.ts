@@ -453,6 +453,41 @@ Deno.test("options: unknown, repeated and empty flags are usage errors", async (
   );
 });
 
+Deno.test("options: --mirrors takes bare hosts and http(s) URLs and refuses anything else", async () => {
+  const mirrorsOf = async (list: string) => {
+    const options = await readOptions(["--commit", COMMIT, "--mirrors", list], {});
+    return options.mirrors;
+  };
+  assert.deepEqual(
+    await mirrorsOf(
+      "localhost, codeberg.org:8443,http://127.0.0.1:3000,https://git.example.org/mirror",
+    ),
+    [
+      "https://localhost",
+      "https://codeberg.org:8443",
+      "http://127.0.0.1:3000",
+      "https://git.example.org/mirror",
+    ],
+  );
+  for (
+    const [list, problem] of [
+      ["ftp://mirror.example.org", '"ftp://mirror.example.org" is not an http(s) URL'],
+      ["codeberg.org,,localhost", "an entry is empty"],
+      ["not a host", '"not a host" is neither a host nor a URL'],
+      ["https://u:p@codeberg.org", '"https://u:p@codeberg.org" has credentials'],
+    ]
+  ) {
+    await assert.rejects(
+      mirrorsOf(list),
+      (e: Error) =>
+        e instanceof UsageError &&
+        e.message.startsWith(`bad --mirrors ${JSON.stringify(list)}: ${problem}`) &&
+        e.message.endsWith("; give hosts or http(s) URLs, e.g. codeberg.org,git.example.org"),
+      list,
+    );
+  }
+});
+
 // nixpkgs' netboot.nix script as built (nixos/modules/installer/netboot/netboot.nix).
 const BUILT_IPXE = `#!ipxe
 # Use the cmdline variable to allow the user to specify custom kernel params

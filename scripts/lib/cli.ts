@@ -203,8 +203,8 @@ Flags:
   --timeout SECONDS  a request making no progress this long fails, then is retried (default
                      600); a whole request, tries included, ends after five times this plus
                      1 s per MiB it carries
-  --mirrors LIST     comma-separated server URLs never published to and never sent the
-                     token (default "${DEFAULT_MIRRORS}": the mirror only distributes)
+  --mirrors LIST     comma-separated hosts or http(s) URLs never published to and never
+                     sent the token (default "${DEFAULT_MIRRORS}": the mirror only distributes)
   --help             this text
 
 fetch downloads a published release's files for the targets (default netboot) into DIR/TAG,
@@ -403,6 +403,45 @@ export function serverProblem(text: string): string | undefined {
   return undefined;
 }
 
+/** An entry that names its scheme; any other is a bare host. */
+const SCHEME = /^[A-Za-z][A-Za-z0-9+.-]*:\/\//;
+
+/** A bare host ("codeberg.org", "localhost:3000") as the https URL mirrorOf compares. */
+function mirrorUrl(entry: string): string {
+  return SCHEME.test(entry) ? entry : `https://${entry}`;
+}
+
+/**
+ * A --mirrors entry mirrorOf can compare: a bare host or an http(s) URL of one. An entry it
+ * could not read would match no server, and the token would go to the mirror it meant.
+ */
+function mirrorProblem(entry: string): string | undefined {
+  if (entry === "") return "an entry is empty";
+  const url = URL.canParse(mirrorUrl(entry)) ? new URL(mirrorUrl(entry)) : undefined;
+  if (!url || !url.hostname) return `${JSON.stringify(entry)} is neither a host nor a URL`;
+  if (url.protocol !== "https:" && url.protocol !== "http:") {
+    return `${JSON.stringify(entry)} is not an http(s) URL`;
+  }
+  if (url.username || url.password || url.search || url.hash) {
+    return `${JSON.stringify(entry)} has credentials, a query or a fragment`;
+  }
+  return undefined;
+}
+
+const MirrorsFlagSchema = v.pipe(
+  v.string(),
+  v.transform((list) => list.split(",").map((entry) => entry.trim())),
+  v.rawCheck(({ dataset, addIssue }) => {
+    const found = dataset.typed ? dataset.value.map(mirrorProblem).find(Boolean) : undefined;
+    if (found) {
+      addIssue({
+        message: `${found}; give hosts or http(s) URLs, e.g. codeberg.org,git.example.org`,
+      });
+    }
+  }),
+  v.transform((entries) => entries.map(mirrorUrl)),
+);
+
 export function isLoopback(url: URL): boolean {
   const host = url.hostname.replace(/\.$/, "");
   return host === "localhost" || host === "[::1]" || /^127(\.\d{1,3}){3}$/.test(host);
@@ -482,7 +521,7 @@ export async function readOptions(
   const fetching = command === "fetch";
   const flags = readFlags(command ? argv.slice(1) : argv);
   const common: CommonOptions = {
-    mirrors: (flags.value("mirrors") ?? DEFAULT_MIRRORS).split(",").map((url) => url.trim()),
+    mirrors: parseFlag("mirrors", MirrorsFlagSchema, flags.value("mirrors") ?? DEFAULT_MIRRORS),
     http: {
       timeoutMs: 1000 * parseFlag("timeout", TimeoutFlagSchema, flags.value("timeout") ?? "600"),
       retryDelayMs: parseFlag(

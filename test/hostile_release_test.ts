@@ -230,7 +230,7 @@ nixTest(
             kind: "edit",
             edit: (repository) => ({
               ...repository as object,
-              html_url: "file:///srv/elsewhere/runners",
+              html_url: "https://elsewhere.example.org/ops/runners",
             }),
           },
         });
@@ -240,7 +240,7 @@ nixTest(
         );
         assertOneLineFailure(
           run,
-          /^release-boot: the repository's html_url file:\/\/\/srv\/elsewhere\/runners is not on http:\/\/127\.0\.0\.1:\d+, where verify reads the release: refusing to build from it; pass --flake with the release's repository$/,
+          /^release-boot: the repository's html_url https:\/\/elsewhere\.example\.org\/ops\/runners is not on http:\/\/127\.0\.0\.1:\d+, where verify reads the release: refusing to build from it; pass --flake with the release's repository$/,
         );
         assert.doesNotMatch(run.stderr, /^Rebuilding|^==> (Check the flake|Rebuild)/m);
         assert.equal(run.stdout, "", "nothing was rebuilt");
@@ -628,3 +628,83 @@ Deno.test("a rebuilt digest that differs from the release's in one digit, first 
     );
   }
 });
+
+// ---------------------------------------------------------------------------------------------
+// 14. Answers with addresses no Forgejo gives
+// ---------------------------------------------------------------------------------------------
+
+type Listed = { html_url: string; assets: { name: string; uuid?: string }[] };
+
+Deno.test("an asset's download address or uuid that is not one is a one-line failure of fetch", (t) =>
+  scene(async (w, out) => {
+    const cases: [string, (release: Listed) => Listed, RegExp][] = [
+      [
+        "no uuid and a browser_download_url that is not a URL",
+        (release) => ({
+          ...release,
+          assets: release.assets.map(({ uuid: _, ...asset }) => ({
+            ...asset,
+            browser_download_url: "::not a url",
+          })),
+        }),
+        /an asset's browser_download_url "::not a url" is not an absolute http\(s\) URL/,
+      ],
+      [
+        "a uuid that climbs out of /attachments",
+        (release) => ({
+          ...release,
+          assets: release.assets.map((asset) => ({ ...asset, uuid: "../../api/v1/admin" })),
+        }),
+        /an asset's uuid "\.\.\/\.\.\/api\/v1\/admin" is not a UUID/,
+      ],
+      [
+        "a relative release page",
+        (release) => ({ ...release, html_url: "ops/runners/releases/tag/x" }),
+        /the release's html_url "ops\/runners\/releases\/tag\/x" is not an absolute http\(s\) URL/,
+      ],
+    ];
+    for (const [n, [name, edit, problem]] of cases.entries()) {
+      await t.step(name, async () => {
+        const tag = `boot-v${n + 1}`;
+        await releaseByHand(w, tag, netboot(tag));
+        w.forgejo.addFault({
+          method: "GET",
+          path: `/releases/tags/${tag}`,
+          times: 1000,
+          fault: { kind: "edit", edit: (release) => edit(release as Listed) },
+        });
+        const run = await fetchTag(w, out, tag);
+        assertOneLineFailure(
+          run,
+          new RegExp(
+            `^release-boot: Forgejo's answer to GET /api/v1/repos/ops/runners/releases/tags/${tag}: unexpected JSON \\(.*${problem.source}.*\\); is ${w.forgejo.url} a Forgejo server\\?$`,
+          ),
+        );
+        assert.deepEqual(await listing(out), [], "nothing was written under DIR");
+      });
+    }
+  }));
+
+Deno.test("a repository page that is empty or relative is a one-line failure of publish, before building", (t) =>
+  withWorld(async (w) => {
+    for (const html_url of ["", "ops/runners"]) {
+      await t.step(JSON.stringify(html_url), async () => {
+        w.forgejo.addFault({
+          method: "GET",
+          path: /\/repos\/ops\/runners$/,
+          fault: { kind: "edit", edit: (repository) => ({ ...repository as object, html_url }) },
+        });
+        const run = await w.publish(["--targets", "netboot"]);
+        assertOneLineFailure(
+          run,
+          new RegExp(
+            `^release-boot: Forgejo's answer to GET /api/v1/repos/ops/runners: unexpected JSON \\(.*the repository's html_url ${
+              JSON.stringify(html_url)
+            } is not an absolute http\\(s\\) URL\\)`,
+          ),
+        );
+        assert.doesNotMatch(run.stderr, /==> Build/, "refused before any build");
+        assert.equal(w.forgejo.releases().length, 0, "no release was made");
+      });
+    }
+  }));

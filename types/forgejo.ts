@@ -16,6 +16,26 @@ export const APIErrorSchema = v.object({
 });
 export type APIError = v.InferOutput<typeof APIErrorSchema>;
 
+/** A value from the server, quoted and cut short, for a message naming what is wrong with it. */
+function quoted(value: unknown): string {
+  const text = JSON.stringify(value) ?? String(value);
+  return text.length > 80 ? `${text.slice(0, 77)}...` : text;
+}
+
+/**
+ * An absolute http(s) URL: a client is sent there (a download, a flake to rebuild, the release
+ * page), so an empty, relative or other-scheme value is refused where it is read.
+ */
+function httpUrl(field: string) {
+  return v.pipe(
+    v.string(),
+    v.check(
+      (text) => URL.canParse(text) && /^https?:$/.test(new URL(text).protocol),
+      (issue) => `${field} ${quoted(issue.input)} is not an absolute http(s) URL`,
+    ),
+  );
+}
+
 export const PermissionSchema = v.object({
   push: v.optional(v.boolean()),
 });
@@ -23,7 +43,7 @@ export const PermissionSchema = v.object({
 /** `GET /repos/{owner}/{repo}`. */
 export const RepositorySchema = v.object({
   full_name: v.string(),
-  html_url: v.string(),
+  html_url: httpUrl("the repository's html_url"),
   permissions: v.optional(PermissionSchema),
 });
 export type Repository = v.InferOutput<typeof RepositorySchema>;
@@ -43,8 +63,11 @@ export const AttachmentSchema = v.object({
   id: v.number(),
   name: v.string(),
   size: v.number(),
-  uuid: v.optional(v.string()),
-  browser_download_url: v.string(),
+  /** Names the download `/attachments/<uuid>`, so it must be a UUID and nothing else. */
+  uuid: v.optional(
+    v.pipe(v.string(), v.uuid((issue) => `an asset's uuid ${quoted(issue.input)} is not a UUID`)),
+  ),
+  browser_download_url: httpUrl("an asset's browser_download_url"),
   type: v.optional(v.picklist(["attachment", "external"])),
   /** When the upload finished (RFC 3339); prune dates a draft by its newest upload. */
   created_at: v.optional(v.string()),
@@ -59,7 +82,7 @@ export const ReleaseSchema = v.object({
   target_commitish: v.string(),
   name: v.string(),
   body: v.string(),
-  html_url: v.string(),
+  html_url: httpUrl("the release's html_url"),
   draft: v.boolean(),
   prerelease: v.boolean(),
   assets: v.array(AttachmentSchema),

@@ -36,6 +36,7 @@ import {
 } from "../types/manifest.ts";
 import {
   type Env,
+  fileSystemFailure,
   formatBytes,
   type Io,
   processIo,
@@ -322,9 +323,16 @@ async function refuseForeignOut(out: string): Promise<void> {
 async function stageLocally(run: Run, bundle: Bundle, options: ReleaseOptions): Promise<void> {
   const out = path.resolve(options.out);
   await refuseForeignOut(out);
-  await fs.mkdir(path.dirname(out), { recursive: true });
-  await removeAbandonedStages(run, out);
-  const partial = await fs.mkdtemp(`${out}.partial-`);
+  const cannotWrite = (error: unknown) =>
+    fileSystemFailure(
+      error,
+      `check that this user can write ${
+        path.dirname(out)
+      } (a directory, not read-only or full), then rerun`,
+    );
+  const partial = await startStage(run, out).catch((error) => {
+    throw cannotWrite(error);
+  });
   // Stopped part-way (SIGTERM from CI, Ctrl-C), the partial copy goes; --out stays as it was.
   const onStop = (signal: "SIGTERM" | "SIGINT") => () => {
     try {
@@ -351,7 +359,7 @@ async function stageLocally(run: Run, bundle: Bundle, options: ReleaseOptions): 
     await fs.rename(partial, out);
   } catch (error) {
     await fs.rm(partial, { recursive: true, force: true });
-    throw error;
+    throw cannotWrite(error);
   } finally {
     for (const { signal, stop } of stops) Deno.removeSignalListener(signal, stop);
   }
@@ -365,6 +373,13 @@ async function stageLocally(run: Run, bundle: Bundle, options: ReleaseOptions): 
     }`,
   );
   run.result(out);
+}
+
+/** The directory a stage is written in beside `out`, once what killed stages left is gone. */
+async function startStage(run: Run, out: string): Promise<string> {
+  await fs.mkdir(path.dirname(out), { recursive: true });
+  await removeAbandonedStages(run, out);
+  return await fs.mkdtemp(`${out}.partial-`);
 }
 
 /** `<out>.partial-*` directories a killed stage left: only plain files, never anything else. */

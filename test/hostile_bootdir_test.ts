@@ -171,3 +171,45 @@ Deno.test("DIR/current or DIR/previous that is a regular file is refused in one 
       await fs.rm(path.join(out, name));
     }
   }));
+
+// ---------------------------------------------------------------------------------------------
+// 14. File systems that refuse a write
+// ---------------------------------------------------------------------------------------------
+
+/** `chattr` on `dir`, as root may; the file system must support the immutable flag. */
+async function chattr(flag: "+i" | "-i", dir: string): Promise<void> {
+  const done = await new Deno.Command("chattr", { args: [flag, dir], stderr: "piped" }).output();
+  assert.ok(done.success, `chattr ${flag} ${dir}: ${new TextDecoder().decode(done.stderr)}`);
+}
+
+Deno.test("a tag directory --keep cannot remove (immutable) is one line naming the call, path and code", () =>
+  scene(async (w, out) => {
+    for (const tag of ["boot-v1", "boot-v2", "boot-v3"]) {
+      await releaseByHand(w, tag, netboot(tag));
+    }
+    for (const tag of ["boot-v1", "boot-v2"]) {
+      assert.equal((await fetchTag(w, out, tag)).code, 0);
+    }
+    // Even root cannot delete inside an immutable directory: the file system refuses.
+    const pinned = path.join(out, "boot-v1");
+    await chattr("+i", pinned);
+    try {
+      assertOneLineFailure(
+        await fetchTag(w, out, "boot-v3", ["--keep", "2"]),
+        /^release-boot: cannot (rm|unlink|rmdir) \S+pxe\/boot-v1\S* \(EPERM\): check that this user can write --out \S+pxe \(not read-only, full or immutable\), then rerun$/,
+      );
+    } finally {
+      await chattr("-i", pinned);
+    }
+  }));
+
+Deno.test("a name too long for DIR's file system is one line naming the call, path and code", () =>
+  scene(async (w, out) => {
+    // Git takes a tag this long; the directory fetch makes beside DIR/<tag> needs 255+ bytes.
+    const tag = `boot-v1-${"x".repeat(240)}`;
+    await releaseByHand(w, tag, netboot("boot-v1"));
+    assertOneLineFailure(
+      await fetchTag(w, out, tag),
+      /^release-boot: cannot \w+ \S+pxe\/\.boot-v1-x+\.\d+\.new \(ENAMETOOLONG\): check that this user can write --out \S+pxe \(not read-only, full or immutable\), then rerun$/,
+    );
+  }));

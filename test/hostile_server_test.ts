@@ -8,6 +8,7 @@ import * as os from "node:os";
 import * as path from "node:path";
 import { nixTest } from "./nix_helpers.ts";
 import { baseEnv, exists, runRelease } from "./run_helpers.ts";
+import { assertOneLineFailure } from "./boot_dir_helpers.ts";
 import {
   assertNoToken,
   names,
@@ -123,6 +124,21 @@ nixTest("an --out that is a file is one line, exit 2, before building", async ()
     assert.equal(run.code, 2, run.stderr);
     assert.equal(run.stderr.trim().split("\n").length, 1, run.stderr);
     assert.match(run.stderr, /--out .* is not a directory/);
+  } finally {
+    await fs.rm(file, { force: true });
+  }
+});
+
+nixTest("an --out under a file is one line naming the call, path and code, exit 1", async () => {
+  const file = await Deno.makeTempFile();
+  try {
+    const run = await stageInto(path.join(file, "out"));
+    assertOneLineFailure(
+      run,
+      new RegExp(
+        `^release-boot: cannot mkdir ${file} \\((EEXIST|ENOTDIR)\\): check that this user can write ${file} \\(a directory, not read-only or full\\), then rerun$`,
+      ),
+    );
   } finally {
     await fs.rm(file, { force: true });
   }

@@ -11,7 +11,7 @@ import { constants as fsConstants } from "node:fs";
 import { type Attachment, type Release } from "../../types/forgejo.ts";
 import { type Manifest, MANIFEST_NAME, SUMS_NAME } from "../../types/manifest.ts";
 import { hashFile, READ_SIZE, sha256Hex } from "./hash.ts";
-import { type Env, formatBytes, ReleaseError, type Run } from "./run.ts";
+import { type Env, fileSystemFailure, formatBytes, ReleaseError, type Run } from "./run.ts";
 import { readTrust } from "./allowed_signers.ts";
 import { type DownloadOptions, type FetchOptions } from "./cli.ts";
 import {
@@ -218,9 +218,21 @@ async function lstatOrUndefined(file: string) {
 
 /**
  * One fetch at a time per DIR: a lock file holding the pid, created exclusively. A lock whose
- * process is gone is taken over; a live one makes this fetch stop at once.
+ * process is gone is taken over; a live one makes this fetch stop at once. A file-system call
+ * that fails under DIR (read-only, full, immutable) ends the fetch with one line.
  */
 async function withBootLock<T>(run: Run, out: string, work: () => Promise<T>): Promise<T> {
+  try {
+    return await lockedIn(run, out, work);
+  } catch (error) {
+    throw fileSystemFailure(
+      error,
+      `check that this user can write --out ${out} (not read-only, full or immutable), then rerun`,
+    );
+  }
+}
+
+async function lockedIn<T>(run: Run, out: string, work: () => Promise<T>): Promise<T> {
   const root = await lstatOrUndefined(out);
   if (root && !root.isDirectory()) {
     const real = await fs.stat(out).catch(() => undefined);
@@ -663,7 +675,11 @@ async function removeOldReleases(run: Run, out: string, keep: number): Promise<v
     if (kept.size < keep) kept.add(name);
   }
   for (const { name } of fetched.filter(({ name }) => !kept.has(name))) {
-    await fs.rm(path.join(out, name), { recursive: true });
+    await fs.rm(path.join(out, name), { recursive: true }).catch((error: NodeJS.ErrnoException) => {
+      // A recursive rm's failure names no path: it is this directory or something in it.
+      error.path ??= path.join(out, name);
+      throw error;
+    });
     run.log(`Removed ${path.join(out, name)} (--keep ${keep})`);
   }
 }

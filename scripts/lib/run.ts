@@ -12,6 +12,27 @@ export class UsageError extends Error {}
 /** The release could not be made as asked: exit 1, nothing half-done visible. */
 export class ReleaseError extends Error {}
 
+/**
+ * A failed file-system call (Node's ErrnoException) as one ReleaseError line: the call, its
+ * path and error code, then `fix`. Any other error is returned as it is.
+ */
+export function fileSystemFailure(error: unknown, fix: string): unknown {
+  // A rename or link names its destination too.
+  const failure = error as NodeJS.ErrnoException & { dest?: string };
+  if (
+    !(error instanceof Error) || error instanceof ReleaseError || error instanceof UsageError ||
+    !/^E[A-Z0-9]+$/.test(failure.code ?? "")
+  ) {
+    return error;
+  }
+  const what = failure.path
+    ? `cannot ${failure.syscall ?? "use"} ${failure.path}${
+      failure.dest ? ` -> ${failure.dest}` : ""
+    } (${failure.code})`
+    : `a file-system call failed (${failure.message.split("\n")[0]})`;
+  return new ReleaseError(`${what}: ${fix}`);
+}
+
 export type Env = Record<string, string | undefined>;
 
 /** Where a run's text goes: the process's own streams, or whatever a caller collects it in. */

@@ -84,6 +84,7 @@ import {
   withUploadRecord,
 } from "./lib/release_index.ts";
 import { sha256Hex } from "./lib/hash.ts";
+import { readSmallFile } from "./lib/small_file.ts";
 import { pointIpxeAtRelease } from "./lib/ipxe.ts";
 import { readSigningKey, SIGNING_KEY_ENV, type SigningKey, signSums } from "./lib/sshsig.ts";
 import { buildStatement, provenanceFile, runDetailsOf, signerOf } from "./lib/provenance.ts";
@@ -296,8 +297,12 @@ function printPlan(run: Run, bundle: Bundle, options: ReleaseOptions): void {
  */
 async function isEarlierStage(dir: string, entries: string[]): Promise<boolean> {
   if (!entries.includes(SUMS_NAME) || !entries.includes(MANIFEST_NAME)) return false;
-  const sums = await fs.readFile(path.join(dir, SUMS_NAME), "utf8").catch(() => "");
-  const listed = parseSums(sums.slice(0, MAX_INDEX_FILE));
+  // A stage wrote a small regular file: a link, a FIFO or a huge file there is not one.
+  const sums = await readSmallFile(path.join(dir, SUMS_NAME), MAX_INDEX_FILE, {
+    followLinks: false,
+  });
+  if ("problem" in sums) return false;
+  const listed = parseSums(new TextDecoder().decode(sums.bytes));
   return entries.every((entry) => INDEX_NAMES.has(entry) || listed.has(entry));
 }
 

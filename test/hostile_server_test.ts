@@ -410,3 +410,54 @@ Deno.test("bad repository names, tokens and mirror spellings are refused before 
     });
   }
 });
+
+Deno.test("a FIFO or a link to /dev/zero as a key, a trust file or a stage's SHA256SUMS is one line, never a hang", async (t) => {
+  const dir = await fs.mkdtemp(path.join(os.tmpdir(), "release-boot-planted-"));
+  try {
+    const plants: [string, (at: string) => Promise<void>][] = [
+      ["a FIFO", async (at) => {
+        const made = await new Deno.Command("mkfifo", { args: [at] }).output();
+        assert.ok(made.success, `mkfifo ${at}`);
+      }],
+      ["a link to /dev/zero", (at) => fs.symlink("/dev/zero", at)],
+    ];
+    for (const [n, [name, plant]] of plants.entries()) {
+      const planted = path.join(dir, `planted-${n}`);
+      await plant(planted);
+      const out = path.join(dir, `out-${n}`);
+      await fs.mkdir(out);
+      await fs.writeFile(path.join(out, "manifest.json"), "{}\n");
+      await plant(path.join(out, "SHA256SUMS"));
+      const cases: [string, string[], string][] = [
+        [
+          "--signing-key",
+          ["--commit", OTHER_SHA, "--signing-key", planted],
+          `release-boot: --signing-key ${planted}: not a regular file`,
+        ],
+        [
+          "--trust",
+          [
+            ...["fetch", "--server", "http://127.0.0.1:9", "--repo", "ops/runners"],
+            ...["--tag", "boot-v1", "--out", path.join(dir, "pxe"), "--trust", planted],
+          ],
+          `release-boot: --trust ${planted}: not a regular file`,
+        ],
+        [
+          "a stage's SHA256SUMS",
+          ["--flake", "path:./test/fixture", "--commit", OTHER_SHA, "--out", out],
+          `release-boot: --out ${out} holds files that are not an earlier stage of release-boot, and a stage replaces it whole: choose a new or empty directory`,
+        ],
+      ];
+      for (const [what, args, line] of cases) {
+        await t.step(`${name} as ${what}`, async () => {
+          // A blocked open or an endless read would run until this aborts it.
+          const run = await runRelease(args, { signal: AbortSignal.timeout(30_000) });
+          assert.equal(run.code, 2, run.stderr);
+          assert.deepEqual(run.stderr.trim().split("\n"), [line]);
+        });
+      }
+    }
+  } finally {
+    await fs.rm(dir, { recursive: true, force: true });
+  }
+});

@@ -9,11 +9,11 @@
  * signSums writes, byte for byte the signature `ssh-keygen -Y sign` would write (Ed25519 is
  * deterministic); verifySums checks what `ssh-keygen -Y sign` writes.
  */
-import * as fs from "node:fs/promises";
 import { Buffer } from "node:buffer";
 import { createHash } from "node:crypto";
 import { SIGNATURE_NAME, SUMS_NAME } from "../../types/manifest.ts";
 import { type Env, ReleaseError, type Run, UsageError } from "./run.ts";
+import { readSmallFile } from "./small_file.ts";
 
 export const SIGNING_KEY_ENV = "RELEASE_BOOT_SIGNING_KEY";
 
@@ -523,35 +523,27 @@ async function withSource<T>(source: string, parse: () => Promise<T>): Promise<T
   }
 }
 
-/** A key or trust file, refused unreadable, not a file, or over 64 KiB, before it is read. */
+/**
+ * A key or trust file, refused unreadable, not a regular file (a FIFO, a device), or over
+ * 64 KiB, before it is read. A link to a file is followed: secrets are often mounted as links.
+ */
 export async function readSmallText(
   file: string,
   source: string,
 ): Promise<{ text: string; mode: number }> {
-  let handle: fs.FileHandle;
-  try {
-    handle = await fs.open(file, "r");
-  } catch (error) {
-    const code = (error as NodeJS.ErrnoException).code;
-    throw new UsageError(`${source}: cannot open it (${code ?? (error as Error).message})`);
+  const read = await readSmallFile(file, MAX_SIGNING_TEXT, { followLinks: true });
+  if ("problem" in read) {
+    throw new UsageError(
+      read.problem === "unreadable"
+        ? `${source}: cannot open it (${read.code})`
+        : read.problem === "too large"
+        ? `${source}: over 64 KiB, not a key file`
+        : `${source}: not a regular file`,
+    );
   }
-  try {
-    const stat = await handle.stat();
-    if (!stat.isFile()) throw new UsageError(`${source}: not a regular file`);
-    if (stat.size > MAX_SIGNING_TEXT) {
-      throw new UsageError(`${source}: over 64 KiB, not a key file`);
-    }
-    const buffer = new Uint8Array(MAX_SIGNING_TEXT + 1);
-    const { bytesRead } = await handle.read(buffer, 0, buffer.length, 0);
-    if (bytesRead > MAX_SIGNING_TEXT) {
-      throw new UsageError(`${source}: over 64 KiB, not a key file`);
-    }
-    const text = new TextDecoder().decode(buffer.subarray(0, bytesRead));
-    buffer.fill(0);
-    return { text, mode: stat.mode };
-  } finally {
-    await handle.close();
-  }
+  const text = new TextDecoder().decode(read.bytes);
+  read.bytes.fill(0);
+  return { text, mode: read.mode };
 }
 
 /** Reads SSH wire format (RFC 4251): every length is checked against what is left. */

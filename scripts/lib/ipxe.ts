@@ -12,22 +12,49 @@ import { sha256Hex } from "./hash.ts";
 
 /**
  * iPXE commands whose first argument (after options) is an image: a URI to fetch, or the name
- * of an image already fetched. They fetch; fetch and select; fetch and run.
+ * of an image already fetched (iPXE fetches a name it does not know). They fetch; fetch and
+ * select; fetch and run; fetch and set its arguments.
  */
 const IPXE_FETCHING = new Set([
   ...["imgfetch", "module", "initrd"],
   ...["imgselect", "imgload", "kernel"],
   ...["imgexec", "chain", "boot"],
+  "imgargs",
 ]);
 
-/** iPXE commands that boot what no image argument names: a SAN disk's URI, DHCP's filename. */
-const IPXE_BOOTING_ELSEWHERE = new Set(["sanboot", "sanhook", "autoboot"]);
+/**
+ * The commands a boot directory's script may run: load, check and boot the release's own
+ * images (every image argument is checked), and the script's own flow and output. Any other
+ * (sanboot, autoboot, imgextract, shim, fdt, certstore, dhcp, a command a setting names) is
+ * refused: an allowlist, since each iPXE release adds commands that fetch.
+ */
+const IPXE_SERVED = new Set([
+  ...IPXE_FETCHING,
+  ...["imgverify", "imgtrust"],
+  ...["echo", "set", "goto", "exit", "isset", "iseq", "prompt", "sleep"],
+]);
+
+/**
+ * Settings that choose where iPXE fetches from or whom it asks: a proxy or a name server
+ * serves whatever bytes it likes for a file of the directory, and crosscert is where iPXE
+ * fetches certificates. A served script sets only plain names (no `net0/` scope, `:type`,
+ * DHCP option number or `${...}`), and none of these.
+ */
+const IPXE_FETCH_SETTINGS = new Set(["http-proxy", "dns", "dns6", "crosscert"]);
+
+const PLAIN_SETTING = /^[A-Za-z][A-Za-z0-9_-]*$/;
 
 /** iPXE image options that take a value. */
 const IPXE_VALUE_OPTIONS = new Set(["-n", "--name", "-t", "--timeout"]);
 
 /** Words that join several commands on one line, as iPXE's shell reads them. */
 const IPXE_JOINERS = new Set(["||", "&&", ";"]);
+
+/**
+ * `imgverify [options] <image> <signature>`: either argument may be a URI iPXE fetches, or the
+ * name of an image already fetched. These of its options take a value.
+ */
+const IPXE_VERIFY_VALUE_OPTIONS = new Set(["-s", "--signer", "-t", "--timeout"]);
 
 /** One command of a script line, ending before word `to`, and the image it fetches. */
 interface Command {
@@ -37,17 +64,25 @@ interface Command {
   image?: number;
   /** The name `-n`/`--name` gives the image, by which later commands may run it. */
   imageName?: string;
+  /** imgverify's image and signature arguments among the line's words. */
+  verifies?: number[];
+  /** The setting `set` names, if it names one. */
+  setting?: string;
 }
 
+/** iPXE splits a line at these (its isspace), and nothing else: no quotes, no escapes. */
 function wordsOf(line: string): string[] {
-  return line.trim().split(/\s+/).filter(Boolean);
+  return line.split(/[ \t\n\v\f\r]+/).filter(Boolean);
 }
 
-/** The commands of a line's words: iPXE runs `a || b`, `a && b` and `a ; b`; `#` ends a line. */
+/**
+ * The commands of a line's words: iPXE runs `a || b`, `a && b` and `a ; b`; `#` ends a line;
+ * a first word `:name` is a label, and the rest of the line a command.
+ */
 function commandsOf(words: string[]): Command[] {
   const commands: Command[] = [];
-  let from = 0;
-  for (let at = 0; at <= words.length; at++) {
+  let from = words[0]?.startsWith(":") ? 1 : 0;
+  for (let at = from; at <= words.length; at++) {
     const comment = at < words.length && words[at].startsWith("#");
     if (at < words.length && !comment && !IPXE_JOINERS.has(words[at])) continue;
     if (at > from) commands.push(readCommand(words, from, at));
@@ -59,6 +94,15 @@ function commandsOf(words: string[]): Command[] {
 
 function readCommand(words: string[], from: number, to: number): Command {
   const command: Command = { name: words[from], to };
+  if (command.name === "set" && from + 1 < to) command.setting = words[from + 1];
+  if (command.name === "imgverify") {
+    let at = from + 1;
+    while (at < to && words[at].startsWith("-")) {
+      at += IPXE_VERIFY_VALUE_OPTIONS.has(words[at]) ? 2 : 1;
+    }
+    command.verifies = [at, at + 1].filter((arg) => arg < to);
+    return command;
+  }
   if (!IPXE_FETCHING.has(command.name)) return command;
   let at = from + 1;
   while (at < to && words[at].startsWith("-")) {
@@ -70,6 +114,25 @@ function readCommand(words: string[], from: number, to: number): Command {
 }
 
 /**
+ * A script as iPXE reads it: a line ending in `\` (before any CR) goes on with the next, the
+ * `\` removed. Each line keeps the number of its first line, for messages.
+ */
+function joinContinuations(text: string): { line: string; number: number }[] {
+  const lines: { line: string; number: number }[] = [];
+  let pending: { line: string; number: number } | undefined;
+  text.split("\n").forEach((line, index) => {
+    const joined = pending
+      ? { ...pending, line: pending.line + line }
+      : { line, number: index + 1 };
+    const continued = joined.line.match(/^([^]*)\\\r?$/);
+    pending = continued ? { ...joined, line: continued[1] } : undefined;
+    if (!continued) lines.push(joined);
+  });
+  if (pending) lines.push(pending);
+  return lines;
+}
+
+/**
  * Points an iPXE script's image URIs at new locations. `locate` maps a file name the script
  * fetches (e.g. "bzImage") to its new URI, or undefined to leave it. iPXE names a fetched
  * image after its URI's last segment, so the kernel's `initrd=` argument follows the rename.
@@ -78,10 +141,11 @@ function readCommand(words: string[], from: number, to: number): Command {
 export function rewriteIpxe(script: string, locate: (file: string) => string | undefined): string {
   return script.split("\n").map((line) => {
     const words = wordsOf(line);
-    const loads = commandsOf(words).flatMap(({ image, to }) =>
-      image === undefined ? [] : [{ image, to }]
-    );
-    if (loads.length === 0) return line;
+    const commands = commandsOf(words);
+    const loads = commands.flatMap(({ image, to }) => image === undefined ? [] : [{ image, to }]);
+    const verified = commands.flatMap(({ verifies }) => verifies ?? []);
+    if (loads.length === 0 && verified.length === 0) return line;
+    for (const at of verified) words[at] = locate(words[at]) ?? words[at];
     for (const { image, to } of loads) {
       words[image] = locate(words[image]) ?? words[image];
       for (let arg = image + 1; arg < to; arg++) {
@@ -96,9 +160,10 @@ export function rewriteIpxe(script: string, locate: (file: string) => string | u
 
 /**
  * A release's iPXE script as a boot directory serves it: rewritten so that every image loads
- * from beside it. A command that loads anything `locate` does not find among the release's
- * files (another host, file://, another release's script, a SAN disk, DHCP's filename) is
- * refused, naming its line, so the served script boots only what was verified.
+ * from beside it. A command that loads or verifies anything `locate` does not find among the
+ * release's files (another host, file://, another release's script), a command not among
+ * those a boot script needs (IPXE_SERVED), and a setting that chooses where iPXE fetches
+ * from are refused, naming the line, so the served script boots only what was verified.
  */
 export function serveFromDirectory(
   script: string,
@@ -107,24 +172,41 @@ export function serveFromDirectory(
   tag: string,
 ): string {
   const named = new Set<string>();
-  text.split("\n").forEach((line, index) => {
+  const lines = joinContinuations(text);
+  for (const { line, number } of lines) {
     const words = wordsOf(line);
+    const refuse = (what: string) =>
+      new ReleaseError(
+        `${script} of ${tag}, line ${number} ("${line.trim()}"), ${what}; nothing was changed`,
+      );
     for (const command of commandsOf(words)) {
-      const image = command.image === undefined ? undefined : words[command.image];
-      const local = image === undefined
-        ? !IPXE_BOOTING_ELSEWHERE.has(command.name) && !command.name.includes("${")
-        : named.has(image) || locate(image) !== undefined;
-      if (!local) {
-        throw new ReleaseError(
-          `${script} of ${tag}, line ${
-            index + 1
-          } ("${line.trim()}"), loads from outside ${tag}: refusing to serve a script that loads anything but the release's own files; nothing was changed`,
+      if (!IPXE_SERVED.has(command.name)) {
+        throw refuse(
+          `runs ${command.name}, which a boot directory's script may not run: refusing to serve a script that does more than load, check and boot the release's own files`,
+        );
+      }
+      const setting = command.setting;
+      if (
+        setting !== undefined && (!PLAIN_SETTING.test(setting) || IPXE_FETCH_SETTINGS.has(setting))
+      ) {
+        throw refuse(
+          `sets ${setting}, which chooses where iPXE fetches from: refusing to serve a script that loads anything but the release's own files`,
+        );
+      }
+      const found = (word: string) => named.has(word) || locate(word) !== undefined;
+      const arguments_ = [
+        ...(command.image === undefined ? [] : [command.image]),
+        ...(command.verifies ?? []),
+      ];
+      if (!arguments_.every((at) => found(words[at]))) {
+        throw refuse(
+          `loads from outside ${tag}: refusing to serve a script that loads anything but the release's own files`,
         );
       }
       if (command.imageName) named.add(command.imageName);
     }
-  });
-  return rewriteIpxe(text, locate);
+  }
+  return rewriteIpxe(lines.map(({ line }) => line).join("\n"), locate);
 }
 
 /**
@@ -208,10 +290,12 @@ export function bootFilesOfScript(
     const name = nameOf(uri);
     return sums.has(name) && !name.endsWith(".ipxe") ? name : undefined;
   };
-  const loads = text.split("\n").flatMap((line) => {
+  const loads = joinContinuations(text).flatMap(({ line }) => {
     const words = wordsOf(line);
-    return commandsOf(words).flatMap(({ name, image }) =>
-      image === undefined ? [] : [{ command: name, uri: words[image] }]
+    // The images it loads, and the signatures it checks them against.
+    return commandsOf(words).flatMap(({ name, image, verifies }) =>
+      [...(image === undefined ? [] : [image]), ...(verifies ?? [])]
+        .map((at) => ({ command: name, uri: words[at] }))
     );
   });
   const fetched = (command: string) =>

@@ -155,6 +155,49 @@ Deno.test("a file served larger than the release lists is cut off at its size an
     assert.ok(!(await fs.readdir(out)).includes("current"), "nothing to boot was pointed at");
   }));
 
+nixTest(
+  "under --trust a download stops at the size the signed manifest records, whatever the server lists",
+  () =>
+    signedScene(async (w, keys, out) => {
+      const release = w.release();
+      const initrd = release.assets.find((asset) => asset.name === INITRD)!;
+      const [bytes] = await w.forgejo.assetBytes(release.id, INITRD);
+      // The server lists and serves a kilobyte more than the release key signed for.
+      const extra = 1024;
+      w.forgejo.addFault({
+        method: "GET",
+        path: `/releases/tags/${TAG}`,
+        times: 1000,
+        fault: {
+          kind: "edit",
+          edit: (listed) => {
+            const answer = listed as { assets: { name: string; size: number }[] };
+            return {
+              ...answer,
+              assets: answer.assets.map((a) =>
+                a.name === INITRD ? { ...a, size: a.size + extra } : a
+              ),
+            };
+          },
+        },
+      });
+      const served = `/attachments/${initrd.uuid}`;
+      w.forgejo.addFault({ method: "GET", path: served, fault: { kind: "pad", bytes: extra } });
+      const run = await fetchTrusting(w, keys, out, TAG);
+      assertOneLineFailure(
+        run,
+        new RegExp(
+          `^release-boot: ${
+            INITRD.replaceAll(".", "\\.")
+          } is larger than the ${bytes.length} bytes ${
+            TAG.replaceAll(".", "\\.")
+          } lists: the server sent more, so the download was stopped and deleted; rerun, and if it persists the release's file is damaged$`,
+        ),
+      );
+      assert.ok(!(await fs.readdir(out)).includes("current"), "nothing to boot was pointed at");
+    }),
+);
+
 Deno.test("a part left at or past a file's size is never resumed: the file is downloaded whole", () =>
   scene(async (w, out) => {
     const files = await releaseByHand(w, "boot-v1", netboot("boot-v1"));

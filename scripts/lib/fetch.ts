@@ -96,7 +96,9 @@ async function chooseBootFiles(
   const readScript = (name: string) => verifiedText(forgejo, release, name, sums);
   const manifest = releaseManifest(index, sums, tag, { signed, command: "fetch" });
   if (manifest) {
-    return await bootFilesOf(manifest, sums, options.targets, options.system, tag, readScript);
+    const { targets, system } = options;
+    const boot = await bootFilesOf(manifest, sums, targets, system, tag, readScript);
+    return signed ? withSignedSizes(boot, manifest) : boot;
   }
   const scripts = [...sums.keys()].filter((name) => name.endsWith(".ipxe"));
   if (scripts.length === 0) {
@@ -167,6 +169,18 @@ async function bootFilesOf(
     });
   }
   return { files, scripts };
+}
+
+/**
+ * Each file with the size the signed manifest records for it: the server's sizes are only its
+ * word, so a download stops at the smaller of the two.
+ */
+function withSignedSizes(boot: BootSet, manifest: Pick<Manifest, "assets">): BootSet {
+  const files = boot.files.map((file) => {
+    const size = manifest.assets.find((asset) => asset.name === file.name)?.size;
+    return size === undefined ? file : { ...file, size };
+  });
+  return { ...boot, files };
 }
 
 function oneScript(scripts: string[], options: DownloadOptions, tag: string): string {
@@ -426,7 +440,9 @@ async function downloadVerified(
   // The checksum is in the name, so a part left by another release is never resumed.
   const part = `${final}.${file.sha256.slice(0, 16)}.part`;
   await removeStaleParts(dir, file.name, part);
-  const got = await downloadToPart(run, forgejo, copy, part, release.tag_name);
+  // Nothing past the size the server lists, nor past the one a signed manifest records.
+  const limit = Math.min(copy.size, file.size ?? copy.size);
+  const got = await downloadToPart(run, forgejo, copy, limit, part, release.tag_name);
   if (got.sha256 !== file.sha256) {
     await fs.rm(part, { force: true });
     throw new ReleaseError(
@@ -459,21 +475,22 @@ const { O_WRONLY, O_APPEND, O_RDONLY, O_NOFOLLOW } = fsConstants;
  * One GET of an asset into `part`, from where an earlier run stopped, hashed in the same pass
  * that writes it (a resumed part's bytes are hashed first). The part is opened never through
  * a link: a new one exclusively, a resumed one with O_NOFOLLOW and one name only. Nothing past
- * the size the release lists is read or kept. The client's interceptors follow redirects
- * (without the token off the Forgejo origin) and retry.
+ * `limit`, the size the release lists, is read or kept. The client's interceptors follow
+ * redirects (without the token off the Forgejo origin) and retry.
  */
 async function downloadToPart(
   run: Run,
   forgejo: Forgejo,
   copy: Attachment,
+  limit: number,
   part: string,
   tag: string,
 ): Promise<{ sha256: string; size: number }> {
   const left = await lstatOrUndefined(part);
   if (left) refuseHardLink(part, left);
   // A part at or past the listed size is no download in progress: it goes, never resumed.
-  if (left && left.size >= copy.size) await fs.rm(part);
-  const have = left && left.size < copy.size ? left.size : 0;
+  if (left && left.size >= limit) await fs.rm(part);
+  const have = left && left.size < limit ? left.size : 0;
   const response = await forgejo.assets.open(copy, have).catch((error: Error) => {
     throw new ReleaseError(
       `the download of ${copy.name} failed (${error.message}); rerun to resume`,
@@ -522,10 +539,10 @@ async function downloadToPart(
     refuseHardLink(part, await handle.stat());
     for await (const chunk of response.body) {
       size += chunk.length;
-      if (size > copy.size) {
+      if (size > limit) {
         resumable = false;
         throw new ReleaseError(
-          `${copy.name} is larger than the ${copy.size} bytes ${tag} lists: the server sent more, so the download was stopped and deleted; rerun, and if it persists the release's file is damaged`,
+          `${copy.name} is larger than the ${limit} bytes ${tag} lists: the server sent more, so the download was stopped and deleted; rerun, and if it persists the release's file is damaged`,
         );
       }
       hash.update(chunk);

@@ -249,6 +249,8 @@ export async function pointIpxeAtRelease(
 export interface BootFile {
   name: string;
   sha256: string;
+  /** The size a signed manifest.json records: a download never goes past it. */
+  size?: number;
 }
 
 /** An iPXE script fetch writes beside the files, as the boot directory serves it. */

@@ -126,7 +126,7 @@ async function runbook(run: Run, argv: string[], env: Env): Promise<void> {
     ? connectForgejo(
       run,
       refuseMirror(options.site, options.mirrors),
-      requireToken(options, env, run),
+      requireToken(options.site, env, run),
       options,
     )
     : undefined;

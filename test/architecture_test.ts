@@ -108,3 +108,28 @@ Deno.test("every module under scripts/lib opens with what it owns and what it mu
     assert.match(text, /^\/\*\*\n \* \S/, `${relative(file)} opens without its comment`);
   }
 });
+
+/** The functions a module declares at its top level, by name. */
+function topLevelFunctions(text: string): string[] {
+  return [...text.matchAll(/^(?:export )?(?:async )?function\*? ?([A-Za-z0-9_$]+)/gm)]
+    .map((match) => match[1]);
+}
+
+Deno.test("each function has one home: no two modules declare a function of the same name", async () => {
+  const homes = new Map<string, string[]>();
+  for (const dir of ["scripts", "types"]) {
+    for (const file of await sources(path.join(repoRoot, dir))) {
+      for (const name of topLevelFunctions(await fs.readFile(file, "utf8"))) {
+        homes.set(name, [...homes.get(name) ?? [], relative(file)]);
+      }
+    }
+  }
+  assert.ok(homes.size > 100, `only ${homes.size} functions found: is the layout where it was?`);
+  const copies = [...homes].filter(([, files]) => files.length > 1)
+    .map(([name, files]) => `${name} in ${files.join(", ")}`);
+  assert.deepEqual(copies, []);
+  assert.deepEqual(
+    topLevelFunctions("export async function a() {}\nfunction* b() {}\n  function inner() {}"),
+    ["a", "b"],
+  );
+});

@@ -753,7 +753,7 @@ Deno.test("a repository page that is empty or relative is a one-line failure of 
           new RegExp(
             `^release-boot: Forgejo's answer to GET /api/v1/repos/ops/runners: unexpected JSON \\(.*the repository's html_url ${
               JSON.stringify(html_url)
-            } is not an absolute http\\(s\\) URL\\)`,
+            } is not an absolute http\\(s\\) URL at html_url\\)`,
           ),
         );
         assert.doesNotMatch(run.stderr, /==> Build/, "refused before any build");

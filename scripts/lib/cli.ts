@@ -645,6 +645,15 @@ function ciJob(env: Env): CiJob | undefined {
   };
 }
 
+/** The server and repository a command other than release cannot do without. */
+function siteOf(flags: Flags, env: Env, command: "fetch" | "verify" | "prune"): Site {
+  const server = flagOrEnv(flags, "server", env, "GITHUB_SERVER_URL", ServerFlagSchema);
+  const repo = flagOrEnv(flags, "repo", env, "GITHUB_REPOSITORY", RepoFlagSchema);
+  if (!server) throw new UsageError(`${command} needs --server URL (or GITHUB_SERVER_URL)`);
+  if (!repo) throw new UsageError(`${command} needs --repo OWNER/NAME (or GITHUB_REPOSITORY)`);
+  return { server, repo };
+}
+
 /** `fetch` reads a published release: it needs where, which tag, and where to put it. */
 function fetchOptions(flags: Flags, env: Env, common: CommonOptions): FetchOptions {
   if (flags.on("rollback")) {
@@ -654,10 +663,7 @@ function fetchOptions(flags: Flags, env: Env, common: CommonOptions): FetchOptio
     if (!out) throw new UsageError("fetch --rollback needs --out DIR: the boot directory");
     return { command: "fetch", rollback: true, out, ...common };
   }
-  const server = flagOrEnv(flags, "server", env, "GITHUB_SERVER_URL", ServerFlagSchema);
-  const repo = flagOrEnv(flags, "repo", env, "GITHUB_REPOSITORY", RepoFlagSchema);
-  if (!server) throw new UsageError("fetch needs --server URL (or GITHUB_SERVER_URL)");
-  if (!repo) throw new UsageError("fetch needs --repo OWNER/NAME (or GITHUB_REPOSITORY)");
+  const site = siteOf(flags, env, "fetch");
   const tag = flags.value("tag") ??
     (env.GITHUB_REF_TYPE === "tag" && env.GITHUB_REF_NAME ? env.GITHUB_REF_NAME : undefined);
   if (!tag) {
@@ -670,7 +676,7 @@ function fetchOptions(flags: Flags, env: Env, common: CommonOptions): FetchOptio
   return {
     command: "fetch",
     rollback: false,
-    site: { server, repo },
+    site,
     tag: tag === "latest" ? tag : parseFlag("tag", TagFlagSchema, tag),
     out,
     targets: parseFlag("targets", TargetsFlagSchema, flags.value("targets") ?? "netboot"),
@@ -687,10 +693,7 @@ const StaleDraftsFlagSchema = WholeNumberSchema("days", 1);
 
 /** `verify` rebuilds one published release: where it is, which tag, and from what flake. */
 function verifyOptions(flags: Flags, env: Env, common: CommonOptions): VerifyOptions {
-  const server = flagOrEnv(flags, "server", env, "GITHUB_SERVER_URL", ServerFlagSchema);
-  const repo = flagOrEnv(flags, "repo", env, "GITHUB_REPOSITORY", RepoFlagSchema);
-  if (!server) throw new UsageError("verify needs --server URL (or GITHUB_SERVER_URL)");
-  if (!repo) throw new UsageError("verify needs --repo OWNER/NAME (or GITHUB_REPOSITORY)");
+  const site = siteOf(flags, env, "verify");
   const tag = flags.value("tag");
   if (!tag) {
     throw new UsageError("verify needs --tag TAG, or --tag latest for the newest boot-v* release");
@@ -699,7 +702,7 @@ function verifyOptions(flags: Flags, env: Env, common: CommonOptions): VerifyOpt
   const system = flags.value("system");
   return {
     command: "verify",
-    site: { server, repo },
+    site,
     tag: tag === "latest" ? tag : parseFlag("tag", TagFlagSchema, tag),
     flake: flake === undefined ? undefined : parseFlag("flake", FlakeFlagSchema, flake),
     system: system === undefined ? undefined : parseFlag("system", SystemFlagSchema, system),
@@ -711,13 +714,10 @@ function verifyOptions(flags: Flags, env: Env, common: CommonOptions): VerifyOpt
 
 /** `prune` deletes from one repository: where it is, and how much to keep. */
 function pruneOptions(flags: Flags, env: Env, common: CommonOptions): PruneOptions {
-  const server = flagOrEnv(flags, "server", env, "GITHUB_SERVER_URL", ServerFlagSchema);
-  const repo = flagOrEnv(flags, "repo", env, "GITHUB_REPOSITORY", RepoFlagSchema);
-  if (!server) throw new UsageError("prune needs --server URL (or GITHUB_SERVER_URL)");
-  if (!repo) throw new UsageError("prune needs --repo OWNER/NAME (or GITHUB_REPOSITORY)");
+  const site = siteOf(flags, env, "prune");
   return {
     command: "prune",
-    site: { server, repo },
+    site,
     keep: parseFlag("keep", KeepReleasesFlagSchema, flags.value("keep") ?? String(PRUNE_KEEP)),
     staleDays: parseFlag(
       "stale-drafts",

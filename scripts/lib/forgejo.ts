@@ -29,13 +29,7 @@ import {
 } from "../../types/forgejo.ts";
 import { READ_SIZE, sha256Hex } from "./hash.ts";
 import { type Env, formatBytes, ReleaseError, type Run, UsageError } from "./run.ts";
-import {
-  type CommonOptions,
-  type HttpSettings,
-  isLoopback,
-  type ReleaseOptions,
-  type Site,
-} from "./cli.ts";
+import { type CommonOptions, type HttpSettings, isLoopback, type Site } from "./cli.ts";
 import { parseJson, safeJson } from "./json.ts";
 
 /**
@@ -63,12 +57,18 @@ export function readToken(env: Env, run: Pick<Run, "mask">): string | undefined 
   return token;
 }
 
-export function requireToken(options: ReleaseOptions, env: Env, run: Pick<Run, "mask">): string {
+/** The token of a command that writes releases of `site`; `why` opens the refusal without one. */
+export function requireToken(
+  site: Site,
+  env: Env,
+  run: Pick<Run, "mask">,
+  why = "no token",
+): string {
   const token = readToken(env, run);
   if (!token) {
     throw new UsageError(
-      "no token: set FORGEJO_TOKEN to a token that can write releases of " +
-        `${options.site?.repo} (in a workflow: FORGEJO_TOKEN: \${{ secrets.GITHUB_TOKEN }})`,
+      `${why}: set FORGEJO_TOKEN to a token that can write releases of ${site.repo} ` +
+        "(in a workflow: FORGEJO_TOKEN: ${{ secrets.GITHUB_TOKEN }})",
     );
   }
   return token;

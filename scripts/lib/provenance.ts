@@ -22,7 +22,14 @@ import {
 } from "../../types/provenance.ts";
 import { ReleaseError } from "./run.ts";
 import type { CiJob } from "./cli.ts";
-import { ed25519Blob, readEd25519Blob, type SigningKey, sshFingerprint } from "./sshsig.ts";
+import {
+  concatBytes,
+  ed25519Blob,
+  readEd25519Blob,
+  type SigningKey,
+  sshFingerprint,
+} from "./sshsig.ts";
+import { firstIssue, parseJsonDocument } from "./json.ts";
 
 /** builder.id of a release made by hand, outside CI: nothing vouches for the machine. */
 export const BY_HAND_BUILDER = "https://release-boot.invalid/builders/by-hand";
@@ -138,7 +145,9 @@ export function buildStatement(facts: ProvenanceFacts): Statement {
   };
   const checked = v.safeParse(StatementSchema, statement);
   if (!checked.success) {
-    throw new ReleaseError(`the provenance statement would be invalid: ${firstIssue(checked)}`);
+    throw new ReleaseError(
+      `the provenance statement would be invalid: ${firstIssue(checked.issues)}`,
+    );
   }
   return checked.output;
 }
@@ -352,7 +361,13 @@ function digestOf(
 }
 
 function parseEnvelope(bytes: Uint8Array): Envelope {
-  const envelope = parseJson(EnvelopeSchema, bytes, ENVELOPE_NAME, "a DSSE envelope");
+  const envelope = parseJsonDocument(
+    EnvelopeSchema,
+    bytes,
+    ENVELOPE_NAME,
+    "a DSSE envelope",
+    MAX_PROVENANCE_BYTES,
+  );
   if (envelope.payloadType !== IN_TOTO_PAYLOAD_TYPE) {
     throw new ReleaseError(
       `${ENVELOPE_NAME} carries "${envelope.payloadType}", not an in-toto statement (${IN_TOTO_PAYLOAD_TYPE})`,
@@ -362,33 +377,13 @@ function parseEnvelope(bytes: Uint8Array): Envelope {
 }
 
 function parseStatementBytes(bytes: Uint8Array, source: string): Statement {
-  return parseJson(StatementSchema, bytes, source, "release-boot's SLSA provenance");
-}
-
-function parseJson<T>(
-  schema: v.GenericSchema<unknown, T>,
-  bytes: Uint8Array,
-  source: string,
-  what: string,
-): T {
-  if (bytes.length > MAX_PROVENANCE_BYTES) {
-    throw new ReleaseError(`${source} is over 1 MiB, so it is not ${what}`);
-  }
-  let data: unknown;
-  try {
-    data = JSON.parse(new TextDecoder("utf-8", { fatal: true }).decode(bytes));
-  } catch {
-    throw new ReleaseError(`${source} is not JSON, so it is not ${what}`);
-  }
-  const result = v.safeParse(schema, data);
-  if (!result.success) {
-    throw new ReleaseError(`${source} is not ${what} (${firstIssue(result)})`);
-  }
-  return result.output;
-}
-
-function firstIssue(result: { issues: [v.BaseIssue<unknown>, ...v.BaseIssue<unknown>[]] }): string {
-  return v.summarize(result.issues).split("\n").slice(0, 2).join(" ");
+  return parseJsonDocument(
+    StatementSchema,
+    bytes,
+    source,
+    "release-boot's SLSA provenance",
+    MAX_PROVENANCE_BYTES,
+  );
 }
 
 /** DSSE v1 PAE: "DSSEv1" SP len(type) SP type SP len(body) SP body, lengths in bytes. */
@@ -418,16 +413,6 @@ async function ed25519Verifies(
     ["verify"],
   );
   return await crypto.subtle.verify("Ed25519", key, new Uint8Array(signature), data);
-}
-
-function concatBytes(...parts: Uint8Array[]): Uint8Array<ArrayBuffer> {
-  const out = new Uint8Array(parts.reduce((sum, part) => sum + part.length, 0));
-  let at = 0;
-  for (const part of parts) {
-    out.set(part, at);
-    at += part.length;
-  }
-  return out;
 }
 
 function sortedUnique(values: string[]): string[] {

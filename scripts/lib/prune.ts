@@ -6,15 +6,16 @@
 import { type Attachment, type Release, type Tag } from "../../types/forgejo.ts";
 import { type Env, formatBytes, ReleaseError, type Run, UsageError } from "./run.ts";
 import { type PruneOptions } from "./cli.ts";
-import { checkForgejo, connectForgejo, type Forgejo, readToken, refuseMirror } from "./forgejo.ts";
+import {
+  checkForgejo,
+  connectForgejo,
+  type Forgejo,
+  refuseMirror,
+  requireToken,
+} from "./forgejo.ts";
 
 export async function pruneReleases(run: Run, options: PruneOptions, env: Env): Promise<void> {
-  const token = readToken(env, run);
-  if (!token) {
-    throw new UsageError(
-      `prune deletes releases: set FORGEJO_TOKEN to a token that can write releases of ${options.site.repo} (in a workflow: FORGEJO_TOKEN: \${{ secrets.GITHUB_TOKEN }})`,
-    );
-  }
+  const token = requireToken(options.site, env, run, "prune deletes releases");
   const forgejo = connectForgejo(run, refuseMirror(options.site, options.mirrors), token, options);
   await run.step("Check Forgejo", () => checkForgejo(run, forgejo));
   // Tags first: a release published meanwhile then has its tag listed, never as an orphan.

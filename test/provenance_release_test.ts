@@ -6,7 +6,6 @@
  */
 import assert from "node:assert/strict";
 import * as fs from "node:fs/promises";
-import * as os from "node:os";
 import * as path from "node:path";
 import { judgeRelease, renderSums } from "../scripts/lib/release_index.ts";
 import {
@@ -38,6 +37,7 @@ import {
   type World,
 } from "./forgejo_world.ts";
 import { nixTest } from "./nix_helpers.ts";
+import { type Keys, makeKeys } from "./signing_helpers.ts";
 import {
   checkAsDocumented,
   encodeJson,
@@ -56,34 +56,15 @@ import {
 
 const text = (bytes: Uint8Array) => new TextDecoder().decode(bytes);
 
-/** An Ed25519 key as ssh-keygen makes it: its file, its text and its public line. */
-async function makeKey(dir: string, name: string) {
-  const file = path.join(dir, name);
-  const made = await runCommand("ssh-keygen", [
-    "-q",
-    "-t",
-    "ed25519",
-    "-N",
-    "",
-    "-C",
-    name,
-    "-f",
-    file,
-  ]);
-  assert.equal(made.code, 0, made.stderr);
-  const keyText = await fs.readFile(file, "utf8");
-  return { file, keyText, publicLine: await fs.readFile(`${file}.pub`, "utf8") };
-}
-
-type Key = Awaited<ReturnType<typeof makeKey>>;
-
-/** A scratch directory with a release key and a stranger's key, removed afterwards. */
-async function withKeys(test: (dir: string, key: Key, stranger: Key) => Promise<void>) {
-  const dir = await fs.mkdtemp(path.join(os.tmpdir(), "release-boot-provenance-"));
+/** A scratch directory with a release key, a stranger's key beside it, removed afterwards. */
+async function withKeys(test: (dir: string, key: Keys, stranger: Keys) => Promise<void>) {
+  const key = await makeKeys();
+  const stranger = await makeKeys("stranger");
   try {
-    await test(dir, await makeKey(dir, "release-key"), await makeKey(dir, "stranger"));
+    await test(key.dir, key, stranger);
   } finally {
-    await fs.rm(dir, { recursive: true, force: true });
+    await fs.rm(key.dir, { recursive: true, force: true });
+    await fs.rm(stranger.dir, { recursive: true, force: true });
   }
 }
 
@@ -263,7 +244,7 @@ nixTest(
         assert.equal(statement.predicate.runDetails.builder.id, BY_HAND_BUILDER);
 
         const signed = path.join(work.dir, "signed");
-        const withKey = await stage(signed, ["--signing-key", key.file]);
+        const withKey = await stage(signed, ["--signing-key", key.key]);
         assert.equal(withKey.code, 0, withKey.stderr);
         const files = await fs.readdir(signed);
         assert.ok(files.includes(ENVELOPE_NAME) && !files.includes(STATEMENT_NAME), files.join());
@@ -422,7 +403,7 @@ nixTest(
 // ---------------------------------------------------------------------------------------------
 
 /** Replaces the release's envelope, lists it in SHA256SUMS and signs that with `key`. */
-async function replaceEnvelope(w: World, dir: string, key: Key, envelope: Uint8Array) {
+async function replaceEnvelope(w: World, dir: string, key: Keys, envelope: Uint8Array) {
   const release = w.release();
   const sums = text(await stored(w, "SHA256SUMS")).replace(
     /^[0-9a-f]{64} {2}provenance\.intoto\.jsonl$/m,
@@ -431,7 +412,7 @@ async function replaceEnvelope(w: World, dir: string, key: Key, envelope: Uint8A
   const file = path.join(dir, "SHA256SUMS");
   await fs.writeFile(file, sums);
   await fs.rm(`${file}.sig`, { force: true });
-  const signed = await runCommand("ssh-keygen", ["-Y", "sign", "-f", key.file, "-n", "file", file]);
+  const signed = await runCommand("ssh-keygen", ["-Y", "sign", "-f", key.key, "-n", "file", file]);
   assert.equal(signed.code, 0, signed.stderr);
   await w.forgejo.tamper(release.id, ENVELOPE_NAME, envelope);
   await w.forgejo.tamper(release.id, "SHA256SUMS", new TextEncoder().encode(sums));
@@ -482,7 +463,7 @@ nixTest(
 
         const original = await stored(w, ENVELOPE_NAME);
         const statement = readStatement(ENVELOPE_NAME, original);
-        const signWith = async (by: Key, changed: Statement) => {
+        const signWith = async (by: Keys, changed: Statement) => {
           const signer = signerOf(await parseSigningKey(by.keyText));
           return await signEnvelope(renderStatement(changed), signer.sign, signer.publicKey);
         };

@@ -10,6 +10,8 @@ export interface Keys {
   /** The private key file, as `ssh-keygen -t ed25519 -N '' -C release-boot` writes it. */
   key: string;
   keyText: string;
+  /** The public key file's text, as ssh-keygen writes it: one line. */
+  publicLine: string;
   /** allowed_signers trusting the key as principal "ops" for namespace "file". */
   allowedSigners: string;
 }
@@ -29,10 +31,10 @@ export async function makeKeys(name = "release-key"): Promise<Keys> {
     key,
   ]);
   assert.equal(made.code, 0, made.stderr);
-  const publicLine = (await fs.readFile(`${key}.pub`, "utf8")).trim();
+  const publicLine = await fs.readFile(`${key}.pub`, "utf8");
   const allowedSigners = path.join(dir, "allowed_signers");
-  await fs.writeFile(allowedSigners, `ops namespaces="file" ${publicLine}\n`);
-  return { dir, key, keyText: await fs.readFile(key, "utf8"), allowedSigners };
+  await fs.writeFile(allowedSigners, `ops namespaces="file" ${publicLine.trim()}\n`);
+  return { dir, key, keyText: await fs.readFile(key, "utf8"), publicLine, allowedSigners };
 }
 
 /** `ssh-keygen -Y sign -n file` of `bytes` with the key: the armored signature's bytes. */

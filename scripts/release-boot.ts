@@ -851,6 +851,33 @@ async function finalizeRelease(
   await reportRelease(run, published, index.manifests[0].manifest, env);
 }
 
+/**
+ * The job's summary: the release, linked, and a table of its assets. The tag and the URL are
+ * the server's words, so neither can add Markdown or HTML of its own: the tag is escaped as
+ * text, and the URL (absolute http(s), as read) is percent-encoded where a link would end.
+ */
+export function stepSummary(
+  release: Pick<Release, "tag_name" | "html_url" | "draft">,
+  manifest: Pick<Manifest, "assets">,
+): string {
+  const tag = release.tag_name.replace(/\s+/g, " ").replace(/[\\`*_[\]<>&|~]/g, "\\$&");
+  const url = new URL(release.html_url).href.replace(
+    /[()\\]/g,
+    (char) => `%${char.charCodeAt(0).toString(16).toUpperCase()}`,
+  );
+  const rows = manifest.assets.map((a) =>
+    `| ${a.name} | ${formatBytes(a.size)} | \`${a.sha256}\` |`
+  );
+  return [
+    `### Release [${tag}](${url})${release.draft ? " (draft)" : ""}`,
+    "",
+    "| asset | size | sha256 |",
+    "|---|---|---|",
+    ...rows,
+    "",
+  ].join("\n");
+}
+
 async function reportRelease(
   run: Run,
   release: Release,
@@ -868,20 +895,7 @@ async function reportRelease(
     );
   }
   if (env.GITHUB_STEP_SUMMARY) {
-    const rows = manifest.assets.map((a) =>
-      `| ${a.name} | ${formatBytes(a.size)} | \`${a.sha256}\` |`
-    );
-    await fs.appendFile(
-      env.GITHUB_STEP_SUMMARY,
-      [
-        `### Release [${release.tag_name}](${release.html_url})${release.draft ? " (draft)" : ""}`,
-        "",
-        "| asset | size | sha256 |",
-        "|---|---|---|",
-        ...rows,
-        "",
-      ].join("\n"),
-    );
+    await fs.appendFile(env.GITHUB_STEP_SUMMARY, stepSummary(release, manifest));
   }
   run.log(`Release ${release.tag_name}${release.draft ? " (draft)" : ""}: ${release.html_url}`);
   run.result(release.html_url);

@@ -482,6 +482,35 @@ nixTest(
     }),
 );
 
+nixTest(
+  "the server's html_url cannot add a link or HTML of its own to the step summary",
+  () =>
+    withWorld(async (w) => {
+      const file = path.join(w.work.dir, "step-summary.md");
+      const injected = ") [sign in again](https://evil.example.org/login) <img src=x>";
+      w.forgejo.addFault({
+        method: "GET",
+        path: /\/releases\/\d+$/,
+        times: 1000,
+        fault: {
+          kind: "edit",
+          edit: (release) => {
+            const listed = release as { html_url: string };
+            return { ...listed, html_url: `${listed.html_url}${injected}` };
+          },
+        },
+      });
+      const run = await w.publish(["--targets", "netboot"], { GITHUB_STEP_SUMMARY: file });
+      assert.equal(run.code, 0, run.stderr);
+      const heading = (await fs.readFile(file, "utf8")).split("\n")[0];
+      assert.equal(
+        heading,
+        `### Release [${TAG}](${w.forgejo.url}/ops/runners/releases/tag/${TAG}%29%20[sign%20in%20again]%28https://evil.example.org/login%29%20%3Cimg%20src=x%3E)`,
+        "one link, to the server's whole answer, percent-encoded",
+      );
+    }),
+);
+
 // ---------------------------------------------------------------------------------------------
 // 11. prune and a release that changes under it
 // ---------------------------------------------------------------------------------------------

@@ -411,6 +411,32 @@ Deno.test("bad repository names, tokens and mirror spellings are refused before 
   }
 });
 
+Deno.test("a CI repository or run id that would change the run's URL is a usage error", async (t) => {
+  const ci = { GITHUB_SERVER_URL: "https://git.example.org", GITHUB_RUN_ID: "42" };
+  const cases: [string, Record<string, string>, string][] = [
+    [
+      "GITHUB_REPOSITORY beside --repo",
+      { ...ci, GITHUB_REPOSITORY: "ops/runners/../../admin" },
+      'release-boot: bad GITHUB_REPOSITORY "ops/runners/../../admin": a repository is written OWNER/NAME',
+    ],
+    [
+      "GITHUB_RUN_ID",
+      { ...ci, GITHUB_REPOSITORY: "ops/runners", GITHUB_RUN_ID: "42/../../settings" },
+      `release-boot: bad GITHUB_RUN_ID "42/../../settings": a CI run's id is digits`,
+    ],
+  ];
+  for (const [name, env, line] of cases) {
+    await t.step(name, async () => {
+      const run = await runRelease(
+        ["--commit", OTHER_SHA, "--server", "http://127.0.0.1:9", "--repo", "ops/runners"],
+        { env: baseEnv({ FORGEJO_TOKEN: TOKEN, ...env }), allowNet: "127.0.0.1" },
+      );
+      assert.equal(run.code, 2, run.stderr);
+      assert.deepEqual(run.stderr.trim().split("\n"), [line]);
+    });
+  }
+});
+
 Deno.test("a FIFO or a link to /dev/zero as a key, a trust file or a stage's SHA256SUMS is one line, never a hang", async (t) => {
   const dir = await fs.mkdtemp(path.join(os.tmpdir(), "release-boot-planted-"));
   try {

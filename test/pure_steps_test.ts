@@ -17,7 +17,7 @@ import {
   renderSums,
   withUploadRecord,
 } from "../scripts/lib/release_index.ts";
-import { planUploads, releaseBody } from "../scripts/release-boot.ts";
+import { planUploads, releaseBody, stepSummary } from "../scripts/release-boot.ts";
 import { readOptions, repoProblem, serverProblem, tagProblem } from "../scripts/lib/cli.ts";
 import { rewriteIpxe } from "../scripts/lib/ipxe.ts";
 import { UsageError } from "../scripts/lib/run.ts";
@@ -401,6 +401,22 @@ Deno.test("the release body links the commit and lists inputs, sizes and sums", 
   assert.match(body, /\| nixpkgs \| github:NixOS\/nixpkgs \| `f{40}` \|/);
   assert.match(body, /\| iso-x86_64-linux\.iso \| 2\.0 KiB \| `a{64}` \|/);
   assert.match(body, /actions\/runs\/7/);
+});
+
+Deno.test("the step summary shows the server's tag as text and its URL as one link", () => {
+  const summary = stepSummary(
+    {
+      tag_name: "v1](https://evil.example.org) <b>*urgent*</b>\n# Sign in",
+      html_url: "https://git.example.org/ops/runners/releases/tag/v1)(x\\y",
+      draft: false,
+    },
+    { assets: [] },
+  );
+  assert.equal(
+    summary.split("\n")[0],
+    "### Release [v1\\](https://evil.example.org) \\<b\\>\\*urgent\\*\\</b\\> # Sign in]" +
+      "(https://git.example.org/ops/runners/releases/tag/v1%29%28x/y)",
+  );
 });
 
 Deno.test("options: a tag push names the release, other runs get a boot-dev pre-release", async () => {

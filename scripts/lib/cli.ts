@@ -359,6 +359,8 @@ const CiServerSchema = v.pipe(
   v.transform((url) => url.replace(/\/+$/, "")),
 );
 
+const RunIdSchema = v.pipe(v.string(), v.regex(/^[0-9]+$/, "a CI run's id is digits"));
+
 const WorkflowRefSchema = v.pipe(
   v.string(),
   v.regex(
@@ -631,14 +633,21 @@ async function releaseOptions(
   };
 }
 
-/** The CI run, when Forgejo Actions' variables say there is one. */
+/** The CI run, when Forgejo Actions' variables say there is one; each goes into its URL. */
 function ciJob(env: Env): CiJob | undefined {
   if (!env.GITHUB_SERVER_URL || !env.GITHUB_REPOSITORY || !env.GITHUB_RUN_ID) return undefined;
   const server = parseFlag("server", CiServerSchema, env.GITHUB_SERVER_URL, "GITHUB_SERVER_URL");
+  const repository = parseFlag(
+    "repository",
+    RepoFlagSchema,
+    env.GITHUB_REPOSITORY,
+    "GITHUB_REPOSITORY",
+  );
+  const runId = parseFlag("run", RunIdSchema, env.GITHUB_RUN_ID, "GITHUB_RUN_ID");
   return {
     server,
-    repository: env.GITHUB_REPOSITORY,
-    runUrl: `${server}/${env.GITHUB_REPOSITORY}/actions/runs/${env.GITHUB_RUN_ID}`,
+    repository,
+    runUrl: `${server}/${repository}/actions/runs/${runId}`,
     workflowRef: env.GITHUB_WORKFLOW_REF
       ? parseFlag("workflow", WorkflowRefSchema, env.GITHUB_WORKFLOW_REF, "GITHUB_WORKFLOW_REF")
       : undefined,

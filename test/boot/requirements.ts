@@ -2,7 +2,7 @@
  * What the boot tests need from the machine, and `bootTest`: loud when skipped, failing
  * instead when CI=true or REQUIRE_BOOT=1, as the real-nix tests do with REQUIRE_NIX=1.
  */
-import * as fs from "node:fs/promises";
+import { Buffer } from "node:buffer";
 import * as path from "node:path";
 import { nixAvailable } from "../nix_helpers.ts";
 import { repoRoot } from "../run_helpers.ts";
@@ -15,32 +15,49 @@ export const IPXE_SOURCE = path.join(repoRoot, "..", "shared", "ipxe", "ipxe-src
 const DEBIAN_IPXE_ROM = "/usr/lib/ipxe/qemu/efi-virtio.rom";
 
 /** The newest Debian kernel in /boot, or undefined when linux-image-amd64 is not installed. */
-export async function debianKernel(): Promise<string | undefined> {
-  const kernels = (await fs.readdir("/boot").catch(() => [] as string[]))
+export function debianKernel(): string | undefined {
+  const kernels = readdirOrNothing("/boot")
     .filter((name) => name.startsWith("vmlinuz-"))
     .sort();
   const newest = kernels.at(-1);
   return newest && path.join("/boot", newest);
 }
 
-async function runs(program: string, args: string[]): Promise<boolean> {
+function readdirOrNothing(dir: string): string[] {
   try {
-    const output = await new Deno.Command(program, { args, stdout: "null", stderr: "null" })
-      .output();
-    return output.success;
+    return [...Deno.readDirSync(dir)].map((entry) => entry.name);
+  } catch {
+    return [];
+  }
+}
+
+/** The probes run while a test file declares its tests, before any runs: so synchronously. */
+function runs(program: string, args: string[]): boolean {
+  try {
+    return new Deno.Command(program, { args, stdout: "null", stderr: "null" }).outputSync().success;
   } catch {
     return false;
   }
 }
 
-async function exists(file: string): Promise<boolean> {
-  return await fs.stat(file).then(() => true, () => false);
+function exists(file: string): boolean {
+  try {
+    Deno.statSync(file);
+    return true;
+  } catch {
+    return false;
+  }
 }
 
 /** An ELF file with no PT_INTERP program header needs no dynamic loader. */
-async function isStaticElf(file: string): Promise<boolean> {
-  const bytes = await fs.readFile(file).catch(() => undefined);
-  if (!bytes || bytes.readUInt32BE(0) !== 0x7f454c46 || bytes[4] !== 2) return false;
+function isStaticElf(file: string): boolean {
+  let bytes: Buffer;
+  try {
+    bytes = Buffer.from(Deno.readFileSync(file));
+  } catch {
+    return false;
+  }
+  if (bytes.readUInt32BE(0) !== 0x7f454c46 || bytes[4] !== 2) return false;
   const programHeaders = Number(bytes.readBigUInt64LE(0x20));
   const entrySize = bytes.readUInt16LE(0x36);
   const count = bytes.readUInt16LE(0x38);
@@ -52,30 +69,41 @@ async function isStaticElf(file: string): Promise<boolean> {
 }
 
 /** The Debian packages (or files) the boot tests lack on this machine, by what to install. */
-async function missingForBoot(): Promise<string[]> {
-  const checks: [string, Promise<boolean>][] = [
-    ["qemu-system-x86", runs("qemu-system-x86_64", ["--version"])],
-    ["linux-image-amd64", debianKernel().then((kernel) => kernel !== undefined)],
-    ["busybox-static", isStaticElf(BUSYBOX)],
-    ["cpio", runs("cpio", ["--version"])],
-    ["ipxe-qemu", exists(DEBIAN_IPXE_ROM)],
-    ["gcc", runs("gcc", ["--version"])],
-    ["make", runs("make", ["--version"])],
-    ["perl", runs("perl", ["-v"])],
-    ["xz-utils", runs("xz", ["--version"])],
-    ["liblzma-dev", exists("/usr/include/lzma.h")],
-    ["nix-bin", Promise.resolve(nixAvailable)],
-    [`the iPXE source at ${IPXE_SOURCE}`, exists(IPXE_SOURCE)],
+function probeMissing(): string[] {
+  const checks: [string, () => boolean][] = [
+    ["qemu-system-x86", () => runs("qemu-system-x86_64", ["--version"])],
+    ["linux-image-amd64", () => debianKernel() !== undefined],
+    ["busybox-static", () => isStaticElf(BUSYBOX)],
+    ["cpio", () => runs("cpio", ["--version"])],
+    ["ipxe-qemu", () => exists(DEBIAN_IPXE_ROM)],
+    ["gcc", () => runs("gcc", ["--version"])],
+    ["make", () => runs("make", ["--version"])],
+    ["perl", () => runs("perl", ["-v"])],
+    ["xz-utils", () => runs("xz", ["--version"])],
+    ["liblzma-dev", () => exists("/usr/include/lzma.h")],
+    ["nix-bin", () => nixAvailable],
+    [`the iPXE source at ${IPXE_SOURCE}`, () => exists(IPXE_SOURCE)],
   ];
-  const results = await Promise.all(checks.map(([, check]) => check));
-  return checks.filter((_, at) => !results[at]).map(([what]) => what);
+  return checks.filter(([, check]) => !check()).map(([what]) => what);
 }
 
-const missing = await missingForBoot();
+/** `make()`'s value, made on the first call only. */
+function once<T>(make: () => T): () => T {
+  let made: { value: T } | undefined;
+  return () => (made ??= { value: make() }).value;
+}
+
+/**
+ * What the machine lacks, probed when the first boot test is declared: a module that imports
+ * this one for its paths (the iPXE build, the QEMU kit) starts no process.
+ */
+const missingForBoot = once(probeMissing);
+
 const required = Deno.env.get("CI") === "true" || Deno.env.get("REQUIRE_BOOT") === "1";
 
 /** A test that boots QEMU: skipped loudly on a machine without the tools, never in CI. */
 export function bootTest(name: string, fn: (t: Deno.TestContext) => Promise<void>): void {
+  const missing = missingForBoot();
   const skip = missing.length > 0 && !required;
   if (skip) {
     console.error(

@@ -29,6 +29,12 @@ const IPXE_VALUE_OPTIONS = new Set(["-n", "--name", "-t", "--timeout"]);
 /** Words that join several commands on one line, as iPXE's shell reads them. */
 const IPXE_JOINERS = new Set(["||", "&&", ";"]);
 
+/**
+ * `imgverify [options] <image> <signature>`: either argument may be a URI iPXE fetches, or the
+ * name of an image already fetched. These of its options take a value.
+ */
+const IPXE_VERIFY_VALUE_OPTIONS = new Set(["-s", "--signer", "-t", "--timeout"]);
+
 /** One command of a script line, ending before word `to`, and the image it fetches. */
 interface Command {
   name: string;
@@ -37,6 +43,8 @@ interface Command {
   image?: number;
   /** The name `-n`/`--name` gives the image, by which later commands may run it. */
   imageName?: string;
+  /** imgverify's image and signature arguments among the line's words. */
+  verifies?: number[];
 }
 
 function wordsOf(line: string): string[] {
@@ -59,6 +67,14 @@ function commandsOf(words: string[]): Command[] {
 
 function readCommand(words: string[], from: number, to: number): Command {
   const command: Command = { name: words[from], to };
+  if (command.name === "imgverify") {
+    let at = from + 1;
+    while (at < to && words[at].startsWith("-")) {
+      at += IPXE_VERIFY_VALUE_OPTIONS.has(words[at]) ? 2 : 1;
+    }
+    command.verifies = [at, at + 1].filter((arg) => arg < to);
+    return command;
+  }
   if (!IPXE_FETCHING.has(command.name)) return command;
   let at = from + 1;
   while (at < to && words[at].startsWith("-")) {
@@ -106,25 +122,61 @@ export function serveFromDirectory(
   locate: (file: string) => string | undefined,
   tag: string,
 ): string {
+  refuseLoadsFromElsewhere(script, text, locate, tag, { verifies: false });
+  return rewriteIpxe(text, locate);
+}
+
+/**
+ * Refuses, naming its line, a command that loads anything `locate` does not find: an image,
+ * or with `verifies` also imgverify's image or signature. Returns the words that named found
+ * files as images to load, in order.
+ */
+function refuseLoadsFromElsewhere(
+  script: string,
+  text: string,
+  locate: (file: string) => string | undefined,
+  tag: string,
+  { verifies }: { verifies: boolean },
+): string[] {
   const named = new Set<string>();
+  const loaded: string[] = [];
   text.split("\n").forEach((line, index) => {
     const words = wordsOf(line);
     for (const command of commandsOf(words)) {
       const image = command.image === undefined ? undefined : words[command.image];
+      const found = (word: string) => named.has(word) || locate(word) !== undefined;
       const local = image === undefined
         ? !IPXE_BOOTING_ELSEWHERE.has(command.name) && !command.name.includes("${")
-        : named.has(image) || locate(image) !== undefined;
-      if (!local) {
+        : found(image);
+      const verified = !verifies || (command.verifies ?? []).every((at) => found(words[at]));
+      if (!local || !verified) {
         throw new ReleaseError(
           `${script} of ${tag}, line ${
             index + 1
           } ("${line.trim()}"), loads from outside ${tag}: refusing to serve a script that loads anything but the release's own files; nothing was changed`,
         );
       }
+      if (image !== undefined && !named.has(image)) loaded.push(image);
       if (command.imageName) named.add(command.imageName);
     }
   });
-  return rewriteIpxe(text, locate);
+  return loaded;
+}
+
+/**
+ * A release's boot-directory script signed for iPXE, served as it is: a rewrite would break its
+ * signature, so it must already load by name only `files` (the directory's own), and verify
+ * only against them. Returns the files it loads, each of which needs its own signature.
+ */
+export function checkSignedScript(
+  script: string,
+  text: string,
+  files: ReadonlySet<string>,
+  tag: string,
+): string[] {
+  const locate = (word: string) => files.has(word) ? word : undefined;
+  const loaded = refuseLoadsFromElsewhere(script, text, locate, tag, { verifies: true });
+  return [...new Set(loaded)];
 }
 
 /**
@@ -167,12 +219,16 @@ export async function pointIpxeAtRelease(
 export interface BootFile {
   name: string;
   sha256: string;
+  /** Its name in the boot directory, when that is not the asset's name. */
+  localName?: string;
 }
 
 /** An iPXE script fetch writes beside the files, as the boot directory serves it. */
 interface LocalScript {
   name: string;
   text: string;
+  /** The release's own signed script, unchanged: the local name of its signature. */
+  signature?: string;
 }
 
 export interface BootSet {
@@ -182,6 +238,14 @@ export interface BootSet {
 
 /** The script a boot directory serves, loading its kernel and initrd from beside it. */
 export const LOCAL_SCRIPT = "netboot.ipxe";
+
+/**
+ * The boot directory's script a release signed for iPXE carries for `<t>-<s>.built.ipxe`:
+ * `<t>-<s>.dir.ipxe`, loading the release's files by their names and verifying each.
+ */
+export function signedScriptName(built: string): string {
+  return built.replace(/\.built\.ipxe$/, ".dir.ipxe");
+}
 
 /**
  * A release without manifest.json: the script, the images it loads (the release must hold a

@@ -1,8 +1,9 @@
 /**
  * The boot, for real: a release published and fetched by release-boot is served over HTTP
  * and booted by iPXE in QEMU to a busybox /init that prints the kernel command line. Then
- * the same boot directory, signed for iPXE, boots only through an iPXE that verifies every
- * image, and each tampered copy is refused before /init.
+ * the same boot directory, signed for iPXE, boots only through the flake's trusted iPXE (built
+ * from source with nix/first-stage.ipxe and the options nix/boot-server.nix gives it), which
+ * verifies every image, and each tampered copy is refused before /init.
  */
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
@@ -12,6 +13,7 @@ import * as path from "node:path";
 import { checkSigningIdentity, signDigest } from "../scripts/lib/ipxe_sign.ts";
 import { TAG, world } from "./forgejo_world.ts";
 import { serveDirectory, type StaticServer } from "./boot/http_server.ts";
+import { DEFAULT_KERNEL_ARGUMENTS, renderFirstStage } from "./boot/first_stage.ts";
 import { buildIpxe, type IpxeImage } from "./boot/ipxe_build.ts";
 import { makeBootKit, MARKER } from "./boot/kit.ts";
 import { type Issued, makeCa, makeCodeSigning } from "./boot/pki.ts";
@@ -35,22 +37,21 @@ set cmdline hostname=runner-\${mac:hexhyp}
 chain http://${GUEST_SERVER}/netboot/current/${SCRIPT} || shell
 `;
 
+/** Where the trusted iPXE's first stage fetches the boot directory's script from. */
+const SCRIPT_URL = `http://${GUEST_SERVER}/netboot/current/${SCRIPT}`;
 /**
- * The trusted iPXE's embedded first stage: from here on iPXE runs only verified images. It
- * fetches the boot directory's script that DHCP names, verifies it, and chains it.
+ * Every refusal of nix/first-stage.ipxe ends in one such line, which names the URL and so may
+ * be wider than the 80 columns at which the serial console wraps it.
  */
-const FIRST_STAGE = `#!ipxe
-dhcp || goto refused
-set cmdline hostname=runner-\${mac:hexhyp}
-imgtrust --permanent || goto refused
-imgfetch --name ${SCRIPT} \${filename} || goto refused
-imgverify ${SCRIPT} \${filename}.sig || goto refused
-chain ${SCRIPT} || goto refused
-:refused
-echo Boot refused: nothing was booted
-`;
-const FIRST_STAGE_REFUSED = /Boot refused: nothing was booted\n/;
+const FIRST_STAGE_REFUSED = /release-boot first stage: [\s\S]*?: not booting\n/;
 const PERMISSION_DENIED = /Could not verify: Permission denied/;
+
+/** A console line with `text`, also where the console wrapped it at 80 columns. */
+function wrapped(text: string): RegExp {
+  return new RegExp(
+    [...text].map((char) => char.replace(/[.*+?^${}()|[\]\\/]/g, "\\$&")).join("\n?"),
+  );
+}
 
 /**
  * The boot directory's netboot.ipxe with each image verified right after it is loaded: the
@@ -178,9 +179,15 @@ bootTest(
         return { lkrn: image.lkrn };
       });
     const unsignedIpxe = built("iPXE, no embedded script", buildIpxe());
+    // The flake's trusted iPXE, built from source: nix/first-stage.ipxe filled in as
+    // nix/boot-server.nix fills it from site.nix, and the test's CA as TRUST=.
+    const firstStage = await renderFirstStage({
+      scriptUrl: SCRIPT_URL,
+      kernelArguments: DEFAULT_KERNEL_ARGUMENTS,
+    });
     const trustedIpxe = built(
       "iPXE, first stage and the test CA",
-      buildIpxe({ embed: FIRST_STAGE, trust: ca.certFile }),
+      buildIpxe({ embed: firstStage, trust: ca.certFile }),
     );
     const builds = Promise.all([unsignedIpxe, trustedIpxe]);
     builds.catch(() => {});
@@ -206,8 +213,9 @@ bootTest(
       servers.push(server);
       timings.push(`publish and fetch: ${seconds(started)}`);
 
-      // The signed boot directories: the fetched images and a verifying script, each signed
-      // from its digest, then one thing changed per directory as an attacker would.
+      // The signed boot directories, each served by a boot server of its own at the URL the
+      // first stage names: the fetched images and a verifying script, each signed from its
+      // digest, then one thing changed per directory as an attacker would.
       const current = await fs.realpath(path.join(srv, "netboot", "current"));
       const fetchedScript = await fs.readFile(path.join(current, SCRIPT), "utf8");
       const other = await makeCa(pki, "Someone else's CA");
@@ -218,7 +226,7 @@ bootTest(
       };
       const signed = path.join(scene, "signed");
       const layout = async (name: string, signer?: Issued, issuer = ca) => {
-        const dir = path.join(signed, name);
+        const dir = path.join(signed, name, "netboot", "current");
         await fs.mkdir(dir, { recursive: true });
         await fs.copyFile(path.join(current, KERNEL), path.join(dir, KERNEL));
         await fs.copyFile(path.join(current, INITRD), path.join(dir, INITRD));
@@ -235,19 +243,30 @@ bootTest(
       await fs.writeFile(script, text.replace("loglevel=4", "loglevel=4 init=/bin/sh"));
       await layout("other-ca", signers.other, other);
       await layout("unsigned");
-      const signedServer = await serveDirectory(signed);
-      servers.push(signedServer);
+      const bootServers = new Map<string, StaticServer>();
+      for (const name of await fs.readdir(signed)) {
+        const served = await serveDirectory(path.join(signed, name));
+        servers.push(served);
+        bootServers.set(name, served);
+      }
 
       const debianRom = () => Promise.resolve("debian-rom" as const);
       const trusted = (name: string, dir: string) => ({
         name: `trusted iPXE, ${name}`,
         firmware: () => trustedIpxe,
         banner: /iPXE 2\.0\.0\+/,
-        server: signedServer,
-        bootfile: `/${dir}/${SCRIPT}`,
+        server: bootServers.get(dir)!,
+        // The first stage ignores DHCP's file name: it fetches SCRIPT_URL, built in.
+        bootfile: new URL(SCRIPT_URL).pathname,
       });
+      const notVerified = wrapped(
+        `release-boot first stage: ${SCRIPT_URL} does not verify against ${SCRIPT_URL}.sig`,
+      );
       const notBooting = (image: string) =>
         new RegExp(`Not booting: ${image} failed to load or verify`);
+      const returned = wrapped(
+        `release-boot first stage: netboot.ipxe from ${SCRIPT_URL} returned without booting`,
+      );
       // Debian's ROM runs first, while iPXE is still being built.
       const boots: Boot[] = [
         {
@@ -271,28 +290,29 @@ bootTest(
         {
           ...trusted("kernel changed after signing", "kernel-changed"),
           expect: "refused at an image",
-          says: [PERMISSION_DENIED, notBooting(KERNEL)],
+          says: [PERMISSION_DENIED, notBooting(KERNEL), returned],
         },
         {
           ...trusted("initrd changed after signing", "initrd-changed"),
           expect: "refused at an image",
-          says: [PERMISSION_DENIED, notBooting(INITRD)],
+          says: [PERMISSION_DENIED, notBooting(INITRD), returned],
         },
         {
           ...trusted("script changed after signing", "script-changed"),
           expect: "refused at the script",
-          says: [PERMISSION_DENIED],
+          says: [PERMISSION_DENIED, notVerified],
         },
         {
           ...trusted("signed under another CA", "other-ca"),
           expect: "refused at the script",
-          // No trusted root in the chain, and no cross-signed certificates to look for.
-          says: [/Could not verify: Invalid argument/],
+          // No trusted root in the chain, and (CROSSCERT "") no cross-signed certificates to
+          // look for.
+          says: [/Could not verify: Invalid argument/, notVerified],
         },
         {
           ...trusted("not signed", "unsigned"),
           expect: "refused at the script",
-          says: [/netboot\.ipxe\.sig\.\.\. Not found/],
+          says: [/netboot\.ipxe\.sig\.\.\. Not found/, notVerified],
         },
       ];
       // One QEMU keeps one core busy; two run at once on the two cores.

@@ -1,7 +1,11 @@
-/** Runs release-boot as operators do: a child process with its own flags and environment. */
+/**
+ * Runs release-boot as operators do (a child process with its own flags and environment), or
+ * its main in this process with the same answer, for tests that check what main decides.
+ */
 import * as fs from "node:fs/promises";
 import * as os from "node:os";
 import * as path from "node:path";
+import { main } from "../scripts/release-boot.ts";
 import { type Io, type Run as RunContext, startRun } from "../scripts/lib/run.ts";
 
 export const repoRoot = path.resolve(import.meta.dirname!, "..");
@@ -63,10 +67,17 @@ export function startTestRun(env: Record<string, string | undefined> = baseEnv()
   return startRun(env, memoryIo());
 }
 
-export async function runRelease(
-  args: string[],
-  options: { env?: Record<string, string>; cwd?: string; signal?: AbortSignal } = {},
-): Promise<Run> {
+export interface RunOptions {
+  env?: Record<string, string>;
+  cwd?: string;
+  /** Stops the child process (runRelease only: an in-process main cannot be killed). */
+  signal?: AbortSignal;
+}
+
+/** runRelease or runMain: a test says which by naming one. */
+export type Runner = (args: string[], options?: RunOptions) => Promise<Run>;
+
+export async function runRelease(args: string[], options: RunOptions = {}): Promise<Run> {
   const command = new Deno.Command(Deno.execPath(), {
     args: ["run", "--allow-all", "--config", path.join(repoRoot, "deno.json"), script, ...args],
     cwd: options.cwd ?? repoRoot,
@@ -84,6 +95,18 @@ export async function runRelease(
     stdout: decoder.decode(output.stdout),
     stderr: decoder.decode(output.stderr),
   };
+}
+
+/**
+ * Runs release-boot's main in this process, its output kept: the same answer as runRelease
+ * without a process start-up. For what main decides (usage errors, how it talks to Forgejo);
+ * what only a real process shows (signals, a terminal, its exit) needs runRelease.
+ */
+export async function runMain(args: string[], options: RunOptions = {}): Promise<Run> {
+  if (options.signal) throw new Error("an in-process run cannot be signalled: use runRelease");
+  const io = memoryIo();
+  const code = await main(args, options.env ?? baseEnv(), io, options.cwd ?? repoRoot);
+  return { code, stdout: io.out, stderr: io.err };
 }
 
 /** Runs a program with optional standard input and collects its output, as a shell would. */

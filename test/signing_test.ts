@@ -426,7 +426,11 @@ Deno.test("a key file other users can read is used, with a warning to chmod 600 
     const keyFile = await makeKey(dir, "key");
     await fs.chmod(keyFile, 0o644);
     const warnings: string[] = [];
-    const run = { log: (message: string) => warnings.push(message), mask: () => {} };
+    const run = {
+      log: (message: string) => warnings.push(message),
+      mask: () => {},
+      resolve: (file: string) => file,
+    };
     assert.equal(
       (await readSigningKey(keyFile, {}, run))?.fingerprint,
       await fingerprintOf(keyFile),

@@ -22,11 +22,11 @@ const ALLOWED_SIGNERS_OPTIONS = "cert-authority, namespaces=, valid-after=, vali
 /** The trust file of `fetch --trust FILE`: allowed_signers, or public key lines. */
 export async function readTrust(
   file: string,
-  run: Pick<Run, "log">,
+  run: Pick<Run, "log" | "resolve">,
   namespace = "file",
 ): Promise<TrustedKey[]> {
   const source = `--trust ${file}`;
-  const { text } = await readSmallText(file, source);
+  const { text } = await readSmallText(run.resolve(file), source);
   return parseTrust(text, { namespace, source, note: run.log });
 }
 

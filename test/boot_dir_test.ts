@@ -9,8 +9,8 @@ import * as fs from "node:fs/promises";
 import * as os from "node:os";
 import * as path from "node:path";
 import { bootFilesByName, bootFilesOfScript, rewriteIpxe } from "../scripts/lib/ipxe.ts";
-import { baseEnv, type Run, runRelease, sha256sumCheck } from "./run_helpers.ts";
-import { sha256, TOKEN, type World, world } from "./forgejo_world.ts";
+import { baseEnv, type Run, runMain, sha256sumCheck } from "./run_helpers.ts";
+import { sha256, TOKEN, type World, world, worldInProcess } from "./forgejo_world.ts";
 
 const API = "/api/v1/repos/ops/runners";
 const SCRIPT = `#!ipxe
@@ -69,12 +69,18 @@ function fetchTag(w: World, out: string, tag: string, args: string[] = []): Prom
 }
 
 async function rollback(out: string): Promise<Run> {
-  return await runRelease(["fetch", "--rollback", "--out", out], { env: baseEnv() });
+  return await runMain(["fetch", "--rollback", "--out", out], { env: baseEnv() });
 }
 
-/** A world, a scratch directory holding DIR (`pxe`) and a place outside it. */
-async function scene(test: (w: World, out: string, outside: string) => Promise<void>) {
-  const w = await world();
+/**
+ * A world, a scratch directory holding DIR (`pxe`) and a place outside it. Its fetches run
+ * main in this process unless `makeWorld` is `world` (child processes).
+ */
+async function scene(
+  test: (w: World, out: string, outside: string) => Promise<void>,
+  makeWorld: () => Promise<World> = worldInProcess,
+) {
+  const w = await makeWorld();
   const scratch = await fs.mkdtemp(path.join(os.tmpdir(), "release-boot-bootdir-"));
   const outside = path.join(scratch, "outside");
   await fs.mkdir(outside);
@@ -169,7 +175,7 @@ Deno.test("rollback without a previous release says so in one line and changes n
     const run = await rollback(out);
     assertOneLineFailure(run, /has no previous release to roll back to/);
     assert.equal(await fs.readlink(path.join(out, "current")), "boot-v1");
-    const usage = await runRelease(["fetch", "--rollback", "--out", out, "--tag", "boot-v1"]);
+    const usage = await runMain(["fetch", "--rollback", "--out", out, "--tag", "boot-v1"]);
     assert.equal(usage.code, 2);
     assert.match(usage.stderr, /--rollback takes only --out DIR, not --tag/);
   }));
@@ -247,6 +253,7 @@ Deno.test("planted links in DIR are refused, never written through; nothing outs
     await untouched();
   }));
 
+// Child processes: the lock is between two processes, each with its own pid.
 Deno.test("one fetch at a time per DIR: a second one stops in one line; a dead one's lock is taken over", () =>
   scene(async (w, out) => {
     await releaseByHand(w, "boot-v1", netboot("boot-v1"));
@@ -291,7 +298,7 @@ Deno.test("one fetch at a time per DIR: a second one stops in one line; a dead o
     );
     assert.equal(await fs.lstat(lock).catch(() => undefined), undefined, "the lock is released");
     assert.deepEqual((await fs.readdir(out)).sort(), ["boot-v1", "boot-v2", "current", "previous"]);
-  }));
+  }, world));
 
 Deno.test("without manifest.json, the iPXE script's kernel and initrd lines say what to boot", () => {
   const sums = new Map([

@@ -9,7 +9,7 @@ import * as path from "node:path";
 import { $ } from "zx";
 import { type Emulator, type EmulatorOptions, startForgejo } from "./forgejo/emulator.ts";
 import { NIX_FLAGS, nixTest } from "./nix_helpers.ts";
-import { baseEnv, makeFixture, makeWorkdir, repoRoot, runRelease } from "./run_helpers.ts";
+import { baseEnv, makeFixture, makeWorkdir, repoRoot, runMain, runRelease } from "./run_helpers.ts";
 
 import {
   ALL,
@@ -22,8 +22,9 @@ import {
   uploadsOf,
   verifyAgainstSums,
   withWorld,
+  withWorldInProcess,
   type World,
-  world,
+  worldInProcess,
   writes,
 } from "./forgejo_world.ts";
 
@@ -85,7 +86,7 @@ nixTest(
 );
 
 nixTest("a rerun of a finished release uploads nothing and changes nothing", async () => {
-  await withWorld(async (w) => {
+  await withWorldInProcess(async (w) => {
     assert.equal((await w.publish(["--targets", "netboot,iso"])).code, 0);
     const before = w.forgejo.requests.length;
     const rerun = await w.publish(["--targets", "netboot,iso"]);
@@ -150,7 +151,7 @@ async function killProcessesWithArg(marker: string): Promise<void> {
 nixTest(
   "a connection lost for good says how far it got; a rerun resumes without re-uploading",
   async () => {
-    await withWorld(async (w) => {
+    await withWorldInProcess(async (w) => {
       w.forgejo.addFault({ ...ISO_UPLOAD, times: 5, fault: { kind: "reset", afterBytes: 10 } });
       const first = await w.publish(["--targets", "netboot,iso"]);
       assert.equal(first.code, 1);
@@ -178,7 +179,7 @@ nixTest(
 nixTest(
   "transient faults are retried: 502 page, 429 with Retry-After, a reset mid-body; no duplicates",
   async () => {
-    await withWorld(async (w) => {
+    await withWorldInProcess(async (w) => {
       w.forgejo.addFault({
         method: "POST",
         path: /\/releases$/,
@@ -226,7 +227,7 @@ nixTest(
       "plain-x86_64-linux.img",
     ];
     const every = [...ALL, ...plain].sort();
-    await withWorld(async (w) => {
+    await withWorldInProcess(async (w) => {
       const runs = await Promise.all(
         ["netboot", "iso", "plain"].map((target) =>
           w.publish(["--targets", target, "--timeout", "20"])
@@ -245,7 +246,7 @@ nixTest(
 nixTest(
   "a matrix of --draft jobs is published once by --finalize after checking coverage",
   async () => {
-    await withWorld(async (w) => {
+    await withWorldInProcess(async (w) => {
       const early = await w.publish(["--finalize"]);
       assert.equal(early.code, 1);
       assert.match(early.stderr, /there is no release boot-v1\.0\.0 to finalize/);
@@ -270,7 +271,7 @@ nixTest(
 nixTest(
   "--finalize refuses to publish when the tag was made on another commit meanwhile",
   async () => {
-    await withWorld(async (w) => {
+    await withWorldInProcess(async (w) => {
       assert.equal((await w.publish(["--targets", "netboot", "--draft"])).code, 0);
       w.forgejo.addTag(TAG, "e".repeat(40));
       const final = await w.publish(["--finalize"]);
@@ -285,7 +286,7 @@ nixTest(
 );
 
 nixTest("--finalize refuses a draft with an asset its checksums do not cover", async () => {
-  await withWorld(async (w) => {
+  await withWorldInProcess(async (w) => {
     assert.equal((await w.publish(["--targets", "netboot", "--draft"])).code, 0);
     await uploadBehindItsBack(w, "extra.img", "not built by release-boot");
     const final = await w.publish(["--finalize"]);
@@ -301,7 +302,7 @@ nixTest("--finalize refuses a draft with an asset its checksums do not cover", a
 nixTest(
   "a run that cannot complete the release fails after waiting, and leaves it a draft",
   async () => {
-    await withWorld(async (w) => {
+    await withWorldInProcess(async (w) => {
       assert.equal((await w.publish(["--targets", "netboot", "--draft"])).code, 0);
       await uploadBehindItsBack(w, "extra.img", "left by a run with other targets");
       const started = Date.now();
@@ -325,7 +326,7 @@ nixTest(
 nixTest(
   "different bytes are refused untouched; --replace stores the new bytes before deleting the old",
   async () => {
-    const w = await world();
+    const w = await worldInProcess();
     const other = await makeFixture("two");
     try {
       assert.equal((await w.publish(["--targets", "netboot"])).code, 0);
@@ -370,7 +371,7 @@ nixTest(
 nixTest(
   "a tag on another commit is refused with both SHAs, before anything is written",
   async () => {
-    await withWorld(async (w) => {
+    await withWorldInProcess(async (w) => {
       const elsewhere = "f".repeat(40);
       w.forgejo.addTag(TAG, elsewhere);
       const run = await w.publish(["--targets", "netboot"]);
@@ -387,7 +388,7 @@ nixTest(
 nixTest(
   "an older server that hides drafts from the tag lookup still gets one release",
   async () => {
-    await withWorld(async (w) => {
+    await withWorldInProcess(async (w) => {
       assert.equal((await w.publish(["--targets", "netboot", "--draft"])).code, 0);
       assert.equal((await w.publish(["--targets", "iso"])).code, 0);
       const release = w.release();
@@ -400,7 +401,7 @@ nixTest(
 nixTest(
   "in CI: the token is masked, phases are grouped, and it never reaches the output otherwise",
   async () => {
-    await withWorld(async (w) => {
+    await withWorldInProcess(async (w) => {
       const run = await w.publish(["--targets", "netboot"], { CI: "true", GITHUB_ACTIONS: "true" });
       assert.equal(run.code, 0, run.stderr);
       const lines = run.stderr.split("\n");
@@ -465,7 +466,7 @@ nixTest("upload progress: a few percentage lines in CI, a bar on a terminal", as
 });
 
 nixTest("the build happens before any write: a failing target publishes nothing", async () => {
-  await withWorld(async (w) => {
+  await withWorldInProcess(async (w) => {
     const run = await w.publish(["--targets", "netboot,broken"]);
     assert.equal(run.code, 1);
     assert.match(run.stderr, /nix build failed for target broken/);
@@ -521,7 +522,7 @@ Deno.test("errors a user must understand at once: one line, exit 1, token never 
       const work = await makeWorkdir();
       try {
         if (c.fault) forgejo.addFault(c.fault);
-        const run = await runRelease(
+        const run = await runMain(
           ["--server", forgejo.url, "--tag", TAG, ...(c.args ?? ["--repo", "ops/runners"])],
           { cwd: work.dir, env: baseEnv({ FORGEJO_TOKEN: c.token ?? TOKEN }) },
         );
@@ -542,7 +543,7 @@ Deno.test("errors a user must understand at once: one line, exit 1, token never 
 nixTest(
   "a token without write:repository is refused at the first write, with the fix",
   async () => {
-    await withWorld(async (w) => {
+    await withWorldInProcess(async (w) => {
       const run = await w.publish(["--targets", "netboot"]);
       assert.equal(run.code, 1);
       assert.match(
@@ -557,7 +558,7 @@ nixTest(
 nixTest(
   "an asset over the proxy's body limit is refused with its size and the setting to raise",
   async () => {
-    await withWorld(async (w) => {
+    await withWorldInProcess(async (w) => {
       const run = await w.publish(["--targets", "netboot"]);
       assert.equal(run.code, 1);
       assert.match(
@@ -570,7 +571,7 @@ nixTest(
 );
 
 nixTest("a file type the server does not allow names ALLOWED_TYPES", async () => {
-  await withWorld(async (w) => {
+  await withWorldInProcess(async (w) => {
     const run = await w.publish(["--targets", "netboot"]);
     assert.equal(run.code, 1);
     assert.match(
@@ -580,6 +581,7 @@ nixTest("a file type the server does not allow names ALLOWED_TYPES", async () =>
   }, { allowedTypes: [".iso", ".json"] });
 });
 
+// A child process: exit status 1 as the shell sees it.
 Deno.test("the mirror guard refuses before any network call", async () => {
   const forgejo = await startForgejo();
   const work = await makeWorkdir();
@@ -616,6 +618,7 @@ Deno.test("the mirror guard refuses before any network call", async () => {
   }
 });
 
+// A child process: exit status 2 as the shell sees it.
 Deno.test("a missing token is a usage error that says where to set it", async () => {
   const work = await fs.mkdtemp(path.join(os.tmpdir(), "release-boot-"));
   const run = await runRelease(
@@ -642,7 +645,7 @@ async function gitFlake(salt: string) {
 
 /** Runs release-boot from inside `dir` (so the commit is its HEAD) with `--flake dir`. */
 function publishFrom(w: World, dir: string, args: string[]) {
-  return runRelease(
+  return runMain(
     ["--server", w.forgejo.url, "--repo", "ops/runners", "--tag", TAG, "--flake", dir, ...args],
     { cwd: dir, env: baseEnv({ FORGEJO_TOKEN: TOKEN }) },
   );
@@ -651,7 +654,7 @@ function publishFrom(w: World, dir: string, args: string[]) {
 nixTest(
   "publishing refuses unlocked inputs (staging records them) until flake.lock pins them",
   async () => {
-    const w = await world();
+    const w = await worldInProcess();
     const repo = await gitFlake("locked?");
     const dep = await fs.mkdtemp(path.join(os.tmpdir(), "release-boot-dep-"));
     try {
@@ -674,7 +677,7 @@ nixTest(
       assert.deepEqual(writes(w.forgejo), []);
 
       const out = path.join(w.work.dir, "out");
-      const staged = await runRelease(["--flake", repo.dir, "--targets", "netboot", "--out", out], {
+      const staged = await runMain(["--flake", repo.dir, "--targets", "netboot", "--out", out], {
         cwd: repo.dir,
       });
       assert.equal(staged.code, 0, staged.stderr);
@@ -706,8 +709,8 @@ nixTest(
 );
 
 nixTest("publishing refuses a flake that is not a git checkout unless --allow-dirty", async () => {
-  await withWorld(async (w) => {
-    const refused = await runRelease(
+  await withWorldInProcess(async (w) => {
+    const refused = await runMain(
       [
         "--server",
         w.forgejo.url,
@@ -732,7 +735,7 @@ nixTest("publishing refuses a flake that is not a git checkout unless --allow-di
 nixTest(
   "publishing refuses a checkout at another commit, and uncommitted changes unless --allow-dirty",
   async () => {
-    const w = await world();
+    const w = await worldInProcess();
     const repo = await fs.mkdtemp(path.join(os.tmpdir(), "release-boot-repo-"));
     try {
       await fs.copyFile(path.join(w.fixture.dir, "flake.nix"), path.join(repo, "flake.nix"));
@@ -754,7 +757,7 @@ nixTest(
         "netboot",
       ];
       const env = baseEnv({ FORGEJO_TOKEN: TOKEN });
-      const elsewhere = await runRelease(
+      const elsewhere = await runMain(
         ["--flake", repo, "--commit", "f".repeat(40), ...args],
         { cwd: repo, env },
       );
@@ -765,7 +768,7 @@ nixTest(
       );
       await fs.writeFile(path.join(repo, "salt.nix"), '"edited"\n');
 
-      const refused = await runRelease(["--flake", repo, ...args], { cwd: repo, env });
+      const refused = await runMain(["--flake", repo, ...args], { cwd: repo, env });
       assert.equal(refused.code, 1);
       assert.match(
         refused.stderr,
@@ -773,7 +776,7 @@ nixTest(
       );
       assert.deepEqual(writes(w.forgejo), []);
 
-      const allowed = await runRelease(["--flake", repo, "--allow-dirty", ...args], {
+      const allowed = await runMain(["--flake", repo, "--allow-dirty", ...args], {
         cwd: repo,
         env,
       });

@@ -32,7 +32,7 @@ import {
   fixtureDir,
   makeFixture,
   makeWorkdir,
-  runRelease,
+  runMain,
   startTestRun,
 } from "./run_helpers.ts";
 
@@ -67,7 +67,7 @@ nixTest(
     const fixture = await makeFixture(`verify-${crypto.randomUUID()}`);
     const out = path.join(work.dir, "staged");
     try {
-      const staged = await runRelease(
+      const staged = await runMain(
         ["--flake", fixture.ref, "--targets", "netboot,unstable", "--out", out, "--tag", "boot-v9"],
         { cwd: work.dir },
       );

@@ -624,7 +624,11 @@ async function runReleaseBoot(bench: Bench, how: ReleaseBootRun): Promise<Run> {
   const imageBytesRead = how.imagesEvicted
     ? await residentBytes(how.targets.map((t) => t.file))
     : undefined;
-  await verifyRelease(bench, how.tag, how.targets, ["SHA256SUMS", "manifest.json"]);
+  await verifyRelease(bench, how.tag, how.targets, [
+    "SHA256SUMS",
+    "manifest.json",
+    "provenance.intoto.json",
+  ]);
   return recordRun(bench, mark, child, {
     side: "release-boot",
     kind: how.kind,
@@ -758,9 +762,9 @@ async function verifySums(bench: Bench, tag: string): Promise<void> {
   const release = await findRelease(bench, tag);
   if (!release) throw new BenchError(`there is no release ${tag} to check the sums of`);
   const [stored] = await bench.forgejo.assetBytes(release.id, "SHA256SUMS");
-  // SHA256SUMS also lists manifest.json, whose bytes the bench does not predict.
+  // SHA256SUMS also lists manifest.json and the provenance, whose bytes the bench cannot predict.
   const images = new TextDecoder().decode(stored).split("\n")
-    .filter((line) => line && !line.endsWith("  manifest.json"))
+    .filter((line) => line && !/ {2}(manifest\.json|provenance\.intoto\.json)$/.test(line))
     .map((line) => `${line}\n`)
     .join("");
   const wanted = [...bench.publishTargets]

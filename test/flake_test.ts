@@ -675,7 +675,12 @@ nixTest(
       for (
         const [targets, expected] of [
           ["netboot,iso", STAGED_NETBOOT_ISO],
-          ["kexec", ["SHA256SUMS", "kexec-x86_64-linux.tar.zst", "manifest.json"]],
+          ["kexec", [
+            "SHA256SUMS",
+            "kexec-x86_64-linux.tar.zst",
+            "manifest.json",
+            "provenance.intoto.json",
+          ]],
         ]
       ) {
         const out = await fs.mkdtemp(path.join(os.tmpdir(), "release-boot-stage-"));

@@ -165,8 +165,45 @@ nixTest(
         /stays a draft/,
         "a published release is not called a draft",
       );
-      assert.match(failed.stderr, /published release .* still has its SHA256SUMS/);
+      // The new files and manifest.json went in before SHA256SUMS failed: all taken back.
+      assert.match(
+        failed.stderr,
+        /the published release boot-v1\.0\.0 is as it was: the 3 copies this run uploaded were deleted again/,
+      );
       assert.equal(w.release().draft, false);
+      await everySumHasItsBytes(w);
+
+      const rerun = await w.publish(["--targets", "netboot", "--replace"]);
+      assert.equal(rerun.code, 0, rerun.stderr);
+      const release = w.release();
+      assert.equal(new Set(names(release)).size, names(release).length, "every name once");
+      await everySumHasItsBytes(w);
+    });
+  },
+);
+
+nixTest(
+  "--replace that stops once the new index is in says the release lists only files it holds",
+  async () => {
+    await withWorld(async (w) => {
+      assert.equal((await w.publish(["--targets", "netboot"])).code, 0);
+      await fs.writeFile(path.join(w.fixture.dir, "salt.nix"), '"two"\n');
+      // The old manifest.json and SHA256SUMS are deleted; deleting the replaced files fails.
+      w.forgejo.addFault({
+        method: "DELETE",
+        path: "/assets/",
+        after: 2,
+        times: 5,
+        fault: { kind: "status", status: 500 },
+      });
+      const failed = await w.publish(["--targets", "netboot", "--replace"], {
+        RELEASE_BOOT_RETRY_DELAY_MS: "1",
+      });
+      assert.equal(failed.code, 1, failed.stderr);
+      assert.match(
+        failed.stderr,
+        /the published release boot-v1\.0\.0 still has its SHA256SUMS and every copy it lists \(new copies may sit beside them\); rerun the same command to finish/,
+      );
       await everySumHasItsBytes(w);
 
       const rerun = await w.publish(["--targets", "netboot", "--replace"]);

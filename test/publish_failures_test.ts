@@ -26,7 +26,6 @@ import {
   worldInProcess,
   writes,
 } from "./forgejo_world.ts";
-
 const ISO_UPLOAD = { method: "POST", path: "/assets", query: { name: "iso-x86_64-linux.iso" } };
 
 nixTest(
@@ -51,7 +50,10 @@ nixTest(
       assert.equal(resumed.code, 0, resumed.stderr);
       const release = w.release();
       assert.equal(release.draft, false);
-      assert.deepEqual(names(release), [...ALL, "SHA256SUMS", "manifest.json"].sort());
+      assert.deepEqual(
+        names(release),
+        [...ALL, "SHA256SUMS", "manifest.json", "provenance.intoto.json"].sort(),
+      );
       for (const name of NETBOOT) {
         assert.equal(
           uploadsOf(w.forgejo, name).length,
@@ -137,7 +139,7 @@ nixTest(
       assert.equal(release.draft, false);
       assert.deepEqual(
         names(release),
-        [...ALL, "SHA256SUMS", "manifest.json"].sort(),
+        [...ALL, "SHA256SUMS", "manifest.json", "provenance.intoto.json"].sort(),
         "every asset exactly once",
       );
       await verifyAgainstSums(w.forgejo, release);

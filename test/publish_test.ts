@@ -7,7 +7,7 @@ import assert from "node:assert/strict";
 import * as fs from "node:fs/promises";
 import * as path from "node:path";
 import { nixTest } from "./nix_helpers.ts";
-import { baseEnv, makeFixture, repoRoot } from "./run_helpers.ts";
+import { baseEnv, makeFixture, parseStepOutputs, repoRoot } from "./run_helpers.ts";
 import {
   ALL,
   assertNoToken,
@@ -42,9 +42,15 @@ nixTest(
         w.work.commit,
         "publishing made the tag at the built commit",
       );
-      assert.deepEqual(names(release), [...ALL, "SHA256SUMS", "manifest.json"].sort());
+      assert.deepEqual(
+        names(release),
+        [...ALL, "SHA256SUMS", "manifest.json", "provenance.intoto.json"].sort(),
+      );
       const sums = await verifyAgainstSums(w.forgejo, release);
-      assert.deepEqual([...sums.keys()].sort(), [...ALL, "manifest.json"].sort());
+      assert.deepEqual(
+        [...sums.keys()].sort(),
+        [...ALL, "manifest.json", "provenance.intoto.json"].sort(),
+      );
       assert.equal(run.stdout, `${release.html_url}\n`, "stdout carries the release URL only");
 
       // The draft is created first, the index files come after every image, publish is last.
@@ -70,9 +76,13 @@ nixTest(
       assert.match(release.body, new RegExp(`commit/${w.work.commit}`));
       assert.match(release.body, /iso-x86_64-linux\.iso \| 1014 B \| `[0-9a-f]{64}`/);
 
-      assert.equal(
-        await fs.readFile(output, "utf8"),
-        `release-url=${release.html_url}\ntag=${TAG}\nrelease-id=${release.id}\n`,
+      assert.deepEqual(
+        parseStepOutputs(await fs.readFile(output, "utf8")),
+        new Map([
+          ["release-url", release.html_url],
+          ["tag", TAG],
+          ["release-id", String(release.id)],
+        ]),
       );
       assert.match(await fs.readFile(summary, "utf8"), /\| iso-x86_64-linux\.iso \| 1014 B \|/);
       assertNoToken(run, w.forgejo);
@@ -113,9 +123,15 @@ nixTest(
       for (const run of runs) assert.equal(run.code, 0, run.stderr);
       const release = w.release();
       assert.equal(release.draft, false, "the job that completed the set published it");
-      assert.deepEqual(names(release), [...every, "SHA256SUMS", "manifest.json"].sort());
+      assert.deepEqual(
+        names(release),
+        [...every, "SHA256SUMS", "manifest.json", "provenance.intoto.json"].sort(),
+      );
       const sums = await verifyAgainstSums(w.forgejo, release);
-      assert.deepEqual([...sums.keys()].sort(), [...every, "manifest.json"].sort());
+      assert.deepEqual(
+        [...sums.keys()].sort(),
+        [...every, "manifest.json", "provenance.intoto.json"].sort(),
+      );
     });
   },
 );
@@ -139,8 +155,12 @@ nixTest(
       assert.equal(release.draft, false);
       assert.equal(w.forgejo.tags()[TAG], w.work.commit);
       const sums = await verifyAgainstSums(w.forgejo, release);
-      assert.deepEqual([...sums.keys()].sort(), [...ALL, "manifest.json"].sort());
-      assert.match(await fs.readFile(output, "utf8"), /^release-url=/);
+      assert.deepEqual(
+        [...sums.keys()].sort(),
+        [...ALL, "manifest.json", "provenance.intoto.json"].sort(),
+      );
+      const outputs = parseStepOutputs(await fs.readFile(output, "utf8"));
+      assert.equal(outputs.get("release-url"), release.html_url);
     });
   },
 );
@@ -201,7 +221,7 @@ nixTest(
       const release = w.release();
       assert.deepEqual(
         names(release),
-        [...NETBOOT, "SHA256SUMS", "manifest.json"].sort(),
+        [...NETBOOT, "SHA256SUMS", "manifest.json", "provenance.intoto.json"].sort(),
         "one asset per name",
       );
       const initrd = await w.forgejo.assetBytes(release.id, "netboot-x86_64-linux.initrd");
@@ -246,7 +266,10 @@ nixTest(
       assert.equal((await w.publish(["--targets", "iso"])).code, 0);
       const release = w.release();
       assert.equal(release.draft, false);
-      assert.deepEqual(names(release), [...ALL, "SHA256SUMS", "manifest.json"].sort());
+      assert.deepEqual(
+        names(release),
+        [...ALL, "SHA256SUMS", "manifest.json", "provenance.intoto.json"].sort(),
+      );
     }, { draftsHiddenFromTagLookup: true });
   },
 );

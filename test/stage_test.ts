@@ -32,8 +32,8 @@ nixTest(
     assert.equal(check.code, 0, check.stdout);
     assert.equal(
       check.stdout.trim().split("\n").length,
-      6,
-      "SHA256SUMS lists every asset and the manifest, not itself",
+      7,
+      "SHA256SUMS lists every asset, the manifest and the provenance, not itself",
     );
     assert.match(check.stdout, /^manifest\.json: OK$/m);
     const manifest = JSON.parse(await fs.readFile(path.join(out, "manifest.json"), "utf8"));
@@ -118,6 +118,7 @@ nixTest(
       "plain-x86_64-linux.NOTES",
       "plain-x86_64-linux.bzImage",
       "plain-x86_64-linux.img",
+      "provenance.intoto.json",
     ]);
     await fs.rm(work.dir, { recursive: true });
   },

@@ -19,14 +19,24 @@ import {
 
 const ALLOWED_SIGNERS_OPTIONS = "cert-authority, namespaces=, valid-after=, valid-before=";
 
-/** The trust file of `fetch --trust FILE`: allowed_signers, or public key lines. */
+/**
+ * The trust file of `fetch --trust FILE`: allowed_signers, or public key lines. A file others
+ * can write gets a warning, as a readable signing key does.
+ */
 export async function readTrust(
   file: string,
   run: Pick<Run, "log" | "resolve">,
   namespace = "file",
 ): Promise<TrustedKey[]> {
   const source = `--trust ${file}`;
-  const { text } = await readSmallText(run.resolve(file), source);
+  const { text, mode } = await readSmallText(run.resolve(file), source);
+  if (mode & 0o022) {
+    run.log(
+      `warning: ${source} can be written by other users (mode ${
+        (mode & 0o777).toString(8)
+      }), who then choose whose signature counts: chmod go-w ${file}`,
+    );
+  }
   return parseTrust(text, { namespace, source, note: run.log });
 }
 

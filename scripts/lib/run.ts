@@ -42,6 +42,9 @@ export function processIo(): Io {
 export interface Run {
   /** In a CI job: secrets are masked in its log and steps become collapsible groups. */
   ci: boolean;
+  /** When main started this run, and an id it made for itself: what its records say of it. */
+  startedOn: Date;
+  id: string;
   io: Io;
   /** Progress and problems, for people: stderr. */
   log(message: string): void;
@@ -81,6 +84,8 @@ export function startRun(env: Env, io: Io, cwd: string = Deno.cwd()): StartedRun
   const log = (message: string) => io.stderr(`${redact(message)}\n`);
   return {
     ci,
+    startedOn: new Date(),
+    id: crypto.randomUUID(),
     io,
     log,
     result: (line) => io.stdout(`${redact(line)}\n`),
@@ -121,6 +126,18 @@ export function childShell(env: Env, cwd: string = Deno.cwd()): Shell {
       Object.entries(env).filter(([name]) => !/TOKEN|SECRET|PASSWORD|KEY/i.test(name)),
     ),
   });
+}
+
+/**
+ * Step outputs as GITHUB_OUTPUT takes them, each a `name<<delimiter` block: a value holding a
+ * newline (a server's URL) stays one value and adds no output. Each delimiter is random, as
+ * GitHub's own toolkit makes it, so no value can close its block early.
+ */
+export function stepOutputs(outputs: Record<string, string>): string {
+  return Object.entries(outputs).map(([name, value]) => {
+    const delimiter = `ghadelimiter_${crypto.randomUUID()}`;
+    return `${name}<<${delimiter}\n${value}\n${delimiter}\n`;
+  }).join("");
 }
 
 export function formatBytes(bytes: number): string {

@@ -601,6 +601,11 @@ export class WireReader {
   }
 }
 
+/** The SSH wire-format blob (string "ssh-ed25519", string key) of a raw Ed25519 public key. */
+export function ed25519Blob(publicKey: Uint8Array): Uint8Array {
+  return concatBytes(sshString(ED25519), sshString(publicKey));
+}
+
 export function sshFingerprint(publicBlob: Uint8Array): string {
   return `SHA256:${createHash("sha256").update(publicBlob).digest("base64").replace(/=+$/, "")}`;
 }

@@ -92,10 +92,16 @@ import { pruneReleases } from "./lib/prune.ts";
 
 /**
  * One run of release-boot: its exit status (0 done, 1 failed, 2 bad usage), and on failure
- * the one line that says why (and, in CI, the same line as an error annotation).
+ * the one line that says why (and, in CI, the same line as an error annotation). Relative
+ * paths mean paths under `cwd`; nothing of the run (connections, listeners) outlives it.
  */
-export async function main(argv: string[], env: Env, io: Io): Promise<number> {
-  const run = startRun(env, io);
+export async function main(
+  argv: string[],
+  env: Env,
+  io: Io,
+  cwd: string = Deno.cwd(),
+): Promise<number> {
+  const run = startRun(env, io, cwd);
   try {
     await runbook(run, argv, env);
     return 0;
@@ -107,6 +113,8 @@ export async function main(argv: string[], env: Env, io: Io): Promise<number> {
     run.log(`release-boot: ${message}`);
     if (run.ci) run.log(`::error::${message.split("\n")[0]}`);
     return error instanceof UsageError ? 2 : 1;
+  } finally {
+    await run.end();
   }
 }
 
@@ -128,7 +136,7 @@ async function runbook(run: Run, argv: string[], env: Env): Promise<void> {
       options,
     )
     : undefined;
-  if (!forgejo && !options.dryRun) await refuseForeignOut(options.out);
+  if (!forgejo && !options.dryRun) await refuseForeignOut(options.out, run.resolve(options.out));
   const repository = forgejo && await run.step("Check Forgejo", () => checkForgejo(run, forgejo));
   if (forgejo && options.finalize) {
     return await finalizeRelease(run, forgejo, repository, options, key, env);
@@ -300,15 +308,18 @@ async function isEarlierStage(dir: string, entries: string[]): Promise<boolean> 
   return entries.every((entry) => INDEX_NAMES.has(entry) || listed.has(entry));
 }
 
-/** Refuses, before any build, an --out that is a file or holds anything but an earlier stage. */
-async function refuseForeignOut(out: string): Promise<void> {
-  const stat = await fs.lstat(out).catch(() => undefined);
+/**
+ * Refuses, before any build, an --out that is a file or holds anything but an earlier stage.
+ * `out` names it as given; `dir` is where it is.
+ */
+async function refuseForeignOut(out: string, dir: string): Promise<void> {
+  const stat = await fs.lstat(dir).catch(() => undefined);
   if (!stat) return;
   if (!stat.isDirectory()) {
     throw new UsageError(`--out ${out} is not a directory: choose a new or empty directory`);
   }
-  const entries = await fs.readdir(out);
-  if (entries.length > 0 && !await isEarlierStage(out, entries)) {
+  const entries = await fs.readdir(dir);
+  if (entries.length > 0 && !await isEarlierStage(dir, entries)) {
     throw new UsageError(
       `--out ${out} holds files that are not an earlier stage of release-boot, and a stage replaces it whole: choose a new or empty directory`,
     );
@@ -320,8 +331,8 @@ async function refuseForeignOut(out: string): Promise<void> {
  * Ctrl-C never leaves a half-written --out, and a rerun replaces the earlier stage whole.
  */
 async function stageLocally(run: Run, bundle: Bundle, options: ReleaseOptions): Promise<void> {
-  const out = path.resolve(options.out);
-  await refuseForeignOut(out);
+  const out = run.resolve(options.out);
+  await refuseForeignOut(out, out);
   await fs.mkdir(path.dirname(out), { recursive: true });
   await removeAbandonedStages(run, out);
   const partial = await fs.mkdtemp(`${out}.partial-`);
@@ -839,7 +850,7 @@ async function reportRelease(
 ): Promise<void> {
   if (env.GITHUB_OUTPUT) {
     await fs.appendFile(
-      env.GITHUB_OUTPUT,
+      run.resolve(env.GITHUB_OUTPUT),
       stepOutputs({
         "release-url": release.html_url,
         tag: release.tag_name,
@@ -852,7 +863,7 @@ async function reportRelease(
       `| ${a.name} | ${formatBytes(a.size)} | \`${a.sha256}\` |`
     );
     await fs.appendFile(
-      env.GITHUB_STEP_SUMMARY,
+      run.resolve(env.GITHUB_STEP_SUMMARY),
       [
         `### Release [${release.tag_name}](${release.html_url})${release.draft ? " (draft)" : ""}`,
         "",
@@ -867,4 +878,6 @@ async function reportRelease(
   run.result(release.html_url);
 }
 
-if (import.meta.main) Deno.exit(await main(Deno.args, Deno.env.toObject(), processIo()));
+if (import.meta.main) {
+  Deno.exit(await main(Deno.args, Deno.env.toObject(), processIo(), Deno.cwd()));
+}

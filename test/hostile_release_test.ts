@@ -15,9 +15,9 @@ import {
   TAG,
   TOKEN,
   verifyAgainstSums,
-  withWorld,
+  withWorldInProcess,
   type World,
-  world,
+  worldInProcess,
 } from "./forgejo_world.ts";
 import {
   api,
@@ -32,7 +32,7 @@ import {
 } from "./boot_dir_helpers.ts";
 import { publishFromGit } from "./git_fixture.ts";
 import { nixTest } from "./nix_helpers.ts";
-import { baseEnv, parseStepOutputs, runRelease, sha256sumCheck } from "./run_helpers.ts";
+import { baseEnv, parseStepOutputs, runMain, runRelease, sha256sumCheck } from "./run_helpers.ts";
 import { type Keys, makeKeys, sshSign } from "./signing_helpers.ts";
 
 const INITRD = "netboot-x86_64-linux.initrd";
@@ -52,7 +52,7 @@ function lines(text: string): string[] {
 async function signedScene(
   test: (w: World, keys: Keys, out: string) => Promise<void>,
 ): Promise<void> {
-  const w = await world();
+  const w = await worldInProcess();
   const keys = await makeKeys();
   const out = path.join(keys.dir, "pxe");
   try {
@@ -219,7 +219,7 @@ Deno.test("a release larger than the free space under DIR is refused before anyt
 nixTest(
   "verify without --flake refuses a repository html_url off --server instead of building it",
   () =>
-    withWorld(async (w) => {
+    withWorldInProcess(async (w) => {
       const checkout = await publishFromGit(w, "netboot", `html-url-${crypto.randomUUID()}`);
       try {
         w.forgejo.addFault({
@@ -234,7 +234,7 @@ nixTest(
             }),
           },
         });
-        const run = await runRelease(
+        const run = await runMain(
           ["verify", "--server", w.forgejo.url, "--repo", "ops/runners", "--tag", TAG],
           { cwd: w.work.dir, env: baseEnv(FAST) },
         );
@@ -342,7 +342,8 @@ Deno.test("a release's script that loads anything but the release's own files is
 Deno.test("a mirror's subdomains and other ports are the mirror: publishing there is refused before any request", async (t) => {
   for (const server of ["https://codeberg.org:8443", "https://www.codeberg.org"]) {
     await t.step(server, async () => {
-      // Only loopback is reachable: a request to the mirror fails at once, never leaves.
+      // Only loopback is reachable (a child process's permission): a request to the mirror
+      // fails at once, never leaves.
       const run = await runRelease(
         ["--server", server, "--repo", "ops/runners", "--commit", COMMIT, "--targets", "netboot"],
         { env: baseEnv({ FORGEJO_TOKEN: TOKEN }), allowNet: "127.0.0.1" },
@@ -379,7 +380,7 @@ Deno.test("fetch sends no token to a mirror's host on another port", () =>
 nixTest(
   "a newline in the server's html_url cannot add a step output",
   () =>
-    withWorld(async (w) => {
+    withWorldInProcess(async (w) => {
       const file = path.join(w.work.dir, "github-output");
       const injected = "\ninjected=by the server";
       w.forgejo.addFault({
@@ -471,7 +472,7 @@ Deno.test("prune reads each release again before deleting it, and skips one that
         },
       },
     });
-    const run = await runRelease(
+    const run = await runMain(
       [
         ...["prune", "--server", forgejo.url, "--repo", "ops/runners", "--timeout", "3"],
         ...["--keep", "1", "--stale-drafts", "7"],
@@ -517,7 +518,7 @@ async function storedCopies(w: World): Promise<Record<string, string[]>> {
 nixTest(
   "a --replace that cannot finish deletes the copies it added: the release holds exactly its previous files",
   () =>
-    withWorld(async (w) => {
+    withWorldInProcess(async (w) => {
       assert.equal((await w.publish(["--targets", "netboot"])).code, 0);
       const before = await storedCopies(w);
       // New bytes for kernel and initrd; their two uploads land, every later upload gets 500.

@@ -44,7 +44,7 @@ import {
 } from "./ipxe.ts";
 
 export async function fetchForBoot(run: Run, options: FetchOptions, env: Env): Promise<void> {
-  const out = path.resolve(options.out);
+  const out = run.resolve(options.out);
   if (options.rollback) {
     if (!(await lstatOrUndefined(out))) throw new ReleaseError(`there is no ${out} to roll back`);
     return await withBootLock(run, out, () => rollBack(run, out));

@@ -136,7 +136,7 @@ async function reportVerification(
       : renderVerification(verification).trimEnd(),
   );
   if (env.GITHUB_STEP_SUMMARY) {
-    await fs.appendFile(env.GITHUB_STEP_SUMMARY, verificationSummary(verification));
+    await fs.appendFile(run.resolve(env.GITHUB_STEP_SUMMARY), verificationSummary(verification));
   }
   const verdict = verificationVerdict(verification);
   if (verificationExitCode(verification) !== 0) {

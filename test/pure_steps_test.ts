@@ -82,6 +82,15 @@ Deno.test("asset names are stable: target, system and extension, never the NixOS
     assetName("netboot", "x86_64-linux", "/nix/store/x/netboot.ipxe"),
     "netboot-x86_64-linux.ipxe",
   );
+  // The trusted iPXE builds: named by their target, not twice by their kind.
+  assert.equal(
+    assetName("ipxe-undionly", "x86_64-linux", "/nix/store/x-ipxe/undionly.kpxe"),
+    "ipxe-undionly-x86_64-linux.kpxe",
+  );
+  assert.equal(
+    assetName("ipxe-efi", "x86_64-linux", "/nix/store/x-ipxe/ipxe.efi"),
+    "ipxe-efi-x86_64-linux.efi",
+  );
 });
 
 Deno.test("hydra-build-products yields only file lines", () => {

@@ -72,11 +72,13 @@ import {
   judgeRelease,
   mergeManifests,
   parseSums,
+  type PlannedAction,
+  planUploads,
   problemsOf,
   readIndex,
   readRecordedSums,
   readUploadRecord,
-  type RecordedSha,
+  releaseBody,
   type RemoteIndex,
   renderSums,
   unionManifest,
@@ -481,43 +483,8 @@ async function recordUpload(
 }
 
 // ---------------------------------------------------------------------------------------------
-// What to upload: a pure plan from the local bundle and the release's current state
+// What to upload: the plan (release_index's planUploads) refused when it would change history
 // ---------------------------------------------------------------------------------------------
-
-type PlannedAction =
-  /** Already there with the same size and checksum: `remove` lists stray copies to delete. */
-  | { kind: "skip"; asset: BundleAsset; keep: Attachment; remove: Attachment[] }
-  /** Not there (or only partial/unverifiable copies, removed once the new index is in). */
-  | { kind: "upload"; asset: BundleAsset; remove: Attachment[] }
-  /** There with other bytes: refused unless --replace, which uploads then removes. */
-  | { kind: "conflict"; asset: BundleAsset; remote: Attachment[]; remoteSha256?: string };
-
-export function planUploads(
-  local: BundleAsset[],
-  remote: Attachment[],
-  recordedSha: RecordedSha,
-  isDraft: boolean,
-  replace: boolean,
-): PlannedAction[] {
-  return local.map((asset): PlannedAction => {
-    const copies = remote.filter((attachment) => attachment.name === asset.name);
-    const good = copies.filter((copy) =>
-      copy.size === asset.size && recordedSha(copy) === asset.sha256
-    );
-    if (good.length > 0) {
-      const keep = good.sort((a, b) => a.id - b.id)[0];
-      return { kind: "skip", asset, keep, remove: copies.filter((copy) => copy !== keep) };
-    }
-    if (copies.length === 0) return { kind: "upload", asset, remove: [] };
-    const known = copies.map(recordedSha).filter((sha) => sha !== undefined);
-    // Our checksum on record but a wrong size: a truncated upload, ours to redo.
-    const truncated = known.length > 0 && known.every((sha) => sha === asset.sha256);
-    // Nothing on record in a draft: an upload that a killed run never got to record.
-    const unrecorded = known.length === 0 && isDraft;
-    if (truncated || unrecorded || replace) return { kind: "upload", asset, remove: copies };
-    return { kind: "conflict", asset, remote: copies, remoteSha256: known[0] };
-  });
-}
 
 function refuseConflicts(plan: PlannedAction[], release: Release, options: ReleaseOptions): void {
   const conflicts = plan.filter((action) => action.kind === "conflict");
@@ -693,34 +660,6 @@ async function updateBody(
 ): Promise<void> {
   const body = withUploadRecord(releaseBody(manifest, options), readUploadRecord(release.body));
   if (release.body !== body) await forgejo.releases.edit(release.id, { body });
-}
-
-/** The release page, readably: what it is, where it came from, and how to check it. */
-export function releaseBody(manifest: Manifest, options: Pick<ReleaseOptions, "site">): string {
-  const commitUrl = `${options.site?.server}/${options.site?.repo}/commit/${manifest.commit}`;
-  const lines = [
-    `Boot images built from commit [${
-      manifest.commit.slice(0, 12)
-    }](${commitUrl}) with Nix ${manifest.nixVersion}.`,
-    "",
-  ];
-  const inputs = Object.entries(manifest.flake.inputs);
-  if (inputs.length > 0) {
-    lines.push("| flake input | source | rev |", "|---|---|---|");
-    for (const [name, input] of inputs) {
-      lines.push(
-        `| ${name} | ${input.url ?? input.type} | \`${input.rev ?? input.narHash ?? "?"}\` |`,
-      );
-    }
-    lines.push("");
-  }
-  lines.push("| asset | size | sha256 |", "|---|---|---|");
-  for (const asset of manifest.assets) {
-    lines.push(`| ${asset.name} | ${formatBytes(asset.size)} | \`${asset.sha256}\` |`);
-  }
-  lines.push("", `Verify a download: \`sha256sum -c --ignore-missing ${SUMS_NAME}\`.`);
-  if (manifest.ciRun) lines.push("", `Built by [CI run](${manifest.ciRun}).`);
-  return `${lines.join("\n")}\n`;
 }
 
 // ---------------------------------------------------------------------------------------------

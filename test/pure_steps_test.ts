@@ -13,11 +13,12 @@ import {
   judgeRelease,
   mergeManifests,
   parseSums,
+  planUploads,
   readUploadRecord,
+  releaseBody,
   renderSums,
   withUploadRecord,
 } from "../scripts/lib/release_index.ts";
-import { planUploads, releaseBody } from "../scripts/release-boot.ts";
 import { readOptions, repoProblem, serverProblem, tagProblem } from "../scripts/lib/cli.ts";
 import { rewriteIpxe } from "../scripts/lib/ipxe.ts";
 import { UsageError } from "../scripts/lib/run.ts";

@@ -156,6 +156,19 @@ async function envelopeSigner(
   }
 }
 
+/** A small file of `release` (1 MiB at most) as text: a copy with `sha256`, else undefined. */
+export async function readListedText(
+  forgejo: Forgejo,
+  release: Release,
+  { name, sha256 }: { name: string; sha256: string },
+): Promise<string | undefined> {
+  for (const copy of release.assets.filter((asset) => asset.name === name)) {
+    const text = await forgejo.assets.text(copy);
+    if (text !== undefined && sha256Hex(new TextEncoder().encode(text)) === sha256) return text;
+  }
+  return undefined;
+}
+
 /** The union of every manifest.json copy (a newer copy wins per name), if any. */
 export function unionManifest(index: RemoteIndex): Manifest | undefined {
   return index.manifests.reduce<Manifest | undefined>(
@@ -309,15 +322,7 @@ export function describeRelease(
     nixVersion: flake.nixVersion,
     ciRun: options.ciRun,
     createdAt: new Date().toISOString(),
-    assets: assets.map((asset) => ({
-      name: asset.name,
-      size: asset.size,
-      sha256: asset.sha256,
-      target: asset.target,
-      system: asset.system,
-      storePath: asset.path,
-      drvPath: asset.drvPath,
-    })),
+    assets: assets.map(describeAsset),
   };
 }
 
@@ -349,6 +354,19 @@ export function releaseBody(manifest: Manifest, options: Pick<ReleaseOptions, "s
   return `${lines.join("\n")}\n`;
 }
 
+/** One asset as manifest.json records it. */
+export function describeAsset(asset: FileAsset): ManifestAsset {
+  return {
+    name: asset.name,
+    size: asset.size,
+    sha256: asset.sha256,
+    target: asset.target,
+    system: asset.system,
+    storePath: asset.path,
+    drvPath: asset.drvPath,
+  };
+}
+
 /** What keeps a release from being complete, in two kinds; both empty: it is complete. */
 interface Judgement {
   /**
@@ -367,6 +385,8 @@ interface Judgement {
  * union of every job's), or undefined to accept what manifest.json lists. `signer`: the
  * fingerprint of the signing key this run holds; then the release must carry its signature
  * and its signed provenance. Signatures or provenances left out of `index` are not judged.
+ * `ipxeSigned`: what signing for iPXE makes of the release with the iPXE key this run holds
+ * (verifying scripts and `.sig`s, the same bytes each time): the index must list each as made.
  */
 export function judgeRelease(
   assets: Pick<Attachment, "name" | "size">[],
@@ -375,6 +395,7 @@ export function judgeRelease(
     & Partial<Pick<RemoteIndex, "signatures" | "provenances">>,
   wanted?: Pick<ManifestAsset, "name" | "sha256">[],
   signer?: string,
+  ipxeSigned?: Pick<ManifestAsset, "name" | "sha256">[],
 ): Judgement {
   const problems: Judgement = { index: [], assets: [] };
   if (index.signatures) problems.index.push(...signatureProblems(index.signatures, signer));
@@ -408,6 +429,11 @@ export function judgeRelease(
   for (const entry of wanted ? listed : []) {
     if (!wanted?.some((asset) => same(entry, asset))) {
       problems.index.push(`${SUMS_NAME} lists ${entry.name}, which is not wanted`);
+    }
+  }
+  for (const file of ipxeSigned ?? []) {
+    if (!listed.some((entry) => same(entry, file))) {
+      problems.index.push(`${SUMS_NAME} does not list ${file.name} as signed for iPXE`);
     }
   }
   const copies = new Map<string, number[]>();

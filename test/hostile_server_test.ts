@@ -164,10 +164,11 @@ nixTest(
         /stays a draft/,
         "a published release is not called a draft",
       );
-      // The new files and manifest.json went in before SHA256SUMS failed: all taken back.
+      // The new files, manifest.json and the provenance went in before SHA256SUMS failed: all
+      // taken back.
       assert.match(
         failed.stderr,
-        /the published release boot-v1\.0\.0 is as it was: the 3 copies this run uploaded were deleted again/,
+        /the published release boot-v1\.0\.0 is as it was: the 4 copies this run uploaded were deleted again/,
       );
       assert.equal(w.release().draft, false);
       await everySumHasItsBytes(w);

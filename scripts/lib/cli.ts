@@ -75,9 +75,9 @@ export interface IpxeSigningSource {
   cert: TextSource;
 }
 
-export const IPXE_SIGNING_KEY_ENV = "RELEASE_BOOT_IPXE_SIGNING_KEY";
+const IPXE_SIGNING_KEY_ENV = "RELEASE_BOOT_IPXE_SIGNING_KEY";
 
-export const IPXE_SIGNING_CERT_ENV = "RELEASE_BOOT_IPXE_SIGNING_CERT";
+const IPXE_SIGNING_CERT_ENV = "RELEASE_BOOT_IPXE_SIGNING_CERT";
 
 /** Where a run in CI is, from Forgejo's GITHUB_* variables. */
 export interface CiJob {

@@ -74,12 +74,15 @@ async function makePki(): Promise<Pki> {
 }
 
 async function scene(test: (w: World, pki: Pki) => Promise<void>): Promise<void> {
-  const w = await world();
   const pki = await makePki();
   try {
-    await test(w, pki);
+    const w = await world();
+    try {
+      await test(w, pki);
+    } finally {
+      await w.close();
+    }
   } finally {
-    await w.close();
     await fs.rm(pki.dir, { recursive: true, force: true });
   }
 }
@@ -378,98 +381,98 @@ nixTest(
 
 Deno.test("each bad iPXE signing identity is refused with exit 2 and one line, before nix is ever called", async () => {
   const pki = await makePki();
-  const bin = path.join(pki.dir, "bin");
-  const calls = path.join(pki.dir, "nix-calls");
-  await fs.mkdir(bin);
-  await fs.writeFile(path.join(bin, "nix"), `#!/bin/sh\necho "$@" >> ${calls}\nexit 1\n`, {
-    mode: 0o755,
-  });
-  const { ca, signer } = pki;
-  const file = async (name: string, text: string) => {
-    await fs.writeFile(path.join(pki.dir, name), text);
-    return path.join(pki.dir, name);
-  };
-  const other = await makeCodeSigning(pki.dir, "Another signing", ca);
-  const noSigning = await makeCodeSigning(pki.dir, "encipherment only", ca, {
-    extensions: ["keyUsage=critical,keyEncipherment", "extendedKeyUsage=codeSigning"],
-  });
-  const serverAuth = await makeCodeSigning(pki.dir, "a web server", ca, {
-    extensions: ["keyUsage=critical,digitalSignature", "extendedKeyUsage=serverAuth"],
-  });
-  const expired = await makeCodeSigning(pki.dir, "expired", ca, {
-    validity: { from: "20200101000000Z", to: "20200201000000Z" },
-  });
-  const early = await makeCodeSigning(pki.dir, "early", ca, {
-    validity: { from: "20990101000000Z", to: "20990201000000Z" },
-  });
-  const short = await makeCodeSigning(pki.dir, "short", ca, { key: "rsa1024" });
-  const flags = (key: string, cert: string) => [
-    ...["--ipxe-signing-key", key, "--ipxe-signing-cert", cert],
-  ];
-  const chain = (issued: Issued) =>
-    file(`${path.basename(issued.certFile)}.chain`, issued.cert + ca.cert);
-  const cases: { args: string[]; env?: Record<string, string>; says: RegExp }[] = [
-    {
-      args: flags(other.keyFile, pki.chainFile),
-      says:
-        /^release-boot: the iPXE signing key does not belong to the signer certificate CN=Runner boot signing: put the key's own certificate first in the certificate file$/,
-    },
-    {
-      args: flags(noSigning.keyFile, await chain(noSigning)),
-      says:
-        /^release-boot: the signer certificate CN=encipherment only lacks keyUsage digitalSignature/,
-    },
-    {
-      args: flags(serverAuth.keyFile, await chain(serverAuth)),
-      says:
-        /^release-boot: the signer certificate CN=a web server lacks extendedKeyUsage codeSigning/,
-    },
-    {
-      args: flags(expired.keyFile, await chain(expired)),
-      says:
-        /^release-boot: the certificate CN=expired expired on 2020-02-01T00:00:00\.000Z: renew it$/,
-    },
-    {
-      args: flags(early.keyFile, await chain(early)),
-      says:
-        /^release-boot: the certificate CN=early is not valid until 2099-01-01T00:00:00\.000Z: check this machine's clock/,
-    },
-    {
-      args: flags(short.keyFile, await chain(short)),
-      says:
-        /^release-boot: the iPXE signing key is RSA with 1024 bits: use an RSA key of at least 2048 bits/,
-    },
-    {
-      args: [],
-      env: {
-        RELEASE_BOOT_IPXE_SIGNING_KEY: other.key,
-        RELEASE_BOOT_IPXE_SIGNING_CERT: pki.env.RELEASE_BOOT_IPXE_SIGNING_CERT,
-      },
-      says: /^release-boot: the iPXE signing key does not belong to the signer certificate/,
-    },
-    {
-      args: ["--ipxe-signing-key", signer.keyFile],
-      says:
-        /^release-boot: --ipxe-signing-key .+ is set without --ipxe-signing-cert or RELEASE_BOOT_IPXE_SIGNING_CERT: iPXE signing needs the key and its certificate chain, give both or neither$/,
-    },
-    {
-      args: [],
-      env: { RELEASE_BOOT_IPXE_SIGNING_CERT: pki.env.RELEASE_BOOT_IPXE_SIGNING_CERT },
-      says:
-        /^release-boot: RELEASE_BOOT_IPXE_SIGNING_CERT is set without --ipxe-signing-key or RELEASE_BOOT_IPXE_SIGNING_KEY: /,
-    },
-    {
-      args: flags(signer.keyFile, pki.chainFile),
-      env: { RELEASE_BOOT_IPXE_SIGNING_KEY: signer.key },
-      says:
-        /^release-boot: both --ipxe-signing-key and RELEASE_BOOT_IPXE_SIGNING_KEY are set: give it one way only$/,
-    },
-    {
-      args: flags(path.join(pki.dir, "missing.key"), pki.chainFile),
-      says: /^release-boot: --ipxe-signing-key \S+missing\.key: cannot open it \(ENOENT\)$/,
-    },
-  ];
   try {
+    const bin = path.join(pki.dir, "bin");
+    const calls = path.join(pki.dir, "nix-calls");
+    await fs.mkdir(bin);
+    await fs.writeFile(path.join(bin, "nix"), `#!/bin/sh\necho "$@" >> ${calls}\nexit 1\n`, {
+      mode: 0o755,
+    });
+    const { ca, signer } = pki;
+    const file = async (name: string, text: string) => {
+      await fs.writeFile(path.join(pki.dir, name), text);
+      return path.join(pki.dir, name);
+    };
+    const other = await makeCodeSigning(pki.dir, "Another signing", ca);
+    const noSigning = await makeCodeSigning(pki.dir, "encipherment only", ca, {
+      extensions: ["keyUsage=critical,keyEncipherment", "extendedKeyUsage=codeSigning"],
+    });
+    const serverAuth = await makeCodeSigning(pki.dir, "a web server", ca, {
+      extensions: ["keyUsage=critical,digitalSignature", "extendedKeyUsage=serverAuth"],
+    });
+    const expired = await makeCodeSigning(pki.dir, "expired", ca, {
+      validity: { from: "20200101000000Z", to: "20200201000000Z" },
+    });
+    const early = await makeCodeSigning(pki.dir, "early", ca, {
+      validity: { from: "20990101000000Z", to: "20990201000000Z" },
+    });
+    const short = await makeCodeSigning(pki.dir, "short", ca, { key: "rsa1024" });
+    const flags = (key: string, cert: string) => [
+      ...["--ipxe-signing-key", key, "--ipxe-signing-cert", cert],
+    ];
+    const chain = (issued: Issued) =>
+      file(`${path.basename(issued.certFile)}.chain`, issued.cert + ca.cert);
+    const cases: { args: string[]; env?: Record<string, string>; says: RegExp }[] = [
+      {
+        args: flags(other.keyFile, pki.chainFile),
+        says:
+          /^release-boot: the iPXE signing key does not belong to the signer certificate CN=Runner boot signing: put the key's own certificate first in the certificate file$/,
+      },
+      {
+        args: flags(noSigning.keyFile, await chain(noSigning)),
+        says:
+          /^release-boot: the signer certificate CN=encipherment only lacks keyUsage digitalSignature/,
+      },
+      {
+        args: flags(serverAuth.keyFile, await chain(serverAuth)),
+        says:
+          /^release-boot: the signer certificate CN=a web server lacks extendedKeyUsage codeSigning/,
+      },
+      {
+        args: flags(expired.keyFile, await chain(expired)),
+        says:
+          /^release-boot: the certificate CN=expired expired on 2020-02-01T00:00:00\.000Z: renew it$/,
+      },
+      {
+        args: flags(early.keyFile, await chain(early)),
+        says:
+          /^release-boot: the certificate CN=early is not valid until 2099-01-01T00:00:00\.000Z: check this machine's clock/,
+      },
+      {
+        args: flags(short.keyFile, await chain(short)),
+        says:
+          /^release-boot: the iPXE signing key is RSA with 1024 bits: use an RSA key of at least 2048 bits/,
+      },
+      {
+        args: [],
+        env: {
+          RELEASE_BOOT_IPXE_SIGNING_KEY: other.key,
+          RELEASE_BOOT_IPXE_SIGNING_CERT: pki.env.RELEASE_BOOT_IPXE_SIGNING_CERT,
+        },
+        says: /^release-boot: the iPXE signing key does not belong to the signer certificate/,
+      },
+      {
+        args: ["--ipxe-signing-key", signer.keyFile],
+        says:
+          /^release-boot: --ipxe-signing-key .+ is set without --ipxe-signing-cert or RELEASE_BOOT_IPXE_SIGNING_CERT: iPXE signing needs the key and its certificate chain, give both or neither$/,
+      },
+      {
+        args: [],
+        env: { RELEASE_BOOT_IPXE_SIGNING_CERT: pki.env.RELEASE_BOOT_IPXE_SIGNING_CERT },
+        says:
+          /^release-boot: RELEASE_BOOT_IPXE_SIGNING_CERT is set without --ipxe-signing-key or RELEASE_BOOT_IPXE_SIGNING_KEY: /,
+      },
+      {
+        args: flags(signer.keyFile, pki.chainFile),
+        env: { RELEASE_BOOT_IPXE_SIGNING_KEY: signer.key },
+        says:
+          /^release-boot: both --ipxe-signing-key and RELEASE_BOOT_IPXE_SIGNING_KEY are set: give it one way only$/,
+      },
+      {
+        args: flags(path.join(pki.dir, "missing.key"), pki.chainFile),
+        says: /^release-boot: --ipxe-signing-key \S+missing\.key: cannot open it \(ENOENT\)$/,
+      },
+    ];
     for (const { args, env, says } of cases) {
       const io = memoryIo();
       const code = await main(

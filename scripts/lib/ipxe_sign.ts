@@ -69,7 +69,7 @@ interface ChainCertificate {
 export async function readIpxeSigningIdentity(
   source: IpxeSigningSource | undefined,
   env: Env,
-  run: Pick<Run, "log" | "mask">,
+  run: Pick<Run, "log" | "mask" | "resolve">,
 ): Promise<IpxeSigningIdentity | undefined> {
   if (!source) return undefined;
   if ("variable" in source.key) {
@@ -85,11 +85,12 @@ export async function readIpxeSigningIdentity(
 async function readText(
   source: TextSource,
   env: Env,
-  run: Pick<Run, "log">,
+  run: Pick<Run, "log" | "resolve">,
   secret: boolean,
 ): Promise<string> {
   if (!("file" in source)) return env[source.variable] ?? "";
-  const { text, mode } = await readSmallText(source.file, nameOf(source));
+  // Relative to the run's directory, as the SSH key's path is.
+  const { text, mode } = await readSmallText(run.resolve(source.file), nameOf(source));
   if (secret && mode & 0o077) {
     run.log(
       `warning: ${nameOf(source)} can be read by other users (mode ${

@@ -1,13 +1,14 @@
 /**
- * `fetch` of a release signed for iPXE, crafted in the emulator as the release side lays it
- * out (docs/PXE.md, "Verified boot"): the boot directory serves the release's own signed
- * script unchanged as netboot.ipxe, each signature beside the file it signs, and refuses a
- * signed script that loads from elsewhere, a signature that does not match SHA256SUMS and a
- * signed release missing a signature.
+ * `fetch` of a release signed for iPXE, published by release-boot or crafted in the emulator
+ * as the release side lays it out (docs/PXE.md, "Verified boot"): the boot directory serves
+ * the release's own signed script unchanged as netboot.ipxe, each signature beside the file it
+ * signs, and refuses a signed script that loads from elsewhere, a signature that does not
+ * match SHA256SUMS and a signed release missing a signature.
  */
 import assert from "node:assert/strict";
 import * as fs from "node:fs/promises";
 import * as path from "node:path";
+import { checkSignedScript } from "../scripts/lib/ipxe.ts";
 import {
   checkSigningIdentity,
   type IpxeSigningIdentity,
@@ -16,6 +17,7 @@ import {
 import { makeCa, makeCodeSigning } from "./boot/pki.ts";
 import { api, assertOneLineFailure, listing } from "./boot_dir_helpers.ts";
 import { sha256, type World, world } from "./forgejo_world.ts";
+import { nixTest } from "./nix_helpers.ts";
 import { runCommand, sha256sumCheck } from "./run_helpers.ts";
 import { type Keys, makeKeys, sshSign } from "./signing_helpers.ts";
 
@@ -27,7 +29,22 @@ const DIR_SCRIPT = "netboot-x86_64-linux.dir.ipxe";
 const SYSTEM_PATH = "/nix/store/0000000000000000000000000000000b-nixos-system-runner";
 const KERNEL_LINE = `init=${SYSTEM_PATH}/init initrd=${INITRD} nohibernate loglevel=4 \${cmdline}`;
 
-/** The boot directory's script in the form the release side signs (IPXE-INTERFACE). */
+/** What fetch lays out for the netboot target of a release signed for iPXE. */
+const LAID_OUT = [
+  ".release-boot-tag",
+  "SHA256SUMS",
+  BUILT,
+  KERNEL,
+  `${KERNEL}.sig`,
+  INITRD,
+  `${INITRD}.sig`,
+  URL_SCRIPT,
+  `${URL_SCRIPT}.sig`,
+  "netboot.ipxe",
+  "netboot.ipxe.sig",
+].sort();
+
+/** The boot directory's script in the form the release side signs. */
 function dirScript(extra = ""): string {
   return `#!ipxe
 set checking ${KERNEL}
@@ -58,6 +75,8 @@ interface Scene {
   keys: Keys;
   ipxe: IpxeSigningIdentity;
   caFile: string;
+  /** The same identity as files, for --ipxe-signing-key and --ipxe-signing-cert. */
+  signing: { keyFile: string; chainFile: string };
   out: string;
 }
 
@@ -70,7 +89,11 @@ async function signedScene(test: (scene: Scene) => Promise<void>): Promise<void>
     const ca = await makeCa(pki, "Runner boot CA");
     const signer = await makeCodeSigning(pki, "Runner boot signing", ca);
     const ipxe = checkSigningIdentity(signer.key, signer.cert + ca.cert, new Date());
-    await test({ w, keys, ipxe, caFile: ca.certFile, out: path.join(keys.dir, "pxe") });
+    const chainFile = path.join(pki, "ipxe-signing.crt");
+    await fs.writeFile(chainFile, signer.cert + ca.cert);
+    const signing = { keyFile: signer.keyFile, chainFile };
+    const out = path.join(keys.dir, "pxe");
+    await test({ w, keys, ipxe, caFile: ca.certFile, signing, out });
   } finally {
     await w.close();
     await fs.rm(keys.dir, { recursive: true, force: true });
@@ -166,22 +189,7 @@ Deno.test("a release signed for iPXE is laid out with its own script unchanged a
     const run = await fetchTrusting(scene, "boot-v1");
     assert.equal(run.code, 0, run.stderr);
     const dir = path.join(scene.out, "current");
-    assert.deepEqual(
-      (await fs.readdir(dir)).sort(),
-      [
-        ".release-boot-tag",
-        "SHA256SUMS",
-        BUILT,
-        KERNEL,
-        `${KERNEL}.sig`,
-        INITRD,
-        `${INITRD}.sig`,
-        URL_SCRIPT,
-        `${URL_SCRIPT}.sig`,
-        "netboot.ipxe",
-        "netboot.ipxe.sig",
-      ].sort(),
-    );
+    assert.deepEqual((await fs.readdir(dir)).sort(), LAID_OUT);
     assert.equal(await fs.readFile(path.join(dir, "netboot.ipxe"), "utf8"), dirScript());
     const sums = await fs.readFile(path.join(dir, "SHA256SUMS"), "utf8");
     assert.deepEqual(
@@ -213,6 +221,59 @@ Deno.test("a release signed for iPXE is laid out with its own script unchanged a
       assert.deepEqual(laidOut, (await fs.readdir(dir)).sort(), tag);
     }
   }));
+
+nixTest(
+  "a release that release-boot signs for iPXE is fetched into the same layout, every signature verifying",
+  () =>
+    signedScene(async (scene) => {
+      const published = await scene.w.publish(
+        [
+          ...["--targets", "netboot"],
+          ...["--ipxe-signing-key", scene.signing.keyFile],
+          ...["--ipxe-signing-cert", scene.signing.chainFile],
+        ],
+        { RELEASE_BOOT_SIGNING_KEY: scene.keys.keyText },
+      );
+      assert.equal(published.code, 0, published.stderr);
+      const run = await fetchTrusting(scene, "boot-v1.0.0");
+      assert.equal(run.code, 0, run.stderr);
+      const dir = path.join(scene.out, "current");
+      assert.deepEqual((await fs.readdir(dir)).sort(), LAID_OUT);
+      const [script] = await scene.w.forgejo.assetBytes(scene.w.release().id, DIR_SCRIPT);
+      assert.deepEqual(
+        new Uint8Array(await fs.readFile(path.join(dir, "netboot.ipxe"))),
+        new Uint8Array(script),
+        "netboot.ipxe is the release's .dir.ipxe, byte for byte",
+      );
+      assert.equal((await sha256sumCheck(dir)).code, 0);
+      for (const name of [KERNEL, INITRD, URL_SCRIPT, "netboot.ipxe"]) {
+        const verified = await cmsVerify(dir, name, scene.caFile);
+        assert.equal(verified.code, 0, `${name}: ${verified.stderr}`);
+      }
+    }),
+);
+
+Deno.test("a signed script may name the directory's files URI-encoded, as iPXE fetches them", () => {
+  const files = new Set(["a+b.bzImage", "a+b.bzImage.sig", "a+b.initrd", "a+b.initrd.sig"]);
+  const script = [
+    "#!ipxe",
+    "kernel a%2Bb.bzImage initrd=a+b.initrd || goto refused",
+    "imgverify a+b.bzImage a%2Bb.bzImage.sig || goto refused",
+    "initrd a%2Bb.initrd || goto refused",
+    "imgverify a+b.initrd a%2Bb.initrd.sig || goto refused",
+    "boot || goto refused",
+    "",
+  ].join("\n");
+  assert.deepEqual(checkSignedScript("x.dir.ipxe", script, files, "v1"), [
+    "a+b.bzImage",
+    "a+b.initrd",
+  ]);
+  const elsewhere = script.replace("a%2Bb.initrd.sig", "a%2Bc.sig");
+  assert.throws(
+    () => checkSignedScript("x.dir.ipxe", elsewhere, files, "v1"),
+    /^Error: x\.dir\.ipxe of v1, line 5 \("imgverify a\+b\.initrd a%2Bc\.sig \|\| goto refused"\), loads from outside v1/,
+  );
+});
 
 Deno.test("a signed script that loads or verifies against anything but the directory's own files is refused, naming the line", (t) =>
   signedScene(async (scene) => {

@@ -168,8 +168,9 @@ function refuseLoadsFromElsewhere(
 
 /**
  * A release's boot-directory script signed for iPXE, served as it is: a rewrite would break its
- * signature, so it must already load by name only `files` (the directory's own), and verify
- * only against them. Returns the files it loads, each of which needs its own signature.
+ * signature, so it must already load by name only `files` (the directory's own, named as they
+ * are or URI-encoded), and verify only against them. Returns the files it loads, each of which
+ * needs its own signature.
  */
 export function checkSignedScript(
   script: string,
@@ -177,9 +178,17 @@ export function checkSignedScript(
   files: ReadonlySet<string>,
   tag: string,
 ): string[] {
-  const locate = (word: string) => files.has(word) ? word : undefined;
+  const locate = (word: string) => {
+    if (files.has(word)) return word;
+    try {
+      const decoded = decodeURIComponent(word);
+      return files.has(decoded) ? decoded : undefined;
+    } catch {
+      return undefined;
+    }
+  };
   const loaded = refuseLoadsFromElsewhere(script, text, locate, tag, { verifies: true });
-  return [...new Set(loaded)];
+  return [...new Set(loaded.map((word) => locate(word)!))];
 }
 
 /**

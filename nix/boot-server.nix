@@ -60,9 +60,15 @@ let
   # becomes EMBED= in makeFlags (line 133); IMAGE_TRUST_CMD and DOWNLOAD_PROTO_HTTPS are among
   # its default options (lines 88 and 90); TRUST= has no argument, so it joins makeFlags here.
   # TRUST= makes the CA the only root iPXE trusts, by its SHA-256 fingerprint (iPXE's
-  # src/Makefile.housekeeping, TRUSTED_FPS).
+  # src/Makefile.housekeeping, TRUSTED_FPS). Its options (enabledOptions) can only #define
+  # something in src/config/general.h, and CROSSCERT lives in src/config/crypto.h, which reads
+  # src/config/local/crypto.h last: postPatch copies ipxe-local/ there, as the boot test's build
+  # from source does.
   trustedIpxe = (pkgs.ipxe.override { embedScript = firstStage; }).overrideAttrs (old: {
     makeFlags = old.makeFlags ++ [ "TRUST=${cfg.trustedCa}" ];
+    postPatch = (old.postPatch or "") + ''
+      cp ${./ipxe-local}/* src/config/local/
+    '';
   });
 
   # One file of that build as an output of its own: package.nix copies each target to $out

@@ -69,23 +69,29 @@ import {
   readFlake,
 } from "./lib/nix.ts";
 import {
+  describeAsset,
   describeRelease,
   judgeRelease,
   mergeManifests,
   parseSums,
+  type PlannedAction,
+  planUploads,
   problemsOf,
   readIndex,
+  readListedText,
   readRecordedSums,
   readUploadRecord,
-  type RecordedSha,
+  releaseBody,
   type RemoteIndex,
   renderSums,
+  stepSummary,
   unionManifest,
   withUploadRecord,
 } from "./lib/release_index.ts";
 import { sha256Hex } from "./lib/hash.ts";
 import { readSmallFile } from "./lib/small_file.ts";
-import { pointIpxeAtRelease } from "./lib/ipxe.ts";
+import { asBuiltForIpxe, pointIpxeAtRelease, signForIpxe, withIpxeFiles } from "./lib/ipxe.ts";
+import { type IpxeSigningIdentity, readIpxeSigningIdentity } from "./lib/ipxe_sign.ts";
 import { readSigningKey, SIGNING_KEY_ENV, type SigningKey, signSums } from "./lib/sshsig.ts";
 import { buildStatement, provenanceFile, runDetailsOf, signerOf } from "./lib/provenance.ts";
 import { fetchForBoot } from "./lib/fetch.ts";
@@ -94,10 +100,16 @@ import { pruneReleases } from "./lib/prune.ts";
 
 /**
  * One run of release-boot: its exit status (0 done, 1 failed, 2 bad usage), and on failure
- * the one line that says why (and, in CI, the same line as an error annotation).
+ * the one line that says why (and, in CI, the same line as an error annotation). Relative
+ * paths mean paths under `cwd`; nothing of the run (connections, listeners) outlives it.
  */
-export async function main(argv: string[], env: Env, io: Io): Promise<number> {
-  const run = startRun(env, io);
+export async function main(
+  argv: string[],
+  env: Env,
+  io: Io,
+  cwd: string = Deno.cwd(),
+): Promise<number> {
+  const run = startRun(env, io, cwd);
   try {
     await runbook(run, argv, env);
     return 0;
@@ -109,6 +121,8 @@ export async function main(argv: string[], env: Env, io: Io): Promise<number> {
     run.log(`release-boot: ${message}`);
     if (run.ci) run.log(`::error::${message.split("\n")[0]}`);
     return error instanceof UsageError ? 2 : 1;
+  } finally {
+    await run.end();
   }
 }
 
@@ -122,6 +136,7 @@ async function runbook(run: Run, argv: string[], env: Env): Promise<void> {
 
   // A bad key is refused before any work, as a bad flag is.
   const key = await readSigningKey(options.signingKeyFile, env, run);
+  const ipxe = await readIpxeSigningIdentity(options.ipxeSigning, env, run);
   const forgejo = options.site && !options.dryRun
     ? connectForgejo(
       run,
@@ -130,10 +145,10 @@ async function runbook(run: Run, argv: string[], env: Env): Promise<void> {
       options,
     )
     : undefined;
-  if (!forgejo && !options.dryRun) await refuseForeignOut(options.out);
+  if (!forgejo && !options.dryRun) await refuseForeignOut(options.out, run.resolve(options.out));
   const repository = forgejo && await run.step("Check Forgejo", () => checkForgejo(run, forgejo));
   if (forgejo && options.finalize) {
-    return await finalizeRelease(run, forgejo, repository, options, key, env);
+    return await finalizeRelease(run, forgejo, repository, options, { key, ipxe }, env);
   }
 
   const flake = await run.step("Read the flake", () => readFlake(run, options));
@@ -141,7 +156,10 @@ async function runbook(run: Run, argv: string[], env: Env): Promise<void> {
   const builds = await run.step("Build", () => buildTargets(run, options));
   const products = await collectProducts(builds);
   const hashed = await run.step("Hash", () => hashProducts(run, products));
-  const assets = await pointIpxeAtRelease(run, hashed, downloadBase(options, repository));
+  const base = downloadBase(options, repository);
+  const built = await pointIpxeAtRelease(run, hashed, base);
+  const ipxeSigned = await signBuildForIpxe(run, options, built, base, ipxe);
+  const assets = withIpxeFiles(built, ipxeSigned);
   const manifest = describeRelease(options, flake, assets);
   const provenance = await attest(run, options, manifest, repository, key);
   const bundle = bundleRelease(assets, manifest, provenance);
@@ -169,7 +187,7 @@ async function runbook(run: Run, argv: string[], env: Env): Promise<void> {
   );
   const release = await run.step(
     "Publish",
-    () => publishWhenComplete(run, forgejo, draft, options, key),
+    () => publishWhenComplete(run, forgejo, draft, options, key, ipxeSigned),
   );
   await reportRelease(run, release, bundle.manifest, env);
 }
@@ -271,6 +289,25 @@ function rebuildFlake(
   return releaseFlake({ html_url }, manifest);
 }
 
+/**
+ * The verifying scripts and `.sig`s this run adds for iPXE, made where it writes the final
+ * index: a single publish or a stage, not a --draft job (the --finalize job signs for it).
+ */
+async function signBuildForIpxe(
+  run: Run,
+  options: ReleaseOptions,
+  assets: FileAsset[],
+  base: string,
+  identity: IpxeSigningIdentity | undefined,
+): Promise<FileAsset[]> {
+  if (!identity) return [];
+  if (options.draft) {
+    run.log("--draft: not signing for iPXE in this job; --finalize with the iPXE key signs");
+    return [];
+  }
+  return await signForIpxe(run, assets, (built) => fs.readFile(built.path, "utf8"), base, identity);
+}
+
 /** Where the release's files will be downloadable from; relative for a local stage. */
 function downloadBase(options: ReleaseOptions, repository: Repository | undefined): string {
   if (!options.site) return "";
@@ -306,15 +343,18 @@ async function isEarlierStage(dir: string, entries: string[]): Promise<boolean> 
   return entries.every((entry) => INDEX_NAMES.has(entry) || listed.has(entry));
 }
 
-/** Refuses, before any build, an --out that is a file or holds anything but an earlier stage. */
-async function refuseForeignOut(out: string): Promise<void> {
-  const stat = await fs.lstat(out).catch(() => undefined);
+/**
+ * Refuses, before any build, an --out that is a file or holds anything but an earlier stage.
+ * `out` names it as given; `dir` is where it is.
+ */
+async function refuseForeignOut(out: string, dir: string): Promise<void> {
+  const stat = await fs.lstat(dir).catch(() => undefined);
   if (!stat) return;
   if (!stat.isDirectory()) {
     throw new UsageError(`--out ${out} is not a directory: choose a new or empty directory`);
   }
-  const entries = await fs.readdir(out);
-  if (entries.length > 0 && !await isEarlierStage(out, entries)) {
+  const entries = await fs.readdir(dir);
+  if (entries.length > 0 && !await isEarlierStage(dir, entries)) {
     throw new UsageError(
       `--out ${out} holds files that are not an earlier stage of release-boot, and a stage replaces it whole: choose a new or empty directory`,
     );
@@ -326,8 +366,8 @@ async function refuseForeignOut(out: string): Promise<void> {
  * Ctrl-C never leaves a half-written --out, and a rerun replaces the earlier stage whole.
  */
 async function stageLocally(run: Run, bundle: Bundle, options: ReleaseOptions): Promise<void> {
-  const out = path.resolve(options.out);
-  await refuseForeignOut(out);
+  const out = run.resolve(options.out);
+  await refuseForeignOut(out, out);
   const cannotWrite = (error: unknown) =>
     fileSystemFailure(
       error,
@@ -501,43 +541,8 @@ async function recordUpload(
 }
 
 // ---------------------------------------------------------------------------------------------
-// What to upload: a pure plan from the local bundle and the release's current state
+// What to upload: the plan (release_index's planUploads) refused when it would change history
 // ---------------------------------------------------------------------------------------------
-
-type PlannedAction =
-  /** Already there with the same size and checksum: `remove` lists stray copies to delete. */
-  | { kind: "skip"; asset: BundleAsset; keep: Attachment; remove: Attachment[] }
-  /** Not there (or only partial/unverifiable copies, removed once the new index is in). */
-  | { kind: "upload"; asset: BundleAsset; remove: Attachment[] }
-  /** There with other bytes: refused unless --replace, which uploads then removes. */
-  | { kind: "conflict"; asset: BundleAsset; remote: Attachment[]; remoteSha256?: string };
-
-export function planUploads(
-  local: BundleAsset[],
-  remote: Attachment[],
-  recordedSha: RecordedSha,
-  isDraft: boolean,
-  replace: boolean,
-): PlannedAction[] {
-  return local.map((asset): PlannedAction => {
-    const copies = remote.filter((attachment) => attachment.name === asset.name);
-    const good = copies.filter((copy) =>
-      copy.size === asset.size && recordedSha(copy) === asset.sha256
-    );
-    if (good.length > 0) {
-      const keep = good.sort((a, b) => a.id - b.id)[0];
-      return { kind: "skip", asset, keep, remove: copies.filter((copy) => copy !== keep) };
-    }
-    if (copies.length === 0) return { kind: "upload", asset, remove: [] };
-    const known = copies.map(recordedSha).filter((sha) => sha !== undefined);
-    // Our checksum on record but a wrong size: a truncated upload, ours to redo.
-    const truncated = known.length > 0 && known.every((sha) => sha === asset.sha256);
-    // Nothing on record in a draft: an upload that a killed run never got to record.
-    const unrecorded = known.length === 0 && isDraft;
-    if (truncated || unrecorded || replace) return { kind: "upload", asset, remove: copies };
-    return { kind: "conflict", asset, remote: copies, remoteSha256: known[0] };
-  });
-}
 
 function refuseConflicts(plan: PlannedAction[], release: Release, options: ReleaseOptions): void {
   const conflicts = plan.filter((action) => action.kind === "conflict");
@@ -715,34 +720,6 @@ async function updateBody(
   if (release.body !== body) await forgejo.releases.edit(release.id, { body });
 }
 
-/** The release page, readably: what it is, where it came from, and how to check it. */
-export function releaseBody(manifest: Manifest, options: Pick<ReleaseOptions, "site">): string {
-  const commitUrl = `${options.site?.server}/${options.site?.repo}/commit/${manifest.commit}`;
-  const lines = [
-    `Boot images built from commit [${
-      manifest.commit.slice(0, 12)
-    }](${commitUrl}) with Nix ${manifest.nixVersion}.`,
-    "",
-  ];
-  const inputs = Object.entries(manifest.flake.inputs);
-  if (inputs.length > 0) {
-    lines.push("| flake input | source | rev |", "|---|---|---|");
-    for (const [name, input] of inputs) {
-      lines.push(
-        `| ${name} | ${input.url ?? input.type} | \`${input.rev ?? input.narHash ?? "?"}\` |`,
-      );
-    }
-    lines.push("");
-  }
-  lines.push("| asset | size | sha256 |", "|---|---|---|");
-  for (const asset of manifest.assets) {
-    lines.push(`| ${asset.name} | ${formatBytes(asset.size)} | \`${asset.sha256}\` |`);
-  }
-  lines.push("", `Verify a download: \`sha256sum -c --ignore-missing ${SUMS_NAME}\`.`);
-  if (manifest.ciRun) lines.push("", `Built by [CI run](${manifest.ciRun}).`);
-  return `${lines.join("\n")}\n`;
-}
-
 // ---------------------------------------------------------------------------------------------
 // Publish once everything is there, then confirm it
 // ---------------------------------------------------------------------------------------------
@@ -757,6 +734,7 @@ async function publishWhenComplete(
   draft: Release,
   options: ReleaseOptions,
   key: SigningKey | undefined,
+  ipxeSigned: FileAsset[],
 ): Promise<Release> {
   const deadline = Date.now() + options.http.timeoutMs;
   for (let waited = false;; waited = true) {
@@ -768,6 +746,7 @@ async function publishWhenComplete(
         await readIndex(forgejo, release, key),
         undefined,
         key?.fingerprint,
+        ipxeSigned,
       ),
     );
     if (problems.length === 0) {
@@ -808,14 +787,15 @@ async function publishDraft(run: Run, forgejo: Forgejo, release: Release): Promi
 
 /**
  * The last job of a matrix: no build, just check the assembled draft and publish it. Holding
- * the key (which build jobs need not hold), it first writes the complete index again, signed.
+ * the keys (which build jobs need not hold), it first signs the draft for iPXE and writes the
+ * complete index again, signed.
  */
 async function finalizeRelease(
   run: Run,
   forgejo: Forgejo,
   repository: Repository | undefined,
   options: ReleaseOptions,
-  key: SigningKey | undefined,
+  { key, ipxe }: { key?: SigningKey; ipxe?: IpxeSigningIdentity },
   env: Env,
 ): Promise<void> {
   const found = await forgejo.releases.byTag(options.tag);
@@ -828,14 +808,23 @@ async function finalizeRelease(
   const adopted = await adoptRelease(run, forgejo, found, options);
   const unsigned = await readIndex(forgejo, adopted);
   const union = unionManifest(unsigned);
-  // Complete but for its signatures (build jobs need not hold the key): written again, signed.
+  // Complete but for its signatures (build jobs need not hold the keys): written again, signed.
   const { signatures: _, ...unsignedParts } = unsigned;
-  if (key && union && problemsOf(judgeRelease(adopted.assets, unsignedParts)).length === 0) {
-    await writeIndex(run, forgejo, repository, adopted, union, [], options, key);
+  const built = ipxe && union ? asBuiltForIpxe(adopted.assets, union) : adopted.assets;
+  const complete = union !== undefined &&
+    problemsOf(judgeRelease(built, unsignedParts)).length === 0;
+  const signed = complete && ipxe
+    ? await signDraftForIpxe(run, forgejo, adopted, union, downloadBase(options, repository), ipxe)
+    : undefined;
+  if (complete && (key || ipxe)) {
+    const { manifest = union, plan = [] } = signed ?? {};
+    await writeIndex(run, forgejo, repository, adopted, manifest, plan, options, key);
   }
   const release = await forgejo.releases.get(adopted.id);
   const index = await readIndex(forgejo, release, key);
-  const problems = problemsOf(judgeRelease(release.assets, index, undefined, key?.fingerprint));
+  const problems = problemsOf(
+    judgeRelease(release.assets, index, undefined, key?.fingerprint, signed?.files),
+  );
   if (problems.length > 0) {
     throw new ReleaseError(
       `release ${options.tag} is not complete, so it ${
@@ -852,30 +841,41 @@ async function finalizeRelease(
 }
 
 /**
- * The job's summary: the release, linked, and a table of its assets. The tag and the URL are
- * the server's words, so neither can add Markdown or HTML of its own: the tag is escaped as
- * text, and the URL (absolute http(s), as read) is percent-encoded where a link would end.
+ * Signs a complete draft for iPXE: its scripts made from the built ones (read back from the
+ * release: they are small, and the images need not be downloaded, their digests are signed),
+ * uploaded where they differ from what the draft holds. Returns the signed files, the
+ * manifest listing them and the plan whose replaced copies go once the index lists them. A
+ * published release is never changed: it gets neither, and the judgement says what it lacks.
  */
-export function stepSummary(
-  release: Pick<Release, "tag_name" | "html_url" | "draft">,
-  manifest: Pick<Manifest, "assets">,
-): string {
-  const tag = release.tag_name.replace(/\s+/g, " ").replace(/[\\`*_[\]<>&|~]/g, "\\$&");
-  const url = new URL(release.html_url).href.replace(
-    /[()\\]/g,
-    (char) => `%${char.charCodeAt(0).toString(16).toUpperCase()}`,
+async function signDraftForIpxe(
+  run: Run,
+  forgejo: Forgejo,
+  release: Release,
+  union: Manifest,
+  base: string,
+  identity: IpxeSigningIdentity,
+): Promise<{ files: FileAsset[]; manifest: Manifest; plan: PlannedAction[] }> {
+  const readBuilt = async (built: FileAsset) => {
+    const text = await readListedText(forgejo, release, built);
+    if (text !== undefined) return text;
+    throw new ReleaseError(
+      `${built.name} of ${release.tag_name} is not the script ${MANIFEST_NAME} lists, so it cannot be signed for iPXE: rerun the job that builds it`,
+    );
+  };
+  const assets = union.assets.map((asset) => ({ ...asset, path: asset.storePath }));
+  const files = await signForIpxe(run, assets, readBuilt, base, identity);
+  const plan = planUploads(
+    files,
+    release.assets,
+    await readRecordedSums(forgejo, release),
+    release.draft,
+    true,
   );
-  const rows = manifest.assets.map((a) =>
-    `| ${a.name} | ${formatBytes(a.size)} | \`${a.sha256}\` |`
-  );
-  return [
-    `### Release [${tag}](${url})${release.draft ? " (draft)" : ""}`,
-    "",
-    "| asset | size | sha256 |",
-    "|---|---|---|",
-    ...rows,
-    "",
-  ].join("\n");
+  const changes = plan.some((action) => action.kind !== "skip" || action.remove.length > 0);
+  if (changes && !release.draft) return { files, manifest: union, plan: [] };
+  await uploadPlanned(run, forgejo, release, plan);
+  const signed = { ...union, assets: files.map(describeAsset) };
+  return { files, manifest: mergeManifests(union, signed), plan };
 }
 
 async function reportRelease(
@@ -886,7 +886,7 @@ async function reportRelease(
 ): Promise<void> {
   if (env.GITHUB_OUTPUT) {
     await fs.appendFile(
-      env.GITHUB_OUTPUT,
+      run.resolve(env.GITHUB_OUTPUT),
       stepOutputs({
         "release-url": release.html_url,
         tag: release.tag_name,
@@ -895,10 +895,12 @@ async function reportRelease(
     );
   }
   if (env.GITHUB_STEP_SUMMARY) {
-    await fs.appendFile(env.GITHUB_STEP_SUMMARY, stepSummary(release, manifest));
+    await fs.appendFile(run.resolve(env.GITHUB_STEP_SUMMARY), stepSummary(release, manifest));
   }
   run.log(`Release ${release.tag_name}${release.draft ? " (draft)" : ""}: ${release.html_url}`);
   run.result(release.html_url);
 }
 
-if (import.meta.main) Deno.exit(await main(Deno.args, Deno.env.toObject(), processIo()));
+if (import.meta.main) {
+  Deno.exit(await main(Deno.args, Deno.env.toObject(), processIo(), Deno.cwd()));
+}

@@ -7,8 +7,8 @@ import assert from "node:assert/strict";
 import * as fs from "node:fs/promises";
 import * as os from "node:os";
 import * as path from "node:path";
-import { baseEnv, type Run, runRelease } from "./run_helpers.ts";
-import { sha256, TOKEN, type World, world } from "./forgejo_world.ts";
+import { baseEnv, type Run, runMain } from "./run_helpers.ts";
+import { sha256, TOKEN, type World, worldInProcess } from "./forgejo_world.ts";
 
 const API = "/api/v1/repos/ops/runners";
 
@@ -76,12 +76,18 @@ export function fetchTag(w: World, out: string, tag: string, args: string[] = []
 }
 
 export async function rollback(out: string): Promise<Run> {
-  return await runRelease(["fetch", "--rollback", "--out", out], { env: baseEnv() });
+  return await runMain(["fetch", "--rollback", "--out", out], { env: baseEnv() });
 }
 
-/** A world, a scratch directory holding DIR (`pxe`) and a place outside it. */
-export async function scene(test: (w: World, out: string, outside: string) => Promise<void>) {
-  const w = await world();
+/**
+ * A world, a scratch directory holding DIR (`pxe`) and a place outside it. Its fetches run
+ * main in this process unless `makeWorld` is `world` (child processes).
+ */
+export async function scene(
+  test: (w: World, out: string, outside: string) => Promise<void>,
+  makeWorld: () => Promise<World> = worldInProcess,
+) {
+  const w = await makeWorld();
   const scratch = await fs.mkdtemp(path.join(os.tmpdir(), "release-boot-bootdir-"));
   const outside = path.join(scratch, "outside");
   await fs.mkdir(outside);

@@ -8,8 +8,8 @@ import assert from "node:assert/strict";
 import * as fs from "node:fs/promises";
 import * as path from "node:path";
 import { bootFilesByName, bootFilesOfScript } from "../scripts/lib/ipxe.ts";
-import { type Run, runRelease, sha256sumCheck } from "./run_helpers.ts";
-import { sha256 } from "./forgejo_world.ts";
+import { type Run, runMain, sha256sumCheck } from "./run_helpers.ts";
+import { sha256, world } from "./forgejo_world.ts";
 import {
   api,
   assertOneLineFailure,
@@ -91,7 +91,7 @@ Deno.test("rollback without a previous release says so in one line and changes n
     const run = await rollback(out);
     assertOneLineFailure(run, /has no previous release to roll back to/);
     assert.equal(await fs.readlink(path.join(out, "current")), "boot-v1");
-    const usage = await runRelease(["fetch", "--rollback", "--out", out, "--tag", "boot-v1"]);
+    const usage = await runMain(["fetch", "--rollback", "--out", out, "--tag", "boot-v1"]);
     assert.equal(usage.code, 2);
     assert.match(usage.stderr, /--rollback takes only --out DIR, not --tag/);
   }));
@@ -169,6 +169,7 @@ Deno.test("planted links in DIR are refused, never written through; nothing outs
     await untouched();
   }));
 
+// Child processes: the lock is between two processes, each with its own pid.
 Deno.test("one fetch at a time per DIR: a second one stops in one line; a dead one's lock is taken over", () =>
   scene(async (w, out) => {
     await releaseByHand(w, "boot-v1", netboot("boot-v1"));
@@ -213,7 +214,7 @@ Deno.test("one fetch at a time per DIR: a second one stops in one line; a dead o
     );
     assert.equal(await fs.lstat(lock).catch(() => undefined), undefined, "the lock is released");
     assert.deepEqual((await fs.readdir(out)).sort(), ["boot-v1", "boot-v2", "current", "previous"]);
-  }));
+  }, world));
 
 Deno.test("without manifest.json, the iPXE script's kernel and initrd lines say what to boot", () => {
   const sums = new Map([

@@ -1,20 +1,21 @@
 /**
  * The boot, for real: a release published and fetched by release-boot is served over HTTP
  * and booted by iPXE in QEMU to a busybox /init that prints the kernel command line. Then
- * the same boot directory, signed for iPXE, boots only through an iPXE that verifies every
- * image, and each tampered copy is refused before /init.
+ * releases that release-boot signs for iPXE, fetched with --trust, boot only through the
+ * flake's trusted iPXE (built from source with nix/first-stage.ipxe and the options
+ * nix/boot-server.nix gives it), which verifies every image: a file changed on the boot server
+ * after fetch, a release signed under another CA and an unsigned one are refused before /init.
  */
 import assert from "node:assert/strict";
-import { createHash } from "node:crypto";
 import * as fs from "node:fs/promises";
 import * as os from "node:os";
 import * as path from "node:path";
-import { checkSigningIdentity, signDigest } from "../scripts/lib/ipxe_sign.ts";
 import { TAG, world } from "./forgejo_world.ts";
 import { serveDirectory, type StaticServer } from "./boot/http_server.ts";
+import { DEFAULT_KERNEL_ARGUMENTS, renderFirstStage } from "./boot/first_stage.ts";
 import { buildIpxe, type IpxeImage } from "./boot/ipxe_build.ts";
 import { makeBootKit, MARKER } from "./boot/kit.ts";
-import { type Issued, makeCa, makeCodeSigning } from "./boot/pki.ts";
+import { makeCa, makeCodeSigning } from "./boot/pki.ts";
 import { bootQemu, GUEST_SERVER, type QemuBoot, type QemuOptions } from "./boot/qemu.ts";
 import { bootTest } from "./boot/requirements.ts";
 import { repoRoot, runCommand } from "./run_helpers.ts";
@@ -35,57 +36,20 @@ set cmdline hostname=runner-\${mac:hexhyp}
 chain http://${GUEST_SERVER}/netboot/current/${SCRIPT} || shell
 `;
 
+/** Where the trusted iPXE's first stage fetches the boot directory's script from. */
+const SCRIPT_URL = `http://${GUEST_SERVER}/netboot/current/${SCRIPT}`;
 /**
- * The trusted iPXE's embedded first stage: from here on iPXE runs only verified images. It
- * fetches the boot directory's script that DHCP names, verifies it, and chains it.
+ * Every refusal of nix/first-stage.ipxe ends in one such line, which names the URL and so may
+ * be wider than the 80 columns at which the serial console wraps it.
  */
-const FIRST_STAGE = `#!ipxe
-dhcp || goto refused
-set cmdline hostname=runner-\${mac:hexhyp}
-imgtrust --permanent || goto refused
-imgfetch --name ${SCRIPT} \${filename} || goto refused
-imgverify ${SCRIPT} \${filename}.sig || goto refused
-chain ${SCRIPT} || goto refused
-:refused
-echo Boot refused: nothing was booted
-`;
-const FIRST_STAGE_REFUSED = /Boot refused: nothing was booted\n/;
+const FIRST_STAGE_REFUSED = /release-boot first stage: [\s\S]*?: not booting\n/;
 const PERMISSION_DENIED = /Could not verify: Permission denied/;
 
-/**
- * The boot directory's netboot.ipxe with each image verified right after it is loaded: the
- * kernel and every initrd (imgtrust covers only what is executed, and an initrd never is).
- */
-function verifyingScript(script: string): string {
-  const lines = script.trimEnd().split("\n").flatMap((line) => {
-    const [command, image] = line.trim().split(/\s+/);
-    if (command !== "kernel" && command !== "initrd") return [line];
-    return [
-      `set checking ${image}`,
-      `${line} || goto refused`,
-      `imgverify ${image} ${image}.sig || goto refused`,
-    ];
-  });
-  return [
-    ...lines,
-    ":refused",
-    "echo Not booting: ${checking} failed to load or verify",
-    "exit 1",
-    "",
-  ].join("\n");
-}
-
-function sha256Hex(bytes: Uint8Array): string {
-  return createHash("sha256").update(bytes).digest("hex");
-}
-
-/** `<name>.sig` beside each boot file, made from the file's digest alone. */
-async function signFiles(dir: string, signer: Issued, ca: Issued): Promise<void> {
-  const identity = checkSigningIdentity(signer.key, signer.cert + ca.cert, new Date());
-  for (const name of [KERNEL, INITRD, SCRIPT]) {
-    const bytes = await fs.readFile(path.join(dir, name));
-    await fs.writeFile(path.join(dir, `${name}.sig`), signDigest(identity, sha256Hex(bytes)));
-  }
+/** A console line with `text`, also where the console wrapped it at 80 columns. */
+function wrapped(text: string): RegExp {
+  return new RegExp(
+    [...text].map((char) => char.replace(/[.*+?^${}()|[\]\\/]/g, "\\$&")).join("\n?"),
+  );
 }
 
 /** Flips the last byte: same size, other content. */
@@ -178,18 +142,25 @@ bootTest(
         return { lkrn: image.lkrn };
       });
     const unsignedIpxe = built("iPXE, no embedded script", buildIpxe());
+    // The flake's trusted iPXE, built from source: nix/first-stage.ipxe filled in as
+    // nix/boot-server.nix fills it from site.nix, and the test's CA as TRUST=.
+    const firstStage = await renderFirstStage({
+      scriptUrl: SCRIPT_URL,
+      kernelArguments: DEFAULT_KERNEL_ARGUMENTS,
+    });
     const trustedIpxe = built(
       "iPXE, first stage and the test CA",
-      buildIpxe({ embed: FIRST_STAGE, trust: ca.certFile }),
+      buildIpxe({ embed: firstStage, trust: ca.certFile }),
     );
     const builds = Promise.all([unsignedIpxe, trustedIpxe]);
     builds.catch(() => {});
     try {
       const keys = await sshKeys(scene);
+      const fixture = await bootFixture(path.join(scene, "flake"));
       const published = await w.publish(
         ["--targets", "netboot"],
         { RELEASE_BOOT_SIGNING_KEY: keys.key },
-        await bootFixture(path.join(scene, "flake")),
+        fixture,
       );
       assert.equal(published.code, 0, published.stderr);
       const srv = path.join(scene, "srv");
@@ -206,48 +177,72 @@ bootTest(
       servers.push(server);
       timings.push(`publish and fetch: ${seconds(started)}`);
 
-      // The signed boot directories: the fetched images and a verifying script, each signed
-      // from its digest, then one thing changed per directory as an attacker would.
-      const current = await fs.realpath(path.join(srv, "netboot", "current"));
-      const fetchedScript = await fs.readFile(path.join(current, SCRIPT), "utf8");
+      // Releases signed for iPXE by release-boot, each fetched with --trust into a boot
+      // directory of its own, served by a boot server of its own at the URL the first stage
+      // names; in some, one file is then changed on the boot server, as an attacker would.
       const other = await makeCa(pki, "Someone else's CA");
-      const signers = {
-        rsa: await makeCodeSigning(pki, "Runner boot signing", ca),
-        ecdsa: await makeCodeSigning(pki, "Runner boot signing P-256", ca, { key: "p256" }),
-        other: await makeCodeSigning(pki, "Someone else's signing", other),
+      const signings = [
+        { tag: "boot-v1.1.0", issuer: ca, name: "Runner boot signing" },
+        { tag: "boot-v1.2.0", issuer: ca, name: "Runner boot signing P-256", key: "p256" as const },
+        { tag: "boot-v1.3.0", issuer: other, name: "Someone else's signing" },
+      ];
+      for (const { tag, issuer, name, key } of signings) {
+        const signer = await makeCodeSigning(pki, name, issuer, { key });
+        // The certificate file release-boot takes: the signer first, then the chain's root.
+        const chain = path.join(pki, `${tag}.crt`);
+        await fs.writeFile(chain, signer.cert + issuer.cert);
+        const signed = await w.publish(
+          [
+            ...["--targets", "netboot", "--tag", tag],
+            ...["--ipxe-signing-key", signer.keyFile, "--ipxe-signing-cert", chain],
+          ],
+          { RELEASE_BOOT_SIGNING_KEY: keys.key },
+          fixture,
+        );
+        assert.equal(signed.code, 0, signed.stderr);
+      }
+      const bootDirs = path.join(scene, "boot-servers");
+      const bootDir = async (name: string, tag: string) => {
+        const out = path.join(bootDirs, name, "netboot");
+        const run = await w.fetch(out, ["--tag", tag, "--trust", keys.allowedSigners]);
+        assert.equal(run.code, 0, run.stderr);
+        return path.join(out, "current");
       };
-      const signed = path.join(scene, "signed");
-      const layout = async (name: string, signer?: Issued, issuer = ca) => {
-        const dir = path.join(signed, name);
-        await fs.mkdir(dir, { recursive: true });
-        await fs.copyFile(path.join(current, KERNEL), path.join(dir, KERNEL));
-        await fs.copyFile(path.join(current, INITRD), path.join(dir, INITRD));
-        await fs.writeFile(path.join(dir, SCRIPT), verifyingScript(fetchedScript));
-        if (signer) await signFiles(dir, signer, issuer);
-        return dir;
-      };
-      await layout("rsa", signers.rsa);
-      await layout("ecdsa", signers.ecdsa);
-      await corrupt(path.join(await layout("kernel-changed", signers.rsa), KERNEL));
-      await corrupt(path.join(await layout("initrd-changed", signers.rsa), INITRD));
-      const script = path.join(await layout("script-changed", signers.rsa), SCRIPT);
+      await bootDir("rsa", "boot-v1.1.0");
+      await bootDir("ecdsa", "boot-v1.2.0");
+      await corrupt(path.join(await bootDir("kernel-changed", "boot-v1.1.0"), KERNEL));
+      await corrupt(path.join(await bootDir("initrd-changed", "boot-v1.1.0"), INITRD));
+      const script = path.join(await bootDir("script-changed", "boot-v1.1.0"), SCRIPT);
       const text = await fs.readFile(script, "utf8");
+      assert.match(text, /loglevel=4/);
       await fs.writeFile(script, text.replace("loglevel=4", "loglevel=4 init=/bin/sh"));
-      await layout("other-ca", signers.other, other);
-      await layout("unsigned");
-      const signedServer = await serveDirectory(signed);
-      servers.push(signedServer);
+      await bootDir("other-ca", "boot-v1.3.0");
+      await bootDir("unsigned", TAG);
+      const bootServers = new Map<string, StaticServer>();
+      for (const name of await fs.readdir(bootDirs)) {
+        const served = await serveDirectory(path.join(bootDirs, name));
+        servers.push(served);
+        bootServers.set(name, served);
+      }
+      timings.push(`publish and fetch the signed releases: ${seconds(started)}`);
 
       const debianRom = () => Promise.resolve("debian-rom" as const);
       const trusted = (name: string, dir: string) => ({
         name: `trusted iPXE, ${name}`,
         firmware: () => trustedIpxe,
         banner: /iPXE 2\.0\.0\+/,
-        server: signedServer,
-        bootfile: `/${dir}/${SCRIPT}`,
+        server: bootServers.get(dir)!,
+        // The first stage ignores DHCP's file name: it fetches SCRIPT_URL, built in.
+        bootfile: new URL(SCRIPT_URL).pathname,
       });
+      const notVerified = wrapped(
+        `release-boot first stage: ${SCRIPT_URL} does not verify against ${SCRIPT_URL}.sig`,
+      );
       const notBooting = (image: string) =>
         new RegExp(`Not booting: ${image} failed to load or verify`);
+      const returned = wrapped(
+        `release-boot first stage: netboot.ipxe from ${SCRIPT_URL} returned without booting`,
+      );
       // Debian's ROM runs first, while iPXE is still being built.
       const boots: Boot[] = [
         {
@@ -269,30 +264,31 @@ bootTest(
         { ...trusted("signed with RSA", "rsa"), expect: "boots", verified: true },
         { ...trusted("signed with ECDSA P-256", "ecdsa"), expect: "boots", verified: true },
         {
-          ...trusted("kernel changed after signing", "kernel-changed"),
+          ...trusted("kernel changed on the boot server", "kernel-changed"),
           expect: "refused at an image",
-          says: [PERMISSION_DENIED, notBooting(KERNEL)],
+          says: [PERMISSION_DENIED, notBooting(KERNEL), returned],
         },
         {
-          ...trusted("initrd changed after signing", "initrd-changed"),
+          ...trusted("initrd changed on the boot server", "initrd-changed"),
           expect: "refused at an image",
-          says: [PERMISSION_DENIED, notBooting(INITRD)],
+          says: [PERMISSION_DENIED, notBooting(INITRD), returned],
         },
         {
-          ...trusted("script changed after signing", "script-changed"),
+          ...trusted("script changed on the boot server", "script-changed"),
           expect: "refused at the script",
-          says: [PERMISSION_DENIED],
+          says: [PERMISSION_DENIED, notVerified],
         },
         {
           ...trusted("signed under another CA", "other-ca"),
           expect: "refused at the script",
-          // No trusted root in the chain, and no cross-signed certificates to look for.
-          says: [/Could not verify: Invalid argument/],
+          // No trusted root in the chain, and (CROSSCERT "") no cross-signed certificates to
+          // look for.
+          says: [/Could not verify: Invalid argument/, notVerified],
         },
         {
           ...trusted("not signed", "unsigned"),
           expect: "refused at the script",
-          says: [/netboot\.ipxe\.sig\.\.\. Not found/],
+          says: [/netboot\.ipxe\.sig\.\.\. Not found/, notVerified],
         },
       ];
       // One QEMU keeps one core busy; two run at once on the two cores.

@@ -13,6 +13,7 @@ import * as path from "node:path";
 import { $, YAML } from "zx";
 import { NIX_FLAGS, nixTest } from "./nix_helpers.ts";
 import { repoRoot, runRelease, STAGED_NETBOOT_ISO } from "./run_helpers.ts";
+import { DEFAULT_KERNEL_ARGUMENTS, ipxeLocalConfig, renderFirstStage } from "./boot/first_stage.ts";
 
 const STAND_IN = `path:${path.join(repoRoot, "test", "stand-in-nixpkgs")}`;
 /** Every input replaced by the stand-in, so nix never fetches nixpkgs or writes a lock. */
@@ -745,16 +746,22 @@ interface IpxeBuild {
   target: string;
   makeFlags: string[];
   trustedRoots: string[];
+  /** The files postPatch left in src/config/local/, by name. */
+  localConfig: Record<string, string>;
   embedded: string;
 }
 
 function readIpxeBuild(text: string): IpxeBuild {
   const [head, embedded] = text.split("\nembedded script:\n");
-  const [first, make, ...roots] = head.split("\n");
+  const [build, ...configs] = head.split(/\nlocal config (\S+):\n/);
+  const [first, make, ...roots] = build.split("\n");
+  const localConfig: Record<string, string> = {};
+  for (let at = 0; at < configs.length; at += 2) localConfig[configs[at]] = `${configs[at + 1]}\n`;
   return {
     target: first.replace(/^stand-in iPXE /, ""),
     makeFlags: make.split(" ").slice(1, -1),
     trustedRoots: roots.map((line) => line.replace(/^trusted root: /, "")),
+    localConfig,
     embedded: embedded ?? "",
   };
 }
@@ -888,6 +895,20 @@ nixTest(
         assert.equal(await fs.readFile(firstStage, "utf8"), build.embedded);
         assert.match(build.embedded, /^#!ipxe\n/);
         assert.doesNotMatch(build.embedded, /@\w+@/, "every placeholder is filled in");
+        // The boot test builds iPXE from source with the same first stage and local config.
+        assert.equal(
+          build.embedded,
+          await renderFirstStage({
+            scriptUrl: BOOT_URL,
+            kernelArguments: DEFAULT_KERNEL_ARGUMENTS,
+          }),
+        );
+        assert.deepEqual(build.localConfig, await ipxeLocalConfig());
+        assert.match(
+          build.localConfig["crypto.h"] ?? "",
+          /^#undef CROSSCERT\n#define CROSSCERT ""\n/m,
+          "iPXE never asks http://ca.ipxe.org/auto for certificates",
+        );
       }
     }, { site: signedSite(), files: { "ca.crt": ca.pem } });
   },

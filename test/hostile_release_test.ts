@@ -15,9 +15,9 @@ import {
   TAG,
   TOKEN,
   verifyAgainstSums,
-  withWorld,
+  withWorldInProcess,
   type World,
-  world,
+  worldInProcess,
 } from "./forgejo_world.ts";
 import {
   api,
@@ -32,7 +32,7 @@ import {
 } from "./boot_dir_helpers.ts";
 import { publishFromGit } from "./git_fixture.ts";
 import { nixTest } from "./nix_helpers.ts";
-import { baseEnv, parseStepOutputs, runRelease, sha256sumCheck } from "./run_helpers.ts";
+import { baseEnv, parseStepOutputs, runMain, runRelease, sha256sumCheck } from "./run_helpers.ts";
 import { type Keys, makeKeys, sshSign } from "./signing_helpers.ts";
 
 const INITRD = "netboot-x86_64-linux.initrd";
@@ -52,7 +52,7 @@ function lines(text: string): string[] {
 async function signedScene(
   test: (w: World, keys: Keys, out: string) => Promise<void>,
 ): Promise<void> {
-  const w = await world();
+  const w = await worldInProcess();
   const keys = await makeKeys();
   const out = path.join(keys.dir, "pxe");
   try {
@@ -262,7 +262,7 @@ Deno.test("a release larger than the free space under DIR is refused before anyt
 nixTest(
   "verify without --flake refuses a repository html_url off --server instead of building it",
   () =>
-    withWorld(async (w) => {
+    withWorldInProcess(async (w) => {
       const checkout = await publishFromGit(w, "netboot", `html-url-${crypto.randomUUID()}`);
       try {
         w.forgejo.addFault({
@@ -277,7 +277,7 @@ nixTest(
             }),
           },
         });
-        const run = await runRelease(
+        const run = await runMain(
           ["verify", "--server", w.forgejo.url, "--repo", "ops/runners", "--tag", TAG],
           { cwd: w.work.dir, env: baseEnv(FAST) },
         );
@@ -395,7 +395,8 @@ Deno.test("a release's script that loads anything but the release's own files, o
 Deno.test("a mirror's subdomains and other ports are the mirror: publishing there is refused before any request", async (t) => {
   for (const server of ["https://codeberg.org:8443", "https://www.codeberg.org"]) {
     await t.step(server, async () => {
-      // Only loopback is reachable: a request to the mirror fails at once, never leaves.
+      // Only loopback is reachable (a child process's permission): a request to the mirror
+      // fails at once, never leaves.
       const run = await runRelease(
         ["--server", server, "--repo", "ops/runners", "--commit", COMMIT, "--targets", "netboot"],
         { env: baseEnv({ FORGEJO_TOKEN: TOKEN }), allowNet: "127.0.0.1" },
@@ -429,7 +430,7 @@ Deno.test("a --mirrors entry without a scheme is the mirror: fetch sends it no t
   scene(async (w, out) => {
     await releaseByHand(w, "boot-v1", netboot("boot-v1"));
     const mark = w.forgejo.requests.length;
-    const run = await runRelease(
+    const run = await runMain(
       [
         ...["fetch", "--server", w.forgejo.url.replace("127.0.0.1", "localhost")],
         ...["--repo", "ops/runners", "--out", out, "--tag", "boot-v1", "--mirrors", "localhost"],
@@ -453,7 +454,7 @@ Deno.test("a --mirrors entry without a scheme is the mirror: fetch sends it no t
 nixTest(
   "a newline in the server's html_url cannot add a step output",
   () =>
-    withWorld(async (w) => {
+    withWorldInProcess(async (w) => {
       const file = path.join(w.work.dir, "github-output");
       const injected = "\ninjected=by the server";
       w.forgejo.addFault({
@@ -485,7 +486,7 @@ nixTest(
 nixTest(
   "the server's html_url cannot add a link or HTML of its own to the step summary",
   () =>
-    withWorld(async (w) => {
+    withWorldInProcess(async (w) => {
       const file = path.join(w.work.dir, "step-summary.md");
       const injected = ") [sign in again](https://evil.example.org/login) <img src=x>";
       w.forgejo.addFault({
@@ -574,7 +575,7 @@ Deno.test("prune reads each release again before deleting it, and skips one that
         },
       },
     });
-    const run = await runRelease(
+    const run = await runMain(
       [
         ...["prune", "--server", forgejo.url, "--repo", "ops/runners", "--timeout", "3"],
         ...["--keep", "1", "--stale-drafts", "7"],
@@ -620,7 +621,7 @@ async function storedCopies(w: World): Promise<Record<string, string[]>> {
 nixTest(
   "a --replace that cannot finish deletes the copies it added: the release holds exactly its previous files",
   () =>
-    withWorld(async (w) => {
+    withWorldInProcess(async (w) => {
       assert.equal((await w.publish(["--targets", "netboot"])).code, 0);
       const before = await storedCopies(w);
       // New bytes for kernel and initrd; their two uploads land, every later upload gets 500.
@@ -768,7 +769,7 @@ Deno.test("an asset's download address or uuid that is not one is a one-line fai
   }));
 
 Deno.test("a repository page that is empty or relative is a one-line failure of publish, before building", (t) =>
-  withWorld(async (w) => {
+  withWorldInProcess(async (w) => {
     for (const html_url of ["", "ops/runners"]) {
       await t.step(JSON.stringify(html_url), async () => {
         w.forgejo.addFault({

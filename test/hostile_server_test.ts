@@ -7,7 +7,7 @@ import * as fs from "node:fs/promises";
 import * as os from "node:os";
 import * as path from "node:path";
 import { nixTest } from "./nix_helpers.ts";
-import { baseEnv, exists, runRelease } from "./run_helpers.ts";
+import { baseEnv, exists, runMain, runRelease } from "./run_helpers.ts";
 import { assertOneLineFailure } from "./boot_dir_helpers.ts";
 import {
   assertNoToken,
@@ -18,6 +18,7 @@ import {
   uploadBehindItsBack,
   uploadsOf,
   withWorld,
+  withWorldInProcess,
   type World,
 } from "./forgejo_world.ts";
 
@@ -36,7 +37,7 @@ async function apiPost(w: World, route: string, body: unknown): Promise<unknown>
 
 /** A local stage of the fixture's netboot target into `out`: no server, no token. */
 function stageInto(out: string) {
-  return runRelease([
+  return runMain([
     ...["--flake", "path:./test/fixture", "--targets", "netboot"],
     ...["--commit", OTHER_SHA, "--out", out],
   ]);
@@ -60,7 +61,7 @@ async function everySumHasItsBytes(w: World): Promise<void> {
 nixTest(
   "a draft that names a branch is pinned to the built commit before it is published",
   async () => {
-    await withWorld(async (w) => {
+    await withWorldInProcess(async (w) => {
       // Someone made the draft by hand on the branch; the branch then moved on.
       await apiPost(w, "/releases", { tag_name: TAG, target_commitish: "main", draft: true });
       w.forgejo.setDefaultBranchHead(OTHER_SHA);
@@ -81,7 +82,7 @@ nixTest(
         for (let n = 0; n < 50; n++) {
           await apiPost(w, "/releases", { tag_name: `other-${n}`, draft: true });
         }
-        // Paging forever would never end on its own: stop it after a minute.
+        // Paging forever would never end on its own: stop it (a child process) after a minute.
         const run = await w.publish(
           ["--targets", "netboot"],
           {},
@@ -162,7 +163,7 @@ nixTest("a stage removes what an interrupted stage left beside --out", async () 
 nixTest(
   "--replace on a published release keeps every listed copy until the new index is in",
   async () => {
-    await withWorld(async (w) => {
+    await withWorldInProcess(async (w) => {
       assert.equal((await w.publish(["--targets", "netboot"])).code, 0);
       // Other bytes for the same names; writing the new SHA256SUMS fails every time.
       await fs.writeFile(path.join(w.fixture.dir, "salt.nix"), '"two"\n');
@@ -232,7 +233,7 @@ nixTest(
 );
 
 nixTest("a gigantic API answer is refused in one line instead of being held", async () => {
-  await withWorld(async (w) => {
+  await withWorldInProcess(async (w) => {
     w.forgejo.addFault({
       method: "GET",
       path: /\/repos\/ops\/runners$/,
@@ -246,7 +247,7 @@ nixTest("a gigantic API answer is refused in one line instead of being held", as
 });
 
 nixTest("an index file larger than any real one is refused, not downloaded", async () => {
-  await withWorld(async (w) => {
+  await withWorldInProcess(async (w) => {
     await apiPost(w, "/releases", { tag_name: TAG, target_commitish: "", draft: true });
     await uploadBehindItsBack(w, "SHA256SUMS", "x".repeat(2 << 20));
     const run = await w.publish(["--targets", "netboot"]);
@@ -258,7 +259,7 @@ nixTest("an index file larger than any real one is refused, not downloaded", asy
 });
 
 nixTest("a release holding dozens of index copies is refused, not read", async () => {
-  await withWorld(async (w) => {
+  await withWorldInProcess(async (w) => {
     await apiPost(w, "/releases", { tag_name: TAG, target_commitish: "", draft: true });
     for (let n = 0; n < 25; n++) await uploadBehindItsBack(w, "SHA256SUMS", `copy ${n}\n`);
     const run = await w.publish(["--targets", "netboot"]);
@@ -270,7 +271,7 @@ nixTest("a release holding dozens of index copies is refused, not read", async (
 });
 
 nixTest("a server that trickles its answer hits the request's overall deadline", async () => {
-  await withWorld(async (w) => {
+  await withWorldInProcess(async (w) => {
     w.forgejo.addFault({ method: "GET", path: "/version", fault: { kind: "trickle" } });
     const started = Date.now();
     const run = await w.publish(["--targets", "netboot", "--timeout", "1"]);
@@ -281,7 +282,7 @@ nixTest("a server that trickles its answer hits the request's overall deadline",
 });
 
 nixTest("an upload stored before the connection dropped is kept, not sent again", async () => {
-  await withWorld(async (w) => {
+  await withWorldInProcess(async (w) => {
     const name = "netboot-x86_64-linux.initrd";
     w.forgejo.addFault({
       method: "POST",
@@ -318,7 +319,7 @@ nixTest("the token never reaches nix or git, and an echoed token is redacted", a
     }).output();
     const key = await fs.readFile(`${stubs}/key`, "utf8");
     const keyBody = key.split("\n")[1];
-    await withWorld(async (w) => {
+    await withWorldInProcess(async (w) => {
       // A server (or proxy) that quotes the credential back in its error.
       w.forgejo.addFault({
         method: "POST",
@@ -348,7 +349,7 @@ nixTest("the token never reaches nix or git, and an echoed token is redacted", a
 nixTest(
   "a redirect to another origin, even the same host spelled otherwise, loses the token",
   async () => {
-    await withWorld(async (w) => {
+    await withWorldInProcess(async (w) => {
       const other = w.forgejo.url.replace("127.0.0.1", "localhost");
       w.forgejo.addFault({
         method: "GET",
@@ -398,7 +399,7 @@ Deno.test("bad repository names, tokens and mirror spellings are refused before 
   ];
   for (const c of cases) {
     await t.step(c.name, async () => {
-      const run = await runRelease(
+      const run = await runMain(
         ["--commit", OTHER_SHA, ...c.args],
         { env: baseEnv({ FORGEJO_TOKEN: TOKEN, ...c.env }) },
       );
@@ -427,9 +428,9 @@ Deno.test("a CI repository or run id that would change the run's URL is a usage 
   ];
   for (const [name, env, line] of cases) {
     await t.step(name, async () => {
-      const run = await runRelease(
+      const run = await runMain(
         ["--commit", OTHER_SHA, "--server", "http://127.0.0.1:9", "--repo", "ops/runners"],
-        { env: baseEnv({ FORGEJO_TOKEN: TOKEN, ...env }), allowNet: "127.0.0.1" },
+        { env: baseEnv({ FORGEJO_TOKEN: TOKEN, ...env }) },
       );
       assert.equal(run.code, 2, run.stderr);
       assert.deepEqual(run.stderr.trim().split("\n"), [line]);
@@ -476,7 +477,7 @@ Deno.test("a FIFO or a link to /dev/zero as a key, a trust file or a stage's SHA
       ];
       for (const [what, args, line] of cases) {
         await t.step(`${name} as ${what}`, async () => {
-          // A blocked open or an endless read would run until this aborts it.
+          // A child process: a blocked open or an endless read runs until this aborts it.
           const run = await runRelease(args, { signal: AbortSignal.timeout(30_000) });
           assert.equal(run.code, 2, run.stderr);
           assert.deepEqual(run.stderr.trim().split("\n"), [line]);

@@ -33,7 +33,7 @@ import {
   sha256,
   TAG,
   verifyAgainstSums,
-  withWorld,
+  withWorldInProcess,
   type World,
 } from "./forgejo_world.ts";
 import { nixTest } from "./nix_helpers.ts";
@@ -50,7 +50,7 @@ import {
   makeWorkdir,
   type Run,
   runCommand,
-  runRelease,
+  runMain,
   sha256sumCheck,
 } from "./run_helpers.ts";
 
@@ -220,7 +220,7 @@ nixTest(
       const work = await makeWorkdir();
       try {
         const stage = (out: string, args: string[] = []) =>
-          runRelease(
+          runMain(
             ["--flake", `path:${fixtureDir}`, "--targets", "netboot,iso", "--out", out, ...args],
             { cwd: work.dir },
           );
@@ -286,7 +286,7 @@ nixTest(
   "a release published in CI with a key carries a signed envelope naming the workflow; @sigstore/verify accepts it and its subjects are SHA256SUMS",
   () =>
     withKeys((dir, key) =>
-      withWorld(async (w) => {
+      withWorldInProcess(async (w) => {
         const ci = {
           GITHUB_SERVER_URL: "https://git.example.org/",
           GITHUB_REPOSITORY: "ops/runners",
@@ -342,7 +342,7 @@ nixTest(
   "a --draft … --finalize release attests every job's images; finalize with the key replaces the jobs' unsigned statement with an envelope",
   () =>
     withKeys((dir, key) =>
-      withWorld(async (w) => {
+      withWorldInProcess(async (w) => {
         for (const target of ["netboot", "iso"]) {
           const job = await w.publish(["--targets", target, "--draft"]);
           assert.equal(job.code, 0, job.stderr);
@@ -431,7 +431,7 @@ nixTest(
   "fetch --trust and verify --trust refuse a changed envelope, a subject SHA256SUMS does not list, and an envelope by a key not trusted",
   () =>
     withKeys((dir, key, stranger) =>
-      withWorld(async (w) => {
+      withWorldInProcess(async (w) => {
         const published = await w.publish(["--targets", "netboot"], {
           RELEASE_BOOT_SIGNING_KEY: key.keyText,
         });
@@ -441,7 +441,7 @@ nixTest(
         const out = path.join(dir, "pxe");
         const fetchTrusting = () => w.fetch(out, ["--tag", TAG, "--trust", trust]);
         const verifyTrusting = () =>
-          runRelease(
+          runMain(
             [
               "verify",
               "--server",

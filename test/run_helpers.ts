@@ -1,8 +1,12 @@
-/** Runs release-boot as operators do: a child process with its own flags and environment. */
+/**
+ * Runs release-boot as operators do (a child process with its own flags and environment), or
+ * its main in this process with the same answer, for tests that check what main decides.
+ */
 import assert from "node:assert/strict";
 import * as fs from "node:fs/promises";
 import * as os from "node:os";
 import * as path from "node:path";
+import { main } from "../scripts/release-boot.ts";
 import { type Io, type Run as RunContext, startRun } from "../scripts/lib/run.ts";
 
 export const repoRoot = path.resolve(import.meta.dirname!, "..");
@@ -64,17 +68,21 @@ export function startTestRun(env: Record<string, string | undefined> = baseEnv()
   return startRun(env, memoryIo());
 }
 
-interface RunOptions {
+export interface RunOptions {
   env?: Record<string, string>;
   cwd?: string;
+  /** Stops the child process (runRelease only: an in-process main cannot be killed). */
   signal?: AbortSignal;
   /**
    * Limits the network to these hosts (as --allow-net takes them): a request anywhere else
    * fails at once, before any name is looked up, so a test may run code that would leave
-   * the machine.
+   * the machine. runRelease only: permissions belong to a process.
    */
   allowNet?: string;
 }
+
+/** runRelease or runMain: a test says which by naming one. */
+export type Runner = (args: string[], options?: RunOptions) => Promise<Run>;
 
 /** The permissions of the script's shebang, the network limited to `hosts` when given. */
 function permissions(hosts: string | undefined): string[] {
@@ -102,6 +110,21 @@ export async function runRelease(args: string[], options: RunOptions = {}): Prom
     stdout: decoder.decode(output.stdout),
     stderr: decoder.decode(output.stderr),
   };
+}
+
+/**
+ * Runs release-boot's main in this process, its output kept: the same answer as runRelease
+ * without a process start-up. For what main decides (usage errors, how it talks to Forgejo);
+ * what only a real process shows (signals, a terminal, its exit) needs runRelease.
+ */
+export async function runMain(args: string[], options: RunOptions = {}): Promise<Run> {
+  if (options.signal) throw new Error("an in-process run cannot be signalled: use runRelease");
+  if (options.allowNet !== undefined) {
+    throw new Error("an in-process run has the test's permissions: use runRelease");
+  }
+  const io = memoryIo();
+  const code = await main(args, options.env ?? baseEnv(), io, options.cwd ?? repoRoot);
+  return { code, stdout: io.out, stderr: io.err };
 }
 
 /** Runs a program with optional standard input and collects its output, as a shell would. */

@@ -1,15 +1,15 @@
 /**
- * `release-boot verify` and `release-boot prune` as operators run them: the real script as a
- * child process against the Forgejo emulator (and, for verify, real nix rebuilds).
+ * `release-boot verify` and `release-boot prune` from the command line: release-boot's main,
+ * run in this process, against the Forgejo emulator (and, for verify, real nix rebuilds).
  */
 import assert from "node:assert/strict";
 import * as fs from "node:fs/promises";
 import * as path from "node:path";
 import { parseSigningKey, signSums } from "../scripts/lib/sshsig.ts";
 import { type Emulator, startForgejo } from "./forgejo/emulator.ts";
-import { TAG, TOKEN, withWorld, type World } from "./forgejo_world.ts";
+import { TAG, TOKEN, withWorldInProcess, type World } from "./forgejo_world.ts";
 import { nixTest } from "./nix_helpers.ts";
-import { baseEnv, type Run, runRelease } from "./run_helpers.ts";
+import { baseEnv, type Run, runMain } from "./run_helpers.ts";
 import { git, publishFromGit } from "./git_fixture.ts";
 
 const DAY_MS = 24 * 60 * 60 * 1000;
@@ -64,7 +64,7 @@ Deno.test("verify and prune refuse bad flags with one line and exit 2, before an
     ],
   ];
   for (const [args, message] of cases) {
-    const run = await runRelease(args);
+    const run = await runMain(args);
     assert.equal(run.code, 2, `${args.join(" ")}: ${run.stderr}`);
     assert.equal(lines(run.stderr).length, 1, run.stderr);
     assert.match(run.stderr.trim(), message);
@@ -165,7 +165,7 @@ function holdings(forgejo: Emulator) {
 }
 
 async function prune(forgejo: Emulator, args: string[], env = {}): Promise<Run> {
-  return await runRelease(
+  return await runMain(
     ["prune", "--server", forgejo.url, "--repo", "ops/runners", "--timeout", "3", ...args],
     { env: baseEnv({ FORGEJO_TOKEN: TOKEN, ...FAST, ...env }) },
   );
@@ -263,7 +263,7 @@ Deno.test("a prune that fails half-way leaves the rest whole, and a rerun ends i
 Deno.test("prune needs a token and never runs against a mirror", async () => {
   const forgejo = await historyServer();
   try {
-    const anonymous = await runRelease(
+    const anonymous = await runMain(
       ["prune", "--server", forgejo.url, "--repo", "ops/runners"],
       { env: baseEnv() },
     );
@@ -289,7 +289,7 @@ Deno.test("verify refuses a release it cannot check in one line, before building
   try {
     forgejo.addCommit(COMMIT);
     const run = (tag: string) =>
-      runRelease(
+      runMain(
         [
           "verify",
           "--server",
@@ -324,7 +324,7 @@ Deno.test("verify refuses a release it cannot check in one line, before building
 });
 
 async function verify(w: World, args: string[], env: Record<string, string> = {}): Promise<Run> {
-  return await runRelease(
+  return await runMain(
     ["verify", "--server", w.forgejo.url, "--repo", "ops/runners", "--timeout", "3", ...args],
     { cwd: w.work.dir, env: baseEnv({ ...FAST, ...env }) },
   );
@@ -333,7 +333,7 @@ async function verify(w: World, args: string[], env: Record<string, string> = {}
 nixTest(
   "verify rebuilds a release from its commit: every file identical, exit 0, JSON and step summary",
   () =>
-    withWorld(async (w) => {
+    withWorldInProcess(async (w) => {
       const checkout = await publishFromGit(w, "netboot", `verify-${crypto.randomUUID()}`);
       try {
         const summary = path.join(checkout.dir, "summary.md");
@@ -393,7 +393,7 @@ nixTest(
 nixTest(
   "verify reports a file that does not rebuild the same with both sums and exits 1",
   () =>
-    withWorld(async (w) => {
+    withWorldInProcess(async (w) => {
       const checkout = await publishFromGit(w, "unstable", `unstable-${crypto.randomUUID()}`);
       try {
         const run = await verify(w, ["--tag", TAG, "--flake", checkout.pinned]);
@@ -427,7 +427,7 @@ nixTest(
 nixTest(
   "verify --trust requires SHA256SUMS.sig by a trusted key, and never sends the token to a mirror",
   () =>
-    withWorld(async (w) => {
+    withWorldInProcess(async (w) => {
       const checkout = await publishFromGit(w, "netboot", `signed-${crypto.randomUUID()}`);
       try {
         const keyFile = path.join(checkout.dir, "release-key");

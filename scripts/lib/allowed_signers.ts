@@ -25,11 +25,11 @@ const ALLOWED_SIGNERS_OPTIONS = "cert-authority, namespaces=, valid-after=, vali
  */
 export async function readTrust(
   file: string,
-  run: Pick<Run, "log">,
+  run: Pick<Run, "log" | "resolve">,
   namespace = "file",
 ): Promise<TrustedKey[]> {
   const source = `--trust ${file}`;
-  const { text, mode } = await readSmallText(file, source);
+  const { text, mode } = await readSmallText(run.resolve(file), source);
   if (mode & 0o022) {
     run.log(
       `warning: ${source} can be written by other users (mode ${

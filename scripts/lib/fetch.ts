@@ -37,12 +37,14 @@ import {
   bootFilesByName,
   bootFilesOfScript,
   type BootSet,
+  checkSignedScript,
   LOCAL_SCRIPT,
   serveFromDirectory,
+  signedScriptName,
 } from "./ipxe.ts";
 
 export async function fetchForBoot(run: Run, options: FetchOptions, env: Env): Promise<void> {
-  const out = path.resolve(options.out);
+  const out = run.resolve(options.out);
   if (options.rollback) {
     if (!(await lstatOrUndefined(out))) throw new ReleaseError(`there is no ${out} to roll back`);
     return await withBootLock(run, out, () => rollBack(run, out));
@@ -131,7 +133,9 @@ async function verifiedText(
 
 /**
  * The assets of the chosen targets from manifest.json, each as SHA256SUMS lists it, and each
- * built script as the boot directory serves it (read with `readScript`).
+ * built script as the boot directory serves it (read with `readScript`). A release signed for
+ * iPXE carries that script itself, signed: it is served unchanged, with its signature and
+ * those of the files it loads beside it.
  */
 async function bootFilesOf(
   manifest: Pick<Manifest, "assets">,
@@ -141,30 +145,60 @@ async function bootFilesOf(
   tag: string,
   readScript: (name: string) => Promise<string>,
 ): Promise<BootSet> {
-  const assets = assetsOfTargets(manifest, targets, system, tag);
-  const files = assets.map((asset) => {
-    const sha256 = sums.get(asset.name);
+  const chosen = assetsOfTargets(manifest, targets, system, tag);
+  const built = chosen.filter((a) => a.name.endsWith(".built.ipxe"));
+  const signed = built.some((script) => sums.has(signedScriptName(script.name)));
+  // Signatures and signed scripts are laid out below, whether manifest.json lists them or not.
+  const assets = signed
+    ? chosen.filter((a) =>
+      !a.name.endsWith(".dir.ipxe") && !(a.name.endsWith(".sig") && sums.has(a.name.slice(0, -4)))
+    )
+    : chosen;
+  const listed = (name: string) => {
+    const sha256 = sums.get(name);
     if (!sha256) {
       throw new ReleaseError(
-        `${asset.name} is not listed in ${tag}'s ${SUMS_NAME}: the release is inconsistent, refusing to trust it`,
+        `${name} is not listed in ${tag}'s ${SUMS_NAME}: the release is inconsistent, refusing to trust it`,
       );
     }
-    return { name: asset.name, sha256 };
-  });
-  const built = assets.filter((a) => a.name.endsWith(".built.ipxe"));
+    return { name, sha256 };
+  };
+  // The signatures are small and come first: one that does not match is found before any image
+  // is downloaded.
+  const signatures = signed
+    ? assets.filter((a) => sums.has(`${a.name}.sig`)).map((a) => listed(`${a.name}.sig`))
+    : [];
+  const files: BootFile[] = [...signatures, ...assets.map((asset) => listed(asset.name))];
   const scripts = [];
   for (const script of built) {
+    const local = built.length === 1
+      ? LOCAL_SCRIPT
+      : script.name.replace(/\.built\.ipxe$/, ".local.ipxe");
+    const siblings = assets.filter((a) =>
+      a.target === script.target && a.system === script.system && !a.name.endsWith(".ipxe")
+    );
+    const signedScript = signedScriptName(script.name);
+    if (sums.has(signedScript)) {
+      const text = await readScript(signedScript);
+      const served = new Set(siblings.flatMap((a) => [a.name, `${a.name}.sig`]));
+      const loaded = checkSignedScript(signedScript, text, served, tag);
+      for (const name of [signedScript, ...loaded]) {
+        if (!sums.has(`${name}.sig`)) {
+          throw new ReleaseError(
+            `${tag} is signed for iPXE (its ${SUMS_NAME} lists ${signedScript}) but has no ${name}.sig, so a trusted iPXE refuses to boot it: refusing it; nothing was changed: publish the release again with the iPXE signing key`,
+          );
+        }
+      }
+      files.unshift({ ...listed(`${signedScript}.sig`), localName: `${local}.sig` });
+      scripts.push({ name: local, text, signature: `${local}.sig` });
+      continue;
+    }
     const locate = (file: string) => {
-      const found = assets.find((a) =>
-        a.target === script.target && a.system === script.system &&
-        !a.name.endsWith(".ipxe") && path.basename(a.storePath) === file
-      );
+      const found = siblings.find((a) => path.basename(a.storePath) === file);
       return found && encodeURIComponent(found.name);
     };
     scripts.push({
-      name: built.length === 1
-        ? LOCAL_SCRIPT
-        : script.name.replace(/\.built\.ipxe$/, ".local.ipxe"),
+      name: local,
       text: serveFromDirectory(script.name, await readScript(script.name), locate, tag),
     });
   }
@@ -342,7 +376,7 @@ async function refuseWithoutRoom(
 ): Promise<void> {
   let needed = 0;
   for (const file of files) {
-    if (await lstatOrUndefined(path.join(out, directory, file.name))) continue;
+    if (await lstatOrUndefined(path.join(out, directory, file.localName ?? file.name))) continue;
     needed += release.assets.find((asset) => asset.name === file.name)?.size ?? 0;
   }
   const { bavail, bsize } = await fs.statfs(out);
@@ -424,13 +458,14 @@ async function downloadVerified(
   file: BootFile,
   dir: string,
 ): Promise<void> {
-  const final = path.join(dir, file.name);
+  const local = file.localName ?? file.name;
+  const final = path.join(dir, local);
   const existing = await lstatOrUndefined(final);
   if (existing) {
     if (!existing.isFile()) throw notOurs(final, "not a regular file");
     refuseHardLink(final, existing);
     if ((await hashFile(final)).sha256 === file.sha256) {
-      run.log(`${file.name}: already here and verified`);
+      run.log(`${local}: already here and verified`);
       return;
     }
     throw notOurs(final, `a file whose bytes ${SUMS_NAME} does not list`);
@@ -439,7 +474,7 @@ async function downloadVerified(
   if (!copy) throw new ReleaseError(`${release.tag_name} lists ${file.name} but does not hold it`);
   // The checksum is in the name, so a part left by another release is never resumed.
   const part = `${final}.${file.sha256.slice(0, 16)}.part`;
-  await removeStaleParts(dir, file.name, part);
+  await removeStaleParts(dir, local, part);
   // Nothing past the size the server lists, nor past the one a signed manifest records.
   const limit = Math.min(copy.size, file.size ?? copy.size);
   const got = await downloadToPart(run, forgejo, copy, limit, part, release.tag_name);
@@ -450,7 +485,11 @@ async function downloadVerified(
     );
   }
   await renameNew(part, final);
-  run.log(`${file.name}: ${formatBytes(got.size)}, sha256 verified`);
+  run.log(
+    `${local}: ${formatBytes(got.size)}, sha256 verified${
+      local === file.name ? "" : ` (${file.name} of the release)`
+    }`,
+  );
 }
 
 /** Renames only onto a name nothing holds: a file planted meanwhile is refused, not replaced. */
@@ -584,18 +623,27 @@ async function hashPart(part: string, hash: ReturnType<typeof createHash>): Prom
 
 /**
  * Makes the directory servable as it is: netboot.ipxe, the release's script rewritten so that
- * kernel and initrd load from beside it, and its own SHA256SUMS listing every file it serves.
+ * kernel and initrd load from beside it (or, signed for iPXE, the release's own boot-directory
+ * script unchanged), and its own SHA256SUMS listing every file it serves.
  */
 async function writeBootDirectory(run: Run, dir: string, boot: BootSet): Promise<void> {
   for (const script of boot.scripts) {
     await writeOwnFile(path.join(dir, script.name), script.text);
-    run.log(`${script.name}: loads its kernel and initrd from the same directory`);
+    run.log(
+      script.signature
+        ? `${script.name}: the release's signed script, unchanged, verified by iPXE against ${script.signature}`
+        : `${script.name}: loads its kernel and initrd from the same directory`,
+    );
   }
+  const written = boot.files.map((file) => ({
+    name: file.localName ?? file.name,
+    sha256: file.sha256,
+  }));
   const served = boot.scripts.map((script) => ({
     name: script.name,
     sha256: sha256Hex(new TextEncoder().encode(script.text)),
   }));
-  await writeOwnFile(path.join(dir, SUMS_NAME), renderSums([...boot.files, ...served]));
+  await writeOwnFile(path.join(dir, SUMS_NAME), renderSums([...written, ...served]));
 }
 
 /** Writes a file release-boot makes; one already there with other bytes is not ours. */

@@ -254,6 +254,8 @@ export function connectForgejo(
     }),
     interceptors.redirect({ maxRedirections: MAX_REDIRECTS, throwOnMaxRedirect: true }),
   );
+  // Idle keep-alive connections would outlive the run; nothing is in flight once it ends.
+  run.atEnd(() => agent.destroy());
   const [owner, name] = site.repo.split("/");
   const repoPath = `/api/v1/repos/${encodeURIComponent(owner)}/${encodeURIComponent(name)}`;
   const api = (route: string, query: Record<string, string> = {}) => {

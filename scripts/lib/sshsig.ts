@@ -118,7 +118,7 @@ export interface TrustedKey {
 export async function readSigningKey(
   flagFile: string | undefined,
   env: Env,
-  run: Pick<Run, "log" | "mask">,
+  run: Pick<Run, "log" | "mask" | "resolve">,
 ): Promise<SigningKey | undefined> {
   for (const line of env[SIGNING_KEY_ENV]?.split("\n") ?? []) {
     if (line.trim().length >= 16 && !line.includes("-----")) run.mask(line.trim());
@@ -131,7 +131,7 @@ export async function readSigningKey(
   }
   if (flagFile !== undefined) {
     const source = `--signing-key ${flagFile}`;
-    const { text, mode } = await readSmallText(flagFile, source);
+    const { text, mode } = await readSmallText(run.resolve(flagFile), source);
     if (mode & 0o077) {
       run.log(
         `warning: ${source} can be read by other users (mode ${(mode & 0o777).toString(8)}): ` +

@@ -9,16 +9,20 @@ import * as fs from "node:fs/promises";
 import * as os from "node:os";
 import * as path from "node:path";
 import { IPXE_SOURCE } from "./requirements.ts";
+import { ipxeLocalConfig } from "./first_stage.ts";
 
 /**
- * config/local/: signatures (`imgtrust`, `imgverify`) and HTTPS, as nixpkgs' pkgs.ipxe turns
- * them on. CROSSCERT is emptied so that a chain iPXE cannot complete is refused at once,
- * instead of iPXE asking ca.ipxe.org for a cross-signed certificate.
+ * config/local/ as the flake's trusted iPXE has it: general.h turns on what nixpkgs' pkgs.ipxe
+ * does (its enabledOptions: signatures with `imgtrust` and `imgverify`, HTTPS, ping), and the
+ * rest are nix/ipxe-local/'s files, which nix/boot-server.nix copies there (no CROSSCERT).
  */
-const LOCAL_CONFIG: Record<string, string> = {
-  "general.h": "#define IMAGE_TRUST_CMD\n#define DOWNLOAD_PROTO_HTTPS\n",
-  "crypto.h": '#undef CROSSCERT\n#define CROSSCERT ""\n',
-};
+async function localConfig(): Promise<Record<string, string>> {
+  const options = ["PING_CMD", "IMAGE_TRUST_CMD", "DOWNLOAD_PROTO_HTTP", "DOWNLOAD_PROTO_HTTPS"];
+  return {
+    "general.h": options.map((option) => `#define ${option}\n`).join(""),
+    ...await ipxeLocalConfig(),
+  };
+}
 
 export interface IpxeImage {
   /** The built bin/ipxe.lkrn, which QEMU boots with -kernel. */
@@ -37,7 +41,8 @@ export async function buildIpxe(
 ): Promise<IpxeImage> {
   const started = performance.now();
   const seconds = () => (performance.now() - started) / 1000;
-  const cache = await cacheDir();
+  const config = await localConfig();
+  const cache = await cacheDir(config);
   const trust = options.trust === undefined ? undefined : await fs.readFile(options.trust);
   const key = createHash("sha256")
     .update(JSON.stringify([options.embed ?? null, trust?.toString("base64") ?? null]))
@@ -54,7 +59,7 @@ export async function buildIpxe(
 
     const stamp = path.join(cache, "built");
     const firstBuild = !(await exists(stamp));
-    if (firstBuild) await unpack(cache);
+    if (firstBuild) await unpack(cache, config);
     const inputs = path.join(cache, "inputs");
     await fs.mkdir(inputs, { recursive: true });
     const args = ["-C", path.join(cache, "ipxe", "src"), `-j${navigator.hardwareConcurrency}`];
@@ -82,19 +87,19 @@ export async function buildIpxe(
 }
 
 /** RELEASE_BOOT_IPXE_CACHE, else a directory in the system's temporary directory. */
-async function cacheDir(): Promise<string> {
+async function cacheDir(config: Record<string, string>): Promise<string> {
   const source = createHash("sha256").update(await fs.readFile(IPXE_SOURCE))
-    .update(JSON.stringify(LOCAL_CONFIG)).digest("hex").slice(0, 16);
+    .update(JSON.stringify(config)).digest("hex").slice(0, 16);
   const parent = Deno.env.get("RELEASE_BOOT_IPXE_CACHE") ?? os.tmpdir();
   return path.join(parent, `release-boot-ipxe-${source}`);
 }
 
 /** A fresh tree: whatever an interrupted first build left is thrown away. */
-async function unpack(cache: string): Promise<void> {
+async function unpack(cache: string, config: Record<string, string>): Promise<void> {
   await fs.rm(path.join(cache, "ipxe"), { recursive: true, force: true });
   await run("tar", ["-xJf", IPXE_SOURCE, "-C", cache]);
   const local = path.join(cache, "ipxe", "src", "config", "local");
-  for (const [name, text] of Object.entries(LOCAL_CONFIG)) {
+  for (const [name, text] of Object.entries(config)) {
     await fs.writeFile(path.join(local, name), text);
   }
 }

@@ -65,10 +65,12 @@ in
 
   # nixpkgs' pkgs/by-name/ip/ipxe/package.nix (iPXE 2.0.0) reduced to what the flake uses:
   # .override { embedScript }, which adds EMBED= to makeFlags (its line 133), and .overrideAttrs
-  # of makeFlags, applied in that order. Each target it builds is a text file under the target's
+  # of makeFlags and postPatch, applied in that order. postPatch runs in a source tree holding
+  # only iPXE's empty src/config/local/. Each target it builds is a text file under the target's
   # own name (as its installPhase copies them) that records what real iPXE would take from the
-  # flags: the make command line, the fingerprint of each TRUST= certificate (computed with
-  # openssl, as iPXE's Makefile.housekeeping does), then the EMBED= script to the end.
+  # build: the make command line, the fingerprint of each TRUST= certificate (computed with
+  # openssl, as iPXE's Makefile.housekeeping does), each file postPatch left in
+  # src/config/local/, then the EMBED= script to the end.
   ipxe =
     let
       package =
@@ -80,7 +82,8 @@ in
             attrs:
             sh "ipxe-2.0.0-stand-in" attrs ''
               set -eu
-              mkdir $out
+              mkdir -p source/src/config/local $out
+              (cd source && eval "''${postPatch:-}")
               for target in bin-x86_64-efi/ipxe.efi bin/ipxe.lkrn bin/undionly.kpxe; do
                 file=$out/''${target##*/}
                 echo "stand-in iPXE $target" > $file
@@ -94,6 +97,11 @@ in
                       done
                       ;;
                   esac
+                done
+                for config in source/src/config/local/*; do
+                  [ -f "$config" ] || continue
+                  echo "local config ''${config##*/}:" >> $file
+                  cat "$config" >> $file
                 done
                 for flag in $makeFlags; do
                   case $flag in

@@ -11,6 +11,7 @@ import { constants as fsConstants } from "node:fs";
 import { type Attachment, type Release } from "../../types/forgejo.ts";
 import { type Manifest, MANIFEST_NAME, SUMS_NAME } from "../../types/manifest.ts";
 import { hashFile, READ_SIZE, sha256Hex } from "./hash.ts";
+import { inLanes } from "./lanes.ts";
 import { type Env, formatBytes, ReleaseError, type Run } from "./run.ts";
 import { readTrust } from "./allowed_signers.ts";
 import { type DownloadOptions, type FetchOptions } from "./cli.ts";
@@ -59,9 +60,15 @@ export async function fetchForBoot(run: Run, options: FetchOptions, env: Env): P
   const boot = await chooseBootFiles(run, forgejo, release, index, sums, options);
   const dir = await withBootLock(run, out, async () => {
     const dir = await openTagDirectory(out, directory);
-    await run.step("Download and verify", async () => {
-      for (const file of boot.files) await downloadVerified(run, forgejo, release, file, dir);
-    });
+    await run.step(
+      "Download and verify",
+      () =>
+        inLanes(
+          boot.files,
+          DOWNLOAD_LANES,
+          (file, signal) => downloadVerified(run, forgejo, release, file, dir, signal),
+        ),
+    );
     await writeBootDirectory(run, dir, boot);
     await pointCurrentAt(run, out, directory);
     await removeOldReleases(run, out, options.keep);
@@ -166,6 +173,13 @@ function oneScript(scripts: string[], options: DownloadOptions, tag: string): st
     }) fits --targets and --system: cannot tell which to boot`,
   );
 }
+
+/**
+ * Files downloaded at once. Each is hashed on this process's one JS thread as it arrives, so
+ * more lanes add no hashing speed: a few keep that thread busy while the server or the
+ * network is slow on one file, and a file that stalls no longer holds up the rest.
+ */
+const DOWNLOAD_LANES = 3;
 
 const CURRENT = "current";
 
@@ -317,7 +331,7 @@ async function openTagDirectory(out: string, name: string): Promise<string> {
  * Downloads into `<name>.<sha>.part` (resuming one left by an interrupted run), hashing the
  * bytes as they are written, and only when they match SHA256SUMS renames the part to its
  * final name. A part that does not match is deleted; an existing file with other bytes is
- * refused, never replaced.
+ * refused, never replaced. `signal` stops the download where it is, its part kept to resume.
  */
 async function downloadVerified(
   run: Run,
@@ -325,6 +339,7 @@ async function downloadVerified(
   release: Release,
   file: BootFile,
   dir: string,
+  signal?: AbortSignal,
 ): Promise<void> {
   const final = path.join(dir, file.name);
   const existing = await lstatOrUndefined(final);
@@ -341,7 +356,7 @@ async function downloadVerified(
   // The checksum is in the name, so a part left by another release is never resumed.
   const part = `${final}.${file.sha256.slice(0, 16)}.part`;
   await removeStaleParts(dir, file.name, part);
-  const got = await downloadToPart(run, forgejo, copy, part);
+  const got = await downloadToPart(run, forgejo, copy, part, signal);
   if (got.sha256 !== file.sha256) {
     await fs.rm(part, { force: true });
     throw new ReleaseError(
@@ -358,10 +373,13 @@ async function renameNew(from: string, to: string): Promise<void> {
   await fs.rename(from, to);
 }
 
+/** Parts of `name` other than `keep`; never another file's, whose name may start like it. */
 async function removeStaleParts(dir: string, name: string, keep: string): Promise<void> {
   for (const entry of await fs.readdir(dir)) {
     const file = path.join(dir, entry);
-    if (entry.startsWith(`${name}.`) && entry.endsWith(".part") && file !== keep) {
+    const ofName = entry.startsWith(`${name}.`) &&
+      /^[0-9a-f]{16}\.part$/.test(entry.slice(name.length + 1));
+    if (ofName && file !== keep) {
       // openTagDirectory refused links: this unlinks a regular file release-boot named.
       await fs.rm(file, { force: true });
     }
@@ -381,9 +399,11 @@ async function downloadToPart(
   forgejo: Forgejo,
   copy: Attachment,
   part: string,
+  signal?: AbortSignal,
 ): Promise<{ sha256: string; size: number }> {
-  const have = (await lstatOrUndefined(part))?.size ?? 0;
-  const response = await forgejo.assets.open(copy, have).catch((error: Error) => {
+  const left = await lstatOrUndefined(part);
+  const have = left?.size ?? 0;
+  const response = await forgejo.assets.open(copy, have, signal).catch((error: Error) => {
     throw new ReleaseError(
       `the download of ${copy.name} failed (${error.message}); rerun to resume`,
     );
@@ -414,7 +434,8 @@ async function downloadToPart(
     run.log(`${copy.name}: resuming after ${formatBytes(have)}`);
     await hashPart(part, hash);
   }
-  const flags = have === 0 ? "wx" : O_WRONLY | O_NOFOLLOW | (resuming ? O_APPEND : O_TRUNC);
+  // A part left empty (a fetch stopped before the first byte) is written into like any other.
+  const flags = left ? O_WRONLY | O_NOFOLLOW | (resuming ? O_APPEND : O_TRUNC) : "wx";
   const handle = await fs.open(part, flags).catch((error: NodeJS.ErrnoException) => {
     throw error.code === "ELOOP" || error.code === "EEXIST"
       ? notOurs(part, "a symbolic link or a file planted meanwhile")

@@ -482,8 +482,8 @@ export function connectForgejo(
         });
         return answer.status === 404 ? undefined : answer.text;
       },
-      /** A streamed download (for fetch): the caller reads the body. */
-      async open(copy: Attachment, from = 0): Promise<Dispatcher.ResponseData> {
+      /** A streamed download (for fetch): the caller reads the body, until `stop` aborts. */
+      async open(copy: Attachment, from = 0, stop?: AbortSignal): Promise<Dispatcher.ResponseData> {
         const url = new URL(assetAddress(site, copy));
         return await request(url, {
           method: "GET",
@@ -492,7 +492,10 @@ export function connectForgejo(
             ...(from > 0 ? { range: `bytes=${from}-` } : {}),
           }),
           dispatcher: agent,
-          signal: AbortSignal.timeout(deadlineFor(http, copy.size)),
+          signal: AbortSignal.any([
+            AbortSignal.timeout(deadlineFor(http, copy.size)),
+            ...(stop ? [stop] : []),
+          ]),
         });
       },
     },

@@ -87,6 +87,7 @@ import { readSigningKey, SIGNING_KEY_ENV, type SigningKey, signSums } from "./li
 import { fetchForBoot } from "./lib/fetch.ts";
 import { verifyRelease } from "./lib/verify.ts";
 import { pruneReleases } from "./lib/prune.ts";
+import { inLanes } from "./lib/lanes.ts";
 
 /**
  * One run of release-boot: its exit status (0 done, 1 failed, 2 bad usage), and on failure
@@ -154,7 +155,7 @@ async function runbook(run: Run, argv: string[], env: Env): Promise<void> {
     options.replace,
   );
   refuseConflicts(plan, draft, options);
-  await run.step("Upload", () => uploadPlanned(run, forgejo, draft, plan));
+  await run.step("Upload", () => uploadPlanned(run, forgejo, draft, plan, options.uploads));
   await run.step(
     "Write checksums",
     () => writeIndex(run, forgejo, draft, bundle, plan, options, key),
@@ -553,7 +554,7 @@ function refuseConflicts(plan: PlannedAction[], release: Release, options: Relea
 async function sayingWhatIsLeft<T>(
   release: Release,
   work: () => Promise<T>,
-  progress = "",
+  progress = () => "",
 ): Promise<T> {
   try {
     return await work();
@@ -562,7 +563,7 @@ async function sayingWhatIsLeft<T>(
     const left = release.draft
       ? "the release stays a draft: rerun the same command to resume"
       : `the published release ${release.tag_name} still has its SHA256SUMS and every copy it lists (new copies may sit beside them): rerun the same command to finish`;
-    throw new ReleaseError(`${error.message}; ${progress}${left}`);
+    throw new ReleaseError(`${error.message}; ${progress()}${left}`);
   }
 }
 
@@ -570,22 +571,35 @@ async function sayingWhatIsLeft<T>(
 // Uploads, each recorded in the release body
 // ---------------------------------------------------------------------------------------------
 
+/**
+ * `lanes` uploads at a time, each recorded as it finishes. After a failure none starts; those
+ * under way finish and are recorded, so a rerun skips them.
+ */
 async function uploadPlanned(
   run: Run,
   forgejo: Forgejo,
   release: Release,
   plan: PlannedAction[],
+  lanes: number,
 ): Promise<void> {
   const uploads = plan.filter((action) => action.kind === "upload");
   for (const action of plan) {
     if (action.kind === "skip") run.log(`${action.asset.name}: already in the release, skipped`);
   }
-  for (const [done, action] of uploads.entries()) {
-    await sayingWhatIsLeft(release, async () => {
-      const stored = await uploadAsset(run, forgejo, release.id, action.asset, release.assets);
-      await recordUpload(forgejo, release.id, action.asset, stored);
-    }, `${done} of ${uploads.length} uploads had finished and `);
-  }
+  let done = 0;
+  let recorded = Promise.resolve();
+  await sayingWhatIsLeft(
+    release,
+    () =>
+      inLanes(uploads, lanes, async (action) => {
+        const stored = await uploadAsset(run, forgejo, release.id, action.asset, release.assets);
+        // Each record rewrites the release body: one at a time, or one would undo another.
+        recorded = recorded.then(() => recordUpload(forgejo, release.id, action.asset, stored));
+        await recorded;
+        done++;
+      }),
+    () => `${done} of ${uploads.length} uploads had finished and `,
+  );
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -705,25 +705,31 @@ export async function deleteAsset(
   run.log(`Deleted ${why}: ${copy.name} (id ${copy.id}, ${copy.size} bytes)`);
 }
 
-/** Streams a file in 1 MiB chunks and shows progress: a bar on a terminal, a few lines in CI. */
+/**
+ * Streams a file in 1 MiB chunks and shows progress: a bar on a terminal (one per upload under
+ * way), a few lines in CI.
+ */
 async function* readWithProgress(run: Run, asset: BundleAsset): AsyncIterable<Uint8Array> {
   if (asset.path === undefined) throw new ReleaseError(`${asset.name} has no file to upload`);
   const terminal = !run.ci && run.io.stderrIsTerminal;
   const large = asset.size >= 64 << 20;
   let sent = 0;
   let reported = 0;
-  for await (const chunk of createReadStream(asset.path, { highWaterMark: READ_SIZE })) {
-    sent += chunk.length;
-    yield chunk;
-    const percent = Math.floor((sent / asset.size) * 100);
-    if (terminal && large) {
-      const bar = "#".repeat(Math.floor(percent / 4)).padEnd(25, ".");
-      run.drawProgress(`\r${asset.name} [${bar}] ${percent}%`);
-    } else if (large && percent >= reported + 25) {
-      reported = percent - (percent % 25);
-      run.log(`${asset.name}: ${reported}% of ${formatBytes(asset.size)}`);
+  try {
+    for await (const chunk of createReadStream(asset.path, { highWaterMark: READ_SIZE })) {
+      sent += chunk.length;
+      yield chunk;
+      const percent = Math.floor((sent / asset.size) * 100);
+      if (terminal && large) {
+        run.drawProgress(asset.name, percent);
+      } else if (large && percent >= reported + 25) {
+        reported = percent - (percent % 25);
+        run.log(`${asset.name}: ${reported}% of ${formatBytes(asset.size)}`);
+      }
     }
+  } finally {
+    // A stopped upload's bar goes; a finished one's stays at 100%.
+    if (terminal && large && sent !== asset.size) run.drawProgress(asset.name);
   }
-  if (terminal && large) run.drawProgress("\n");
   if (sent !== asset.size) throw new ReleaseError(`${asset.path} changed size while uploading`);
 }

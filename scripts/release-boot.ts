@@ -61,10 +61,10 @@ import {
 
 import {
   buildTargets,
+  checksumProducts,
   collectProducts,
   type FileAsset,
   type FlakeInfo,
-  hashProducts,
   readFlake,
 } from "./lib/nix.ts";
 import {
@@ -75,6 +75,7 @@ import {
   readIndex,
   readRecordedSums,
   readUploadRecord,
+  recordedAssets,
   type RecordedSha,
   type RemoteIndex,
   renderSums,
@@ -135,7 +136,8 @@ async function runbook(run: Run, argv: string[], env: Env): Promise<void> {
   if (forgejo) refuseUntrustedFlake(flake, options);
   const builds = await run.step("Build", () => buildTargets(run, options));
   const products = await collectProducts(builds);
-  const hashed = await run.step("Hash", () => hashProducts(run, products));
+  const recorded = await recordedAssets(forgejo, options, key?.fingerprint);
+  const hashed = await run.step("Hash", () => checksumProducts(run, products, recorded));
   const assets = await pointIpxeAtRelease(run, hashed, downloadBase(options, repository));
   const bundle = bundleRelease(assets, describeRelease(options, flake, assets));
 
@@ -254,6 +256,7 @@ function describeRelease(
       target: asset.target,
       system: asset.system,
       storePath: asset.path,
+      narHash: asset.narHash,
       drvPath: asset.drvPath,
     })),
   };

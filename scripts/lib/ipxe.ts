@@ -65,6 +65,8 @@ export async function pointIpxeAtRelease(
     const script = {
       ...built,
       name: built.name.replace(/\.built\.ipxe$/, ".ipxe"),
+      // Bytes made here, not the store file's: nix's record of that file does not vouch.
+      narHash: undefined,
       bytes,
       size: bytes.length,
       sha256: sha256Hex(bytes),

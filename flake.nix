@@ -56,6 +56,7 @@
           modules = [
             bootMedia
             self.nixosModules.runner
+            ./nix/boot-server.nix
             ./site.nix
             {
               nixpkgs.hostPlatform = system;
@@ -169,6 +170,17 @@
           '';
         };
 
+      # The iPXE a runner host chains to, when site.nix names the CA that signs releases for iPXE
+      # (nix/boot-server.nix; docs/PXE.md, "Verified boot"). Without one there is none to offer.
+      trustedIpxe =
+        let
+          inherit (self.nixosConfigurations.runner-x86_64-netboot) config;
+        in
+        lib.optionalAttrs (config.bootServer.trustedCa != null) {
+          ipxe-efi = config.system.build.trustedIpxe.efi;
+          ipxe-undionly = config.system.build.trustedIpxe.undionly;
+        };
+
       # Runs the release script from this flake's own source, in the caller's directory.
       releaseBoot =
         pkgs:
@@ -216,7 +228,8 @@
           netboot = netbootBundle self.nixosConfigurations.runner-x86_64-netboot;
           kexec = kexecTarball self.nixosConfigurations.runner-x86_64-netboot;
           iso = self.nixosConfigurations.runner-x86_64-iso.config.system.build.isoImage;
-        };
+        }
+        // trustedIpxe;
         aarch64-linux = {
           netboot = netbootBundle self.nixosConfigurations.runner-aarch64-netboot;
           kexec = kexecTarball self.nixosConfigurations.runner-aarch64-netboot;

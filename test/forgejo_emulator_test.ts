@@ -296,6 +296,43 @@ Deno.test("downloads serve the bytes and honour Range: bytes=N-", async () => {
   });
 });
 
+Deno.test("each recorded request says when it arrived and closed, so overlapping uploads show", async () => {
+  await withForgejo({}, async (em) => {
+    const rel = await createRelease(em, { tag_name: "boot-v1" });
+    const mark = em.requests.length;
+    // The first upload's body stays open until the second upload has been answered.
+    let finishFirst!: () => void;
+    const secondAnswered = new Promise<void>((resolve) => finishFirst = resolve);
+    const body = new ReadableStream<Uint8Array>({
+      async start(controller) {
+        controller.enqueue(bytesOf("first half "));
+        await secondAnswered;
+        controller.enqueue(bytesOf("second half"));
+        controller.close();
+      },
+    });
+    const first = fetch(`${em.url}/api/v1/repos/ops/runners/releases/${rel.id}/assets?name=a.iso`, {
+      method: "POST",
+      headers: { authorization: `token ${TOKEN}`, "content-type": "application/octet-stream" },
+      body,
+    });
+    while (em.requests.length === mark) await new Promise((resolve) => setTimeout(resolve, 5));
+    assert.equal((await upload(em, rel.id, "b.iso", bytesOf("whole"))).status, 201);
+    finishFirst();
+    assert.equal((await first).status, 201);
+    await (await first).body?.cancel();
+    const third = await upload(em, rel.id, "c.iso", bytesOf("after"));
+    assert.equal(third.status, 201);
+
+    const [a, b, c] = em.requests.slice(mark);
+    assert.deepEqual([a.query.name, b.query.name, c.query.name], ["a.iso", "b.iso", "c.iso"]);
+    // b arrived and closed while a was open; c arrived after both had closed.
+    assert.ok(a.receivedAt < b.receivedAt && b.closedAt! < a.closedAt!);
+    assert.ok(a.closedAt! <= c.receivedAt && b.closedAt! <= c.receivedAt);
+    assert.ok(c.receivedAt <= c.closedAt!);
+  });
+});
+
 Deno.test("with serveDirect a download answers 303 to the storage host, which needs no token", async () => {
   await withForgejo({ serveDirect: true }, async (em) => {
     const rel = await createRelease(em, { tag_name: "boot-v1", draft: true });
@@ -668,5 +705,91 @@ Deno.test("tamper replaces an asset's stored bytes and size behind the API", asy
     assert.equal((await call(em, "GET", `/releases/${rel.id}/assets`)).json[0].size, 4);
     assert.deepEqual(await em.assetBytes(rel.id, "boot.iso"), [bytesOf("evil")]);
     await assert.rejects(em.tamper(rel.id, "missing.iso", bytesOf("x")), /missing\.iso/);
+  });
+});
+
+Deno.test("a rule with `after` lets that many matching requests through, then hits", async () => {
+  await withForgejo({}, async (em) => {
+    const rel = await createRelease(em, { tag_name: "boot-v1" });
+    em.addFault({
+      method: "POST",
+      path: "/assets",
+      after: 2,
+      times: 2,
+      fault: { kind: "status", status: 500 },
+    });
+    const statuses = [];
+    for (const name of ["a", "b", "c", "d", "e"]) {
+      statuses.push((await upload(em, rel.id, name, bytesOf(name))).status);
+    }
+    assert.deepEqual(statuses, [201, 201, 500, 500, 201]);
+  });
+});
+
+Deno.test("answer faults lie without doing the work; edit faults rewrite the real answer", async () => {
+  await withForgejo({}, async (em) => {
+    await createRelease(em, { tag_name: "boot-v1" });
+    em.addFault({
+      path: "/releases/tags/boot-v9",
+      fault: { kind: "answer", body: () => ({ tag_name: "boot-v1" }) },
+    });
+    const lie = await call(em, "GET", "/releases/tags/boot-v9");
+    assert.equal(lie.status, 200);
+    assert.deepEqual(lie.json, { tag_name: "boot-v1" });
+
+    em.addFault({
+      path: "/releases/tags/boot-v1",
+      fault: {
+        kind: "edit",
+        edit: (answer) => ({ ...answer as object, html_url: "file:///elsewhere" }),
+      },
+    });
+    const edited = await call(em, "GET", "/releases/tags/boot-v1");
+    assert.equal(edited.status, 200);
+    assert.equal(edited.json.tag_name, "boot-v1");
+    assert.equal(edited.json.html_url, "file:///elsewhere");
+    const next = await call(em, "GET", "/releases/tags/boot-v1");
+    assert.equal(next.json.html_url, `${em.url}/ops/runners/releases/tag/boot-v1`);
+  });
+});
+
+Deno.test("a then fault holds the answer until its change is made: the caller sees the state before", async () => {
+  await withForgejo({}, async (em) => {
+    const rel = await createRelease(em, { tag_name: "boot-v1", draft: true });
+    em.addFault({
+      method: "GET",
+      path: /\/releases$/,
+      fault: {
+        kind: "then",
+        run: async () => {
+          assert.equal(
+            (await call(em, "PATCH", `/releases/${rel.id}`, {
+              json: { draft: false },
+            })).status,
+            200,
+          );
+        },
+      },
+    });
+    const listed = await call(em, "GET", "/releases");
+    assert.equal(listed.json[0].draft, true, "the list was made before the change");
+    assert.equal((await call(em, "GET", `/releases/${rel.id}`)).json.draft, false);
+  });
+});
+
+Deno.test("a pad fault serves more bytes than the file holds and counts what it sent", async () => {
+  await withForgejo({}, async (em) => {
+    const rel = await createRelease(em, { tag_name: "boot-v1" });
+    await upload(em, rel.id, "initrd", bytesOf("0123456789"));
+    const url = `${em.url}/ops/runners/releases/download/boot-v1/initrd`;
+    em.addFault({ path: "/releases/download/", fault: { kind: "pad", bytes: 100_000 } });
+    const padded = await call(em, "GET", url, { token: null });
+    assert.equal(padded.status, 200);
+    assert.equal(padded.headers.get("content-length"), "100010");
+    assert.equal(padded.text.slice(0, 10), "0123456789");
+    assert.equal(padded.text.length, 100_010);
+    assert.equal(em.requests.at(-1)?.sentBytes, 100_010);
+    assert.equal((await call(em, "GET", url, { token: null })).text, "0123456789");
+    assert.throws(() => em.addFault({ path: "/", fault: { kind: "pad", bytes: -1 } }));
   });
 });

@@ -8,7 +8,15 @@ import * as fs from "node:fs/promises";
 import * as v from "valibot";
 import { type Release, ReleaseSchema } from "../types/forgejo.ts";
 import { type Emulator, type EmulatorOptions, startForgejo } from "./forgejo/emulator.ts";
-import { baseEnv, makeFixture, makeWorkdir, type Run, runRelease } from "./run_helpers.ts";
+import {
+  baseEnv,
+  makeFixture,
+  makeWorkdir,
+  type Run,
+  runMain,
+  type Runner,
+  runRelease,
+} from "./run_helpers.ts";
 
 export const TOKEN = "test-token";
 export const TAG = "boot-v1.0.0";
@@ -37,7 +45,12 @@ export interface World {
   close(): Promise<void>;
 }
 
-export async function world(options: EmulatorOptions = {}, salt = "one"): Promise<World> {
+/** `runner`: runRelease (a child process, as operators run it) or runMain (in this process). */
+export async function world(
+  options: EmulatorOptions = {},
+  salt = "one",
+  runner: Runner = runRelease,
+): Promise<World> {
   const forgejo = await startForgejo(options);
   const work = await makeWorkdir();
   const fixture = await makeFixture(salt);
@@ -47,7 +60,7 @@ export async function world(options: EmulatorOptions = {}, salt = "one"): Promis
     work,
     fixture,
     publish: (args = [], env = {}, fixtureRef = fixture.ref, signal) =>
-      runRelease(
+      runner(
         [
           "--server",
           forgejo.url,
@@ -64,7 +77,7 @@ export async function world(options: EmulatorOptions = {}, salt = "one"): Promis
         { cwd: work.dir, env: baseEnv({ FORGEJO_TOKEN: TOKEN, ...env }), signal },
       ),
     fetch: (out, args = [], env = {}) =>
-      runRelease(
+      runner(
         [
           "fetch",
           "--server",
@@ -144,13 +157,27 @@ export function assertNoToken(run: Run, forgejo: Emulator) {
 export async function withWorld(
   test: (w: World) => Promise<void>,
   options: EmulatorOptions = {},
+  runner: Runner = runRelease,
 ): Promise<void> {
-  const w = await world(options);
+  const w = await world(options, "one", runner);
   try {
     await test(w);
   } finally {
     await w.close();
   }
+}
+
+/** withWorld, its runs made by main in this process: for what main decides, not the process. */
+export function withWorldInProcess(
+  test: (w: World) => Promise<void>,
+  options: EmulatorOptions = {},
+): Promise<void> {
+  return withWorld(test, options, runMain);
+}
+
+/** world, its runs made by main in this process. */
+export function worldInProcess(options: EmulatorOptions = {}, salt = "one"): Promise<World> {
+  return world(options, salt, runMain);
 }
 
 /** Uploads `body` as asset `name` straight through the API, as someone other than release-boot. */

@@ -7,7 +7,7 @@ import * as fs from "node:fs/promises";
 import * as os from "node:os";
 import * as path from "node:path";
 import { nixTest } from "./nix_helpers.ts";
-import { baseEnv, exists, runRelease } from "./run_helpers.ts";
+import { baseEnv, exists, runMain } from "./run_helpers.ts";
 import {
   assertNoToken,
   names,
@@ -17,6 +17,7 @@ import {
   uploadBehindItsBack,
   uploadsOf,
   withWorld,
+  withWorldInProcess,
   type World,
 } from "./forgejo_world.ts";
 
@@ -35,7 +36,7 @@ async function apiPost(w: World, route: string, body: unknown): Promise<unknown>
 
 /** A local stage of the fixture's netboot target into `out`: no server, no token. */
 function stageInto(out: string) {
-  return runRelease([
+  return runMain([
     ...["--flake", "path:./test/fixture", "--targets", "netboot"],
     ...["--commit", OTHER_SHA, "--out", out],
   ]);
@@ -59,7 +60,7 @@ async function everySumHasItsBytes(w: World): Promise<void> {
 nixTest(
   "a draft that names a branch is pinned to the built commit before it is published",
   async () => {
-    await withWorld(async (w) => {
+    await withWorldInProcess(async (w) => {
       // Someone made the draft by hand on the branch; the branch then moved on.
       await apiPost(w, "/releases", { tag_name: TAG, target_commitish: "main", draft: true });
       w.forgejo.setDefaultBranchHead(OTHER_SHA);
@@ -80,7 +81,7 @@ nixTest(
         for (let n = 0; n < 50; n++) {
           await apiPost(w, "/releases", { tag_name: `other-${n}`, draft: true });
         }
-        // Paging forever would never end on its own: stop it after a minute.
+        // Paging forever would never end on its own: stop it (a child process) after a minute.
         const run = await w.publish(
           ["--targets", "netboot"],
           {},
@@ -146,7 +147,7 @@ nixTest("a stage removes what an interrupted stage left beside --out", async () 
 nixTest(
   "--replace on a published release keeps every listed copy until the new index is in",
   async () => {
-    await withWorld(async (w) => {
+    await withWorldInProcess(async (w) => {
       assert.equal((await w.publish(["--targets", "netboot"])).code, 0);
       // Other bytes for the same names; writing the new SHA256SUMS fails every time.
       await fs.writeFile(path.join(w.fixture.dir, "salt.nix"), '"two"\n');
@@ -164,7 +165,12 @@ nixTest(
         /stays a draft/,
         "a published release is not called a draft",
       );
-      assert.match(failed.stderr, /published release .* still has its SHA256SUMS/);
+      // The new files, manifest.json and the provenance went in before SHA256SUMS failed: all
+      // taken back.
+      assert.match(
+        failed.stderr,
+        /the published release boot-v1\.0\.0 is as it was: the 4 copies this run uploaded were deleted again/,
+      );
       assert.equal(w.release().draft, false);
       await everySumHasItsBytes(w);
 
@@ -177,8 +183,41 @@ nixTest(
   },
 );
 
+nixTest(
+  "--replace that stops once the new index is in says the release lists only files it holds",
+  async () => {
+    await withWorld(async (w) => {
+      assert.equal((await w.publish(["--targets", "netboot"])).code, 0);
+      await fs.writeFile(path.join(w.fixture.dir, "salt.nix"), '"two"\n');
+      // The old manifest.json and SHA256SUMS are deleted; deleting the replaced files fails.
+      w.forgejo.addFault({
+        method: "DELETE",
+        path: "/assets/",
+        after: 2,
+        times: 5,
+        fault: { kind: "status", status: 500 },
+      });
+      const failed = await w.publish(["--targets", "netboot", "--replace"], {
+        RELEASE_BOOT_RETRY_DELAY_MS: "1",
+      });
+      assert.equal(failed.code, 1, failed.stderr);
+      assert.match(
+        failed.stderr,
+        /the published release boot-v1\.0\.0 still has its SHA256SUMS and every copy it lists \(new copies may sit beside them\); rerun the same command to finish/,
+      );
+      await everySumHasItsBytes(w);
+
+      const rerun = await w.publish(["--targets", "netboot", "--replace"]);
+      assert.equal(rerun.code, 0, rerun.stderr);
+      const release = w.release();
+      assert.equal(new Set(names(release)).size, names(release).length, "every name once");
+      await everySumHasItsBytes(w);
+    });
+  },
+);
+
 nixTest("a gigantic API answer is refused in one line instead of being held", async () => {
-  await withWorld(async (w) => {
+  await withWorldInProcess(async (w) => {
     w.forgejo.addFault({
       method: "GET",
       path: /\/repos\/ops\/runners$/,
@@ -192,7 +231,7 @@ nixTest("a gigantic API answer is refused in one line instead of being held", as
 });
 
 nixTest("an index file larger than any real one is refused, not downloaded", async () => {
-  await withWorld(async (w) => {
+  await withWorldInProcess(async (w) => {
     await apiPost(w, "/releases", { tag_name: TAG, target_commitish: "", draft: true });
     await uploadBehindItsBack(w, "SHA256SUMS", "x".repeat(2 << 20));
     const run = await w.publish(["--targets", "netboot"]);
@@ -204,7 +243,7 @@ nixTest("an index file larger than any real one is refused, not downloaded", asy
 });
 
 nixTest("a release holding dozens of index copies is refused, not read", async () => {
-  await withWorld(async (w) => {
+  await withWorldInProcess(async (w) => {
     await apiPost(w, "/releases", { tag_name: TAG, target_commitish: "", draft: true });
     for (let n = 0; n < 25; n++) await uploadBehindItsBack(w, "SHA256SUMS", `copy ${n}\n`);
     const run = await w.publish(["--targets", "netboot"]);
@@ -216,7 +255,7 @@ nixTest("a release holding dozens of index copies is refused, not read", async (
 });
 
 nixTest("a server that trickles its answer hits the request's overall deadline", async () => {
-  await withWorld(async (w) => {
+  await withWorldInProcess(async (w) => {
     w.forgejo.addFault({ method: "GET", path: "/version", fault: { kind: "trickle" } });
     const started = Date.now();
     const run = await w.publish(["--targets", "netboot", "--timeout", "1"]);
@@ -227,7 +266,7 @@ nixTest("a server that trickles its answer hits the request's overall deadline",
 });
 
 nixTest("an upload stored before the connection dropped is kept, not sent again", async () => {
-  await withWorld(async (w) => {
+  await withWorldInProcess(async (w) => {
     const name = "netboot-x86_64-linux.initrd";
     w.forgejo.addFault({
       method: "POST",
@@ -264,7 +303,7 @@ nixTest("the token never reaches nix or git, and an echoed token is redacted", a
     }).output();
     const key = await fs.readFile(`${stubs}/key`, "utf8");
     const keyBody = key.split("\n")[1];
-    await withWorld(async (w) => {
+    await withWorldInProcess(async (w) => {
       // A server (or proxy) that quotes the credential back in its error.
       w.forgejo.addFault({
         method: "POST",
@@ -294,7 +333,7 @@ nixTest("the token never reaches nix or git, and an echoed token is redacted", a
 nixTest(
   "a redirect to another origin, even the same host spelled otherwise, loses the token",
   async () => {
-    await withWorld(async (w) => {
+    await withWorldInProcess(async (w) => {
       const other = w.forgejo.url.replace("127.0.0.1", "localhost");
       w.forgejo.addFault({
         method: "GET",
@@ -344,7 +383,7 @@ Deno.test("bad repository names, tokens and mirror spellings are refused before 
   ];
   for (const c of cases) {
     await t.step(c.name, async () => {
-      const run = await runRelease(
+      const run = await runMain(
         ["--commit", OTHER_SHA, ...c.args],
         { env: baseEnv({ FORGEJO_TOKEN: TOKEN, ...c.env }) },
       );

@@ -1,16 +1,13 @@
 /**
- * Publishing end to end: real nix builds of the fixture flake, published by the real script
- * (a child process) to the Forgejo emulator on a loopback socket.
+ * Publishing end to end: real nix builds of the fixture flake, published by release-boot (its
+ * main in this process; the script as a child process where the process itself shows) to the
+ * Forgejo emulator on a loopback socket. Failures and refusals: publish_failures_test.ts.
  */
 import assert from "node:assert/strict";
 import * as fs from "node:fs/promises";
-import * as os from "node:os";
 import * as path from "node:path";
-import { $ } from "zx";
-import { type Emulator, type EmulatorOptions, startForgejo } from "./forgejo/emulator.ts";
-import { NIX_FLAGS, nixTest } from "./nix_helpers.ts";
-import { baseEnv, makeFixture, makeWorkdir, repoRoot, runRelease } from "./run_helpers.ts";
-
+import { nixTest } from "./nix_helpers.ts";
+import { baseEnv, makeFixture, parseStepOutputs, repoRoot } from "./run_helpers.ts";
 import {
   ALL,
   assertNoToken,
@@ -19,11 +16,10 @@ import {
   TAG,
   TOKEN,
   uploadBehindItsBack,
-  uploadsOf,
   verifyAgainstSums,
   withWorld,
-  type World,
-  world,
+  withWorldInProcess,
+  worldInProcess,
   writes,
 } from "./forgejo_world.ts";
 
@@ -46,9 +42,15 @@ nixTest(
         w.work.commit,
         "publishing made the tag at the built commit",
       );
-      assert.deepEqual(names(release), [...ALL, "SHA256SUMS", "manifest.json"].sort());
+      assert.deepEqual(
+        names(release),
+        [...ALL, "SHA256SUMS", "manifest.json", "provenance.intoto.json"].sort(),
+      );
       const sums = await verifyAgainstSums(w.forgejo, release);
-      assert.deepEqual([...sums.keys()].sort(), [...ALL, "manifest.json"].sort());
+      assert.deepEqual(
+        [...sums.keys()].sort(),
+        [...ALL, "manifest.json", "provenance.intoto.json"].sort(),
+      );
       assert.equal(run.stdout, `${release.html_url}\n`, "stdout carries the release URL only");
 
       // The draft is created first, the index files come after every image, publish is last.
@@ -74,9 +76,13 @@ nixTest(
       assert.match(release.body, new RegExp(`commit/${w.work.commit}`));
       assert.match(release.body, /iso-x86_64-linux\.iso \| 1014 B \| `[0-9a-f]{64}`/);
 
-      assert.equal(
-        await fs.readFile(output, "utf8"),
-        `release-url=${release.html_url}\ntag=${TAG}\nrelease-id=${release.id}\n`,
+      assert.deepEqual(
+        parseStepOutputs(await fs.readFile(output, "utf8")),
+        new Map([
+          ["release-url", release.html_url],
+          ["tag", TAG],
+          ["release-id", String(release.id)],
+        ]),
       );
       assert.match(await fs.readFile(summary, "utf8"), /\| iso-x86_64-linux\.iso \| 1014 B \|/);
       assertNoToken(run, w.forgejo);
@@ -85,7 +91,7 @@ nixTest(
 );
 
 nixTest("a rerun of a finished release uploads nothing and changes nothing", async () => {
-  await withWorld(async (w) => {
+  await withWorldInProcess(async (w) => {
     assert.equal((await w.publish(["--targets", "netboot,iso"])).code, 0);
     const before = w.forgejo.requests.length;
     const rerun = await w.publish(["--targets", "netboot,iso"]);
@@ -99,124 +105,6 @@ nixTest("a rerun of a finished release uploads nothing and changes nothing", asy
   }, { serveDirect: true });
 });
 
-const ISO_UPLOAD = { method: "POST", path: "/assets", query: { name: "iso-x86_64-linux.iso" } };
-
-nixTest(
-  "a run killed mid-upload leaves a draft without a tag; the next run finishes it",
-  async () => {
-    await withWorld(async (w) => {
-      w.forgejo.addFault({ ...ISO_UPLOAD, fault: { kind: "hang" } });
-      const running = w.publish(["--targets", "netboot,iso", "--timeout", "600"]);
-      const started = Date.now();
-      while (!w.forgejo.requests.some((r) => r.query.name === "iso-x86_64-linux.iso")) {
-        if (Date.now() - started > 60_000) throw new Error("the iso upload never started");
-        await new Promise((resolve) => setTimeout(resolve, 50));
-      }
-      await killProcessesWithArg(w.fixture.ref);
-      assert.notEqual((await running).code, 0);
-      const interrupted = w.release();
-      assert.equal(interrupted.draft, true, "an interrupted run leaves a draft");
-      assert.equal(w.forgejo.tags()[TAG], undefined, "a draft makes no tag");
-      assert.deepEqual(names(interrupted), NETBOOT);
-
-      const resumed = await w.publish(["--targets", "netboot,iso"]);
-      assert.equal(resumed.code, 0, resumed.stderr);
-      const release = w.release();
-      assert.equal(release.draft, false);
-      assert.deepEqual(names(release), [...ALL, "SHA256SUMS", "manifest.json"].sort());
-      for (const name of NETBOOT) {
-        assert.equal(
-          uploadsOf(w.forgejo, name).length,
-          1,
-          `${name} uploaded once`,
-        );
-      }
-      await verifyAgainstSums(w.forgejo, release);
-    });
-  },
-);
-
-/** Kills the release-boot child processes whose command line names `marker`. */
-async function killProcessesWithArg(marker: string): Promise<void> {
-  for (const pid of await fs.readdir("/proc")) {
-    if (!/^\d+$/.test(pid)) continue;
-    const cmdline = await fs.readFile(`/proc/${pid}/cmdline`, "utf8").catch(() => "");
-    if (cmdline.includes("release-boot.ts") && cmdline.includes(marker)) {
-      Deno.kill(Number(pid), "SIGKILL");
-    }
-  }
-}
-
-nixTest(
-  "a connection lost for good says how far it got; a rerun resumes without re-uploading",
-  async () => {
-    await withWorld(async (w) => {
-      w.forgejo.addFault({ ...ISO_UPLOAD, times: 5, fault: { kind: "reset", afterBytes: 10 } });
-      const first = await w.publish(["--targets", "netboot,iso"]);
-      assert.equal(first.code, 1);
-      assert.match(
-        first.stderr,
-        /upload of iso-x86_64-linux\.iso .*failed 5 times .*; 4 of 5 uploads had finished and the release stays a draft: rerun the same command to resume/,
-      );
-      assert.equal(w.release().draft, true);
-      assert.deepEqual(names(w.release()), NETBOOT, "a dropped upload stores nothing");
-
-      const rerun = await w.publish(["--targets", "netboot,iso"]);
-      assert.equal(rerun.code, 0, rerun.stderr);
-      for (const name of NETBOOT) {
-        assert.equal(
-          uploadsOf(w.forgejo, name).length,
-          1,
-          `${name} uploaded once`,
-        );
-      }
-      assert.equal(w.release().draft, false);
-    });
-  },
-);
-
-nixTest(
-  "transient faults are retried: 502 page, 429 with Retry-After, a reset mid-body; no duplicates",
-  async () => {
-    await withWorld(async (w) => {
-      w.forgejo.addFault({
-        method: "POST",
-        path: /\/releases$/,
-        fault: { kind: "status", status: 502, html: true },
-      });
-      w.forgejo.addFault({
-        method: "POST",
-        path: "/assets",
-        fault: { kind: "status", status: 429, retryAfter: 1 },
-      });
-      w.forgejo.addFault({
-        method: "POST",
-        path: "/assets",
-        fault: { kind: "reset", afterBytes: 100 },
-      });
-      w.forgejo.addFault({
-        method: "POST",
-        path: "/assets",
-        fault: { kind: "truncate", keepBytes: 7 },
-      });
-      w.forgejo.addFault({ method: "GET", path: "/tags/", fault: { kind: "hang" } });
-      const run = await w.publish(["--targets", "netboot,iso"]);
-      assert.equal(run.code, 0, run.stderr);
-      assert.match(run.stderr, /Forgejo answered 502 for POST .*retrying/);
-      assert.match(run.stderr, /Forgejo answered 429 for POST .*retrying in 1\.0s/);
-      assert.match(run.stderr, /Forgejo stored 7 of \d+ bytes/);
-      const release = w.release();
-      assert.equal(release.draft, false);
-      assert.deepEqual(
-        names(release),
-        [...ALL, "SHA256SUMS", "manifest.json"].sort(),
-        "every asset exactly once",
-      );
-      await verifyAgainstSums(w.forgejo, release);
-    });
-  },
-);
-
 nixTest(
   "three jobs publishing the same tag at once end with one release, every asset once, sums over all",
   async () => {
@@ -226,7 +114,7 @@ nixTest(
       "plain-x86_64-linux.img",
     ];
     const every = [...ALL, ...plain].sort();
-    await withWorld(async (w) => {
+    await withWorldInProcess(async (w) => {
       const runs = await Promise.all(
         ["netboot", "iso", "plain"].map((target) =>
           w.publish(["--targets", target, "--timeout", "20"])
@@ -235,9 +123,15 @@ nixTest(
       for (const run of runs) assert.equal(run.code, 0, run.stderr);
       const release = w.release();
       assert.equal(release.draft, false, "the job that completed the set published it");
-      assert.deepEqual(names(release), [...every, "SHA256SUMS", "manifest.json"].sort());
+      assert.deepEqual(
+        names(release),
+        [...every, "SHA256SUMS", "manifest.json", "provenance.intoto.json"].sort(),
+      );
       const sums = await verifyAgainstSums(w.forgejo, release);
-      assert.deepEqual([...sums.keys()].sort(), [...every, "manifest.json"].sort());
+      assert.deepEqual(
+        [...sums.keys()].sort(),
+        [...every, "manifest.json", "provenance.intoto.json"].sort(),
+      );
     });
   },
 );
@@ -245,7 +139,7 @@ nixTest(
 nixTest(
   "a matrix of --draft jobs is published once by --finalize after checking coverage",
   async () => {
-    await withWorld(async (w) => {
+    await withWorldInProcess(async (w) => {
       const early = await w.publish(["--finalize"]);
       assert.equal(early.code, 1);
       assert.match(early.stderr, /there is no release boot-v1\.0\.0 to finalize/);
@@ -261,8 +155,12 @@ nixTest(
       assert.equal(release.draft, false);
       assert.equal(w.forgejo.tags()[TAG], w.work.commit);
       const sums = await verifyAgainstSums(w.forgejo, release);
-      assert.deepEqual([...sums.keys()].sort(), [...ALL, "manifest.json"].sort());
-      assert.match(await fs.readFile(output, "utf8"), /^release-url=/);
+      assert.deepEqual(
+        [...sums.keys()].sort(),
+        [...ALL, "manifest.json", "provenance.intoto.json"].sort(),
+      );
+      const outputs = parseStepOutputs(await fs.readFile(output, "utf8"));
+      assert.equal(outputs.get("release-url"), release.html_url);
     });
   },
 );
@@ -270,7 +168,7 @@ nixTest(
 nixTest(
   "--finalize refuses to publish when the tag was made on another commit meanwhile",
   async () => {
-    await withWorld(async (w) => {
+    await withWorldInProcess(async (w) => {
       assert.equal((await w.publish(["--targets", "netboot", "--draft"])).code, 0);
       w.forgejo.addTag(TAG, "e".repeat(40));
       const final = await w.publish(["--finalize"]);
@@ -285,7 +183,7 @@ nixTest(
 );
 
 nixTest("--finalize refuses a draft with an asset its checksums do not cover", async () => {
-  await withWorld(async (w) => {
+  await withWorldInProcess(async (w) => {
     assert.equal((await w.publish(["--targets", "netboot", "--draft"])).code, 0);
     await uploadBehindItsBack(w, "extra.img", "not built by release-boot");
     const final = await w.publish(["--finalize"]);
@@ -299,33 +197,9 @@ nixTest("--finalize refuses a draft with an asset its checksums do not cover", a
 });
 
 nixTest(
-  "a run that cannot complete the release fails after waiting, and leaves it a draft",
-  async () => {
-    await withWorld(async (w) => {
-      assert.equal((await w.publish(["--targets", "netboot", "--draft"])).code, 0);
-      await uploadBehindItsBack(w, "extra.img", "left by a run with other targets");
-      const started = Date.now();
-      const run = await w.publish(["--targets", "netboot", "--timeout", "2"]);
-      assert.equal(run.code, 1);
-      assert.ok(Date.now() - started >= 2000, "it waited for another job first");
-      assert.match(
-        run.stderr,
-        /Waiting for another job to finish boot-v1\.0\.0: extra\.img is not covered/,
-      );
-      assert.match(
-        run.stderr,
-        /release boot-v1\.0\.0 stays a draft because extra\.img is not covered by SHA256SUMS: .*rerun with every target/,
-      );
-      assert.equal(w.release().draft, true);
-      assert.equal(w.forgejo.tags()[TAG], undefined);
-    });
-  },
-);
-
-nixTest(
   "different bytes are refused untouched; --replace stores the new bytes before deleting the old",
   async () => {
-    const w = await world();
+    const w = await worldInProcess();
     const other = await makeFixture("two");
     try {
       assert.equal((await w.publish(["--targets", "netboot"])).code, 0);
@@ -347,7 +221,7 @@ nixTest(
       const release = w.release();
       assert.deepEqual(
         names(release),
-        [...NETBOOT, "SHA256SUMS", "manifest.json"].sort(),
+        [...NETBOOT, "SHA256SUMS", "manifest.json", "provenance.intoto.json"].sort(),
         "one asset per name",
       );
       const initrd = await w.forgejo.assetBytes(release.id, "netboot-x86_64-linux.initrd");
@@ -370,7 +244,7 @@ nixTest(
 nixTest(
   "a tag on another commit is refused with both SHAs, before anything is written",
   async () => {
-    await withWorld(async (w) => {
+    await withWorldInProcess(async (w) => {
       const elsewhere = "f".repeat(40);
       w.forgejo.addTag(TAG, elsewhere);
       const run = await w.publish(["--targets", "netboot"]);
@@ -387,12 +261,15 @@ nixTest(
 nixTest(
   "an older server that hides drafts from the tag lookup still gets one release",
   async () => {
-    await withWorld(async (w) => {
+    await withWorldInProcess(async (w) => {
       assert.equal((await w.publish(["--targets", "netboot", "--draft"])).code, 0);
       assert.equal((await w.publish(["--targets", "iso"])).code, 0);
       const release = w.release();
       assert.equal(release.draft, false);
-      assert.deepEqual(names(release), [...ALL, "SHA256SUMS", "manifest.json"].sort());
+      assert.deepEqual(
+        names(release),
+        [...ALL, "SHA256SUMS", "manifest.json", "provenance.intoto.json"].sort(),
+      );
     }, { draftsHiddenFromTagLookup: true });
   },
 );
@@ -400,7 +277,7 @@ nixTest(
 nixTest(
   "in CI: the token is masked, phases are grouped, and it never reaches the output otherwise",
   async () => {
-    await withWorld(async (w) => {
+    await withWorldInProcess(async (w) => {
       const run = await w.publish(["--targets", "netboot"], { CI: "true", GITHUB_ACTIONS: "true" });
       assert.equal(run.code, 0, run.stderr);
       const lines = run.stderr.split("\n");
@@ -465,7 +342,7 @@ nixTest("upload progress: a few percentage lines in CI, a bar on a terminal", as
 });
 
 nixTest("the build happens before any write: a failing target publishes nothing", async () => {
-  await withWorld(async (w) => {
+  await withWorldInProcess(async (w) => {
     const run = await w.publish(["--targets", "netboot,broken"]);
     assert.equal(run.code, 1);
     assert.match(run.stderr, /nix build failed for target broken/);
@@ -473,319 +350,3 @@ nixTest("the build happens before any write: a failing target publishes nothing"
     assert.equal(w.forgejo.releases().length, 0);
   });
 });
-
-Deno.test("errors a user must understand at once: one line, exit 1, token never printed", async (t) => {
-  // These fail before the build, so they need no nix.
-  const cases: {
-    name: string;
-    options?: EmulatorOptions;
-    token?: string;
-    args?: string[];
-    fault?: Parameters<Emulator["addFault"]>[0];
-    message: RegExp;
-  }[] = [
-    {
-      name: "expired token",
-      token: "expired-0c4f9a",
-      message: /401 .*token is missing, wrong or expired; set FORGEJO_TOKEN/,
-    },
-    {
-      name: "read-only token",
-      options: { tokens: { [TOKEN]: "read" } },
-      message:
-        /cannot write releases of ops\/runners .*write:repository.*read-only for pull requests from forks/,
-    },
-    {
-      name: "wrong repository",
-      args: ["--repo", "ops/nope"],
-      message: /404 .*ops\/nope was not found on .*not visible with this token/,
-    },
-    {
-      name: "not Forgejo",
-      fault: {
-        method: "GET",
-        path: "/api/v1/version",
-        fault: { kind: "status", status: 404, html: true },
-      },
-      message: /does not look like Forgejo: GET \/api\/v1\/version answered 404/,
-    },
-    {
-      name: "connection lost after all retries",
-      fault: { method: "GET", path: "/api/v1/version", times: 9, fault: { kind: "reset" } },
-      message: /GET \/api\/v1\/version failed 5 times/,
-    },
-  ];
-  for (const c of cases) {
-    await t.step(c.name, async () => {
-      const forgejo = await startForgejo(c.options);
-      const work = await makeWorkdir();
-      try {
-        if (c.fault) forgejo.addFault(c.fault);
-        const run = await runRelease(
-          ["--server", forgejo.url, "--tag", TAG, ...(c.args ?? ["--repo", "ops/runners"])],
-          { cwd: work.dir, env: baseEnv({ FORGEJO_TOKEN: c.token ?? TOKEN }) },
-        );
-        assert.equal(run.code, 1, run.stderr);
-        const errors = run.stderr.split("\n").filter((l) => l.startsWith("release-boot:"));
-        assert.equal(errors.length, 1);
-        assert.match(errors[0], c.message);
-        assert.doesNotMatch(run.stdout + run.stderr, new RegExp(c.token ?? TOKEN));
-        assert.deepEqual(writes(forgejo), []);
-      } finally {
-        await forgejo.close();
-        await fs.rm(work.dir, { recursive: true, force: true });
-      }
-    });
-  }
-});
-
-nixTest(
-  "a token without write:repository is refused at the first write, with the fix",
-  async () => {
-    await withWorld(async (w) => {
-      const run = await w.publish(["--targets", "netboot"]);
-      assert.equal(run.code, 1);
-      assert.match(
-        run.stderr,
-        /403 for POST .*token does not have at least one of required scope\(s\): \[write:repository\].*a personal token needs write:repository/,
-      );
-      assert.equal(w.forgejo.releases().length, 0);
-    }, { tokens: { [TOKEN]: "no-scope" } });
-  },
-);
-
-nixTest(
-  "an asset over the proxy's body limit is refused with its size and the setting to raise",
-  async () => {
-    await withWorld(async (w) => {
-      const run = await w.publish(["--targets", "netboot"]);
-      assert.equal(run.code, 1);
-      assert.match(
-        run.stderr,
-        /refused netboot-x86_64-linux\.(bzImage|initrd) of 1206 bytes \(413\): raise the proxy's client_max_body_size or the \[quota\] limit/,
-      );
-      assert.equal(w.release().draft, true, "nothing half-done is published");
-    }, { proxyBodyLimit: 1100 });
-  },
-);
-
-nixTest("a file type the server does not allow names ALLOWED_TYPES", async () => {
-  await withWorld(async (w) => {
-    const run = await w.publish(["--targets", "netboot"]);
-    assert.equal(run.code, 1);
-    assert.match(
-      run.stderr,
-      /refuses the file type of netboot-x86_64-linux\.\w+ .*\[repository\.release\] ALLOWED_TYPES/,
-    );
-  }, { allowedTypes: [".iso", ".json"] });
-});
-
-Deno.test("the mirror guard refuses before any network call", async () => {
-  const forgejo = await startForgejo();
-  const work = await makeWorkdir();
-  try {
-    const run = await runRelease(
-      [
-        "--server",
-        forgejo.url,
-        "--repo",
-        "ops/runners",
-        "--mirrors",
-        `https://codeberg.org,${forgejo.url}`,
-      ],
-      { cwd: work.dir, env: baseEnv({ FORGEJO_TOKEN: TOKEN }) },
-    );
-    assert.equal(run.code, 1);
-    assert.match(
-      run.stderr,
-      /refusing to publish to http:\/\/127\.0\.0\.1:\d+: it is on the mirror list/,
-    );
-    assert.deepEqual(forgejo.requests, []);
-    const codeberg = await runRelease(
-      ["--server", "https://codeberg.org", "--repo", "ops/runners"],
-      {
-        cwd: work.dir,
-        env: baseEnv({ FORGEJO_TOKEN: TOKEN }),
-      },
-    );
-    assert.equal(codeberg.code, 1);
-    assert.match(codeberg.stderr, /mirror list \(https:\/\/codeberg\.org\)/);
-  } finally {
-    await forgejo.close();
-    await fs.rm(work.dir, { recursive: true, force: true });
-  }
-});
-
-Deno.test("a missing token is a usage error that says where to set it", async () => {
-  const work = await fs.mkdtemp(path.join(os.tmpdir(), "release-boot-"));
-  const run = await runRelease(
-    ["--server", "https://git.example.org", "--repo", "ops/runners", "--commit", "a".repeat(40)],
-    { cwd: work },
-  );
-  assert.equal(run.code, 2);
-  assert.match(run.stderr, /no token: set FORGEJO_TOKEN/);
-  await fs.rm(work, { recursive: true });
-});
-
-/** A git checkout of the fixture flake, committed; `commit()` records further changes. */
-async function gitFlake(salt: string) {
-  const fixture = await makeFixture(salt);
-  const git = $({ cwd: fixture.dir, quiet: true });
-  const commit = async () => {
-    await git`git add -A`;
-    await git`git -c user.name=t -c user.email=t@example.org commit -qm images`;
-    return (await git`git rev-parse HEAD`).stdout.trim();
-  };
-  await git`git init -q`;
-  return { dir: fixture.dir, commit, head: await commit() };
-}
-
-/** Runs release-boot from inside `dir` (so the commit is its HEAD) with `--flake dir`. */
-function publishFrom(w: World, dir: string, args: string[]) {
-  return runRelease(
-    ["--server", w.forgejo.url, "--repo", "ops/runners", "--tag", TAG, "--flake", dir, ...args],
-    { cwd: dir, env: baseEnv({ FORGEJO_TOKEN: TOKEN }) },
-  );
-}
-
-nixTest(
-  "publishing refuses unlocked inputs (staging records them) until flake.lock pins them",
-  async () => {
-    const w = await world();
-    const repo = await gitFlake("locked?");
-    const dep = await fs.mkdtemp(path.join(os.tmpdir(), "release-boot-dep-"));
-    try {
-      await fs.writeFile(path.join(dep, "flake.nix"), "{ outputs = _: { }; }\n");
-      const flakeFile = path.join(repo.dir, "flake.nix");
-      const text = await fs.readFile(flakeFile, "utf8");
-      await fs.writeFile(
-        flakeFile,
-        text.replace("{\n  outputs =", `{\n  inputs.dep.url = "path:${dep}";\n  outputs =`)
-          .replace("{ self }:", "{ self, dep }:"),
-      );
-      w.forgejo.addCommit(await repo.commit());
-
-      const refused = await publishFrom(w, repo.dir, ["--targets", "netboot"]);
-      assert.equal(refused.code, 1);
-      assert.match(
-        refused.stderr,
-        /has inputs that flake\.lock does not pin: run nix flake lock, commit flake\.lock/,
-      );
-      assert.deepEqual(writes(w.forgejo), []);
-
-      const out = path.join(w.work.dir, "out");
-      const staged = await runRelease(["--flake", repo.dir, "--targets", "netboot", "--out", out], {
-        cwd: repo.dir,
-      });
-      assert.equal(staged.code, 0, staged.stderr);
-      const manifest = JSON.parse(await fs.readFile(path.join(out, "manifest.json"), "utf8"));
-      assert.equal(manifest.flake.locked, false);
-      assert.equal(manifest.flake.inputs.dep.type, "path");
-      assert.equal(
-        await fs.stat(path.join(repo.dir, "flake.lock")).catch(() => null),
-        null,
-        "the flake was not changed",
-      );
-
-      await $`nix ${NIX_FLAGS} flake lock ${repo.dir}`.quiet();
-      w.forgejo.addCommit(await repo.commit());
-      const published = await publishFrom(w, repo.dir, ["--targets", "netboot"]);
-      assert.equal(published.code, 0, published.stderr);
-      const record = JSON.parse(
-        new TextDecoder().decode((await w.forgejo.assetBytes(w.release().id, "manifest.json"))[0]),
-      );
-      assert.equal(record.flake.locked, true);
-      assert.match(record.flake.inputs.dep.narHash, /^sha256-/);
-      assert.equal(record.flake.revision, record.commit);
-    } finally {
-      await fs.rm(dep, { recursive: true, force: true });
-      await fs.rm(repo.dir, { recursive: true, force: true });
-      await w.close();
-    }
-  },
-);
-
-nixTest("publishing refuses a flake that is not a git checkout unless --allow-dirty", async () => {
-  await withWorld(async (w) => {
-    const refused = await runRelease(
-      [
-        "--server",
-        w.forgejo.url,
-        "--repo",
-        "ops/runners",
-        "--flake",
-        w.fixture.ref,
-        "--targets",
-        "netboot",
-      ],
-      { cwd: w.work.dir, env: baseEnv({ FORGEJO_TOKEN: TOKEN }) },
-    );
-    assert.equal(refused.code, 1);
-    assert.match(
-      refused.stderr,
-      /is not a git checkout or a pinned revision, so nothing ties its files to commit [0-9a-f]{40}/,
-    );
-    assert.deepEqual(writes(w.forgejo), []);
-  });
-});
-
-nixTest(
-  "publishing refuses a checkout at another commit, and uncommitted changes unless --allow-dirty",
-  async () => {
-    const w = await world();
-    const repo = await fs.mkdtemp(path.join(os.tmpdir(), "release-boot-repo-"));
-    try {
-      await fs.copyFile(path.join(w.fixture.dir, "flake.nix"), path.join(repo, "flake.nix"));
-      await fs.writeFile(path.join(repo, "salt.nix"), '"committed"\n');
-      const git = $({ cwd: repo, quiet: true });
-      await git`git init -q`;
-      await git`git add flake.nix salt.nix`;
-      await git`git -c user.name=t -c user.email=t@example.org commit -qm images`;
-      const commit = (await git`git rev-parse HEAD`).stdout.trim();
-      w.forgejo.addCommit(commit);
-      const args = [
-        "--server",
-        w.forgejo.url,
-        "--repo",
-        "ops/runners",
-        "--tag",
-        TAG,
-        "--targets",
-        "netboot",
-      ];
-      const env = baseEnv({ FORGEJO_TOKEN: TOKEN });
-      const elsewhere = await runRelease(
-        ["--flake", repo, "--commit", "f".repeat(40), ...args],
-        { cwd: repo, env },
-      );
-      assert.equal(elsewhere.code, 1);
-      assert.match(
-        elsewhere.stderr,
-        new RegExp(`the flake is at commit ${commit} but the release is for f{40}`),
-      );
-      await fs.writeFile(path.join(repo, "salt.nix"), '"edited"\n');
-
-      const refused = await runRelease(["--flake", repo, ...args], { cwd: repo, env });
-      assert.equal(refused.code, 1);
-      assert.match(
-        refused.stderr,
-        /is a git checkout with uncommitted changes: commit them and rerun \(or pass --allow-dirty\)/,
-      );
-      assert.deepEqual(writes(w.forgejo), []);
-
-      const allowed = await runRelease(["--flake", repo, "--allow-dirty", ...args], {
-        cwd: repo,
-        env,
-      });
-      assert.equal(allowed.code, 0, allowed.stderr);
-      const record = JSON.parse(
-        new TextDecoder().decode((await w.forgejo.assetBytes(w.release().id, "manifest.json"))[0]),
-      );
-      assert.equal(record.flake.dirty, true);
-      assert.equal(record.commit, commit);
-    } finally {
-      await fs.rm(repo, { recursive: true, force: true });
-      await w.close();
-    }
-  },
-);

@@ -1,7 +1,13 @@
 /** The pipeline's pure steps: names, sums, plans, merges and messages. */
 import assert from "node:assert/strict";
 import { assetName, parseHydraBuildProducts } from "../scripts/lib/nix.ts";
-import { type BundleAsset, explainStatus, mirrorOf, retryAfterMs } from "../scripts/lib/forgejo.ts";
+import {
+  type BundleAsset,
+  deadlineFor,
+  explainStatus,
+  mirrorOf,
+  retryAfterMs,
+} from "../scripts/lib/forgejo.ts";
 import {
   chooseAssets,
   judgeRelease,
@@ -279,7 +285,7 @@ Deno.test("one judgement: complete only when the index is there once, agrees, an
   assert.deepEqual(judge([iso, ...indexFiles], { manifests, sums: older }), []);
 });
 
-Deno.test("servers on the mirror list are matched as URLs", () => {
+Deno.test("servers on the mirror list are matched by host: any spelling, any port, a subdomain", () => {
   const mirrors = ["https://codeberg.org"];
   assert.equal(mirrorOf("https://Codeberg.org", mirrors), "https://codeberg.org");
   assert.equal(mirrorOf("https://codeberg.org:443/", mirrors), "https://codeberg.org");
@@ -300,8 +306,15 @@ Deno.test("servers on the mirror list are matched as URLs", () => {
     "http://127.0.0.1:3000",
   );
   assert.equal(mirrorOf("http://[::1]:3000", ["http://localhost:3000/"]), "http://localhost:3000/");
-  assert.equal(mirrorOf("http://localhost:3001", ["http://127.0.0.1:3000"]), undefined);
-  assert.equal(mirrorOf("http://codeberg.org", mirrors), undefined, "another scheme");
+  // The mirror's host on any port or scheme, and its subdomains, are the mirror.
+  assert.equal(
+    mirrorOf("http://localhost:3001", ["http://127.0.0.1:3000"]),
+    "http://127.0.0.1:3000",
+  );
+  assert.equal(mirrorOf("http://codeberg.org", mirrors), "https://codeberg.org", "another scheme");
+  assert.equal(mirrorOf("https://codeberg.org:8443", mirrors), "https://codeberg.org");
+  assert.equal(mirrorOf("https://www.Codeberg.org.", mirrors), "https://codeberg.org");
+  assert.equal(mirrorOf("https://notcodeberg.org", mirrors), undefined);
 });
 
 Deno.test("OWNER/NAME follow Forgejo's naming rules, so no name reaches another API route", () => {
@@ -357,6 +370,14 @@ Deno.test("Retry-After is honoured in seconds and as a date, and bounded", () =>
   assert.equal(retryAfterMs("99999"), 120_000);
   const inAMoment = new Date(Date.now() + 5000).toUTCString();
   assert.ok(retryAfterMs(inAMoment)! > 3000);
+});
+
+Deno.test("the deadline of a request carrying a huge file is still a wait, not at once", async () => {
+  const http = { timeoutMs: 600_000, retryDelayMs: 1000, pollMs: 1000, indexWaitMs: 1000 };
+  // A server may list a file at any size; a longer timer than the platform's fires at once.
+  const signal = AbortSignal.timeout(deadlineFor(http, 2 ** 50));
+  await new Promise((resolve) => setTimeout(resolve, 50));
+  assert.equal(signal.aborted, false);
 });
 
 Deno.test("the release body links the commit and lists inputs, sizes and sums", () => {

@@ -1,7 +1,12 @@
-/** Runs release-boot as operators do: a child process with its own flags and environment. */
+/**
+ * Runs release-boot as operators do (a child process with its own flags and environment), or
+ * its main in this process with the same answer, for tests that check what main decides.
+ */
+import assert from "node:assert/strict";
 import * as fs from "node:fs/promises";
 import * as os from "node:os";
 import * as path from "node:path";
+import { main } from "../scripts/release-boot.ts";
 import { type Io, type Run as RunContext, startRun } from "../scripts/lib/run.ts";
 
 export const repoRoot = path.resolve(import.meta.dirname!, "..");
@@ -63,12 +68,33 @@ export function startTestRun(env: Record<string, string | undefined> = baseEnv()
   return startRun(env, memoryIo());
 }
 
-export async function runRelease(
-  args: string[],
-  options: { env?: Record<string, string>; cwd?: string; signal?: AbortSignal } = {},
-): Promise<Run> {
+export interface RunOptions {
+  env?: Record<string, string>;
+  cwd?: string;
+  /** Stops the child process (runRelease only: an in-process main cannot be killed). */
+  signal?: AbortSignal;
+  /**
+   * Limits the network to these hosts (as --allow-net takes them): a request anywhere else
+   * fails at once, before any name is looked up, so a test may run code that would leave
+   * the machine. runRelease only: permissions belong to a process.
+   */
+  allowNet?: string;
+}
+
+/** runRelease or runMain: a test says which by naming one. */
+export type Runner = (args: string[], options?: RunOptions) => Promise<Run>;
+
+/** The permissions of the script's shebang, the network limited to `hosts` when given. */
+function permissions(hosts: string | undefined): string[] {
+  if (hosts === undefined) return ["--allow-all"];
+  return ["--allow-read", "--allow-write", "--allow-run", "--allow-env", "--allow-sys"]
+    .concat(`--allow-net=${hosts}`);
+}
+
+export async function runRelease(args: string[], options: RunOptions = {}): Promise<Run> {
+  const config = ["--config", path.join(repoRoot, "deno.json")];
   const command = new Deno.Command(Deno.execPath(), {
-    args: ["run", "--allow-all", "--config", path.join(repoRoot, "deno.json"), script, ...args],
+    args: ["run", ...permissions(options.allowNet), ...config, script, ...args],
     cwd: options.cwd ?? repoRoot,
     env: options.env ?? baseEnv(),
     clearEnv: true,
@@ -84,6 +110,21 @@ export async function runRelease(
     stdout: decoder.decode(output.stdout),
     stderr: decoder.decode(output.stderr),
   };
+}
+
+/**
+ * Runs release-boot's main in this process, its output kept: the same answer as runRelease
+ * without a process start-up. For what main decides (usage errors, how it talks to Forgejo);
+ * what only a real process shows (signals, a terminal, its exit) needs runRelease.
+ */
+export async function runMain(args: string[], options: RunOptions = {}): Promise<Run> {
+  if (options.signal) throw new Error("an in-process run cannot be signalled: use runRelease");
+  if (options.allowNet !== undefined) {
+    throw new Error("an in-process run has the test's permissions: use runRelease");
+  }
+  const io = memoryIo();
+  const code = await main(args, options.env ?? baseEnv(), io, options.cwd ?? repoRoot);
+  return { code, stdout: io.out, stderr: io.err };
 }
 
 /** Runs a program with optional standard input and collects its output, as a shell would. */
@@ -156,4 +197,30 @@ export const STAGED_NETBOOT_ISO = [
   "netboot-x86_64-linux.bzImage",
   "netboot-x86_64-linux.initrd",
   "netboot-x86_64-linux.ipxe",
+  "provenance.intoto.json",
 ];
+
+/** GITHUB_OUTPUT as the runner reads it: `name=value` lines and `name<<DELIMITER` blocks. */
+export function parseStepOutputs(text: string): Map<string, string> {
+  const outputs = new Map<string, string>();
+  const all = text.split("\n");
+  for (let at = 0; at < all.length; at++) {
+    const line = all[at];
+    if (line === "") continue;
+    const equals = line.indexOf("=");
+    const heredoc = line.indexOf("<<");
+    if (equals >= 0 && (heredoc < 0 || equals < heredoc)) {
+      outputs.set(line.slice(0, equals), line.slice(equals + 1));
+      continue;
+    }
+    assert.ok(heredoc > 0, `not an output line: ${JSON.stringify(line)}`);
+    const delimiter = line.slice(heredoc + 2);
+    const value: string[] = [];
+    for (at++; all[at] !== delimiter; at++) {
+      assert.ok(at < all.length, `${delimiter} never closes ${line.slice(0, heredoc)}`);
+      value.push(all[at]);
+    }
+    outputs.set(line.slice(0, heredoc), value.join("\n"));
+  }
+  return outputs;
+}

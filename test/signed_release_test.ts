@@ -4,44 +4,14 @@
  */
 import assert from "node:assert/strict";
 import * as fs from "node:fs/promises";
-import * as os from "node:os";
 import * as path from "node:path";
 import { judgeRelease } from "../scripts/lib/release_index.ts";
 import { nixTest } from "./nix_helpers.ts";
 import { type Run, runCommand } from "./run_helpers.ts";
-import { sha256, TAG, verifyAgainstSums, type World, world } from "./forgejo_world.ts";
+import { type Keys, makeKeys } from "./signing_helpers.ts";
+import { sha256, TAG, verifyAgainstSums, type World, worldInProcess } from "./forgejo_world.ts";
 
 const INITRD = "netboot-x86_64-linux.initrd";
-
-interface Keys {
-  dir: string;
-  /** The private key file, as `ssh-keygen -t ed25519 -N '' -C release-boot` writes it. */
-  key: string;
-  keyText: string;
-  /** allowed_signers trusting the key as principal "ops" for namespace "file". */
-  allowedSigners: string;
-}
-
-async function makeKeys(name = "release-key"): Promise<Keys> {
-  const dir = await fs.mkdtemp(path.join(os.tmpdir(), "release-boot-keys-"));
-  const key = path.join(dir, name);
-  const made = await runCommand("ssh-keygen", [
-    "-q",
-    "-t",
-    "ed25519",
-    "-N",
-    "",
-    "-C",
-    "release-boot",
-    "-f",
-    key,
-  ]);
-  assert.equal(made.code, 0, made.stderr);
-  const publicLine = (await fs.readFile(`${key}.pub`, "utf8")).trim();
-  const allowedSigners = path.join(dir, "allowed_signers");
-  await fs.writeFile(allowedSigners, `ops namespaces="file" ${publicLine}\n`);
-  return { dir, key, keyText: await fs.readFile(key, "utf8"), allowedSigners };
-}
 
 /** Every 16-character run of the key's base64 body: none may appear in any output. */
 function keyMaterial(keys: Keys): string[] {
@@ -82,7 +52,7 @@ async function listing(dir: string): Promise<string[]> {
 }
 
 async function scene(test: (w: World, keys: Keys, out: string) => Promise<void>): Promise<void> {
-  const w = await world();
+  const w = await worldInProcess();
   const keys = await makeKeys();
   const out = path.join(keys.dir, "pxe");
   try {

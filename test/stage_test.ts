@@ -8,6 +8,7 @@ import {
   fixtureDir,
   makeFixture,
   makeWorkdir,
+  runMain,
   runRelease,
   sha256sumCheck,
   STAGED_NETBOOT_ISO,
@@ -15,6 +16,7 @@ import {
 
 const FIXTURE = `path:${fixtureDir}`;
 
+// A child process, as operators stage: the end-to-end check of a stage.
 nixTest(
   "with no server, netboot and iso are staged in dist/<tag> and sha256sum -c passes",
   async () => {
@@ -30,8 +32,8 @@ nixTest(
     assert.equal(check.code, 0, check.stdout);
     assert.equal(
       check.stdout.trim().split("\n").length,
-      6,
-      "SHA256SUMS lists every asset and the manifest, not itself",
+      7,
+      "SHA256SUMS lists every asset, the manifest and the provenance, not itself",
     );
     assert.match(check.stdout, /^manifest\.json: OK$/m);
     const manifest = JSON.parse(await fs.readFile(path.join(out, "manifest.json"), "utf8"));
@@ -62,7 +64,7 @@ nixTest("a rerun of a stage replaces it whole", async () => {
   const out = path.join(work.dir, "staged");
   for (const salt of ["first", "second"]) {
     const fixture = await makeFixture(salt);
-    const run = await runRelease([
+    const run = await runMain([
       "--flake",
       fixture.ref,
       "--targets",
@@ -89,7 +91,7 @@ nixTest("a stage never replaces a directory that is not an earlier stage", async
   const precious = path.join(work.dir, "srv");
   await fs.mkdir(precious);
   await fs.writeFile(path.join(precious, "keep.txt"), "operator data\n");
-  const run = await runRelease(["--flake", FIXTURE, "--targets", "netboot", "--out", precious], {
+  const run = await runMain(["--flake", FIXTURE, "--targets", "netboot", "--out", precious], {
     cwd: work.dir,
   });
   assert.equal(run.code, 2);
@@ -105,7 +107,7 @@ nixTest(
   "without hydra-build-products every regular file is published, links followed",
   async () => {
     const work = await makeWorkdir();
-    const run = await runRelease(["--flake", FIXTURE, "--targets", "plain", "--out", "out"], {
+    const run = await runMain(["--flake", FIXTURE, "--targets", "plain", "--out", "out"], {
       cwd: work.dir,
     });
     assert.equal(run.code, 0, run.stderr);
@@ -116,6 +118,7 @@ nixTest(
       "plain-x86_64-linux.NOTES",
       "plain-x86_64-linux.bzImage",
       "plain-x86_64-linux.img",
+      "provenance.intoto.json",
     ]);
     await fs.rm(work.dir, { recursive: true });
   },
@@ -123,7 +126,7 @@ nixTest(
 
 nixTest("a failing target exits 1 naming it and writes nothing", async () => {
   const work = await makeWorkdir();
-  const run = await runRelease(["--flake", FIXTURE, "--targets", "netboot,broken"], {
+  const run = await runMain(["--flake", FIXTURE, "--targets", "netboot,broken"], {
     cwd: work.dir,
   });
   assert.equal(run.code, 1);
@@ -135,7 +138,7 @@ nixTest("a failing target exits 1 naming it and writes nothing", async () => {
 
 nixTest("an unknown target exits 2 before building and lists the flake's targets", async () => {
   const work = await makeWorkdir();
-  const run = await runRelease(["--flake", FIXTURE, "--targets", "netboot,isoo"], {
+  const run = await runMain(["--flake", FIXTURE, "--targets", "netboot,isoo"], {
     cwd: work.dir,
   });
   assert.equal(run.code, 2);
@@ -144,7 +147,7 @@ nixTest("an unknown target exits 2 before building and lists the flake's targets
     /unknown target isoo in --targets: the flake .* has broken, iso, large, netboot, plain, unstable for x86_64-linux/,
   );
   assert.doesNotMatch(run.stderr, /==> Build/);
-  const other = await runRelease([
+  const other = await runMain([
     "--flake",
     FIXTURE,
     "--system",
@@ -160,7 +163,7 @@ nixTest("an unknown target exits 2 before building and lists the flake's targets
 
 nixTest("--dry-run prints the plan with sizes and sums and writes nothing", async () => {
   const work = await makeWorkdir();
-  const run = await runRelease(["--flake", FIXTURE, "--targets", "netboot", "--dry-run"], {
+  const run = await runMain(["--flake", FIXTURE, "--targets", "netboot", "--dry-run"], {
     cwd: work.dir,
   });
   assert.equal(run.code, 0, run.stderr);
@@ -192,7 +195,7 @@ Deno.test("each bad input exits 2 with one line and leaves nothing behind", asyn
     [["--frobnicate"], /unknown flag --frobnicate/],
   ];
   for (const [args, message] of cases) {
-    const run = await runRelease(args, { cwd: work.dir });
+    const run = await runMain(args, { cwd: work.dir });
     assert.equal(run.code, 2, `${args.join(" ")}: ${run.stderr}`);
     const lines = run.stderr.trim().split("\n");
     assert.equal(lines.length, 1, `one line for ${args.join(" ")}: ${run.stderr}`);
@@ -203,7 +206,7 @@ Deno.test("each bad input exits 2 with one line and leaves nothing behind", asyn
 });
 
 Deno.test("--help documents every flag and the token variables", async () => {
-  const run = await runRelease(["--help"]);
+  const run = await runMain(["--help"]);
   assert.equal(run.code, 0);
   for (
     const flag of [
@@ -239,7 +242,7 @@ nixTest(
     for (const targets of ["iso,netboot,plain", "plain,netboot,iso"]) {
       const work = await makeWorkdir();
       try {
-        const run = await runRelease(["--flake", FIXTURE, "--targets", targets], { cwd: work.dir });
+        const run = await runMain(["--flake", FIXTURE, "--targets", targets], { cwd: work.dir });
         assert.equal(run.code, 0, run.stderr);
         const out = path.join(work.dir, "dist", `boot-dev-${work.commit.slice(0, 12)}`);
         const text = (name: string) => fs.readFile(path.join(out, name), "utf8");

@@ -1,16 +1,16 @@
 /**
- * `release-boot verify` and `release-boot prune` as operators run them: the real script as a
- * child process against the Forgejo emulator (and, for verify, real nix rebuilds).
+ * `release-boot verify` and `release-boot prune` from the command line: release-boot's main,
+ * run in this process, against the Forgejo emulator (and, for verify, real nix rebuilds).
  */
 import assert from "node:assert/strict";
 import * as fs from "node:fs/promises";
-import * as os from "node:os";
 import * as path from "node:path";
 import { parseSigningKey, signSums } from "../scripts/lib/sshsig.ts";
 import { type Emulator, startForgejo } from "./forgejo/emulator.ts";
-import { TAG, TOKEN, withWorld, type World } from "./forgejo_world.ts";
+import { TAG, TOKEN, withWorldInProcess, type World } from "./forgejo_world.ts";
 import { nixTest } from "./nix_helpers.ts";
-import { baseEnv, fixtureDir, type Run, runRelease } from "./run_helpers.ts";
+import { baseEnv, type Run, runMain } from "./run_helpers.ts";
+import { git, publishFromGit } from "./git_fixture.ts";
 
 const DAY_MS = 24 * 60 * 60 * 1000;
 const SHA = /[0-9a-f]{64}/.source;
@@ -64,7 +64,7 @@ Deno.test("verify and prune refuse bad flags with one line and exit 2, before an
     ],
   ];
   for (const [args, message] of cases) {
-    const run = await runRelease(args);
+    const run = await runMain(args);
     assert.equal(run.code, 2, `${args.join(" ")}: ${run.stderr}`);
     assert.equal(lines(run.stderr).length, 1, run.stderr);
     assert.match(run.stderr.trim(), message);
@@ -165,7 +165,7 @@ function holdings(forgejo: Emulator) {
 }
 
 async function prune(forgejo: Emulator, args: string[], env = {}): Promise<Run> {
-  return await runRelease(
+  return await runMain(
     ["prune", "--server", forgejo.url, "--repo", "ops/runners", "--timeout", "3", ...args],
     { env: baseEnv({ FORGEJO_TOKEN: TOKEN, ...FAST, ...env }) },
   );
@@ -263,7 +263,7 @@ Deno.test("a prune that fails half-way leaves the rest whole, and a rerun ends i
 Deno.test("prune needs a token and never runs against a mirror", async () => {
   const forgejo = await historyServer();
   try {
-    const anonymous = await runRelease(
+    const anonymous = await runMain(
       ["prune", "--server", forgejo.url, "--repo", "ops/runners"],
       { env: baseEnv() },
     );
@@ -289,7 +289,7 @@ Deno.test("verify refuses a release it cannot check in one line, before building
   try {
     forgejo.addCommit(COMMIT);
     const run = (tag: string) =>
-      runRelease(
+      runMain(
         [
           "verify",
           "--server",
@@ -323,43 +323,8 @@ Deno.test("verify refuses a release it cannot check in one line, before building
   }
 });
 
-async function git(dir: string, ...args: string[]): Promise<string> {
-  const output = await new Deno.Command("git", {
-    args: ["-c", "user.name=t", "-c", "user.email=t@example.org", ...args],
-    cwd: dir,
-    stdout: "piped",
-    stderr: "piped",
-  }).output();
-  assert.ok(output.success, new TextDecoder().decode(output.stderr));
-  return new TextDecoder().decode(output.stdout).trim();
-}
-
-/** The fixture flake as a git checkout with one commit: what a release is built from. */
-async function gitFixture(salt: string): Promise<{ dir: string; commit: string }> {
-  const dir = await fs.mkdtemp(path.join(os.tmpdir(), "release-boot-verify-"));
-  await fs.copyFile(path.join(fixtureDir, "flake.nix"), path.join(dir, "flake.nix"));
-  await fs.writeFile(path.join(dir, "salt.nix"), `${JSON.stringify(salt)}\n`);
-  await git(dir, "init", "-q");
-  await git(dir, "add", "flake.nix", "salt.nix");
-  await git(dir, "commit", "-q", "-m", "release");
-  return { dir, commit: await git(dir, "rev-parse", "HEAD") };
-}
-
-/** Publishes `targets` of a git checkout of the fixture, recorded as built from its commit. */
-async function publishFromGit(w: World, targets: string, salt: string) {
-  const checkout = await gitFixture(salt);
-  w.forgejo.addCommit(checkout.commit);
-  const published = await w.publish(
-    ["--targets", targets, "--commit", checkout.commit],
-    {},
-    `git+file://${checkout.dir}`,
-  );
-  assert.equal(published.code, 0, published.stderr);
-  return { ...checkout, pinned: `git+file://${checkout.dir}?rev=${checkout.commit}` };
-}
-
 async function verify(w: World, args: string[], env: Record<string, string> = {}): Promise<Run> {
-  return await runRelease(
+  return await runMain(
     ["verify", "--server", w.forgejo.url, "--repo", "ops/runners", "--timeout", "3", ...args],
     { cwd: w.work.dir, env: baseEnv({ ...FAST, ...env }) },
   );
@@ -368,7 +333,7 @@ async function verify(w: World, args: string[], env: Record<string, string> = {}
 nixTest(
   "verify rebuilds a release from its commit: every file identical, exit 0, JSON and step summary",
   () =>
-    withWorld(async (w) => {
+    withWorldInProcess(async (w) => {
       const checkout = await publishFromGit(w, "netboot", `verify-${crypto.randomUUID()}`);
       try {
         const summary = path.join(checkout.dir, "summary.md");
@@ -428,7 +393,7 @@ nixTest(
 nixTest(
   "verify reports a file that does not rebuild the same with both sums and exits 1",
   () =>
-    withWorld(async (w) => {
+    withWorldInProcess(async (w) => {
       const checkout = await publishFromGit(w, "unstable", `unstable-${crypto.randomUUID()}`);
       try {
         const run = await verify(w, ["--tag", TAG, "--flake", checkout.pinned]);
@@ -462,7 +427,7 @@ nixTest(
 nixTest(
   "verify --trust requires SHA256SUMS.sig by a trusted key, and never sends the token to a mirror",
   () =>
-    withWorld(async (w) => {
+    withWorldInProcess(async (w) => {
       const checkout = await publishFromGit(w, "netboot", `signed-${crypto.randomUUID()}`);
       try {
         const keyFile = path.join(checkout.dir, "release-key");

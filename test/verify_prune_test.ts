@@ -32,15 +32,16 @@ import {
   fixtureDir,
   makeFixture,
   makeWorkdir,
-  runRelease,
+  runMain,
   startTestRun,
 } from "./run_helpers.ts";
 
 // The script's nix calls run in this process: offline, like the child runs of run_helpers.
-const run = startTestRun({
+const NIX_ENV = {
   ...process.env,
   NIX_CONFIG: "substituters =\nexperimental-features = nix-command flakes",
-});
+};
+const run = startTestRun(NIX_ENV);
 
 const SYSTEM = "x86_64-linux";
 const SHA_A = "a".repeat(64);
@@ -53,11 +54,9 @@ async function git(dir: string, ...args: string[]): Promise<string> {
   return result.stdout.trim();
 }
 
-/** Build-time leftovers of the fixture's stamp derivation in the temporary directory. */
-async function keptStampBuildDirs(): Promise<string[]> {
-  return (await fs.readdir(os.tmpdir())).filter((entry) =>
-    entry.startsWith("nix-build-build-stamp.drv-")
-  );
+/** Build-time leftovers of the fixture's stamp derivation in the temporary directory `dir`. */
+async function keptStampBuildDirs(dir: string): Promise<string[]> {
+  return (await fs.readdir(dir)).filter((entry) => entry.startsWith("nix-build-build-stamp.drv-"));
 }
 
 nixTest(
@@ -66,8 +65,13 @@ nixTest(
     const work = await makeWorkdir();
     const fixture = await makeFixture(`verify-${crypto.randomUUID()}`);
     const out = path.join(work.dir, "staged");
+    // nix keeps build directories in TMPDIR: one of this test's own, so the rebuilds of tests
+    // running at the same time are not mistaken for leftovers of this one.
+    const tmp = path.join(work.dir, "tmp");
+    await fs.mkdir(tmp);
+    const rebuildRun = startTestRun({ ...NIX_ENV, TMPDIR: tmp });
     try {
-      const staged = await runRelease(
+      const staged = await runMain(
         ["--flake", fixture.ref, "--targets", "netboot,unstable", "--out", out, "--tag", "boot-v9"],
         { cwd: work.dir },
       );
@@ -78,9 +82,9 @@ nixTest(
       const sums = parseSums(await fs.readFile(path.join(out, "SHA256SUMS"), "utf8"));
       const scope = rebuildScope(manifest, sums);
       assert.deepEqual(scope.targets.sort(), ["netboot", "unstable"]);
-      const buildDirsBefore = await keptStampBuildDirs();
+      const buildDirsBefore = await keptStampBuildDirs(tmp);
 
-      const rebuilt = await rebuildRelease(run, {
+      const rebuilt = await rebuildRelease(rebuildRun, {
         flake: fixture.ref,
         system: scope.system,
         targets: scope.targets,
@@ -117,7 +121,7 @@ nixTest(
       assert.match(stampOutput, /^\/nix\/store\/[a-z0-9]{32}-build-stamp$/);
       assert.equal(await exists(stampOutput), true, "the store's own copy stays");
       assert.equal(await exists(`${stampOutput}.check`), false, "the rebuilt copy is removed");
-      assert.deepEqual(await keptStampBuildDirs(), buildDirsBefore, "no build directory kept");
+      assert.deepEqual(await keptStampBuildDirs(tmp), buildDirsBefore, "no build directory kept");
     } finally {
       await fs.rm(work.dir, { recursive: true, force: true });
       await fs.rm(fixture.dir, { recursive: true, force: true });

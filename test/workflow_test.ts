@@ -147,15 +147,22 @@ Deno.test("every job's token is FORGEJO_TOKEN, and inputs and matrix values reac
     assert.equal(step.env?.TAG, "${{ inputs.tag }}");
     assert.doesNotMatch(step.run ?? "", /\$\{\{/, "no expression is spliced into the shell");
   }
-  // The signing key reaches only the job that signs the final SHA256SUMS and publishes.
-  assert.equal(
-    releaseStep(finalize).env?.RELEASE_BOOT_SIGNING_KEY,
-    "${{ secrets.RELEASE_BOOT_SIGNING_KEY }}",
-  );
+  // The signing keys reach only the job that signs the final SHA256SUMS and publishes: the SSH
+  // key, and the iPXE key with its certificate chain.
+  const secrets = [
+    "RELEASE_BOOT_SIGNING_KEY",
+    "RELEASE_BOOT_IPXE_SIGNING_KEY",
+    "RELEASE_BOOT_IPXE_SIGNING_CERT",
+  ];
+  for (const secret of secrets) {
+    assert.equal(releaseStep(finalize).env?.[secret], `\${{ secrets.${secret} }}`);
+  }
   for (const [name, job] of Object.entries(workflow.jobs) as [string, { steps: Step[] }][]) {
-    if (job === finalize) continue;
     for (const step of job.steps) {
-      assert.equal(step.env?.RELEASE_BOOT_SIGNING_KEY, undefined, `${name}: no signing key`);
+      if (step === releaseStep(finalize)) continue;
+      for (const secret of secrets) {
+        assert.equal(step.env?.[secret], undefined, `${name}: no ${secret}`);
+      }
     }
   }
   assert.equal(releaseStep(build).env?.SYSTEM, "${{ matrix.system }}");

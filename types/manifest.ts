@@ -4,6 +4,7 @@
  * (to resume, to merge the assets of several jobs, and to verify downloads).
  */
 import * as v from "valibot";
+import { ENVELOPE_NAME, STATEMENT_NAME } from "./provenance.ts";
 
 const Sha256Schema = v.pipe(v.string(), v.regex(/^[0-9a-f]{64}$/));
 
@@ -62,8 +63,17 @@ export const ManifestSchema = v.object({
 });
 export type Manifest = v.InferOutput<typeof ManifestSchema>;
 
-/** The release's index: SHA256SUMS, its signature and manifest.json, never listed in itself. */
+/**
+ * The release's index: SHA256SUMS, its signature, manifest.json and the provenance
+ * (types/provenance.ts), never listed in itself and never a subject of the provenance.
+ */
 export const SUMS_NAME = "SHA256SUMS";
 export const SIGNATURE_NAME = `${SUMS_NAME}.sig`;
 export const MANIFEST_NAME = "manifest.json";
-export const INDEX_NAMES = new Set([SUMS_NAME, SIGNATURE_NAME, MANIFEST_NAME]);
+export const INDEX_NAMES: ReadonlySet<string> = new Set([
+  SUMS_NAME,
+  SIGNATURE_NAME,
+  MANIFEST_NAME,
+  STATEMENT_NAME,
+  ENVELOPE_NAME,
+]);

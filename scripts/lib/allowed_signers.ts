@@ -19,22 +19,33 @@ import {
 
 const ALLOWED_SIGNERS_OPTIONS = "cert-authority, namespaces=, valid-after=, valid-before=";
 
-/** The trust file of `fetch --trust FILE`: allowed_signers, or public key lines. */
+/**
+ * The trust file of `fetch --trust FILE`: allowed_signers, or public key lines. A file others
+ * can write gets a warning, as a readable signing key does.
+ */
 export async function readTrust(
   file: string,
-  run: Pick<Run, "log">,
+  run: Pick<Run, "log" | "resolve">,
   namespace = "file",
 ): Promise<TrustedKey[]> {
   const source = `--trust ${file}`;
-  const { text } = await readSmallText(file, source);
+  const { text, mode } = await readSmallText(run.resolve(file), source);
+  if (mode & 0o022) {
+    run.log(
+      `warning: ${source} can be written by other users (mode ${
+        (mode & 0o777).toString(8)
+      }), who then choose whose signature counts: chmod go-w ${file}`,
+    );
+  }
   return parseTrust(text, { namespace, source, note: run.log });
 }
 
 /**
  * Reads trusted keys: allowed_signers lines (`principals [options] keytype key [comment]`) or
  * bare `ssh-ed25519 AAAA... [comment]` lines. Keys of other types and cert-authority lines are
- * skipped with a note (a shared allowed_signers file may hold them for other uses); a line
- * that cannot be read, or a file without an Ed25519 key valid for `namespace`, is refused.
+ * skipped with a note to `note` (readTrust gives it the run's log; a shared allowed_signers file
+ * may hold them for other uses); a line that cannot be read, or a file without an Ed25519 key
+ * valid for `namespace`, is refused.
  */
 export function parseTrust(
   text: string,

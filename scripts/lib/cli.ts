@@ -64,10 +64,23 @@ export interface ReleaseOptions extends CommonOptions {
   finalize: boolean;
   allowDirty: boolean;
   ciRun?: string;
+  /** The CI run this release is made in, for its provenance; absent when run by hand. */
+  ci?: CiJob;
   /** --signing-key FILE: the key signs SHA256SUMS wherever this run writes it. */
   signingKeyFile?: string;
   /** Assets uploaded at once (RELEASE_BOOT_UPLOAD_CONCURRENCY). */
   uploads: number;
+}
+
+/** Where a run in CI is, from Forgejo's GITHUB_* variables. */
+export interface CiJob {
+  server: string;
+  /** OWNER/NAME */
+  repository: string;
+  /** The URL of the CI run. */
+  runUrl: string;
+  /** GITHUB_WORKFLOW_REF: `OWNER/NAME/PATH@REF` of the workflow file; older servers omit it. */
+  workflowRef?: string;
 }
 
 /** Download a published release's boot files into `out/<tag>`, then point `out/current` at it. */
@@ -167,7 +180,8 @@ Usage:
                     [--dry-run]
 
 With no server configured (no --server, no GITHUB_SERVER_URL) the release is staged in
---out: every asset, SHA256SUMS and manifest.json, exactly as it would be published.
+--out: every asset, SHA256SUMS, manifest.json and the provenance, exactly as it would be
+published.
 
 Flags:
   --flake REF        flake to build (default "."); target N builds REF#packages.<system>.N
@@ -189,8 +203,9 @@ Flags:
                      new bytes and the new SHA256SUMS, then delete the old copies
   --finalize         build nothing: check that every asset of the draft for the tag is
                      covered by its SHA256SUMS, then publish it (the last job of a matrix)
-  --signing-key FILE sign SHA256SUMS (SHA256SUMS.sig, an SSH signature) with this unencrypted
-                     ssh-ed25519 key; or give the key's text in RELEASE_BOOT_SIGNING_KEY
+  --signing-key FILE sign SHA256SUMS (SHA256SUMS.sig, an SSH signature) and the provenance
+                     (provenance.intoto.jsonl) with this unencrypted ssh-ed25519 key; or give
+                     the key's text in RELEASE_BOOT_SIGNING_KEY
   --allow-dirty      publish even from a git checkout with uncommitted changes or a flake
                      whose inputs are not locked (recorded in manifest.json)
   --timeout SECONDS  a request making no progress this long fails, then is retried (default
@@ -206,8 +221,8 @@ deleted), resumes an interrupted download, writes netboot.ipxe to load kernel an
 beside it, and only then points the symlink DIR/current at DIR/TAG (DIR/previous keeps the
 one before), so an HTTP server serving DIR/current never sees a half-made directory.
 "latest" is the newest published boot-v* release. A token is optional for a public repository.
-  --trust FILE       allowed_signers (or ssh-ed25519 public key lines): SHA256SUMS.sig must be
-                     signed by one of its keys, else nothing under DIR changes
+  --trust FILE       allowed_signers (or ssh-ed25519 public key lines): SHA256SUMS.sig and the
+                     provenance must be signed by its keys, else nothing under DIR changes
   --keep N           tag directories to keep in DIR (default 3; current and previous stay)
   --rollback         point DIR/current back at DIR/previous; no network
 
@@ -216,8 +231,8 @@ every file with its SHA256SUMS: one line per file on stdout (identical, differen
 sums, missing), the JSON with --json, the verdict on stderr. --flake (default: the release's
 tag and commit fetched from the repository, git+URL?ref=refs/tags/TAG&rev=COMMIT) must be
 at that commit: a clean checkout of it, or a reference pinned with ?rev=. --trust FILE
-(allowed_signers) requires SHA256SUMS.sig by one of its keys. Exit 0 when every file is
-identical, 1 when any differs or is missing (or the release cannot be checked).
+(allowed_signers) requires SHA256SUMS.sig and the provenance signed by its keys. Exit 0 when
+every file is identical, 1 when any differs or is missing (or the release cannot be checked).
 
 prune deletes published boot-dev-* releases beyond the --keep newest (default ${PRUNE_KEEP}) with
 their tags, drafts unchanged for --stale-drafts days (default ${PRUNE_STALE_DAYS}) and boot-dev-*
@@ -230,6 +245,7 @@ Environment:
   GITHUB_TOKEN       used when FORGEJO_TOKEN is unset (the workflow token)
   GITHUB_SERVER_URL, GITHUB_REPOSITORY, GITHUB_SHA, GITHUB_REF_TYPE, GITHUB_REF_NAME,
   GITHUB_RUN_ID      defaults for the flags above, set by Forgejo Actions
+  GITHUB_WORKFLOW_REF the workflow file and ref, named as the builder in the provenance
   GITHUB_OUTPUT      receives release-url, tag and release-id
   GITHUB_STEP_SUMMARY receives a table of the assets
   RELEASE_BOOT_SIGNING_KEY  the signing key's text (a CI secret), instead of --signing-key
@@ -343,6 +359,21 @@ const CommitFlagSchema = v.pipe(
 const ServerFlagSchema = v.pipe(
   ruled(serverProblem),
   v.transform((url) => url.replace(/\/+$/, "")),
+);
+
+/** The CI server names the builder in a release's provenance, so it must be a URL. */
+const CiServerSchema = v.pipe(
+  v.string(),
+  v.url("it is not a URL"),
+  v.transform((url) => url.replace(/\/+$/, "")),
+);
+
+const WorkflowRefSchema = v.pipe(
+  v.string(),
+  v.regex(
+    /^[^/\s@]+\/[^/\s@]+\/[^\s@]+@\S+$/,
+    "a workflow ref is OWNER/NAME/PATH@REF, e.g. ops/runners/.forgejo/workflows/boot-images.yml@refs/tags/boot-v1.2.0",
+  ),
 );
 
 const FlakeFlagSchema = v.pipe(
@@ -552,6 +583,7 @@ async function releaseOptions(
     ? `boot-dev-${commit.slice(0, 12)}`
     : flagOrEnv(flags, "tag", env, "GITHUB_REF_NAME", TagFlagSchema) ??
       `boot-dev-${commit.slice(0, 12)}`;
+  const ci = ciJob(env);
   return {
     command: "release",
     flake: parseFlag("flake", FlakeFlagSchema, flags.value("flake") ?? "."),
@@ -574,12 +606,23 @@ async function releaseOptions(
       env.RELEASE_BOOT_UPLOAD_CONCURRENCY || String(DEFAULT_UPLOADS),
       "RELEASE_BOOT_UPLOAD_CONCURRENCY",
     ),
-    ciRun: env.GITHUB_SERVER_URL && env.GITHUB_REPOSITORY && env.GITHUB_RUN_ID
-      ? `${
-        env.GITHUB_SERVER_URL.replace(/\/+$/, "")
-      }/${env.GITHUB_REPOSITORY}/actions/runs/${env.GITHUB_RUN_ID}`
-      : undefined,
+    ciRun: ci?.runUrl,
+    ci,
     ...common,
+  };
+}
+
+/** The CI run, when Forgejo Actions' variables say there is one. */
+function ciJob(env: Env): CiJob | undefined {
+  if (!env.GITHUB_SERVER_URL || !env.GITHUB_REPOSITORY || !env.GITHUB_RUN_ID) return undefined;
+  const server = parseFlag("server", CiServerSchema, env.GITHUB_SERVER_URL, "GITHUB_SERVER_URL");
+  return {
+    server,
+    repository: env.GITHUB_REPOSITORY,
+    runUrl: `${server}/${env.GITHUB_REPOSITORY}/actions/runs/${env.GITHUB_RUN_ID}`,
+    workflowRef: env.GITHUB_WORKFLOW_REF
+      ? parseFlag("workflow", WorkflowRefSchema, env.GITHUB_WORKFLOW_REF, "GITHUB_WORKFLOW_REF")
+      : undefined,
   };
 }
 

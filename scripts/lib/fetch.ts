@@ -29,20 +29,21 @@ import {
   authenticSums,
   findBootRelease,
   readIndex,
+  releaseManifest,
   type RemoteIndex,
   renderSums,
-  unionManifest,
 } from "./release_index.ts";
 import {
   type BootFile,
   bootFilesByName,
   bootFilesOfScript,
   type BootSet,
-  rewriteIpxe,
+  LOCAL_SCRIPT,
+  serveFromDirectory,
 } from "./ipxe.ts";
 
 export async function fetchForBoot(run: Run, options: FetchOptions, env: Env): Promise<void> {
-  const out = path.resolve(options.out);
+  const out = run.resolve(options.out);
   if (options.rollback) {
     if (!(await lstatOrUndefined(out))) throw new ReleaseError(`there is no ${out} to roll back`);
     return await withBootLock(run, out, () => rollBack(run, out));
@@ -57,8 +58,10 @@ export async function fetchForBoot(run: Run, options: FetchOptions, env: Env): P
   // Everything that decides whether to trust the release happens before DIR is touched.
   const index = await readIndex(forgejo, release);
   const sums = await authenticSums(run, index, tag, trusted);
-  const boot = await chooseBootFiles(run, forgejo, release, index, sums, options);
+  const signed = trusted !== undefined;
+  const boot = await chooseBootFiles(run, forgejo, release, index, sums, options, signed);
   const dir = await withBootLock(run, out, async () => {
+    await refuseWithoutRoom(out, directory, release, boot.files);
     const dir = await openTagDirectory(out, directory);
     await run.step(
       "Download and verify",
@@ -94,18 +97,14 @@ async function chooseBootFiles(
   index: RemoteIndex,
   sums: Map<string, string>,
   options: DownloadOptions,
+  signed: boolean,
 ): Promise<BootSet> {
   const tag = release.tag_name;
-  const listed = sums.get(MANIFEST_NAME);
-  const manifest = listed === undefined
-    ? unionManifest(index)
-    : index.manifests.find((copy) => copy.sha256 === listed)?.manifest;
-  if (listed !== undefined && !manifest) {
-    throw new ReleaseError(
-      `${tag}'s ${MANIFEST_NAME} does not match its ${SUMS_NAME}: the release was changed, refusing to trust it`,
-    );
+  const readScript = (name: string) => verifiedText(forgejo, release, name, sums);
+  const manifest = releaseManifest(index, sums, tag, { signed, command: "fetch" });
+  if (manifest) {
+    return await bootFilesOf(manifest, sums, options.targets, options.system, tag, readScript);
   }
-  if (manifest) return bootFilesOf(manifest, sums, options.targets, options.system, tag);
   const scripts = [...sums.keys()].filter((name) => name.endsWith(".ipxe"));
   if (scripts.length === 0) {
     const boot = bootFilesByName(sums, tag);
@@ -115,23 +114,38 @@ async function chooseBootFiles(
     return boot;
   }
   const script = oneScript(scripts, options, tag);
-  const copy = release.assets.find((asset) => asset.name === script);
-  if (!copy) throw new ReleaseError(`${tag} lists ${script} but does not hold it`);
-  const text = await forgejo.assets.text(copy);
-  if (text === undefined || sha256Hex(new TextEncoder().encode(text)) !== sums.get(script)) {
-    throw new ReleaseError(`${script} of ${tag} does not match ${SUMS_NAME}; refusing to boot it`);
-  }
-  return bootFilesOfScript(script, text, sums, tag);
+  return bootFilesOfScript(script, await readScript(script), sums, tag);
 }
 
-/** The assets of the chosen targets from manifest.json, each as SHA256SUMS lists it. */
-function bootFilesOf(
+/** An iPXE script of the release, read whole and checked against SHA256SUMS. */
+async function verifiedText(
+  forgejo: Forgejo,
+  release: Release,
+  name: string,
+  sums: Map<string, string>,
+): Promise<string> {
+  const tag = release.tag_name;
+  const copy = release.assets.find((asset) => asset.name === name);
+  if (!copy) throw new ReleaseError(`${tag} lists ${name} but does not hold it`);
+  const text = await forgejo.assets.text(copy);
+  if (text === undefined || sha256Hex(new TextEncoder().encode(text)) !== sums.get(name)) {
+    throw new ReleaseError(`${name} of ${tag} does not match ${SUMS_NAME}; refusing to boot it`);
+  }
+  return text;
+}
+
+/**
+ * The assets of the chosen targets from manifest.json, each as SHA256SUMS lists it, and each
+ * built script as the boot directory serves it (read with `readScript`).
+ */
+async function bootFilesOf(
   manifest: Pick<Manifest, "assets">,
   sums: Map<string, string>,
   targets: string[],
   system: string,
   tag: string,
-): BootSet {
+  readScript: (name: string) => Promise<string>,
+): Promise<BootSet> {
   const assets = assetsOfTargets(manifest, targets, system, tag);
   const files = assets.map((asset) => {
     const sha256 = sums.get(asset.name);
@@ -143,19 +157,22 @@ function bootFilesOf(
     return { name: asset.name, sha256 };
   });
   const built = assets.filter((a) => a.name.endsWith(".built.ipxe"));
-  const scripts = built.map((script) => ({
-    from: script.name,
-    name: built.length === 1
-      ? "netboot.ipxe"
-      : script.name.replace(/\.built\.ipxe$/, ".local.ipxe"),
-    locate: (file: string) => {
+  const scripts = [];
+  for (const script of built) {
+    const locate = (file: string) => {
       const found = assets.find((a) =>
-        a.target === script.target && a.system === script.system && a !== script &&
+        a.target === script.target && a.system === script.system &&
         !a.name.endsWith(".ipxe") && path.basename(a.storePath) === file
       );
       return found && encodeURIComponent(found.name);
-    },
-  }));
+    };
+    scripts.push({
+      name: built.length === 1
+        ? LOCAL_SCRIPT
+        : script.name.replace(/\.built\.ipxe$/, ".local.ipxe"),
+      text: serveFromDirectory(script.name, await readScript(script.name), locate, tag),
+    });
+  }
   return { files, scripts };
 }
 
@@ -226,6 +243,14 @@ async function withBootLock<T>(run: Run, out: string, work: () => Promise<T>): P
   await fs.mkdir(out, { recursive: true }).catch((error: NodeJS.ErrnoException) => {
     throw new ReleaseError(`cannot make --out ${out} (${error.code ?? error.message})`);
   });
+  const { mode } = await fs.stat(out);
+  if (mode & 0o022) {
+    run.log(
+      `warning: --out ${out} can be written by other users (mode ${
+        (mode & 0o777).toString(8)
+      }), who then choose what boots: chmod go-w ${out}`,
+    );
+  }
   const lock = path.join(out, LOCK_NAME);
   await takeLock(run, lock);
   try {
@@ -294,8 +319,47 @@ function isRunning(pid: number): boolean {
 }
 
 /**
- * DIR/<tag>: made here, or made by an earlier fetch (it holds the mark). A link, a file, a
- * directory without the mark, or a link planted inside it is refused before anything is written.
+ * Refuses before anything is written when DIR's file system cannot hold the files still to
+ * download, at the sizes the release lists, instead of filling it part-way.
+ */
+async function refuseWithoutRoom(
+  out: string,
+  directory: string,
+  release: Release,
+  files: BootFile[],
+): Promise<void> {
+  let needed = 0;
+  for (const file of files) {
+    if (await lstatOrUndefined(path.join(out, directory, file.name))) continue;
+    needed += release.assets.find((asset) => asset.name === file.name)?.size ?? 0;
+  }
+  const { bavail, bsize } = await fs.statfs(out);
+  if (needed > bavail * bsize) {
+    throw new ReleaseError(
+      `${release.tag_name} needs ${formatBytes(needed)} in ${out}, whose file system has ${
+        formatBytes(bavail * bsize)
+      } free: nothing was written; free some space, or fetch into another --out`,
+    );
+  }
+}
+
+/** A file with another name elsewhere is refused: whoever writes there changes what boots. */
+function refuseHardLink(file: string, stat: { nlink: number }): void {
+  if (stat.nlink !== 1) throw notOurs(file, `a file with ${stat.nlink} hard links`);
+}
+
+/** The mark of a tag directory release-boot made: the directory's name, and when it was fetched. */
+async function readMark(dir: string): Promise<{ tag: string; at: number } | undefined> {
+  const mark = path.join(dir, TAG_MARK);
+  const stat = await lstatOrUndefined(mark);
+  if (!stat?.isFile() || stat.size > 1024) return undefined;
+  return { tag: (await fs.readFile(mark, "utf8")).trim(), at: stat.mtimeMs };
+}
+
+/**
+ * DIR/<tag>: made here, or made by an earlier fetch (its mark names it). A link, a file, a
+ * directory without that mark, or a link or hard-linked file inside it is refused before
+ * anything is written.
  */
 async function openTagDirectory(out: string, name: string): Promise<string> {
   const dir = path.join(out, name);
@@ -313,14 +377,22 @@ async function openTagDirectory(out: string, name: string): Promise<string> {
   if (!stat.isDirectory()) {
     throw notOurs(dir, stat.isSymbolicLink() ? "a symbolic link" : "not a directory");
   }
-  const marked = await lstatOrUndefined(mark);
-  if (!marked?.isFile()) throw notOurs(dir, "a directory without release-boot's mark");
+  const marked = await readMark(dir);
+  if (marked?.tag !== name) {
+    throw notOurs(
+      dir,
+      marked
+        ? `a directory release-boot made for ${marked.tag}`
+        : "a directory without release-boot's mark",
+    );
+  }
   for (const entry of await fs.readdir(dir)) {
     const file = path.join(dir, entry);
     const entryStat = await lstatOrUndefined(file);
     if (entryStat && !entryStat.isFile()) {
       throw notOurs(file, entryStat.isSymbolicLink() ? "a symbolic link" : "not a regular file");
     }
+    if (entryStat) refuseHardLink(file, entryStat);
   }
   const now = new Date();
   await fs.utimes(mark, now, now);
@@ -345,6 +417,7 @@ async function downloadVerified(
   const existing = await lstatOrUndefined(final);
   if (existing) {
     if (!existing.isFile()) throw notOurs(final, "not a regular file");
+    refuseHardLink(final, existing);
     if ((await hashFile(final)).sha256 === file.sha256) {
       run.log(`${file.name}: already here and verified`);
       return;
@@ -356,7 +429,7 @@ async function downloadVerified(
   // The checksum is in the name, so a part left by another release is never resumed.
   const part = `${final}.${file.sha256.slice(0, 16)}.part`;
   await removeStaleParts(dir, file.name, part);
-  const got = await downloadToPart(run, forgejo, copy, part, signal);
+  const got = await downloadToPart(run, forgejo, copy, part, release.tag_name, signal);
   if (got.sha256 !== file.sha256) {
     await fs.rm(part, { force: true });
     throw new ReleaseError(
@@ -386,23 +459,28 @@ async function removeStaleParts(dir: string, name: string, keep: string): Promis
   }
 }
 
-const { O_WRONLY, O_APPEND, O_TRUNC, O_RDONLY, O_NOFOLLOW } = fsConstants;
+const { O_WRONLY, O_APPEND, O_RDONLY, O_NOFOLLOW } = fsConstants;
 
 /**
  * One GET of an asset into `part`, from where an earlier run stopped, hashed in the same pass
  * that writes it (a resumed part's bytes are hashed first). The part is opened never through
- * a link: a new one exclusively, a resumed one with O_NOFOLLOW. The client's interceptors
- * follow redirects (without the token off the Forgejo origin) and retry.
+ * a link: a new one exclusively, a resumed one with O_NOFOLLOW and one name only. Nothing past
+ * the size the release lists is read or kept. The client's interceptors follow redirects
+ * (without the token off the Forgejo origin) and retry.
  */
 async function downloadToPart(
   run: Run,
   forgejo: Forgejo,
   copy: Attachment,
   part: string,
+  tag: string,
   signal?: AbortSignal,
 ): Promise<{ sha256: string; size: number }> {
   const left = await lstatOrUndefined(part);
-  const have = left?.size ?? 0;
+  if (left) refuseHardLink(part, left);
+  // A part at or past the listed size is no download in progress: it goes, never resumed.
+  if (left && left.size >= copy.size) await fs.rm(part);
+  const have = left && left.size < copy.size ? left.size : 0;
   const response = await forgejo.assets.open(copy, have, signal).catch((error: Error) => {
     throw new ReleaseError(
       `the download of ${copy.name} failed (${error.message}); rerun to resume`,
@@ -433,27 +511,49 @@ async function downloadToPart(
   if (resuming) {
     run.log(`${copy.name}: resuming after ${formatBytes(have)}`);
     await hashPart(part, hash);
+  } else if (left && left.size < copy.size) {
+    // Unlinked and made anew, never truncated: truncating writes to whatever the name holds.
+    // An empty part, left by a fetch stopped before its first byte, goes the same way.
+    await fs.rm(part);
   }
-  // A part left empty (a fetch stopped before the first byte) is written into like any other.
-  const flags = left ? O_WRONLY | O_NOFOLLOW | (resuming ? O_APPEND : O_TRUNC) : "wx";
+  const flags = resuming ? O_WRONLY | O_NOFOLLOW | O_APPEND : "wx";
   const handle = await fs.open(part, flags).catch((error: NodeJS.ErrnoException) => {
     throw error.code === "ELOOP" || error.code === "EEXIST"
       ? notOurs(part, "a symbolic link or a file planted meanwhile")
       : new ReleaseError(`cannot write ${part} (${error.code ?? error.message})`);
   });
   let size = resuming ? have : 0;
+  // False while the part may hold bytes it must not keep: a write failed half-way, or the
+  // server sent more than the release lists. Then the part is deleted, not left to resume.
+  let resumable = true;
   try {
+    refuseHardLink(part, await handle.stat());
     for await (const chunk of response.body) {
-      hash.update(chunk);
       size += chunk.length;
+      if (size > copy.size) {
+        resumable = false;
+        throw new ReleaseError(
+          `${copy.name} is larger than the ${copy.size} bytes ${tag} lists: the server sent more, so the download was stopped and deleted; rerun, and if it persists the release's file is damaged`,
+        );
+      }
+      hash.update(chunk);
+      resumable = false;
       await handle.write(chunk);
+      resumable = true;
     }
   } catch (error) {
+    if (error instanceof ReleaseError) throw error;
+    const failure = error as NodeJS.ErrnoException;
     throw new ReleaseError(
-      `the download of ${copy.name} stopped (${(error as Error).message}); rerun to resume`,
+      resumable
+        ? `the download of ${copy.name} stopped (${failure.message}); rerun to resume`
+        : `cannot write ${part} (${
+          failure.code ?? failure.message
+        }): the download was deleted; make room under --out and rerun`,
     );
   } finally {
     await handle.close();
+    if (!resumable) await fs.rm(part, { force: true });
   }
   return { sha256: hash.digest("hex"), size };
 }
@@ -474,17 +574,19 @@ async function hashPart(part: string, hash: ReturnType<typeof createHash>): Prom
 }
 
 /**
- * Makes the directory servable as it is: its own SHA256SUMS, and netboot.ipxe rewritten
- * from the script as published so that kernel and initrd load from beside it.
+ * Makes the directory servable as it is: netboot.ipxe, the release's script rewritten so that
+ * kernel and initrd load from beside it, and its own SHA256SUMS listing every file it serves.
  */
 async function writeBootDirectory(run: Run, dir: string, boot: BootSet): Promise<void> {
-  await writeOwnFile(path.join(dir, SUMS_NAME), renderSums(boot.files));
   for (const script of boot.scripts) {
-    const handle = await fs.open(path.join(dir, script.from), O_RDONLY | O_NOFOLLOW);
-    const text = await handle.readFile("utf8").finally(() => handle.close());
-    await writeOwnFile(path.join(dir, script.name), rewriteIpxe(text, script.locate));
+    await writeOwnFile(path.join(dir, script.name), script.text);
     run.log(`${script.name}: loads its kernel and initrd from the same directory`);
   }
+  const served = boot.scripts.map((script) => ({
+    name: script.name,
+    sha256: sha256Hex(new TextEncoder().encode(script.text)),
+  }));
+  await writeOwnFile(path.join(dir, SUMS_NAME), renderSums([...boot.files, ...served]));
 }
 
 /** Writes a file release-boot makes; one already there with other bytes is not ours. */
@@ -544,6 +646,16 @@ async function rollBack(run: Run, out: string): Promise<void> {
   if (!stat?.isDirectory()) {
     throw new ReleaseError(`${path.join(out, previous)} is gone: fetch that release again`);
   }
+  const mark = await readMark(path.join(out, previous));
+  if (mark?.tag !== previous) {
+    throw new ReleaseError(
+      `${
+        path.join(out, PREVIOUS)
+      } points at ${previous}, which is not a release directory release-boot made (${
+        mark ? `its ${TAG_MARK} names ${mark.tag}` : `it has no ${TAG_MARK}`
+      }): nothing was changed; fetch the release to roll back to with --tag instead`,
+    );
+  }
   if (current) await pointLink(out, PREVIOUS, current);
   await pointLink(out, CURRENT, previous);
   run.log(
@@ -552,15 +664,18 @@ async function rollBack(run: Run, out: string): Promise<void> {
   run.result(path.join(out, previous));
 }
 
-/** Keeps the `keep` most recently fetched tag directories, and always current and previous. */
+/**
+ * Keeps the `keep` most recently fetched tag directories, and always current and previous. A
+ * directory counts as fetched only when its mark names it: a copy under another name is not.
+ */
 async function removeOldReleases(run: Run, out: string, keep: number): Promise<void> {
   const pinned = new Set([await linkTarget(out, CURRENT), await linkTarget(out, PREVIOUS)]);
   const fetched: { name: string; at: number }[] = [];
   for (const name of await fs.readdir(out)) {
     if (name.startsWith(".") || name === CURRENT || name === PREVIOUS) continue;
     const stat = await lstatOrUndefined(path.join(out, name));
-    const mark = stat?.isDirectory() && await lstatOrUndefined(path.join(out, name, TAG_MARK));
-    if (mark && mark.isFile()) fetched.push({ name, at: mark.mtimeMs });
+    const mark = stat?.isDirectory() && await readMark(path.join(out, name));
+    if (mark && mark.tag === name) fetched.push({ name, at: mark.at });
   }
   fetched.sort((a, b) => b.at - a.at);
   const kept = new Set([...pinned].filter((name) => name !== undefined));

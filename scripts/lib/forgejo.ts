@@ -1,7 +1,8 @@
 /**
  * The Forgejo API as one client with verb methods (retries, redirects, caps, deadlines), the
- * explanations of its failures, the token and mirror guards, and the upload that looks before
- * it retries. It speaks HTTP only; what a release should hold is decided elsewhere.
+ * explanations of its failures, the token and mirror guards, the upload that looks before it
+ * retries, and what a failed run's uploads leave of a release (a published one is put back).
+ * It speaks HTTP only; what a release should hold is decided elsewhere.
  */
 import * as v from "valibot";
 import { Buffer } from "node:buffer";
@@ -74,26 +75,26 @@ export function requireToken(options: ReleaseOptions, env: Env, run: Pick<Run, "
 }
 
 /**
- * The mirror-list entry that `server` falls under. Origins are compared normalised: case,
- * a trailing dot, a default port and IDNA spellings are one host, and every loopback name
- * is one host, so no spelling of a mirror gets the token.
+ * The mirror-list entry that `server` falls under. A mirror is its host, whatever the scheme
+ * or port, and every subdomain of it; hosts are compared normalised (case, a trailing dot and
+ * IDNA spellings are one host, and every loopback name is one host), so no spelling of a
+ * mirror gets the token.
  */
 export function mirrorOf(server: string, mirrors: string[]): string | undefined {
   const target = new URL(server);
+  const host = hostKey(target);
   return mirrors.find((mirror) => {
     const url = URL.canParse(mirror) ? new URL(mirror) : undefined;
-    if (!url || hostKey(url) !== hostKey(target)) return false;
+    if (!url || !(host === hostKey(url) || host.endsWith(`.${hostKey(url)}`))) return false;
     const base = url.pathname.replace(/\/+$/, "");
     const at = target.pathname.replace(/\/+$/, "");
     return at === base || at.startsWith(`${base}/`);
   });
 }
 
-/** scheme://host:port with the host as a server sees it. URL already lowercases and IDNA-encodes. */
+/** The host as a server sees it. URL already lowercases and IDNA-encodes. */
 function hostKey(url: URL): string {
-  const host = isLoopback(url) ? "loopback" : url.hostname.replace(/\.$/, "");
-  const port = url.port || (url.protocol === "https:" ? "443" : "80");
-  return `${url.protocol}//${host}:${port}`;
+  return isLoopback(url) ? "loopback" : url.hostname.replace(/\.$/, "");
 }
 
 export function refuseMirror(site: Site, mirrors: string[]): Site {
@@ -253,6 +254,8 @@ export function connectForgejo(
     }),
     interceptors.redirect({ maxRedirections: MAX_REDIRECTS, throwOnMaxRedirect: true }),
   );
+  // Idle keep-alive connections would outlive the run; nothing is in flight once it ends.
+  run.atEnd(() => agent.destroy());
   const [owner, name] = site.repo.split("/");
   const repoPath = `/api/v1/repos/${encodeURIComponent(owner)}/${encodeURIComponent(name)}`;
   const api = (route: string, query: Record<string, string> = {}) => {
@@ -417,6 +420,14 @@ export function connectForgejo(
           ]),
         ),
       get: (id: number) => json(ReleaseSchema, "GET", repoApi(`/releases/${id}`)),
+      /** By id; undefined when it is gone. */
+      async byId(id: number): Promise<Release | undefined> {
+        const url = repoApi(`/releases/${id}`);
+        const answer = await send("GET", url, { expect: [404] });
+        return answer.status === 404
+          ? undefined
+          : parseAnswer(ReleaseSchema, answer.text, `GET ${url.pathname}`);
+      },
       /** The new release, or undefined when one already exists for the tag (409). */
       async create(option: CreateReleaseOption): Promise<Release | undefined> {
         const url = repoApi("/releases");
@@ -520,12 +531,15 @@ export function connectForgejo(
   };
 }
 
+/** The longest timer there is (about 24 days): a longer AbortSignal.timeout fires at once. */
+const MAX_DEADLINE_MS = 2 ** 31 - 1;
+
 /**
  * The overall deadline of one request, all its tries included: the idle timeout only catches
  * a silent peer, this also ends one that trickles a byte at a time.
  */
-function deadlineFor(http: HttpSettings, carries: number): number {
-  return TRIES * (http.timeoutMs + MS_PER_MIB * (carries / (1 << 20)));
+export function deadlineFor(http: HttpSettings, carries: number): number {
+  return Math.min(TRIES * (http.timeoutMs + MS_PER_MIB * (carries / (1 << 20))), MAX_DEADLINE_MS);
 }
 
 /** Reads a response body, refusing one larger than `max` instead of holding it. */
@@ -692,6 +706,64 @@ async function copiesSince(
     }
   }
   return undefined;
+}
+
+/**
+ * Runs `work` on `release`; a failure part-way also says what it leaves behind. A draft stays
+ * as it is; a published release is put back as it was when that is still possible.
+ * `progress`, asked once the work has failed, says how far it got, when that helps.
+ */
+export async function sayingWhatIsLeft<T>(
+  run: Run,
+  forgejo: Forgejo,
+  release: Release,
+  work: () => Promise<T>,
+  progress = () => "",
+): Promise<T> {
+  try {
+    return await work();
+  } catch (error) {
+    if (!(error instanceof ReleaseError)) throw error;
+    if (release.draft) {
+      throw new ReleaseError(
+        `${error.message}; ${progress()}the release stays a draft: rerun the same command to resume`,
+      );
+    }
+    const removed = await takeBackUploads(run, forgejo, release).catch((failure) => {
+      if (failure instanceof ReleaseError) return undefined;
+      throw failure;
+    });
+    const copies = removed === 1 ? "copy this run uploaded was" : "copies this run uploaded were";
+    const left = removed === undefined
+      ? `${progress()}the published release ${release.tag_name} still has its SHA256SUMS and every copy it lists (new copies may sit beside them)`
+      : `the published release ${release.tag_name} is as it was${
+        removed > 0 ? `: the ${removed} ${copies} deleted again` : ""
+      }`;
+    throw new ReleaseError(`${error.message}; ${left}; rerun the same command to finish`);
+  }
+}
+
+/**
+ * Takes back what a run uploaded to a published release it could not finish: every copy added
+ * since `before` is deleted and the body (its upload record) restored, so the release holds
+ * exactly its previous files again. Only while none of those is gone (undefined otherwise: a
+ * new SHA256SUMS replaced the old one). Returns how many copies went.
+ */
+async function takeBackUploads(
+  run: Run,
+  forgejo: Forgejo,
+  before: Release,
+): Promise<number | undefined> {
+  const now = await forgejo.releases.get(before.id);
+  if (before.assets.some((copy) => !now.assets.some((kept) => kept.id === copy.id))) {
+    return undefined;
+  }
+  const added = now.assets.filter((copy) => !before.assets.some((old) => old.id === copy.id));
+  for (const copy of added) {
+    await deleteAsset(run, forgejo, before.id, copy, "a copy of an unfinished replacement");
+  }
+  if (now.body !== before.body) await forgejo.releases.edit(before.id, { body: before.body });
+  return added.length;
 }
 
 export async function deleteAsset(

@@ -1,9 +1,10 @@
 /**
- * SHA-256 of files on worker threads, as many at once as there are cores, and of bytes in
- * memory. It reads files and never writes them.
+ * SHA-256 of files (large ones on worker threads, as many at once as there are cores) and of
+ * bytes in memory. It reads files and never writes them.
  */
 
 import { createHash } from "node:crypto";
+import * as fs from "node:fs/promises";
 import { Worker } from "node:worker_threads";
 import { inLanes } from "./lanes.ts";
 
@@ -28,8 +29,18 @@ closeSync(fd);
 parentPort.postMessage({ sha256: hash.digest("hex"), size });
 `;
 
-export function hashFile(file: string): Promise<{ sha256: string; size: number }> {
-  return new Promise((resolve, reject) => {
+/**
+ * Files up to this size hash on this thread: starting a worker (a new isolate, tens of ms of
+ * CPU) costs more than hashing a MiB, and boot scripts, manifests and small images are that.
+ */
+const INLINE_HASH_MAX = READ_SIZE;
+
+export async function hashFile(file: string): Promise<{ sha256: string; size: number }> {
+  if ((await fs.stat(file)).size <= INLINE_HASH_MAX) {
+    const bytes = await fs.readFile(file);
+    return { sha256: sha256Hex(bytes), size: bytes.length };
+  }
+  return await new Promise((resolve, reject) => {
     const worker = new Worker(HASH_WORKER, {
       eval: true,
       workerData: { path: file, readSize: READ_SIZE },

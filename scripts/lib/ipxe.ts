@@ -1,6 +1,7 @@
 /**
- * iPXE scripts: rewriting where a script fetches its images from, and reading which kernel and
- * initrd a script (or, without one, the file names) boots. Pure text work, no network.
+ * iPXE scripts: rewriting where a script fetches its images from, the script a boot directory
+ * serves (it loads only the release's own files), and reading which kernel and initrd a script
+ * (or, without one, the file names) boots. Pure text work, no network.
  */
 import * as fs from "node:fs/promises";
 import * as path from "node:path";
@@ -9,11 +10,64 @@ import { ReleaseError, type Run } from "./run.ts";
 import { type FileAsset } from "./nix.ts";
 import { sha256Hex } from "./hash.ts";
 
-/** iPXE commands whose first argument (after options) is an image URI. */
-const IPXE_FETCHING = new Set(["kernel", "initrd", "imgfetch", "module", "chain", "imgexec"]);
+/**
+ * iPXE commands whose first argument (after options) is an image: a URI to fetch, or the name
+ * of an image already fetched. They fetch; fetch and select; fetch and run.
+ */
+const IPXE_FETCHING = new Set([
+  ...["imgfetch", "module", "initrd"],
+  ...["imgselect", "imgload", "kernel"],
+  ...["imgexec", "chain", "boot"],
+]);
+
+/** iPXE commands that boot what no image argument names: a SAN disk's URI, DHCP's filename. */
+const IPXE_BOOTING_ELSEWHERE = new Set(["sanboot", "sanhook", "autoboot"]);
 
 /** iPXE image options that take a value. */
 const IPXE_VALUE_OPTIONS = new Set(["-n", "--name", "-t", "--timeout"]);
+
+/** Words that join several commands on one line, as iPXE's shell reads them. */
+const IPXE_JOINERS = new Set(["||", "&&", ";"]);
+
+/** One command of a script line, ending before word `to`, and the image it fetches. */
+interface Command {
+  name: string;
+  to: number;
+  /** Where its image argument is among the line's words, if it has one. */
+  image?: number;
+  /** The name `-n`/`--name` gives the image, by which later commands may run it. */
+  imageName?: string;
+}
+
+function wordsOf(line: string): string[] {
+  return line.trim().split(/\s+/).filter(Boolean);
+}
+
+/** The commands of a line's words: iPXE runs `a || b`, `a && b` and `a ; b`; `#` ends a line. */
+function commandsOf(words: string[]): Command[] {
+  const commands: Command[] = [];
+  let from = 0;
+  for (let at = 0; at <= words.length; at++) {
+    const comment = at < words.length && words[at].startsWith("#");
+    if (at < words.length && !comment && !IPXE_JOINERS.has(words[at])) continue;
+    if (at > from) commands.push(readCommand(words, from, at));
+    if (comment) break;
+    from = at + 1;
+  }
+  return commands;
+}
+
+function readCommand(words: string[], from: number, to: number): Command {
+  const command: Command = { name: words[from], to };
+  if (!IPXE_FETCHING.has(command.name)) return command;
+  let at = from + 1;
+  while (at < to && words[at].startsWith("-")) {
+    if (words[at] === "-n" || words[at] === "--name") command.imageName = words[at + 1];
+    at += IPXE_VALUE_OPTIONS.has(words[at]) ? 2 : 1;
+  }
+  if (at < to) command.image = at;
+  return command;
+}
 
 /**
  * Points an iPXE script's image URIs at new locations. `locate` maps a file name the script
@@ -23,22 +77,54 @@ const IPXE_VALUE_OPTIONS = new Set(["-n", "--name", "-t", "--timeout"]);
  */
 export function rewriteIpxe(script: string, locate: (file: string) => string | undefined): string {
   return script.split("\n").map((line) => {
-    const indent = line.match(/^\s*/)![0];
-    const words = line.trim().split(/\s+/);
-    if (!IPXE_FETCHING.has(words[0])) return line;
-    let at = 1;
-    while (at < words.length && words[at].startsWith("-")) {
-      at += IPXE_VALUE_OPTIONS.has(words[at]) ? 2 : 1;
+    const words = wordsOf(line);
+    const loads = commandsOf(words).flatMap(({ image, to }) =>
+      image === undefined ? [] : [{ image, to }]
+    );
+    if (loads.length === 0) return line;
+    for (const { image, to } of loads) {
+      words[image] = locate(words[image]) ?? words[image];
+      for (let arg = image + 1; arg < to; arg++) {
+        const initrd = words[arg].match(/^initrd=(.+)$/);
+        const moved = initrd && locate(initrd[1]);
+        if (moved) words[arg] = `initrd=${moved.split("/").pop()}`;
+      }
     }
-    if (at >= words.length) return line;
-    words[at] = locate(words[at]) ?? words[at];
-    for (let arg = at + 1; arg < words.length; arg++) {
-      const initrd = words[arg].match(/^initrd=(.+)$/);
-      const moved = initrd && locate(initrd[1]);
-      if (moved) words[arg] = `initrd=${moved.split("/").pop()}`;
-    }
-    return indent + words.join(" ");
+    return line.match(/^\s*/)![0] + words.join(" ");
   }).join("\n");
+}
+
+/**
+ * A release's iPXE script as a boot directory serves it: rewritten so that every image loads
+ * from beside it. A command that loads anything `locate` does not find among the release's
+ * files (another host, file://, another release's script, a SAN disk, DHCP's filename) is
+ * refused, naming its line, so the served script boots only what was verified.
+ */
+export function serveFromDirectory(
+  script: string,
+  text: string,
+  locate: (file: string) => string | undefined,
+  tag: string,
+): string {
+  const named = new Set<string>();
+  text.split("\n").forEach((line, index) => {
+    const words = wordsOf(line);
+    for (const command of commandsOf(words)) {
+      const image = command.image === undefined ? undefined : words[command.image];
+      const local = image === undefined
+        ? !IPXE_BOOTING_ELSEWHERE.has(command.name) && !command.name.includes("${")
+        : named.has(image) || locate(image) !== undefined;
+      if (!local) {
+        throw new ReleaseError(
+          `${script} of ${tag}, line ${
+            index + 1
+          } ("${line.trim()}"), loads from outside ${tag}: refusing to serve a script that loads anything but the release's own files; nothing was changed`,
+        );
+      }
+      if (command.imageName) named.add(command.imageName);
+    }
+  });
+  return rewriteIpxe(text, locate);
 }
 
 /**
@@ -85,11 +171,10 @@ export interface BootFile {
   sha256: string;
 }
 
-/** An iPXE script to write beside the files, from `from` with its images found by `locate`. */
+/** An iPXE script fetch writes beside the files, as the boot directory serves it. */
 interface LocalScript {
-  from: string;
   name: string;
-  locate: (file: string) => string | undefined;
+  text: string;
 }
 
 export interface BootSet {
@@ -97,7 +182,14 @@ export interface BootSet {
   scripts: LocalScript[];
 }
 
-/** A release without manifest.json: the script and the images its kernel/initrd lines fetch. */
+/** The script a boot directory serves, loading its kernel and initrd from beside it. */
+export const LOCAL_SCRIPT = "netboot.ipxe";
+
+/**
+ * A release without manifest.json: the script, the images it loads (the release must hold a
+ * kernel and an initrd among them), and the script rewritten to load them from beside it. A
+ * script itself named netboot.ipxe is served only rewritten, under that name.
+ */
 export function bootFilesOfScript(
   script: string,
   text: string,
@@ -113,23 +205,23 @@ export function bootFilesOfScript(
       return last;
     }
   };
-  const fetched = { kernel: [] as string[], initrd: [] as string[] };
-  for (const line of text.split("\n")) {
-    const command = line.trim().split(/\s+/)[0];
-    if (command !== "kernel" && command !== "initrd") continue;
-    // rewriteIpxe reads the line's tokens: its first question is the image the line fetches.
-    let image: string | undefined;
-    rewriteIpxe(line, (uri) => {
-      image ??= uri;
-      return undefined;
-    });
-    if (image) fetched[command].push(image);
-  }
-  const held = (uris: string[]) => uris.map(nameOf).filter((name) => sums.has(name));
-  const kernels = held(fetched.kernel);
-  const initrds = held(fetched.initrd);
+  // Another script of the release would be served unchecked: it is not an image to load.
+  const held = (uri: string) => {
+    const name = nameOf(uri);
+    return sums.has(name) && !name.endsWith(".ipxe") ? name : undefined;
+  };
+  const loads = text.split("\n").flatMap((line) => {
+    const words = wordsOf(line);
+    return commandsOf(words).flatMap(({ name, image }) =>
+      image === undefined ? [] : [{ command: name, uri: words[image] }]
+    );
+  });
+  const fetched = (command: string) =>
+    loads.filter((load) => load.command === command).map((load) => load.uri);
+  const kernels = fetched("kernel").filter(held);
+  const initrds = fetched("initrd").filter(held);
   if (kernels.length === 0 || initrds.length === 0) {
-    const named = [...fetched.kernel, ...fetched.initrd];
+    const named = [...fetched("kernel"), ...fetched("initrd")];
     throw new ReleaseError(
       `${script} of ${tag} names no ${
         kernels.length === 0 ? "kernel" : "initrd"
@@ -138,15 +230,16 @@ export function bootFilesOfScript(
       }: cannot tell what to boot`,
     );
   }
-  const images = new Set([...kernels, ...initrds]);
-  const local = script === "netboot.ipxe" ? "netboot.local.ipxe" : "netboot.ipxe";
+  const images = new Set(loads.flatMap((load) => held(load.uri) ?? []));
+  const locate = (uri: string) => {
+    const name = held(uri);
+    return name && encodeURIComponent(name);
+  };
+  const served = serveFromDirectory(script, text, locate, tag);
   return {
-    files: [script, ...images].map((name) => listedFile(sums, name, tag)),
-    scripts: [{
-      from: script,
-      name: local,
-      locate: (uri) => images.has(nameOf(uri)) ? encodeURIComponent(nameOf(uri)) : undefined,
-    }],
+    files: [...(script === LOCAL_SCRIPT ? [] : [script]), ...images]
+      .map((name) => listedFile(sums, name, tag)),
+    scripts: [{ name: LOCAL_SCRIPT, text: served }],
   };
 }
 

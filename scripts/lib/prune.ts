@@ -1,6 +1,7 @@
 /**
  * `release-boot prune`: delete old boot-dev releases, stale drafts and orphaned boot-dev tags,
- * never a published boot-v* release. It only deletes what its plan names.
+ * never a published boot-v* release. It only deletes what its plan names, and only while the
+ * release, read again just before, still fits the plan.
  */
 import { type Attachment, type Release, type Tag } from "../../types/forgejo.ts";
 import { type Env, formatBytes, ReleaseError, type Run, UsageError } from "./run.ts";
@@ -25,30 +26,81 @@ export async function pruneReleases(run: Run, options: PruneOptions, env: Env): 
   for (const kept of plan.kept) run.log(`Keeping ${kept.tag}: ${kept.why}`);
   const done: PruneDeletion[] = [];
   for (const deletion of plan.deletions) {
+    let deleted: PruneDeletion | undefined;
     try {
-      done.push(options.dryRun ? deletion : await deleteForPrune(run, forgejo, deletion));
+      deleted = options.dryRun
+        ? deletion
+        : await deleteForPrune(run, forgejo, deletion, options.staleDays);
     } catch (error) {
       if (!(error instanceof ReleaseError)) throw error;
       throw new ReleaseError(
         `${error.message} (prune stopped after ${done.length} of ${plan.deletions.length} deletions; the releases it did not reach are untouched: rerun to continue)`,
       );
     }
-    run.result(renderPruneDeletion(done[done.length - 1], options.dryRun));
+    if (!deleted) continue;
+    done.push(deleted);
+    run.result(renderPruneDeletion(deleted, options.dryRun));
   }
   run.result(renderPruneTotal(done, options.dryRun));
 }
 
-/** The release (with its assets), then its tag; a tag a release holds again is kept. */
+/**
+ * The release (with its assets), then its tag; a tag a release holds again is kept. The
+ * release is read again just before: one that changed since the listing so that the plan's
+ * reason no longer holds is skipped with a line saying why (undefined: nothing deleted).
+ */
 async function deleteForPrune(
   run: Run,
   forgejo: Forgejo,
   deletion: PruneDeletion,
-): Promise<PruneDeletion> {
-  if (deletion.releaseId !== undefined) await forgejo.releases.remove(deletion.releaseId);
+  staleDays: number,
+): Promise<PruneDeletion | undefined> {
+  if (deletion.releaseId !== undefined) {
+    const now = await forgejo.releases.byId(deletion.releaseId);
+    const why = now
+      ? changeSinceListing(deletion, now, new Date(), staleDays)
+      : "it was deleted since prune listed it";
+    if (why) {
+      run.log(
+        `Skipped ${
+          deletion.draft ? "draft" : "release"
+        } ${deletion.tag}: ${why}; nothing of it was deleted`,
+      );
+      return undefined;
+    }
+    await forgejo.releases.remove(deletion.releaseId);
+  }
   if (!deletion.deleteTag) return deletion;
   if (await forgejo.tags.remove(deletion.tag) !== "held") return deletion;
   run.log(`Kept the tag ${deletion.tag}: a release holds it again`);
   return { ...deletion, deleteTag: false };
+}
+
+/** Why a planned deletion no longer holds for the release as it is now; undefined if it does. */
+function changeSinceListing(
+  planned: PruneDeletion,
+  release: PruneRelease,
+  now: Date,
+  staleDays: number,
+): string | undefined {
+  const tag = release.tag_name;
+  if (planned.draft) {
+    if (!release.draft) {
+      return "it was published since prune listed it, so it is no longer a stale draft";
+    }
+    if (tag !== planned.tag) return `it is tagged ${tag} since prune listed it`;
+    const changed = lastChange(release);
+    if (changed === undefined || now.getTime() - changed < staleDays * DAY_MS) {
+      return "it changed since prune listed it, so it is no longer a stale draft";
+    }
+    return undefined;
+  }
+  if (!tag.startsWith("boot-dev-")) {
+    return `it is tagged ${tag} since prune listed it, no longer a boot-dev-* release`;
+  }
+  if (release.draft) return "it was made a draft since prune listed it";
+  if (tag !== planned.tag) return `it is tagged ${tag} since prune listed it`;
+  return undefined;
 }
 
 /** The parts of a release that prune judges. */

@@ -1,9 +1,10 @@
 /**
- * A release's index, the one home every command reads it from: SHA256SUMS and manifest.json
- * rendered and parsed, read back from a release with who signed them, merged across jobs, and
- * judged complete or not; which copy holds which bytes (the upload record in the release body);
- * and the published release and checksums fetch and verify start from. It reads releases and
- * renders what is written to them; it never uploads, edits or deletes.
+ * A release's index, the one home every command reads it from: manifest.json described from a
+ * build; SHA256SUMS, manifest.json and the provenance rendered, parsed and read back from a
+ * release with who signed them, merged across jobs, and judged complete or not; which copy
+ * holds which bytes (the upload record in the release body); and the published release and
+ * checksums fetch and verify start from. It reads releases and renders what is written to
+ * them; it never uploads, edits or deletes.
  */
 import * as fs from "node:fs/promises";
 import * as path from "node:path";
@@ -11,6 +12,7 @@ import * as v from "valibot";
 import { type Attachment, type Release } from "../../types/forgejo.ts";
 import {
   ASSET_NAME,
+  type FlakeInput,
   INDEX_NAMES,
   type Manifest,
   MANIFEST_NAME,
@@ -22,9 +24,18 @@ import {
 import { ReleaseError, type Run, UsageError } from "./run.ts";
 import { type Forgejo } from "./forgejo.ts";
 import { type ReleaseOptions } from "./cli.ts";
+import { type FileAsset, type FlakeInfo } from "./nix.ts";
+import { type FlakeMetadata } from "../../types/nix.ts";
 import { parseJson, safeJson } from "./json.ts";
 import { sha256Hex } from "./hash.ts";
-import { signatureKey, type TrustedKey, verifySums } from "./sshsig.ts";
+import { signatureKey, type SigningKey, type TrustedKey, verifySums } from "./sshsig.ts";
+import {
+  ENVELOPE_NAME,
+  type ProvenanceName,
+  type Statement,
+  STATEMENT_NAME,
+} from "../../types/provenance.ts";
+import { checkSubjects, readStatement, signerOf, verifyEnvelope } from "./provenance.ts";
 
 /** Index copies read from one release: racing jobs leave a few, never dozens. */
 const MAX_INDEX_COPIES = 24;
@@ -47,7 +58,7 @@ export function parseSums(text: string): Map<string, string> {
   return sums;
 }
 
-/** Every copy of SHA256SUMS, its signature and manifest.json in a release, oldest first. */
+/** Every copy of each index file in a release, oldest first. */
 export interface RemoteIndex {
   manifests: { copy: Attachment; manifest: Manifest; sha256: string }[];
   sums: { copy: Attachment; text: string }[];
@@ -56,16 +67,37 @@ export interface RemoteIndex {
    * (checked with the key the signature names); undefined when it signs other bytes.
    */
   signatures: { copy: Attachment; text: string; signer?: string }[];
+  /**
+   * provenance.intoto.json or .jsonl. `signer`: the fingerprint of the key readIndex was given,
+   * when this envelope verifies with it.
+   */
+  provenances: ProvenanceCopy[];
 }
 
-export async function readIndex(forgejo: Forgejo, release: Release): Promise<RemoteIndex> {
+export interface ProvenanceCopy {
+  copy: Attachment;
+  name: ProvenanceName;
+  bytes: Uint8Array;
+  sha256: string;
+  signer?: string;
+}
+
+/**
+ * Reads every index file of `release`. `key`, the signing key this run holds, is what each
+ * provenance envelope is checked against (its `signer`).
+ */
+export async function readIndex(
+  forgejo: Forgejo,
+  release: Release,
+  key?: SigningKey,
+): Promise<RemoteIndex> {
   const copies = release.assets.filter((copy) => INDEX_NAMES.has(copy.name)).length;
   if (copies > MAX_INDEX_COPIES) {
     throw new ReleaseError(
       `${release.tag_name} holds ${copies} copies of ${SUMS_NAME}, ${MANIFEST_NAME} and ${SIGNATURE_NAME}, more than racing jobs ever leave (${MAX_INDEX_COPIES}): refusing to read them; delete the extra copies in Forgejo`,
     );
   }
-  const index: RemoteIndex = { manifests: [], sums: [], signatures: [] };
+  const index: RemoteIndex = { manifests: [], sums: [], signatures: [], provenances: [] };
   for (const copy of [...release.assets].sort((a, b) => a.id - b.id)) {
     // A copy deleted since the listing (another job tidying up) is simply not there.
     const text = INDEX_NAMES.has(copy.name) ? await forgejo.assets.text(copy) : undefined;
@@ -77,6 +109,14 @@ export async function readIndex(forgejo: Forgejo, release: Release): Promise<Rem
       index.sums.push({ copy, text });
     } else if (copy.name === SIGNATURE_NAME) {
       index.signatures.push({ copy, text });
+    } else if (copy.name === STATEMENT_NAME || copy.name === ENVELOPE_NAME) {
+      const bytes = new TextEncoder().encode(text);
+      index.provenances.push({ copy, name: copy.name, bytes, sha256: sha256Hex(bytes) });
+    }
+  }
+  if (key) {
+    for (const provenance of index.provenances) {
+      provenance.signer = await envelopeSigner(provenance, key);
     }
   }
   const newest = index.sums.at(-1);
@@ -99,6 +139,21 @@ async function signerOver(
     return (await verifySums([key], sums, signature.text)).fingerprint;
   } catch (error) {
     if (error instanceof ReleaseError || error instanceof UsageError) return undefined;
+    throw error;
+  }
+}
+
+/** `key`'s fingerprint when it signed this provenance envelope; undefined otherwise. */
+async function envelopeSigner(
+  provenance: ProvenanceCopy,
+  key: SigningKey,
+): Promise<string | undefined> {
+  if (provenance.name !== ENVELOPE_NAME) return undefined;
+  const own = { publicKey: signerOf(key).publicKey, principal: key.fingerprint };
+  try {
+    return (await verifyEnvelope(provenance.bytes, [own])).keyid;
+  } catch (error) {
+    if (error instanceof ReleaseError) return undefined;
     throw error;
   }
 }
@@ -199,11 +254,73 @@ export function mergeManifests(remote: Manifest | undefined, local: Manifest): M
   };
 }
 
+function flakeInputs(metadata: FlakeMetadata): Record<string, FlakeInput> {
+  const nodes = metadata.locks.nodes;
+  const rootInputs = nodes[metadata.locks.root]?.inputs ?? {};
+  const inputs: Record<string, FlakeInput> = {};
+  for (const [name, ref] of Object.entries(rootInputs)) {
+    const node = typeof ref === "string" ? nodes[ref] : undefined;
+    const locked = node?.locked;
+    if (!locked) continue;
+    const url = locked.owner && locked.repo
+      ? `${locked.type}:${locked.owner}/${locked.repo}`
+      : locked.url ?? locked.path;
+    inputs[name] = {
+      type: locked.type,
+      url,
+      rev: locked.rev,
+      narHash: locked.narHash,
+      lastModified: locked.lastModified,
+    };
+  }
+  return inputs;
+}
+
+/**
+ * manifest.json of this run's build: the tag and commit, the flake with its locked inputs,
+ * the nix that built it, and every asset with the derivation it came from.
+ */
+export function describeRelease(
+  options: ReleaseOptions,
+  flake: FlakeInfo,
+  assets: FileAsset[],
+): Manifest {
+  return {
+    schema: 1,
+    tag: options.tag,
+    commit: options.commit,
+    flake: {
+      ref: options.flake,
+      url: flake.metadata.url,
+      revision: flake.metadata.revision,
+      narHash: flake.metadata.locked.narHash,
+      locked: flake.locked,
+      dirty: flake.dirty,
+      inputs: flakeInputs(flake.metadata),
+    },
+    nixVersion: flake.nixVersion,
+    ciRun: options.ciRun,
+    createdAt: new Date().toISOString(),
+    assets: assets.map((asset) => ({
+      name: asset.name,
+      size: asset.size,
+      sha256: asset.sha256,
+      target: asset.target,
+      system: asset.system,
+      storePath: asset.path,
+      narHash: asset.narHash,
+      drvPath: asset.drvPath,
+    })),
+  };
+}
+
 /** What keeps a release from being complete, in two kinds; both empty: it is complete. */
 interface Judgement {
   /**
    * SHA256SUMS and manifest.json: once each, agreeing, listing what is wanted; SHA256SUMS.sig
-   * at most once and over the current SHA256SUMS (once, by `signer`, when that is given).
+   * at most once and over the current SHA256SUMS (once, by `signer`, when that is given); the
+   * provenance once, listed in SHA256SUMS, attesting exactly what it lists (an envelope by
+   * `signer`, when that is given).
    */
   index: string[];
   /** The other assets: each there once, listed, with its listed size. */
@@ -213,16 +330,19 @@ interface Judgement {
 /**
  * The one completeness judgement. `wanted`: the assets the index must list exactly (the
  * union of every job's), or undefined to accept what manifest.json lists. `signer`: the
- * fingerprint of the signing key this run holds; then the release must carry its signature.
+ * fingerprint of the signing key this run holds; then the release must carry its signature
+ * and its signed provenance. Signatures or provenances left out of `index` are not judged.
  */
 export function judgeRelease(
   assets: Pick<Attachment, "name" | "size">[],
-  index: Pick<RemoteIndex, "manifests" | "sums"> & Partial<Pick<RemoteIndex, "signatures">>,
+  index:
+    & Pick<RemoteIndex, "manifests" | "sums">
+    & Partial<Pick<RemoteIndex, "signatures" | "provenances">>,
   wanted?: Pick<ManifestAsset, "name" | "sha256">[],
   signer?: string,
 ): Judgement {
   const problems: Judgement = { index: [], assets: [] };
-  problems.index.push(...signatureProblems(index.signatures ?? [], signer));
+  if (index.signatures) problems.index.push(...signatureProblems(index.signatures, signer));
   const manifest = index.manifests.length === 1 ? index.manifests[0] : undefined;
   const sums = index.sums.length === 1 ? index.sums[0] : undefined;
   for (
@@ -234,6 +354,9 @@ export function judgeRelease(
     if (count !== 1) {
       problems.index.push(count === 0 ? `it has no ${name}` : `${name} is there ${count} times`);
     }
+  }
+  if (index.provenances) {
+    problems.index.push(...provenanceProblems(index.provenances, sums?.text, signer));
   }
   if (!manifest) return problems;
   const listed = manifest.manifest.assets;
@@ -287,10 +410,48 @@ function signatureProblems(
   return [];
 }
 
-/** SHA256SUMS lists every asset and manifest.json (releases before that did not list it). */
+/**
+ * The provenance: there once, listed in SHA256SUMS as it is, attesting what SHA256SUMS lists;
+ * with `signer`, an envelope by that key.
+ */
+function provenanceProblems(
+  provenances: Pick<ProvenanceCopy, "name" | "bytes" | "sha256" | "signer">[],
+  sums: string | undefined,
+  signer: string | undefined,
+): string[] {
+  if (provenances.length !== 1) {
+    return [
+      provenances.length === 0
+        ? `it has no provenance (${STATEMENT_NAME} or ${ENVELOPE_NAME})`
+        : `the provenance is there ${provenances.length} times`,
+    ];
+  }
+  const [{ name, bytes, sha256, signer: by }] = provenances;
+  const problems: string[] = [];
+  if (signer && by !== signer) problems.push(`${name} is not signed by the signing key ${signer}`);
+  if (sums === undefined) return problems;
+  const listed = parseSums(sums);
+  if (listed.get(name) !== sha256) {
+    return [...problems, `${SUMS_NAME} does not list ${name} as it is`];
+  }
+  try {
+    return [...problems, ...checkSubjects(readStatement(name, bytes), listed, INDEX_NAMES)];
+  } catch (error) {
+    if (error instanceof ReleaseError) return [...problems, error.message];
+    throw error;
+  }
+}
+
+/**
+ * SHA256SUMS lists every asset and manifest.json (releases before that did not list it), and
+ * whichever provenance it lists (judged on its own, by provenanceProblems).
+ */
 function sumsAgree(text: string, assets: ManifestAsset[], manifestSha: string): boolean {
-  return text === renderSums([...assets, { name: MANIFEST_NAME, sha256: manifestSha }]) ||
-    text === renderSums(assets);
+  const provenance = [...parseSums(text)]
+    .filter(([name]) => name === STATEMENT_NAME || name === ENVELOPE_NAME)
+    .map(([name, sha256]) => ({ name, sha256 }));
+  const manifest = { name: MANIFEST_NAME, sha256: manifestSha };
+  return text === renderSums([...assets, manifest, ...provenance]) || text === renderSums(assets);
 }
 
 /** All problems of a judgement, as one list. */
@@ -316,6 +477,12 @@ export async function findBootRelease(forgejo: Forgejo, tag: string): Promise<Re
       `${forgejo.repo} has no release ${tag} that this token can see; check --tag`,
     );
   }
+  // Forgejo matches tags case-insensitively; any other answer is a release served in its place.
+  if (release.tag_name.toLowerCase() !== tag.toLowerCase()) {
+    throw new ReleaseError(
+      `asked for release ${tag}, the server answered with ${release.tag_name}: refusing it; nothing was changed: check --server`,
+    );
+  }
   if (release.draft) {
     throw new ReleaseError(`${tag} is still a draft: publish it before booting from it`);
   }
@@ -325,7 +492,8 @@ export async function findBootRelease(forgejo: Forgejo, tag: string): Promise<Re
 /**
  * SHA256SUMS as the release holds it, the root every file is checked against. With --trust
  * its signature must verify against a trusted key first; without, one line says that only
- * integrity, not authenticity, is checked.
+ * integrity, not authenticity, is checked. With --trust, the provenance it lists must agree
+ * with it too.
  */
 export async function authenticSums(
   run: Run,
@@ -355,7 +523,84 @@ export async function authenticSums(
       `${tag}: files are checked against its ${SUMS_NAME} (integrity), but not who made it (authenticity): pass --trust FILE to require its signature`,
     );
   }
-  return plainNames(parseSums(sums), tag);
+  const listed = plainNames(parseSums(sums), tag);
+  if (trust) await checkProvenance(run, index, listed, tag, trust);
+  return listed;
+}
+
+/**
+ * The provenance an authentic SHA256SUMS lists: the copy with that checksum, attesting exactly
+ * the files SHA256SUMS lists, and an envelope signed by a trusted key. A release made before
+ * provenance lists none, and has none to check.
+ */
+async function checkProvenance(
+  run: Run,
+  index: RemoteIndex,
+  sums: Map<string, string>,
+  tag: string,
+  trust: TrustedKey[],
+): Promise<void> {
+  for (const name of [STATEMENT_NAME, ENVELOPE_NAME].filter((name) => sums.has(name))) {
+    const copy = index.provenances.find((p) => p.name === name && p.sha256 === sums.get(name));
+    if (!copy) {
+      throw new ReleaseError(
+        `${name} of ${tag} does not match its ${SUMS_NAME}: the release was changed, refusing to trust it`,
+      );
+    }
+    let statement: Statement;
+    if (copy.name === ENVELOPE_NAME) {
+      const signed = await verifyEnvelope(copy.bytes, trust);
+      run.log(`${tag}: ${name} is signed by ${signed.principal} (${signed.keyid})`);
+      statement = signed.statement;
+    } else {
+      statement = readStatement(copy.name, copy.bytes);
+    }
+    const problems = checkSubjects(statement, sums, INDEX_NAMES);
+    if (problems.length > 0) {
+      throw new ReleaseError(
+        `${name} of ${tag} does not agree with its ${SUMS_NAME}: ${problems[0]}${
+          problems.length > 1 ? ` (and ${problems.length - 1} more)` : ""
+        }; the release is inconsistent, refusing to trust it`,
+      );
+    }
+  }
+}
+
+/**
+ * The manifest.json that says what a release boots: the copy SHA256SUMS lists (only that exact
+ * copy is believed), else the union of the copies (releases from before SHA256SUMS listed it).
+ * `signed`: SHA256SUMS was checked against --trust; then it must list manifest.json, or an
+ * unsigned file would decide what boots. The manifest must name the release's own tag: one
+ * naming another is an older release served again under a new tag. `command` words the fix.
+ */
+export function releaseManifest(
+  index: RemoteIndex,
+  sums: Map<string, string>,
+  tag: string,
+  { signed, command }: { signed: boolean; command: "fetch" | "verify" },
+): Manifest | undefined {
+  const listed = sums.get(MANIFEST_NAME);
+  if (listed === undefined && signed) {
+    throw new ReleaseError(
+      `the signed ${SUMS_NAME} of ${tag} does not list ${MANIFEST_NAME}, so nothing signed says how to boot it: refusing it under --trust; nothing was changed: publish the release again with a signing key`,
+    );
+  }
+  const manifest = listed === undefined
+    ? unionManifest(index)
+    : index.manifests.find((copy) => copy.sha256 === listed)?.manifest;
+  if (listed !== undefined && !manifest) {
+    throw new ReleaseError(
+      `${tag}'s ${MANIFEST_NAME} does not match its ${SUMS_NAME}: the release was changed, refusing to trust it`,
+    );
+  }
+  if (manifest && manifest.tag.toLowerCase() !== tag.toLowerCase()) {
+    throw new ReleaseError(
+      `the ${
+        signed ? "signed " : ""
+      }${MANIFEST_NAME} of ${tag} names ${manifest.tag}: an older release served under another tag; nothing was changed: ${command} ${manifest.tag} by its own tag, or check --server`,
+    );
+  }
+  return manifest;
 }
 
 /** A release names files: never a path, which could reach outside the directory written. */

@@ -1,9 +1,11 @@
 /**
  * One run's context, made in main and passed down: where its output goes (progress on stderr,
- * results on stdout, its secrets redacted), the shell its child processes start from (no
- * secret in their environment), and the two error classes that end a run. Nothing here
- * outlives a run; it knows nothing of releases, Forgejo or nix.
+ * results on stdout, its secrets redacted), the directory relative paths mean, the shell its
+ * child processes start from (no secret in their environment), what to close when it ends,
+ * and the two error classes that end a run. Nothing here outlives a run; it knows nothing of
+ * releases, Forgejo or nix.
  */
+import * as path from "node:path";
 import { $, type Shell } from "zx";
 
 /** Bad flags or environment: exit 2, and nothing was done. */
@@ -40,6 +42,9 @@ export function processIo(): Io {
 export interface Run {
   /** In a CI job: secrets are masked in its log and steps become collapsible groups. */
   ci: boolean;
+  /** When main started this run, and an id it made for itself: what its records say of it. */
+  startedOn: Date;
+  id: string;
   io: Io;
   /** Progress and problems, for people: stderr. */
   log(message: string): void;
@@ -54,13 +59,29 @@ export interface Run {
   /** Registers a secret: masked by the CI log, and replaced by *** in everything printed. */
   mask(secret: string): void;
   redact(text: string): string;
-  /** zx's `$` for nix and git, whose environment holds no token or key. */
+  /**
+   * The directory the run was started in: relative paths given to it mean paths under this,
+   * never under whatever directory the process is in now (tests run several runs at once).
+   */
+  cwd: string;
+  /** `file` as given (relative to `cwd`, or absolute) as an absolute path. */
+  resolve(file: string): string;
+  /** zx's `$` for nix and git, started in `cwd`, whose environment holds no token or key. */
   $: Shell;
+  /** Registers what to close when the run ends (an HTTP client's connections), however it ends. */
+  atEnd(close: () => Promise<void>): void;
 }
 
-export function startRun(env: Env, io: Io): Run {
+/** A run, and the one call that ends it: main's, once the run is over. */
+export interface StartedRun extends Run {
+  /** Closes what the run opened, newest first. */
+  end(): Promise<void>;
+}
+
+export function startRun(env: Env, io: Io, cwd: string = Deno.cwd()): StartedRun {
   const ci = env.CI === "true" || env.GITHUB_ACTIONS === "true";
   const secrets: string[] = [];
+  const closers: (() => Promise<void>)[] = [];
   const redact = (text: string) =>
     secrets.reduce((out, secret) => out.replaceAll(secret, "***"), text);
   // The progress bars on screen, by name: drawn below everything the run logs.
@@ -79,6 +100,8 @@ export function startRun(env: Env, io: Io): Run {
   const log = (message: string) => repaint(bars.size, `${redact(message)}\n`);
   return {
     ci,
+    startedOn: new Date(),
+    id: crypto.randomUUID(),
     io,
     log,
     result: (line) => io.stdout(`${redact(line)}\n`),
@@ -106,20 +129,40 @@ export function startRun(env: Env, io: Io): Run {
       secrets.push(secret);
     },
     redact,
-    $: childShell(env),
+    cwd,
+    resolve: (file) => path.resolve(cwd, file),
+    $: childShell(env, cwd),
+    atEnd: (close) => void closers.push(close),
+    async end() {
+      for (const close of closers.splice(0).reverse()) await close();
+    },
   };
 }
 
 /**
- * A shell whose child processes (nix, git) never see a token or key: it hands them `env`
- * without any variable named like a secret, never the whole environment zx would pass.
+ * A shell whose child processes (nix, git) start in `cwd` and never see a token or key: it
+ * hands them `env` without any variable named like a secret, never the whole environment zx
+ * would pass.
  */
-export function childShell(env: Env): Shell {
+export function childShell(env: Env, cwd: string = Deno.cwd()): Shell {
   return $({
+    cwd,
     env: Object.fromEntries(
       Object.entries(env).filter(([name]) => !/TOKEN|SECRET|PASSWORD|KEY/i.test(name)),
     ),
   });
+}
+
+/**
+ * Step outputs as GITHUB_OUTPUT takes them, each a `name<<delimiter` block: a value holding a
+ * newline (a server's URL) stays one value and adds no output. Each delimiter is random, as
+ * GitHub's own toolkit makes it, so no value can close its block early.
+ */
+export function stepOutputs(outputs: Record<string, string>): string {
+  return Object.entries(outputs).map(([name, value]) => {
+    const delimiter = `ghadelimiter_${crypto.randomUUID()}`;
+    return `${name}<<${delimiter}\n${value}\n${delimiter}\n`;
+  }).join("");
 }
 
 export function formatBytes(bytes: number): string {

@@ -118,7 +118,7 @@ export interface TrustedKey {
 export async function readSigningKey(
   flagFile: string | undefined,
   env: Env,
-  run: Pick<Run, "log" | "mask">,
+  run: Pick<Run, "log" | "mask" | "resolve">,
 ): Promise<SigningKey | undefined> {
   for (const line of env[SIGNING_KEY_ENV]?.split("\n") ?? []) {
     if (line.trim().length >= 16 && !line.includes("-----")) run.mask(line.trim());
@@ -131,7 +131,7 @@ export async function readSigningKey(
   }
   if (flagFile !== undefined) {
     const source = `--signing-key ${flagFile}`;
-    const { text, mode } = await readSmallText(flagFile, source);
+    const { text, mode } = await readSmallText(run.resolve(flagFile), source);
     if (mode & 0o077) {
       run.log(
         `warning: ${source} can be read by other users (mode ${(mode & 0o777).toString(8)}): ` +
@@ -599,6 +599,11 @@ export class WireReader {
   end(): void {
     if (this.#at !== this.#bytes.length) throw this.#fail("bytes follow its end");
   }
+}
+
+/** The SSH wire-format blob (string "ssh-ed25519", string key) of a raw Ed25519 public key. */
+export function ed25519Blob(publicKey: Uint8Array): Uint8Array {
+  return concatBytes(sshString(ED25519), sshString(publicKey));
 }
 
 export function sshFingerprint(publicBlob: Uint8Array): string {

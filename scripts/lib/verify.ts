@@ -5,7 +5,7 @@
 import * as fs from "node:fs/promises";
 import * as path from "node:path";
 import { type Release, type Repository } from "../../types/forgejo.ts";
-import { type Manifest, MANIFEST_NAME, SUMS_NAME } from "../../types/manifest.ts";
+import { INDEX_NAMES, type Manifest, MANIFEST_NAME, SUMS_NAME } from "../../types/manifest.ts";
 import { type FlakeMetadata, FlakeMetadataSchema } from "../../types/nix.ts";
 import {
   buildTargets,
@@ -30,6 +30,7 @@ import {
   chooseAssets,
   findBootRelease,
   readIndex,
+  releaseManifest,
   unionManifest,
 } from "./release_index.ts";
 
@@ -45,7 +46,8 @@ export async function verifyRelease(run: Run, options: VerifyOptions, env: Env):
   );
   const scope = rebuildScope(manifest, sums, options.system);
   const repository = await forgejo.repository();
-  const flake = options.flake ?? releaseFlake(repository, manifest);
+  const flake = options.flake ??
+    releaseFlake(repositoryOn(repository, forgejo.origin), manifest);
   run.log(`Rebuilding ${release.tag_name} from ${flake}`);
   await run.step("Check the flake", () => checkFlakeCommit(run, flake, manifest));
   const rebuilt = await run.step("Rebuild", () =>
@@ -65,8 +67,8 @@ export async function verifyRelease(run: Run, options: VerifyOptions, env: Env):
 }
 
 /**
- * The release's newest SHA256SUMS and its manifest. With `trusted` keys SHA256SUMS must carry
- * a valid signature, and when it lists manifest.json only that exact copy is believed.
+ * The release's newest SHA256SUMS and its manifest (releaseManifest). With `trusted` keys
+ * SHA256SUMS must carry a valid signature and list manifest.json.
  */
 async function readIndexToVerify(
   run: Run,
@@ -82,31 +84,35 @@ async function readIndexToVerify(
     );
   }
   const sums = await authenticSums(run, index, release.tag_name, trusted);
-  const manifestSha = sums.get(MANIFEST_NAME);
+  const manifest = releaseManifest(index, sums, release.tag_name, {
+    signed: trusted !== undefined,
+    command: "verify",
+  }) ?? union;
   sums.delete(MANIFEST_NAME);
-  const manifest = manifestSha === undefined
-    ? union
-    : index.manifests.find((copy) => copy.sha256 === manifestSha)?.manifest;
-  if (!manifest) {
-    throw new ReleaseError(
-      `no ${MANIFEST_NAME} of ${release.tag_name} has the checksum its ${SUMS_NAME} gives it: the release is inconsistent, refusing to trust it`,
-    );
-  }
-  // The tag is in the download URLs of the .ipxe: a manifest of another release cannot match.
-  if (manifest.tag.toLowerCase() !== release.tag_name.toLowerCase()) {
-    throw new ReleaseError(
-      `the ${MANIFEST_NAME} of ${release.tag_name} describes ${manifest.tag}: the release is inconsistent, refusing to trust it`,
-    );
-  }
   return { manifest, sums };
+}
+
+/** The repository as the server describes it, refused unless it is on `origin` over http(s). */
+function repositoryOn(repository: Repository, origin: string): Repository {
+  const home = URL.canParse(repository.html_url) ? new URL(repository.html_url) : undefined;
+  if (!home || !["http:", "https:"].includes(home.protocol) || home.origin !== origin) {
+    throw new ReleaseError(
+      `the repository's html_url ${repository.html_url} is not on ${origin}, where verify reads the release: refusing to build from it; pass --flake with the release's repository`,
+    );
+  }
+  return repository;
 }
 
 /**
  * Without --flake, the release's own commit from the repository it was published to, reached
  * through its tag (nix fetches a ref, then checks out the rev). Public repositories only: nix
- * is never given the token.
+ * is never given the token. The repository must be on `origin`, the server verify reads:
+ * nix would otherwise evaluate and build whatever the server's answer points at.
  */
-function releaseFlake(repository: Repository, manifest: Pick<Manifest, "tag" | "commit">): string {
+export function releaseFlake(
+  repository: Pick<Repository, "html_url">,
+  manifest: Pick<Manifest, "tag" | "commit">,
+): string {
   const url = new URL(`git+${repository.html_url.replace(/\/+$/, "")}`);
   url.searchParams.set("ref", `refs/tags/${manifest.tag}`);
   url.searchParams.set("rev", manifest.commit);
@@ -131,7 +137,7 @@ async function reportVerification(
       : renderVerification(verification).trimEnd(),
   );
   if (env.GITHUB_STEP_SUMMARY) {
-    await fs.appendFile(env.GITHUB_STEP_SUMMARY, verificationSummary(verification));
+    await fs.appendFile(run.resolve(env.GITHUB_STEP_SUMMARY), verificationSummary(verification));
   }
   const verdict = verificationVerdict(verification);
   if (verificationExitCode(verification) !== 0) {
@@ -160,7 +166,7 @@ export function rebuildScope(
   system?: string,
 ): RebuildScope {
   const unlisted = [...sums.keys()].find((name) =>
-    name !== MANIFEST_NAME && !manifest.assets.some((a) => a.name === name)
+    !INDEX_NAMES.has(name) && !manifest.assets.some((a) => a.name === name)
   );
   if (unlisted) {
     throw new ReleaseError(

@@ -60,7 +60,18 @@ export type Fault =
   /** Upload routes only: store the whole upload like a success, then destroy the socket. */
   | { kind: "store-then-reset" }
   /** Answer status (default 302) with Location: location, without doing the work. */
-  | { kind: "redirect"; location: string; status?: number };
+  | { kind: "redirect"; location: string; status?: number }
+  /** A lying server: answer `body()` as JSON with `status` (default 200), without the work. */
+  | { kind: "answer"; body: () => unknown; status?: number }
+  /** Do the work, then answer `edit(the JSON answer)` instead, with the same status. */
+  | { kind: "edit"; edit: (answer: unknown) => unknown }
+  /**
+   * Do the work, but hold its answer until `run` has finished: someone else changes things
+   * between this read and the caller's next request, which the caller cannot see.
+   */
+  | { kind: "then"; run: () => void | Promise<void> }
+  /** Downloads only: serve the whole file followed by `bytes` more than it holds. */
+  | { kind: "pad"; bytes: number };
 
 export interface FaultRule {
   method?: string;
@@ -70,6 +81,8 @@ export interface FaultRule {
   query?: Record<string, string>;
   /** How many requests the rule hits before it is used up (default 1). */
   times?: number;
+  /** How many matching requests it lets through untouched before it starts to hit (default 0). */
+  after?: number;
   fault: Fault;
 }
 
@@ -121,6 +134,11 @@ export interface RecordedRequest {
   bodyBytes: number;
   /** 0 if no response was sent. */
   status: number;
+  /** Body bytes of a served file (a download) handed to the connection so far. */
+  sentBytes: number;
+  /** When the request arrived and when its exchange closed (answered or not), in epoch ms. */
+  receivedAt: number;
+  closedAt?: number;
 }
 
 export interface Emulator {
@@ -178,7 +196,7 @@ export async function startForgejo(options: EmulatorOptions = {}): Promise<Emula
     requests: forgejo.requests,
     addFault: (rule) => {
       checkFault(rule.fault);
-      forgejo.faults.push({ rule, left: rule.times ?? 1 });
+      forgejo.faults.push({ rule, left: rule.times ?? 1, pass: rule.after ?? 0 });
     },
     addCommit: (sha) => forgejo.addCommit(sha),
     addTag: (name, sha) => {
@@ -284,7 +302,7 @@ class Forgejo {
   url = "";
   storageUrl = "";
   readonly requests: RecordedRequest[] = [];
-  readonly faults: { rule: FaultRule; left: number }[] = [];
+  readonly faults: { rule: FaultRule; left: number; pass: number }[] = [];
   readonly commits = new Map<string, string>(); // sha -> commit time
   readonly gitTags = new Map<string, string>(); // tag -> sha
   readonly releaseRows = new Map<number, ReleaseRow>();
@@ -615,6 +633,10 @@ interface Exchange {
   trickleBytesPerSecond?: number;
   /** Set by a store-then-reset fault: the upload is stored and the socket destroyed. */
   resetAfterStore?: boolean;
+  /** Set by an edit fault: what the JSON answer becomes. */
+  editJson?: (answer: unknown) => unknown;
+  /** Set by a pad fault: bytes served after a downloaded file's own. */
+  padBytes?: number;
 }
 
 async function serve(
@@ -655,9 +677,17 @@ function beginExchange(
     headers: flattenHeaders(req.headers),
     bodyBytes: 0,
     status: 0,
+    sentBytes: 0,
+    receivedAt: epochMs(),
   };
+  res.once("close", () => record.closedAt = epochMs());
   f.requests.push(record);
   return { req, res, record, url, access: "anonymous" };
+}
+
+/** Sub-millisecond, so that the overlap of two short requests shows. */
+function epochMs(): number {
+  return performance.timeOrigin + performance.now();
 }
 
 function flattenHeaders(headers: IncomingHttpHeaders): Record<string, string> {
@@ -679,7 +709,7 @@ function sendJson(
   value: unknown,
   headers: Record<string, string | number> = {},
 ): void {
-  const body = JSON.stringify(value);
+  const body = JSON.stringify(ex.editJson ? ex.editJson(value) : value);
   writeHead(ex, status, {
     "content-type": "application/json;charset=utf-8",
     "content-length": Buffer.byteLength(body),
@@ -775,10 +805,17 @@ function rejectOversizedBody(ex: Exchange, limit: number | undefined): boolean {
 // Faults
 
 function takeFault(f: Forgejo, ex: Exchange): Fault | undefined {
-  const entry = f.faults.find(({ rule, left }) => left > 0 && faultMatches(rule, ex));
-  if (!entry) return undefined;
-  entry.left--;
-  return entry.rule.fault;
+  for (const entry of f.faults) {
+    if (entry.left <= 0 || !faultMatches(entry.rule, ex)) continue;
+    // A rule still letting requests through counts this one and leaves it to later rules.
+    if (entry.pass > 0) {
+      entry.pass--;
+      continue;
+    }
+    entry.left--;
+    return entry.rule.fault;
+  }
+  return undefined;
 }
 
 function faultMatches(rule: FaultRule, ex: Exchange): boolean {
@@ -826,7 +863,29 @@ function applyFault(f: Forgejo, ex: Exchange, fault: Fault | undefined): boolean
       // API-FACTS is silent: no API route redirects on a sound server; the answer is bare.
       sendText(ex, fault.status ?? 302, "text/plain", "", { location: fault.location });
       return true;
+    case "answer":
+      sendJson(ex, fault.status ?? 200, fault.body());
+      return true;
+    case "edit":
+      ex.editJson = fault.edit;
+      return false;
+    case "then":
+      holdAnswer(ex, fault.run);
+      return false;
+    case "pad":
+      ex.padBytes = fault.bytes;
+      return false;
   }
+}
+
+/** The answer's last write waits for `run`, so the caller reads the state from before it. */
+function holdAnswer(ex: Exchange, run: () => void | Promise<void>): void {
+  const end = ex.res.end.bind(ex.res) as (...args: unknown[]) => ServerResponse;
+  ex.res.end = ((...args: unknown[]) => {
+    // A failing `run` is the test's own bug: it surfaces as an unhandled rejection.
+    Promise.resolve().then(run).finally(() => end(...args));
+    return ex.res;
+  }) as ServerResponse["end"];
 }
 
 /** Refuses fault settings that would make the emulator misbehave in ways nobody meant. */
@@ -837,7 +896,10 @@ function checkFault(fault: Fault): void {
   if (fault.kind === "trickle" && fault.bytesPerSecond !== undefined) {
     if (!(fault.bytesPerSecond > 0)) bad("bytesPerSecond must be above 0");
   }
-  if (fault.kind === "huge" && !(Number.isSafeInteger(fault.bytes) && fault.bytes >= 0)) {
+  if (
+    (fault.kind === "huge" || fault.kind === "pad") &&
+    !(Number.isSafeInteger(fault.bytes) && fault.bytes >= 0)
+  ) {
     bad("bytes must be a whole number of bytes");
   }
   if (fault.kind === "redirect" && !URL.canParse(fault.location)) {
@@ -1630,7 +1692,10 @@ function sendS3Error(ex: Exchange, status: number, code: string, message: string
   sendText(ex, status, "application/xml", xml);
 }
 
-/** Serves a stored file whole, or from `Range: bytes=N-` / `bytes=N-M` with 206. */
+/**
+ * Serves a stored file whole, or from `Range: bytes=N-` / `bytes=N-M` with 206. A pad fault
+ * makes a whole answer longer than the file, Content-Length included.
+ */
 async function sendFile(
   ex: Exchange,
   file: string,
@@ -1645,21 +1710,44 @@ async function sendFile(
   const partial: Record<string, string> = range
     ? { "content-range": `bytes ${start}-${end}/${size}` }
     : {};
+  const pad = range ? 0 : ex.padBytes ?? 0;
+  const length = Math.max(0, end - start + 1) + pad;
   writeHead(ex, range ? 206 : 200, {
     ...headers,
     "accept-ranges": "bytes",
-    "content-length": Math.max(0, end - start + 1),
+    "content-length": length,
     ...partial,
   });
-  if (ex.record.method === "HEAD" || size === 0) return void ex.res.end();
+  if (ex.record.method === "HEAD" || length === 0) return void ex.res.end();
   const rate = ex.trickleBytesPerSecond;
   try {
-    const bytes = createReadStream(file, { start, end });
+    const bytes = Readable.from(fileThenPadding(ex.record, file, { start, end }, pad));
     await (rate === undefined
       ? pipeline(bytes, ex.res)
       : pipeline(bytes, trickleStream(rate), ex.res));
   } catch {
     // the client stopped reading; nothing to answer any more
+  }
+}
+
+/** The file's bytes in `range`, then `pad` zero bytes, counted in `sentBytes` as they go. */
+async function* fileThenPadding(
+  record: RecordedRequest,
+  file: string,
+  range: { start: number; end: number },
+  pad: number,
+): AsyncGenerator<Buffer> {
+  if (range.end >= range.start) {
+    for await (const chunk of createReadStream(file, range)) {
+      record.sentBytes += chunk.length;
+      yield chunk;
+    }
+  }
+  const zeros = Buffer.alloc(64 * 1024);
+  for (let left = pad; left > 0; left -= zeros.length) {
+    const chunk = left >= zeros.length ? zeros : zeros.subarray(0, left);
+    record.sentBytes += chunk.length;
+    yield chunk;
   }
 }
 

@@ -1,7 +1,7 @@
 # A stand-in for nixpkgs with no inputs, for evaluating and building release-boot's
 # flake.nix offline: `--override-input nixpkgs path:<this directory>`. It provides only
 # the interface that flake uses (lib.nixosSystem, lib.genAttrs, legacyPackages with the
-# builders and testers.runNixOSTest, nixos/lib/qemu-common.nix, and the installer and
+# builders, ipxe and testers.runNixOSTest, nixos/lib/qemu-common.nix, and the installer and
 # testing modules it imports) with derivations of a few bytes each, so it checks the
 # wiring (output names, systems, packages taken from config.system.build, the runner's
 # unit) and the scripts the images run, not NixOS.

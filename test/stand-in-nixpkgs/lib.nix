@@ -41,6 +41,8 @@ let
         bool = type "bool" isBool;
         attrs = type "attrs" isAttrs;
         package = type "package" isDerivation;
+        # Like nixpkgs' types.path: a path value, or a string that is an absolute path.
+        path = type "path" (value: builtins.isPath value || (isString value && hasPrefix "/" value));
         listOf = elem: type "listOf ${elem.name}" (value: isList value && all elem.check value);
         nullOr = elem: type "null or ${elem.name}" (value: value == null || elem.check value);
       };

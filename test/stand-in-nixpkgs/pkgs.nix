@@ -63,6 +63,65 @@ in
   qemu_test = program "qemu-kvm";
   pkgsStatic.kexec-tools = program "kexec";
 
+  # nixpkgs' pkgs/by-name/ip/ipxe/package.nix (iPXE 2.0.0) reduced to what the flake uses:
+  # .override { embedScript }, which adds EMBED= to makeFlags (its line 133), and .overrideAttrs
+  # of makeFlags, applied in that order. Each target it builds is a text file under the target's
+  # own name (as its installPhase copies them) that records what real iPXE would take from the
+  # flags: the make command line, the fingerprint of each TRUST= certificate (computed with
+  # openssl, as iPXE's Makefile.housekeeping does), then the EMBED= script to the end.
+  ipxe =
+    let
+      package =
+        {
+          embedScript ? null,
+        }:
+        let
+          withAttrs =
+            attrs:
+            sh "ipxe-2.0.0-stand-in" attrs ''
+              set -eu
+              mkdir $out
+              for target in bin-x86_64-efi/ipxe.efi bin/ipxe.lkrn bin/undionly.kpxe; do
+                file=$out/''${target##*/}
+                echo "stand-in iPXE $target" > $file
+                echo "make $makeFlags $target" >> $file
+                for flag in $makeFlags; do
+                  case $flag in
+                    TRUST=*)
+                      for cert in $(echo "''${flag#TRUST=}" | tr , ' '); do
+                        fingerprint=$(openssl x509 -in "$cert" -noout -sha256 -fingerprint)
+                        echo "trusted root: $fingerprint" >> $file
+                      done
+                      ;;
+                  esac
+                done
+                for flag in $makeFlags; do
+                  case $flag in
+                    EMBED=*)
+                      echo "embedded script:" >> $file
+                      cat "''${flag#EMBED=}" >> $file
+                      ;;
+                  esac
+                done
+              done
+              ln -s undionly.kpxe $out/undionly.kpxe.0
+            ''
+            // {
+              override = args: package ({ inherit embedScript; } // args);
+              overrideAttrs = f: withAttrs (attrs // f attrs);
+            };
+        in
+        withAttrs {
+          makeFlags = [
+            "ECHO_E_BIN_ECHO=echo"
+            "ECHO_E_BIN_ECHO_E=echo"
+            "CROSS="
+          ]
+          ++ (if embedScript != null then [ "EMBED=${embedScript}" ] else [ ]);
+        };
+    in
+    package { };
+
   writeText =
     name: text:
     sh name { inherit text; } ''

@@ -1,0 +1,174 @@
+/**
+ * What a careless operator or another local user can still do to the boot directory: a hard
+ * link that a resume writes through, a copied tag directory that --keep or --rollback takes
+ * for its own, a directory or trust file others can write, a `current` that is not a link.
+ */
+import assert from "node:assert/strict";
+import * as fs from "node:fs/promises";
+import * as path from "node:path";
+import { sha256, TAG, type World, world } from "./forgejo_world.ts";
+import {
+  assertOneLineFailure,
+  assetUuid,
+  fetchTag,
+  netboot,
+  releaseByHand,
+  rollback,
+  scene,
+} from "./boot_dir_helpers.ts";
+import { nixTest } from "./nix_helpers.ts";
+import { makeKeys } from "./signing_helpers.ts";
+
+function warnings(stderr: string): string[] {
+  return stderr.split("\n").filter((line) => line.startsWith("warning:"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. Hard links
+// ---------------------------------------------------------------------------------------------
+
+Deno.test("a hard link planted in DIR/<tag> is refused; nothing outside DIR is written through it", () =>
+  scene(async (w, out, outside) => {
+    const files = await releaseByHand(w, "boot-v1", netboot("boot-v1"));
+    const victim = path.join(outside, "victim");
+    await fs.writeFile(victim, "precious\n");
+    // A fetch that stopped at the initrd leaves DIR/boot-v1 without it.
+    w.forgejo.addFault({
+      method: "GET",
+      path: `/attachments/${await assetUuid(w, "boot-v1", "initrd")}`,
+      fault: { kind: "status", status: 404 },
+    });
+    assert.equal((await fetchTag(w, out, "boot-v1")).code, 1);
+    const dir = path.join(out, "boot-v1");
+
+    // The part a resume appends to, as a second name of a file outside DIR.
+    const sum = sha256(new TextEncoder().encode(files.initrd)).slice(0, 16);
+    const part = path.join(dir, `initrd.${sum}.part`);
+    await fs.link(victim, part);
+    const resumed = await fetchTag(w, out, "boot-v1");
+    assert.equal(await fs.readFile(victim, "utf8"), "precious\n", "the file outside is unchanged");
+    assertOneLineFailure(
+      resumed,
+      /^release-boot: \S+boot-v1\/initrd\.[0-9a-f]{16}\.part is a file with 2 hard links, which release-boot did not make: nothing was written through it; remove it, or fetch into another --out$/,
+    );
+    await fs.rm(part);
+
+    // A verified file that is also a name outside DIR: whoever writes there changes what boots.
+    const kernel = path.join(outside, "kernel");
+    await fs.writeFile(kernel, files.bzImage);
+    // Fetched beside the initrd, the kernel may or may not have arrived before that failure.
+    await fs.rm(path.join(dir, "bzImage"), { force: true });
+    await fs.link(kernel, path.join(dir, "bzImage"));
+    assertOneLineFailure(
+      await fetchTag(w, out, "boot-v1"),
+      /^release-boot: \S+boot-v1\/bzImage is a file with 2 hard links, which release-boot did not make: nothing was written through it; remove it, or fetch into another --out$/,
+    );
+    assert.deepEqual((await fs.readdir(out)).sort(), ["boot-v1"], "current was never pointed");
+  }));
+
+// ---------------------------------------------------------------------------------------------
+// 7. The mark names its directory
+// ---------------------------------------------------------------------------------------------
+
+/** DIR with boot-v1 and boot-v2 fetched, and an operator's copy of boot-v1 as lab-pinned. */
+async function withLabCopy(w: World, out: string): Promise<string> {
+  for (const tag of ["boot-v1", "boot-v2", "boot-v3"]) {
+    await releaseByHand(w, tag, netboot(tag));
+  }
+  for (const tag of ["boot-v1", "boot-v2"]) {
+    const run = await fetchTag(w, out, tag);
+    assert.equal(run.code, 0, run.stderr);
+  }
+  const lab = path.join(out, "lab-pinned");
+  await fs.cp(path.join(out, "boot-v1"), lab, { recursive: true });
+  await fs.writeFile(path.join(lab, "NOTES"), "rack 3 boots this one\n");
+  return lab;
+}
+
+Deno.test("--keep removes only directories fetch made for their tag, never a copy under another name", () =>
+  scene(async (w, out) => {
+    const lab = await withLabCopy(w, out);
+    const run = await fetchTag(w, out, "boot-v3", ["--keep", "2"]);
+    assert.equal(run.code, 0, run.stderr);
+    assert.match(run.stderr, /^Removed \S+boot-v1 \(--keep 2\)$/m);
+    assert.deepEqual((await fs.readdir(out)).sort(), [
+      "boot-v2",
+      "boot-v3",
+      "current",
+      "lab-pinned",
+      "previous",
+    ]);
+    assert.equal(await fs.readFile(path.join(lab, "NOTES"), "utf8"), "rack 3 boots this one\n");
+  }));
+
+Deno.test("--rollback refuses a previous link to a directory fetch did not make for that name", () =>
+  scene(async (w, out) => {
+    await withLabCopy(w, out);
+    await fs.rm(path.join(out, "previous"));
+    await fs.symlink("lab-pinned", path.join(out, "previous"));
+    const run = await rollback(out);
+    assertOneLineFailure(
+      run,
+      /^release-boot: \S+pxe\/previous points at lab-pinned, which is not a release directory release-boot made \(its \.release-boot-tag names boot-v1\): nothing was changed; fetch the release to roll back to with --tag instead$/,
+    );
+    assert.equal(await fs.readlink(path.join(out, "current")), "boot-v2");
+    assert.equal(await fs.readlink(path.join(out, "previous")), "lab-pinned");
+  }));
+
+// ---------------------------------------------------------------------------------------------
+// 8. Files others can write
+// ---------------------------------------------------------------------------------------------
+
+Deno.test("a boot directory other users can write gets one warning naming it and the fix", () =>
+  scene(async (w, out) => {
+    await releaseByHand(w, "boot-v1", netboot("boot-v1"));
+    await fs.mkdir(out);
+    await fs.chmod(out, 0o775);
+    const run = await fetchTag(w, out, "boot-v1");
+    assert.equal(run.code, 0, run.stderr);
+    assert.deepEqual(warnings(run.stderr), [
+      `warning: --out ${out} can be written by other users (mode 775), who then choose what boots: chmod go-w ${out}`,
+    ]);
+  }));
+
+nixTest("a trust file other users can write gets one warning naming it and the fix", async () => {
+  const w = await world();
+  const keys = await makeKeys();
+  try {
+    const published = await w.publish(["--targets", "netboot"], {
+      RELEASE_BOOT_SIGNING_KEY: keys.keyText,
+    });
+    assert.equal(published.code, 0, published.stderr);
+    await fs.chmod(keys.allowedSigners, 0o666);
+    const out = path.join(keys.dir, "pxe");
+    const run = await w.fetch(out, ["--tag", TAG, "--trust", keys.allowedSigners]);
+    assert.equal(run.code, 0, run.stderr);
+    const file = keys.allowedSigners;
+    assert.deepEqual(warnings(run.stderr), [
+      `warning: --trust ${file} can be written by other users (mode 666), who then choose whose signature counts: chmod go-w ${file}`,
+    ]);
+  } finally {
+    await w.close();
+    await fs.rm(keys.dir, { recursive: true, force: true });
+  }
+});
+
+// ---------------------------------------------------------------------------------------------
+// 13. current and previous that are not links
+// ---------------------------------------------------------------------------------------------
+
+Deno.test("DIR/current or DIR/previous that is a regular file is refused in one line, not a stack trace", () =>
+  scene(async (w, out) => {
+    await releaseByHand(w, "boot-v1", netboot("boot-v1"));
+    await fs.mkdir(out);
+    for (const name of ["current", "previous"]) {
+      await fs.writeFile(path.join(out, name), "boot-v1\n");
+      const notALink = new RegExp(
+        `^release-boot: \\S+pxe/${name} is not a symbolic link, which release-boot did not make: nothing was written through it; remove it, or fetch into another --out$`,
+      );
+      assertOneLineFailure(await fetchTag(w, out, "boot-v1"), notALink);
+      assertOneLineFailure(await rollback(out), notALink);
+      assert.equal(await fs.readFile(path.join(out, name), "utf8"), "boot-v1\n");
+      await fs.rm(path.join(out, name));
+    }
+  }));

@@ -20,12 +20,7 @@
 import * as fs from "node:fs/promises";
 import * as path from "node:path";
 import { sleep } from "zx";
-import {
-  type Attachment,
-  type EditReleaseOption,
-  type Release,
-  type Repository,
-} from "../types/forgejo.ts";
+import { type EditReleaseOption, type Release, type Repository } from "../types/forgejo.ts";
 import {
   ASSET_NAME,
   INDEX_NAMES,
@@ -68,29 +63,34 @@ import {
   readFlake,
 } from "./lib/nix.ts";
 import {
+  describeAsset,
   describeRelease,
   judgeRelease,
   mergeManifests,
   parseSums,
+  type PlannedAction,
+  planUploads,
   problemsOf,
   readIndex,
+  readListedText,
   readRecordedSums,
   readUploadRecord,
   recordedAssets,
-  type RecordedSha,
+  releaseBody,
   type RemoteIndex,
   renderSums,
   unionManifest,
   withUploadRecord,
 } from "./lib/release_index.ts";
 import { sha256Hex } from "./lib/hash.ts";
-import { pointIpxeAtRelease } from "./lib/ipxe.ts";
+import { asBuiltForIpxe, pointIpxeAtRelease, signForIpxe, withIpxeFiles } from "./lib/ipxe.ts";
+import { type IpxeSigningIdentity, readIpxeSigningIdentity } from "./lib/ipxe_sign.ts";
 import { readSigningKey, SIGNING_KEY_ENV, type SigningKey, signSums } from "./lib/sshsig.ts";
 import { buildStatement, provenanceFile, runDetailsOf, signerOf } from "./lib/provenance.ts";
 import { fetchForBoot } from "./lib/fetch.ts";
 import { releaseFlake, verifyRelease } from "./lib/verify.ts";
 import { pruneReleases } from "./lib/prune.ts";
-import { inLanes } from "./lib/lanes.ts";
+import { uploadPlanned } from "./lib/uploads.ts";
 
 /**
  * One run of release-boot: its exit status (0 done, 1 failed, 2 bad usage), and on failure
@@ -130,6 +130,7 @@ async function runbook(run: Run, argv: string[], env: Env): Promise<void> {
 
   // A bad key is refused before any work, as a bad flag is.
   const key = await readSigningKey(options.signingKeyFile, env, run);
+  const ipxe = await readIpxeSigningIdentity(options.ipxeSigning, env, run);
   const forgejo = options.site && !options.dryRun
     ? connectForgejo(
       run,
@@ -141,7 +142,7 @@ async function runbook(run: Run, argv: string[], env: Env): Promise<void> {
   if (!forgejo && !options.dryRun) await refuseForeignOut(options.out, run.resolve(options.out));
   const repository = forgejo && await run.step("Check Forgejo", () => checkForgejo(run, forgejo));
   if (forgejo && options.finalize) {
-    return await finalizeRelease(run, forgejo, repository, options, key, env);
+    return await finalizeRelease(run, forgejo, repository, options, { key, ipxe }, env);
   }
 
   const flake = await run.step("Read the flake", () => readFlake(run, options));
@@ -150,7 +151,10 @@ async function runbook(run: Run, argv: string[], env: Env): Promise<void> {
   const products = await collectProducts(builds);
   const recorded = await recordedAssets(forgejo, options, key?.fingerprint);
   const hashed = await run.step("Hash", () => checksumProducts(run, products, recorded));
-  const assets = await pointIpxeAtRelease(run, hashed, downloadBase(options, repository));
+  const base = downloadBase(options, repository);
+  const built = await pointIpxeAtRelease(run, hashed, base);
+  const ipxeSigned = await signBuildForIpxe(run, options, built, base, ipxe);
+  const assets = withIpxeFiles(built, ipxeSigned);
   const manifest = describeRelease(options, flake, assets);
   const provenance = await attest(run, options, manifest, repository, key);
   const bundle = bundleRelease(assets, manifest, provenance);
@@ -178,7 +182,7 @@ async function runbook(run: Run, argv: string[], env: Env): Promise<void> {
   );
   const release = await run.step(
     "Publish",
-    () => publishWhenComplete(run, forgejo, draft, options, key),
+    () => publishWhenComplete(run, forgejo, draft, options, key, ipxeSigned),
   );
   await reportRelease(run, release, bundle.manifest, env);
 }
@@ -278,6 +282,25 @@ function rebuildFlake(
   if (!options.site) return manifest.flake.url;
   const html_url = repository?.html_url ?? `${options.site.server}/${options.site.repo}`;
   return releaseFlake({ html_url }, manifest);
+}
+
+/**
+ * The verifying scripts and `.sig`s this run adds for iPXE, made where it writes the final
+ * index: a single publish or a stage, not a --draft job (the --finalize job signs for it).
+ */
+async function signBuildForIpxe(
+  run: Run,
+  options: ReleaseOptions,
+  assets: FileAsset[],
+  base: string,
+  identity: IpxeSigningIdentity | undefined,
+): Promise<FileAsset[]> {
+  if (!identity) return [];
+  if (options.draft) {
+    run.log("--draft: not signing for iPXE in this job; --finalize with the iPXE key signs");
+    return [];
+  }
+  return await signForIpxe(run, assets, (built) => fs.readFile(built.path, "utf8"), base, identity);
 }
 
 /** Where the release's files will be downloadable from; relative for a local stage. */
@@ -482,56 +505,9 @@ async function adoptRelease(
   return await forgejo.releases.edit(release.id, edit);
 }
 
-async function recordUpload(
-  forgejo: Forgejo,
-  releaseId: number,
-  asset: BundleAsset,
-  stored: Attachment,
-): Promise<void> {
-  const release = await forgejo.releases.get(releaseId);
-  const record = readUploadRecord(release.body);
-  record[asset.name] = { id: stored.id, size: stored.size, sha256: asset.sha256 };
-  await forgejo.releases.edit(releaseId, { body: withUploadRecord(release.body, record) });
-}
-
 // ---------------------------------------------------------------------------------------------
-// What to upload: a pure plan from the local bundle and the release's current state
+// What to upload: the plan (release_index's planUploads) refused when it would change history
 // ---------------------------------------------------------------------------------------------
-
-type PlannedAction =
-  /** Already there with the same size and checksum: `remove` lists stray copies to delete. */
-  | { kind: "skip"; asset: BundleAsset; keep: Attachment; remove: Attachment[] }
-  /** Not there (or only partial/unverifiable copies, removed once the new index is in). */
-  | { kind: "upload"; asset: BundleAsset; remove: Attachment[] }
-  /** There with other bytes: refused unless --replace, which uploads then removes. */
-  | { kind: "conflict"; asset: BundleAsset; remote: Attachment[]; remoteSha256?: string };
-
-export function planUploads(
-  local: BundleAsset[],
-  remote: Attachment[],
-  recordedSha: RecordedSha,
-  isDraft: boolean,
-  replace: boolean,
-): PlannedAction[] {
-  return local.map((asset): PlannedAction => {
-    const copies = remote.filter((attachment) => attachment.name === asset.name);
-    const good = copies.filter((copy) =>
-      copy.size === asset.size && recordedSha(copy) === asset.sha256
-    );
-    if (good.length > 0) {
-      const keep = good.sort((a, b) => a.id - b.id)[0];
-      return { kind: "skip", asset, keep, remove: copies.filter((copy) => copy !== keep) };
-    }
-    if (copies.length === 0) return { kind: "upload", asset, remove: [] };
-    const known = copies.map(recordedSha).filter((sha) => sha !== undefined);
-    // Our checksum on record but a wrong size: a truncated upload, ours to redo.
-    const truncated = known.length > 0 && known.every((sha) => sha === asset.sha256);
-    // Nothing on record in a draft: an upload that a killed run never got to record.
-    const unrecorded = known.length === 0 && isDraft;
-    if (truncated || unrecorded || replace) return { kind: "upload", asset, remove: copies };
-    return { kind: "conflict", asset, remote: copies, remoteSha256: known[0] };
-  });
-}
 
 function refuseConflicts(plan: PlannedAction[], release: Release, options: ReleaseOptions): void {
   const conflicts = plan.filter((action) => action.kind === "conflict");
@@ -546,43 +522,6 @@ function refuseConflicts(plan: PlannedAction[], release: Release, options: Relea
     } release ${options.tag} differs from this build (${theirs} there, sha256 ${first.asset.sha256} here)${
       conflicts.length > 1 ? ` and ${conflicts.length - 1} more` : ""
     }; nothing was changed: rerun with --replace to store the new bytes, or release a new tag`,
-  );
-}
-
-// ---------------------------------------------------------------------------------------------
-// Uploads, each recorded in the release body
-// ---------------------------------------------------------------------------------------------
-
-/**
- * `lanes` uploads at a time, each recorded as it finishes. After a failure none starts, and
- * it is reported once those under way have finished: a draft keeps them for a rerun to skip.
- */
-async function uploadPlanned(
-  run: Run,
-  forgejo: Forgejo,
-  release: Release,
-  plan: PlannedAction[],
-  lanes: number,
-): Promise<void> {
-  const uploads = plan.filter((action) => action.kind === "upload");
-  for (const action of plan) {
-    if (action.kind === "skip") run.log(`${action.asset.name}: already in the release, skipped`);
-  }
-  let done = 0;
-  let recorded = Promise.resolve();
-  await sayingWhatIsLeft(
-    run,
-    forgejo,
-    release,
-    () =>
-      inLanes(uploads, lanes, async (action) => {
-        const stored = await uploadAsset(run, forgejo, release.id, action.asset, release.assets);
-        // Each record rewrites the release body: one at a time, or one would undo another.
-        recorded = recorded.then(() => recordUpload(forgejo, release.id, action.asset, stored));
-        await recorded;
-        done++;
-      }),
-    () => `${done} of ${uploads.length} uploads had finished and `,
   );
 }
 
@@ -724,34 +663,6 @@ async function updateBody(
   if (release.body !== body) await forgejo.releases.edit(release.id, { body });
 }
 
-/** The release page, readably: what it is, where it came from, and how to check it. */
-export function releaseBody(manifest: Manifest, options: Pick<ReleaseOptions, "site">): string {
-  const commitUrl = `${options.site?.server}/${options.site?.repo}/commit/${manifest.commit}`;
-  const lines = [
-    `Boot images built from commit [${
-      manifest.commit.slice(0, 12)
-    }](${commitUrl}) with Nix ${manifest.nixVersion}.`,
-    "",
-  ];
-  const inputs = Object.entries(manifest.flake.inputs);
-  if (inputs.length > 0) {
-    lines.push("| flake input | source | rev |", "|---|---|---|");
-    for (const [name, input] of inputs) {
-      lines.push(
-        `| ${name} | ${input.url ?? input.type} | \`${input.rev ?? input.narHash ?? "?"}\` |`,
-      );
-    }
-    lines.push("");
-  }
-  lines.push("| asset | size | sha256 |", "|---|---|---|");
-  for (const asset of manifest.assets) {
-    lines.push(`| ${asset.name} | ${formatBytes(asset.size)} | \`${asset.sha256}\` |`);
-  }
-  lines.push("", `Verify a download: \`sha256sum -c --ignore-missing ${SUMS_NAME}\`.`);
-  if (manifest.ciRun) lines.push("", `Built by [CI run](${manifest.ciRun}).`);
-  return `${lines.join("\n")}\n`;
-}
-
 // ---------------------------------------------------------------------------------------------
 // Publish once everything is there, then confirm it
 // ---------------------------------------------------------------------------------------------
@@ -766,6 +677,7 @@ async function publishWhenComplete(
   draft: Release,
   options: ReleaseOptions,
   key: SigningKey | undefined,
+  ipxeSigned: FileAsset[],
 ): Promise<Release> {
   const deadline = Date.now() + options.http.timeoutMs;
   for (let waited = false;; waited = true) {
@@ -777,6 +689,7 @@ async function publishWhenComplete(
         await readIndex(forgejo, release, key),
         undefined,
         key?.fingerprint,
+        ipxeSigned,
       ),
     );
     if (problems.length === 0) {
@@ -817,14 +730,15 @@ async function publishDraft(run: Run, forgejo: Forgejo, release: Release): Promi
 
 /**
  * The last job of a matrix: no build, just check the assembled draft and publish it. Holding
- * the key (which build jobs need not hold), it first writes the complete index again, signed.
+ * the keys (which build jobs need not hold), it first signs the draft for iPXE and writes the
+ * complete index again, signed.
  */
 async function finalizeRelease(
   run: Run,
   forgejo: Forgejo,
   repository: Repository | undefined,
   options: ReleaseOptions,
-  key: SigningKey | undefined,
+  { key, ipxe }: { key?: SigningKey; ipxe?: IpxeSigningIdentity },
   env: Env,
 ): Promise<void> {
   const found = await forgejo.releases.byTag(options.tag);
@@ -837,14 +751,26 @@ async function finalizeRelease(
   const adopted = await adoptRelease(run, forgejo, found, options);
   const unsigned = await readIndex(forgejo, adopted);
   const union = unionManifest(unsigned);
-  // Complete but for its signatures (build jobs need not hold the key): written again, signed.
+  // Complete but for its signatures (build jobs need not hold the keys): written again, signed.
   const { signatures: _, ...unsignedParts } = unsigned;
-  if (key && union && problemsOf(judgeRelease(adopted.assets, unsignedParts)).length === 0) {
-    await writeIndex(run, forgejo, repository, adopted, union, [], options, key);
+  const built = ipxe && union ? asBuiltForIpxe(adopted.assets, union) : adopted.assets;
+  const complete = union !== undefined &&
+    problemsOf(judgeRelease(built, unsignedParts)).length === 0;
+  const signed = complete && ipxe
+    ? await signDraftForIpxe(run, forgejo, adopted, union, downloadBase(options, repository), {
+      identity: ipxe,
+      uploads: options.uploads,
+    })
+    : undefined;
+  if (complete && (key || ipxe)) {
+    const { manifest = union, plan = [] } = signed ?? {};
+    await writeIndex(run, forgejo, repository, adopted, manifest, plan, options, key);
   }
   const release = await forgejo.releases.get(adopted.id);
   const index = await readIndex(forgejo, release, key);
-  const problems = problemsOf(judgeRelease(release.assets, index, undefined, key?.fingerprint));
+  const problems = problemsOf(
+    judgeRelease(release.assets, index, undefined, key?.fingerprint, signed?.files),
+  );
   if (problems.length > 0) {
     throw new ReleaseError(
       `release ${options.tag} is not complete, so it ${
@@ -858,6 +784,44 @@ async function finalizeRelease(
   }
   const published = release.draft ? await publishDraft(run, forgejo, release) : release;
   await reportRelease(run, published, index.manifests[0].manifest, env);
+}
+
+/**
+ * Signs a complete draft for iPXE: its scripts made from the built ones (read back from the
+ * release: they are small, and the images need not be downloaded, their digests are signed),
+ * uploaded where they differ from what the draft holds. Returns the signed files, the
+ * manifest listing them and the plan whose replaced copies go once the index lists them. A
+ * published release is never changed: it gets neither, and the judgement says what it lacks.
+ */
+async function signDraftForIpxe(
+  run: Run,
+  forgejo: Forgejo,
+  release: Release,
+  union: Manifest,
+  base: string,
+  { identity, uploads }: { identity: IpxeSigningIdentity; uploads: number },
+): Promise<{ files: FileAsset[]; manifest: Manifest; plan: PlannedAction[] }> {
+  const readBuilt = async (built: FileAsset) => {
+    const text = await readListedText(forgejo, release, built);
+    if (text !== undefined) return text;
+    throw new ReleaseError(
+      `${built.name} of ${release.tag_name} is not the script ${MANIFEST_NAME} lists, so it cannot be signed for iPXE: rerun the job that builds it`,
+    );
+  };
+  const assets = union.assets.map((asset) => ({ ...asset, path: asset.storePath }));
+  const files = await signForIpxe(run, assets, readBuilt, base, identity);
+  const plan = planUploads(
+    files,
+    release.assets,
+    await readRecordedSums(forgejo, release),
+    release.draft,
+    true,
+  );
+  const changes = plan.some((action) => action.kind !== "skip" || action.remove.length > 0);
+  if (changes && !release.draft) return { files, manifest: union, plan: [] };
+  await uploadPlanned(run, forgejo, release, plan, uploads);
+  const signed = { ...union, assets: files.map(describeAsset) };
+  return { files, manifest: mergeManifests(union, signed), plan };
 }
 
 async function reportRelease(

@@ -230,7 +230,7 @@ Deno.test("a part left for one file survives fetching a file whose name starts l
     );
   }));
 
-Deno.test("an empty part, left by a fetch stopped before the first byte, is written into", () =>
+Deno.test("an empty part, left by a fetch stopped before its first byte, does not stop the next", () =>
   scene(async (w, out) => {
     const files = bootFiles("bzImage", ["initrd"]);
     const release = await releaseByHand(w, files);

@@ -28,13 +28,21 @@ async function gitFixture(salt: string): Promise<{ dir: string; commit: string }
   return { dir, commit: await git(dir, "rev-parse", "HEAD") };
 }
 
-/** Publishes `targets` of a git checkout of the fixture, recorded as built from its commit. */
-export async function publishFromGit(w: World, targets: string, salt: string) {
+/**
+ * Publishes `targets` of a git checkout of the fixture, recorded as built from its commit;
+ * `env` adds to the publish's environment (a signing key).
+ */
+export async function publishFromGit(
+  w: World,
+  targets: string,
+  salt: string,
+  env: Record<string, string> = {},
+) {
   const checkout = await gitFixture(salt);
   w.forgejo.addCommit(checkout.commit);
   const published = await w.publish(
     ["--targets", targets, "--commit", checkout.commit],
-    {},
+    env,
     `git+file://${checkout.dir}`,
   );
   assert.equal(published.code, 0, published.stderr);

@@ -7,7 +7,8 @@ import { createHash } from "node:crypto";
 import * as fs from "node:fs/promises";
 import * as os from "node:os";
 import * as path from "node:path";
-import { checkSigningIdentity, IpxeSigningError, signDigest } from "../scripts/lib/ipxe_sign.ts";
+import { checkSigningIdentity, signDigest } from "../scripts/lib/ipxe_sign.ts";
+import { ReleaseError, UsageError } from "../scripts/lib/run.ts";
 import { type Issued, makeCa, makeCodeSigning, makeIntermediate } from "./boot/pki.ts";
 import { runCommand } from "./run_helpers.ts";
 
@@ -59,7 +60,7 @@ function refusal(keyPem: string, chainPem: string, now = new Date()): string {
   try {
     checkSigningIdentity(keyPem, chainPem, now);
   } catch (error) {
-    assert.ok(error instanceof IpxeSigningError, String(error));
+    assert.ok(error instanceof UsageError, `bad input (exit 2): ${error}`);
     return error.message;
   }
   assert.fail("the signing identity was accepted");
@@ -246,7 +247,7 @@ Deno.test("signing refuses anything but a SHA-256 digest in hex", () =>
     const identity = checkSigningIdentity(signer.key, signer.cert + ca.cert, new Date());
     assert.throws(
       () => signDigest(identity, "not a digest"),
-      new IpxeSigningError(
+      new ReleaseError(
         'cannot sign "not a digest" for iPXE: a SHA-256 digest is 64 lowercase hex digits',
       ),
     );

@@ -13,11 +13,12 @@ import {
   judgeRelease,
   mergeManifests,
   parseSums,
+  planUploads,
   readUploadRecord,
+  releaseBody,
   renderSums,
   withUploadRecord,
 } from "../scripts/lib/release_index.ts";
-import { planUploads, releaseBody } from "../scripts/release-boot.ts";
 import { readOptions, repoProblem, serverProblem, tagProblem } from "../scripts/lib/cli.ts";
 import { rewriteIpxe } from "../scripts/lib/ipxe.ts";
 import { UsageError } from "../scripts/lib/run.ts";
@@ -81,6 +82,15 @@ Deno.test("asset names are stable: target, system and extension, never the NixOS
   assert.equal(
     assetName("netboot", "x86_64-linux", "/nix/store/x/netboot.ipxe"),
     "netboot-x86_64-linux.ipxe",
+  );
+  // The trusted iPXE builds: named by their target, not twice by their kind.
+  assert.equal(
+    assetName("ipxe-undionly", "x86_64-linux", "/nix/store/x-ipxe/undionly.kpxe"),
+    "ipxe-undionly-x86_64-linux.kpxe",
+  );
+  assert.equal(
+    assetName("ipxe-efi", "x86_64-linux", "/nix/store/x-ipxe/ipxe.efi"),
+    "ipxe-efi-x86_64-linux.efi",
   );
 });
 

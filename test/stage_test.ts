@@ -226,10 +226,14 @@ Deno.test("--help documents every flag and the token variables", async () => {
       "--allow-dirty",
       "--timeout",
       "--mirrors",
+      "--signing-key",
+      "--ipxe-signing-key",
     ]
   ) {
     assert.match(run.stdout, new RegExp(`^  ${flag}\\b`, "m"), flag);
   }
+  assert.match(run.stdout, /--ipxe-signing-cert FILE/);
+  assert.match(run.stdout, /RELEASE_BOOT_IPXE_SIGNING_KEY, RELEASE_BOOT_IPXE_SIGNING_CERT/);
   assert.match(run.stdout, /FORGEJO_TOKEN/);
   assert.match(run.stdout, /GITHUB_TOKEN/);
   assert.match(run.stdout, /Exit status: 0 done, 1 failed/);

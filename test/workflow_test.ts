@@ -252,6 +252,35 @@ Deno.test("finalize publishes the draft of the same tag, building nothing", asyn
   assert.equal(built.tag, untagged.tag);
 });
 
+Deno.test("finalize signs for iPXE with the key and certificate its secrets hold, and without them (unset secrets are empty) signs nothing", async () => {
+  const args = releaseArgs(
+    await runWithStandInNix(releaseStep(finalize).run, { TAG: "boot-v1.2.0", RUNNER_TEMP: "/t" }),
+  );
+  const env = { ...CI_ENV, GITHUB_REF_TYPE: "branch", GITHUB_REF_NAME: "main" };
+  const signing = await readReleaseOptions(args, {
+    ...env,
+    RELEASE_BOOT_IPXE_SIGNING_KEY: "-----BEGIN PRIVATE KEY-----\n...",
+    RELEASE_BOOT_IPXE_SIGNING_CERT: "-----BEGIN CERTIFICATE-----\n...",
+  });
+  assert.deepEqual(signing.ipxeSigning, {
+    key: { variable: "RELEASE_BOOT_IPXE_SIGNING_KEY" },
+    cert: { variable: "RELEASE_BOOT_IPXE_SIGNING_CERT" },
+  });
+  const unset = await readReleaseOptions(args, {
+    ...env,
+    RELEASE_BOOT_IPXE_SIGNING_KEY: "",
+    RELEASE_BOOT_IPXE_SIGNING_CERT: "",
+  });
+  assert.equal(unset.ipxeSigning, undefined);
+  // The build jobs never get the secrets: their command lines name no iPXE key either.
+  const job = await runWithStandInNix(releaseStep(build).run, {
+    RUNNER_TEMP: "/t",
+    SYSTEM: "x86_64-linux",
+    TARGET: "netboot",
+  });
+  assert.equal((await readReleaseOptions(releaseArgs(job), env)).ipxeSigning, undefined);
+});
+
 Deno.test("preflight fails with the fix when flake.lock is not committed, and passes when it is", async () => {
   const step = preflight.steps.find((s: Step) => s.run?.includes("flake.lock")) as Step;
   const repo = await fs.mkdtemp(path.join(os.tmpdir(), "release-boot-lock-"));

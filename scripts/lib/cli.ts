@@ -68,9 +68,24 @@ export interface ReleaseOptions extends CommonOptions {
   ci?: CiJob;
   /** --signing-key FILE: the key signs SHA256SUMS wherever this run writes it. */
   signingKeyFile?: string;
+  /** The iPXE code-signing key and its certificate chain: where this run reads them from. */
+  ipxeSigning?: IpxeSigningSource;
   /** Assets uploaded at once (RELEASE_BOOT_UPLOAD_CONCURRENCY). */
   uploads: number;
 }
+
+/** A secret's text: in the file a flag names, or in an environment variable (a CI secret). */
+export type TextSource = { flag: string; file: string } | { variable: string };
+
+/** --ipxe-signing-key and --ipxe-signing-cert, each a file or its variable: both or neither. */
+export interface IpxeSigningSource {
+  key: TextSource;
+  cert: TextSource;
+}
+
+const IPXE_SIGNING_KEY_ENV = "RELEASE_BOOT_IPXE_SIGNING_KEY";
+
+const IPXE_SIGNING_CERT_ENV = "RELEASE_BOOT_IPXE_SIGNING_CERT";
 
 /** Where a run in CI is, from Forgejo's GITHUB_* variables. */
 export interface CiJob {
@@ -149,6 +164,8 @@ const STRING_FLAGS = [
   "keep",
   "stale-drafts",
   "signing-key",
+  "ipxe-signing-key",
+  "ipxe-signing-cert",
 ] as const;
 
 const BOOLEAN_FLAGS = [
@@ -206,6 +223,13 @@ Flags:
   --signing-key FILE sign SHA256SUMS (SHA256SUMS.sig, an SSH signature) and the provenance
                      (provenance.intoto.jsonl) with this unencrypted ssh-ed25519 key; or give
                      the key's text in RELEASE_BOOT_SIGNING_KEY
+  --ipxe-signing-key FILE, --ipxe-signing-cert FILE
+                     sign for iPXE's imgverify (docs/PXE.md, Verified boot): each file a
+                     booting machine loads (kernel, initrd, each .ipxe script) gets a
+                     <name>.sig, and the scripts verify every image they load. PEM: an RSA
+                     (2048 bits or more) or ECDSA P-256 key; its certificate, then the chain
+                     up to the root. Both or neither; a --draft job does not sign, --finalize
+                     does; or give their text in RELEASE_BOOT_IPXE_SIGNING_KEY and _CERT
   --allow-dirty      publish even from a git checkout with uncommitted changes or a flake
                      whose inputs are not locked (recorded in manifest.json)
   --timeout SECONDS  a request making no progress this long fails, then is retried (default
@@ -249,6 +273,8 @@ Environment:
   GITHUB_OUTPUT      receives release-url, tag and release-id
   GITHUB_STEP_SUMMARY receives a table of the assets
   RELEASE_BOOT_SIGNING_KEY  the signing key's text (a CI secret), instead of --signing-key
+  RELEASE_BOOT_IPXE_SIGNING_KEY, RELEASE_BOOT_IPXE_SIGNING_CERT  the iPXE signing key's and
+                     its certificate chain's text (CI secrets), instead of the two flags
   RELEASE_BOOT_RETRY_DELAY_MS  first retry delay in milliseconds (default 500)
   RELEASE_BOOT_POLL_MS  wait between looks at a release another job completes (default 1000)
   RELEASE_BOOT_INDEX_WAIT_MS  least wait after colliding SHA256SUMS writes (default 100)
@@ -537,6 +563,7 @@ const COMMAND_FLAGS: Record<"release" | typeof COMMANDS[number], string[]> = {
   release: [
     ...COMMON_FLAGS,
     ...["flake", "targets", "system", "tag", "commit", "out", "signing-key"],
+    ...["ipxe-signing-key", "ipxe-signing-cert"],
     ...["dry-run", "draft", "prerelease", "replace", "finalize", "allow-dirty"],
   ],
   fetch: [...COMMON_FLAGS, "targets", "system", "tag", "out", "trust", "keep", "rollback"],
@@ -600,6 +627,7 @@ async function releaseOptions(
     finalize: flags.on("finalize"),
     allowDirty: flags.on("allow-dirty"),
     signingKeyFile: flags.value("signing-key"),
+    ipxeSigning: ipxeSigningSource(flags, env),
     uploads: parseFlag(
       "upload concurrency",
       UploadsSchema,
@@ -610,6 +638,44 @@ async function releaseOptions(
     ci,
     ...common,
   };
+}
+
+/**
+ * Where the iPXE signing key and its certificate chain come from: each from its flag's file or
+ * its variable's text (an empty variable is an unset CI secret). One without the other would
+ * sign nothing, and is refused.
+ */
+function ipxeSigningSource(flags: Flags, env: Env): IpxeSigningSource | undefined {
+  const key = textSource(flags, "ipxe-signing-key", env, IPXE_SIGNING_KEY_ENV);
+  const cert = textSource(flags, "ipxe-signing-cert", env, IPXE_SIGNING_CERT_ENV);
+  if (key && cert) return { key, cert };
+  if (!key && !cert) return undefined;
+  const [given, missing] = key
+    ? [nameOf(key), `--ipxe-signing-cert or ${IPXE_SIGNING_CERT_ENV}`]
+    : [nameOf(cert!), `--ipxe-signing-key or ${IPXE_SIGNING_KEY_ENV}`];
+  throw new UsageError(
+    `${given} is set without ${missing}: iPXE signing needs the key and its certificate chain, give both or neither`,
+  );
+}
+
+function textSource(
+  flags: Flags,
+  flag: StringFlag,
+  env: Env,
+  variable: string,
+): TextSource | undefined {
+  const file = flags.value(flag);
+  const inEnv = env[variable]?.trim() ? variable : undefined;
+  if (file !== undefined && inEnv) {
+    throw new UsageError(`both --${flag} and ${variable} are set: give it one way only`);
+  }
+  if (file !== undefined) return { flag: `--${flag}`, file };
+  return inEnv === undefined ? undefined : { variable: inEnv };
+}
+
+/** How a source is named in messages: `--flag FILE`, or the variable. */
+export function nameOf(source: TextSource): string {
+  return "file" in source ? `${source.flag} ${source.file}` : source.variable;
 }
 
 /** The CI run, when Forgejo Actions' variables say there is one. */

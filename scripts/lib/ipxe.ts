@@ -1,14 +1,17 @@
 /**
  * iPXE scripts: rewriting where a script fetches its images from, the script a boot directory
- * serves (it loads only the release's own files), and reading which kernel and initrd a script
- * (or, without one, the file names) boots. Pure text work, no network.
+ * serves (it loads only the release's own files), reading which kernel and initrd a script
+ * (or, without one, the file names) boots, and what a release signed for iPXE adds: scripts
+ * that verify every image they load, and a signature for each file a booting machine loads.
+ * Text work and signing from digests, no network.
  */
 import * as fs from "node:fs/promises";
 import * as path from "node:path";
-import { MANIFEST_NAME, SUMS_NAME } from "../../types/manifest.ts";
+import { INDEX_NAMES, MANIFEST_NAME, SUMS_NAME } from "../../types/manifest.ts";
 import { ReleaseError, type Run } from "./run.ts";
 import { type FileAsset } from "./nix.ts";
 import { sha256Hex } from "./hash.ts";
+import { type IpxeSigningIdentity, signDigest } from "./ipxe_sign.ts";
 
 /**
  * iPXE commands whose first argument (after options) is an image: a URI to fetch, or the name
@@ -151,8 +154,6 @@ export async function pointIpxeAtRelease(
     const script = {
       ...built,
       name: built.name.replace(/\.built\.ipxe$/, ".ipxe"),
-      // Bytes made here, not the store file's: nix's record of that file does not vouch.
-      narHash: undefined,
       bytes,
       size: bytes.length,
       sha256: sha256Hex(bytes),
@@ -163,6 +164,163 @@ export async function pointIpxeAtRelease(
     );
   }
   return result;
+}
+
+/** A detached iPXE signature of asset `<name>`: `<name>.sig`. */
+export const IPXE_SIGNATURE_SUFFIX = ".sig";
+
+/** Where a verifying script goes on any failure: one line saying what failed, and no boot. */
+const REFUSED = [":refused", "echo Not booting: ${checking} failed to load or verify", "exit 1"];
+
+/**
+ * A built script made to verify what it loads, for an iPXE that trusts only signed images:
+ * each kernel and initrd line loads from `locate` (the release's URL, or a name in the boot
+ * directory) and is followed by `imgverify` of the image against its `.sig` beside it; any
+ * failure prints one line and boots nothing. Only comments, kernel, initrd and a bare boot
+ * (nixpkgs' netboot.ipxe) can be made so: any other command could load or run something
+ * unverified, so it is refused, naming its line. `images`: the names of the loaded images, as
+ * iPXE names them (the last segment of their location).
+ */
+export function verifyingIpxe(
+  script: string,
+  text: string,
+  locate: (file: string) => string | undefined,
+): { text: string; images: string[] } {
+  const images: string[] = [];
+  const lines = text.replace(/\n+$/, "").split("\n").flatMap((line, index) => {
+    const words = wordsOf(line);
+    const commands = commandsOf(words);
+    if (commands.length === 0) return [line];
+    const refuse = (why: string) =>
+      new ReleaseError(
+        `${script}, line ${
+          index + 1
+        } ("${line.trim()}"), ${why}: release-boot signs for iPXE only scripts of kernel, initrd and boot lines (as nixpkgs' netboot.ipxe); nothing was signed`,
+      );
+    const [command] = commands;
+    if (commands.length > 1 || command.to !== words.length) {
+      throw refuse("holds more than one command, or a comment after its command");
+    }
+    const indent = line.match(/^\s*/)![0];
+    if (command.name === "boot" && words.length === 1) return [`${indent}boot || goto refused`];
+    if (!["kernel", "initrd"].includes(command.name) || command.image !== 1) {
+      throw refuse(`is not a kernel, initrd or bare boot line`);
+    }
+    const location = locate(words[1]);
+    if (location === undefined) {
+      throw refuse(`loads ${words[1]}, which is not a file of the release`);
+    }
+    const image = decodeURIComponent(location.split("/").at(-1)!);
+    images.push(image);
+    return [
+      `${indent}set checking ${image}`,
+      `${rewriteIpxe(line, locate)} || goto refused`,
+      `${indent}imgverify ${image} ${location}${IPXE_SIGNATURE_SUFFIX} || goto refused`,
+    ];
+  });
+  if (images.length === 0) {
+    throw new ReleaseError(
+      `${script} loads no kernel or initrd: there is nothing to sign for iPXE`,
+    );
+  }
+  return { text: [...lines, ...REFUSED, ""].join("\n"), images };
+}
+
+/**
+ * True for the files signing for iPXE writes (a `.sig`, a boot directory's script) and for the
+ * release's script, which signing replaces by its verifying form: none is a build product.
+ */
+export function madeForIpxe(name: string): boolean {
+  if (INDEX_NAMES.has(name)) return false;
+  return name.endsWith(IPXE_SIGNATURE_SUFFIX) ||
+    (name.endsWith(".ipxe") && !name.endsWith(".built.ipxe"));
+}
+
+/**
+ * A signed release's scripts, for every built script among `assets`: the release's script in
+ * its verifying form (loading from `base`, the release's download URLs) and the boot
+ * directory's `.dir.ipxe` (loading by name from beside it); `images`, the files they load.
+ * `readScript` reads a built script's text. Publishing and `verify` both make them here.
+ */
+export async function verifyingScripts(
+  assets: FileAsset[],
+  readScript: (built: FileAsset) => Promise<string>,
+  base: string,
+): Promise<{ scripts: FileAsset[]; images: FileAsset[] }> {
+  const scripts: FileAsset[] = [];
+  const images: FileAsset[] = [];
+  for (const built of assets.filter((asset) => asset.name.endsWith(".built.ipxe"))) {
+    const siblings = assets.filter((asset) =>
+      asset.target === built.target && asset.system === built.system && !madeForIpxe(asset.name) &&
+      asset !== built
+    );
+    const text = await readScript(built);
+    const loadingFrom = (prefix: string) =>
+      verifyingIpxe(built.name, text, (file) => {
+        const found = siblings.find((asset) => path.basename(asset.path) === file);
+        return found && `${prefix}${encodeURIComponent(found.name)}`;
+      });
+    const fromRelease = loadingFrom(base);
+    scripts.push(
+      scriptAsset(built, built.name.replace(/\.built\.ipxe$/, ".ipxe"), fromRelease.text),
+      scriptAsset(built, signedScriptName(built.name), loadingFrom("").text),
+    );
+    for (const name of new Set(fromRelease.images)) {
+      images.push(siblings.find((asset) => asset.name === name)!);
+    }
+  }
+  return { scripts, images };
+}
+
+/**
+ * What signing a release for iPXE writes: its verifying scripts (`verifyingScripts`) and a
+ * `.sig` for each of them and each image they load, made from the SHA-256 alone. The same
+ * assets and identity give the same bytes, so a rerun uploads nothing.
+ */
+export async function signForIpxe(
+  run: Run,
+  assets: FileAsset[],
+  readScript: (built: FileAsset) => Promise<string>,
+  base: string,
+  identity: IpxeSigningIdentity,
+): Promise<FileAsset[]> {
+  const { scripts, images } = await verifyingScripts(assets, readScript, base);
+  const signatures = [...images, ...scripts].map((file) =>
+    bytesLike(file, `${file.name}${IPXE_SIGNATURE_SUFFIX}`, signDigest(identity, file.sha256))
+  );
+  const signed = [...scripts, ...signatures];
+  if (signed.length === 0) run.log("No iPXE script among the assets: nothing to sign for iPXE");
+  for (const file of signed) run.log(`${file.sha256}  ${file.name} (for iPXE, ${identity.signer})`);
+  return signed;
+}
+
+/** `assets` with `made` (verifying scripts, signatures) in place of those of the same name. */
+export function withIpxeFiles(assets: FileAsset[], made: FileAsset[]): FileAsset[] {
+  return [...assets.filter((asset) => !made.some((file) => file.name === asset.name)), ...made];
+}
+
+/**
+ * A release's assets as its build jobs left them, to judge whether they are all in: of the
+ * files signing for iPXE writes, only the copies `manifest` lists, as it lists them. A
+ * --finalize stopped part-way leaves other copies, which its rerun replaces.
+ */
+export function asBuiltForIpxe(
+  assets: { name: string; size: number }[],
+  manifest: { assets: { name: string; size: number }[] },
+): { name: string; size: number }[] {
+  const listed = manifest.assets.filter((entry) =>
+    madeForIpxe(entry.name) && assets.some((copy) => copy.name === entry.name)
+  );
+  return [...assets.filter((copy) => !madeForIpxe(copy.name)), ...listed];
+}
+
+function scriptAsset(built: FileAsset, name: string, text: string): FileAsset {
+  return bytesLike(built, name, new TextEncoder().encode(text));
+}
+
+/** Bytes made from `from`: its target, system and store path say where they came from. */
+function bytesLike(from: FileAsset, name: string, bytes: Uint8Array): FileAsset {
+  return { ...from, name, bytes, size: bytes.length, sha256: sha256Hex(bytes) };
 }
 
 /** One file to download, with the checksum SHA256SUMS gives it. */
@@ -184,6 +342,14 @@ export interface BootSet {
 
 /** The script a boot directory serves, loading its kernel and initrd from beside it. */
 export const LOCAL_SCRIPT = "netboot.ipxe";
+
+/**
+ * The boot directory's script a release signed for iPXE carries for `<t>-<s>.built.ipxe`:
+ * `<t>-<s>.dir.ipxe`, loading the release's files by their names and verifying each.
+ */
+export function signedScriptName(built: string): string {
+  return built.replace(/\.built\.ipxe$/, ".dir.ipxe");
+}
 
 /**
  * A release without manifest.json: the script, the images it loads (the release must hold a

@@ -1,7 +1,8 @@
 /**
- * iPXE image signatures: checks a code-signing key and its certificate chain the way iPXE's
- * `imgverify` will judge them, and signs a file's SHA-256 digest as the detached CMS
- * SignedData iPXE reads. It never reads the files it signs and never writes anything.
+ * iPXE image signatures: reads a code-signing key and its certificate chain and checks them
+ * the way iPXE's `imgverify` will judge them, and signs a file's SHA-256 digest as the
+ * detached CMS SignedData iPXE reads. It never reads the files it signs and never writes
+ * anything.
  */
 import { Buffer } from "node:buffer";
 import {
@@ -28,9 +29,9 @@ import {
 } from "@peculiar/asn1-x509";
 import { p256 } from "@noble/curves/nist.js";
 import * as v from "valibot";
-
-/** A key or certificate iPXE would refuse, or that cannot sign: the caller reports it as bad input. */
-export class IpxeSigningError extends Error {}
+import { type Env, ReleaseError, type Run, UsageError } from "./run.ts";
+import { type IpxeSigningSource, nameOf, type TextSource } from "./cli.ts";
+import { readSmallText } from "./sshsig.ts";
 
 /** A key and chain that passed every check: what `signDigest` signs with. */
 export interface IpxeSigningIdentity {
@@ -60,10 +61,52 @@ interface ChainCertificate {
 }
 
 /**
+ * The signing identity from its two sources (cli's `ipxeSigning`), checked as of now; undefined
+ * when none is given. The key's text in the environment is a secret: the run masks it line by
+ * line (and child processes never get it: the run's shell leaves *KEY* variables out). The
+ * certificate chain is public.
+ */
+export async function readIpxeSigningIdentity(
+  source: IpxeSigningSource | undefined,
+  env: Env,
+  run: Pick<Run, "log" | "mask" | "resolve">,
+): Promise<IpxeSigningIdentity | undefined> {
+  if (!source) return undefined;
+  if ("variable" in source.key) {
+    for (const line of env[source.key.variable]?.split("\n") ?? []) {
+      if (line.trim().length >= 16 && !line.includes("-----")) run.mask(line.trim());
+    }
+  }
+  const keyPem = await readText(source.key, env, run, true);
+  const chainPem = await readText(source.cert, env, run, false);
+  return checkSigningIdentity(keyPem, chainPem, new Date());
+}
+
+async function readText(
+  source: TextSource,
+  env: Env,
+  run: Pick<Run, "log" | "resolve">,
+  secret: boolean,
+): Promise<string> {
+  if (!("file" in source)) return env[source.variable] ?? "";
+  // Relative to the run's directory, as the SSH key's path is.
+  const { text, mode } = await readSmallText(run.resolve(source.file), nameOf(source));
+  if (secret && mode & 0o077) {
+    run.log(
+      `warning: ${nameOf(source)} can be read by other users (mode ${
+        (mode & 0o777).toString(8)
+      }): chmod 600 ${source.file}`,
+    );
+  }
+  return text;
+}
+
+/**
  * Parses the key and chain and refuses, one problem per message, anything iPXE would not
  * accept: a key that is not RSA ≥ 2048 bits or ECDSA P-256, a key that is not the signer
  * certificate's, a signer without digitalSignature and codeSigning, a certificate outside its
- * validity at `now`, a chain that is out of order or does not end in a self-signed root.
+ * validity at `now`, a chain that is out of order or does not end in a self-signed root: bad
+ * input, refused before any work.
  */
 export function checkSigningIdentity(
   keyPem: string,
@@ -75,7 +118,7 @@ export function checkSigningIdentity(
   const chain = parseChain(chainPem);
   const signer = chain[0];
   if (!samePublicKey(key, signer.x509.publicKey)) {
-    throw new IpxeSigningError(
+    throw new UsageError(
       `the iPXE signing key does not belong to the signer certificate ${signer.name}: put the key's own certificate first in the certificate file`,
     );
   }
@@ -95,7 +138,7 @@ export function checkSigningIdentity(
 export function signDigest(identity: IpxeSigningIdentity, sha256Hex: string): Uint8Array {
   const parsed = v.safeParse(Sha256HexSchema, sha256Hex);
   if (!parsed.success) {
-    throw new IpxeSigningError(
+    throw new ReleaseError(
       `cannot sign ${
         JSON.stringify(sha256Hex)
       } for iPXE: a SHA-256 digest is 64 lowercase hex digits`,
@@ -156,7 +199,7 @@ function parsePrivateKey(keyPem: string): KeyObject {
   try {
     return createPrivateKey({ key: keyPem, format: "pem" });
   } catch {
-    throw new IpxeSigningError(
+    throw new UsageError(
       "the iPXE signing key is not an unencrypted PEM private key: give the key file openssl wrote (BEGIN PRIVATE KEY, RSA PRIVATE KEY or EC PRIVATE KEY)",
     );
   }
@@ -167,7 +210,7 @@ function signingAlgorithm(key: KeyObject): IpxeSigningIdentity["algorithm"] {
   if (key.asymmetricKeyType === "rsa") {
     const bits = details.modulusLength ?? 0;
     if (bits < MIN_RSA_BITS) {
-      throw new IpxeSigningError(
+      throw new UsageError(
         `the iPXE signing key is RSA with ${bits} bits: use an RSA key of at least ${MIN_RSA_BITS} bits (or ECDSA P-256)`,
       );
     }
@@ -177,7 +220,7 @@ function signingAlgorithm(key: KeyObject): IpxeSigningIdentity["algorithm"] {
   const kind = key.asymmetricKeyType === "ec"
     ? `ECDSA on ${details.namedCurve}`
     : key.asymmetricKeyType;
-  throw new IpxeSigningError(
+  throw new UsageError(
     `the iPXE signing key is ${kind}: iPXE image signatures need RSA (${MIN_RSA_BITS} bits or more) or ECDSA P-256`,
   );
 }
@@ -187,7 +230,7 @@ function parseChain(chainPem: string): ChainCertificate[] {
     ...chainPem.matchAll(/-----BEGIN CERTIFICATE-----([^-]*)-----END CERTIFICATE-----/g),
   ];
   if (blocks.length === 0) {
-    throw new IpxeSigningError(
+    throw new UsageError(
       "the iPXE signing certificate file holds no PEM certificate: give the signer's certificate first, then each issuer up to and including the root",
     );
   }
@@ -200,12 +243,12 @@ function parseChain(chainPem: string): ChainCertificate[] {
       x509 = new X509Certificate(der);
       asn1 = AsnConvert.parse(der, Certificate);
     } catch {
-      throw new IpxeSigningError(`${position} is not a valid X.509 certificate: replace it`);
+      throw new UsageError(`${position} is not a valid X.509 certificate: replace it`);
     }
     // Signatures carry each certificate re-encoded from its parsed form: it must come out
     // byte for byte, or its own signature would no longer verify.
     if (!Buffer.from(AsnConvert.serialize(asn1)).equals(der)) {
-      throw new IpxeSigningError(
+      throw new UsageError(
         `${position} is not in canonical DER: re-encode it with openssl x509 and try again`,
       );
     }
@@ -226,13 +269,13 @@ function extension<T>(cert: ChainCertificate, oid: string, type: new () => T): T
 function requireCodeSigning(signer: ChainCertificate): void {
   const usage = extension(signer, id_ce_keyUsage, KeyUsage);
   if (!usage || !(usage.toNumber() & KeyUsageFlags.digitalSignature)) {
-    throw new IpxeSigningError(
+    throw new UsageError(
       `the signer certificate ${signer.name} lacks keyUsage digitalSignature, so iPXE refuses its signatures: issue it with keyUsage=critical,digitalSignature`,
     );
   }
   const extended = extension(signer, id_ce_extKeyUsage, ExtendedKeyUsage);
   if (!extended || !extended.includes(id_kp_codeSigning)) {
-    throw new IpxeSigningError(
+    throw new UsageError(
       `the signer certificate ${signer.name} lacks extendedKeyUsage codeSigning, so iPXE refuses its signatures: issue it with extendedKeyUsage=codeSigning`,
     );
   }
@@ -241,12 +284,12 @@ function requireCodeSigning(signer: ChainCertificate): void {
 function requireValidAt(cert: ChainCertificate, now: Date): void {
   const { notBefore, notAfter } = cert.asn1.tbsCertificate.validity;
   if (now < notBefore.getTime()) {
-    throw new IpxeSigningError(
+    throw new UsageError(
       `the certificate ${cert.name} is not valid until ${notBefore.getTime().toISOString()}: check this machine's clock, or use a certificate valid now`,
     );
   }
   if (now > notAfter.getTime()) {
-    throw new IpxeSigningError(
+    throw new UsageError(
       `the certificate ${cert.name} expired on ${notAfter.getTime().toISOString()}: renew it`,
     );
   }
@@ -254,7 +297,7 @@ function requireValidAt(cert: ChainCertificate, now: Date): void {
 
 function requireIssuedBy(cert: ChainCertificate, issuer: ChainCertificate): void {
   if (!signedBy(cert, issuer)) {
-    throw new IpxeSigningError(
+    throw new UsageError(
       `the certificate ${cert.name} is not issued by ${issuer.name}, the next one in the certificate file: order it signer first, then each issuer up to the root`,
     );
   }
@@ -271,7 +314,7 @@ function requireCa(issuer: ChainCertificate): void {
   const usage = extension(issuer, id_ce_keyUsage, KeyUsage);
   const isCa = extension(issuer, id_ce_basicConstraints, BasicConstraints)?.cA === true;
   if (!isCa || (usage && !(usage.toNumber() & KeyUsageFlags.keyCertSign))) {
-    throw new IpxeSigningError(
+    throw new UsageError(
       `the certificate ${issuer.name} issues another in the chain but is not a CA (basicConstraints CA:TRUE${
         usage ? " and keyUsage keyCertSign" : ""
       }), so iPXE refuses the chain: issue it as a CA`,
@@ -281,7 +324,7 @@ function requireCa(issuer: ChainCertificate): void {
 
 function requireSelfSignedRoot(root: ChainCertificate): void {
   if (!signedBy(root, root)) {
-    throw new IpxeSigningError(
+    throw new UsageError(
       `the iPXE signing certificate file ends at ${root.name}, which is not a self-signed root: append the root certificate (iPXE finds the root only in the signature)`,
     );
   }

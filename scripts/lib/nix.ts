@@ -190,6 +190,7 @@ const KNOWN_EXTENSIONS = [
   "img",
   "ipxe",
   "efi",
+  "kpxe",
   "qcow2",
   "raw",
   "vhd",

@@ -3,8 +3,8 @@
  * build; SHA256SUMS, manifest.json and the provenance rendered, parsed and read back from a
  * release with who signed them, merged across jobs, and judged complete or not; which copy
  * holds which bytes (the upload record in the release body); and the published release and
- * checksums fetch and verify start from. It reads releases and renders what is written to
- * them; it never uploads, edits or deletes.
+ * checksums fetch and verify start from; what to upload (the plan) and the release page. It
+ * reads releases and renders what is written to them; it never uploads, edits or deletes.
  */
 import * as fs from "node:fs/promises";
 import * as path from "node:path";
@@ -21,8 +21,8 @@ import {
   SIGNATURE_NAME,
   SUMS_NAME,
 } from "../../types/manifest.ts";
-import { ReleaseError, type Run, UsageError } from "./run.ts";
-import { type Forgejo } from "./forgejo.ts";
+import { formatBytes, ReleaseError, type Run, UsageError } from "./run.ts";
+import { type BundleAsset, type Forgejo } from "./forgejo.ts";
 import { type ReleaseOptions } from "./cli.ts";
 import { type FileAsset, type FlakeInfo } from "./nix.ts";
 import { type FlakeMetadata } from "../../types/nix.ts";
@@ -158,6 +158,19 @@ async function envelopeSigner(
   }
 }
 
+/** A small file of `release` (1 MiB at most) as text: a copy with `sha256`, else undefined. */
+export async function readListedText(
+  forgejo: Forgejo,
+  release: Release,
+  { name, sha256 }: { name: string; sha256: string },
+): Promise<string | undefined> {
+  for (const copy of release.assets.filter((asset) => asset.name === name)) {
+    const text = await forgejo.assets.text(copy);
+    if (text !== undefined && sha256Hex(new TextEncoder().encode(text)) === sha256) return text;
+  }
+  return undefined;
+}
+
 /** The union of every manifest.json copy (a newer copy wins per name), if any. */
 export function unionManifest(index: RemoteIndex): Manifest | undefined {
   return index.manifests.reduce<Manifest | undefined>(
@@ -236,6 +249,45 @@ export async function readRecordedSums(forgejo: Forgejo, release: Release): Prom
 }
 
 /**
+ * What to upload: a pure plan from the local bundle and the release's current state, each
+ * copy judged by what the upload record says it holds.
+ */
+export type PlannedAction =
+  /** Already there with the same size and checksum: `remove` lists stray copies to delete. */
+  | { kind: "skip"; asset: BundleAsset; keep: Attachment; remove: Attachment[] }
+  /** Not there (or only partial/unverifiable copies, removed once the new index is in). */
+  | { kind: "upload"; asset: BundleAsset; remove: Attachment[] }
+  /** There with other bytes: refused unless --replace, which uploads then removes. */
+  | { kind: "conflict"; asset: BundleAsset; remote: Attachment[]; remoteSha256?: string };
+
+export function planUploads(
+  local: BundleAsset[],
+  remote: Attachment[],
+  recordedSha: RecordedSha,
+  isDraft: boolean,
+  replace: boolean,
+): PlannedAction[] {
+  return local.map((asset): PlannedAction => {
+    const copies = remote.filter((attachment) => attachment.name === asset.name);
+    const good = copies.filter((copy) =>
+      copy.size === asset.size && recordedSha(copy) === asset.sha256
+    );
+    if (good.length > 0) {
+      const keep = good.sort((a, b) => a.id - b.id)[0];
+      return { kind: "skip", asset, keep, remove: copies.filter((copy) => copy !== keep) };
+    }
+    if (copies.length === 0) return { kind: "upload", asset, remove: [] };
+    const known = copies.map(recordedSha).filter((sha) => sha !== undefined);
+    // Our checksum on record but a wrong size: a truncated upload, ours to redo.
+    const truncated = known.length > 0 && known.every((sha) => sha === asset.sha256);
+    // Nothing on record in a draft: an upload that a killed run never got to record.
+    const unrecorded = known.length === 0 && isDraft;
+    if (truncated || unrecorded || replace) return { kind: "upload", asset, remove: copies };
+    return { kind: "conflict", asset, remote: copies, remoteSha256: known[0] };
+  });
+}
+
+/**
  * Merges this run's manifest into the release's: assets of other jobs (a matrix building
  * one release) are kept, this run's entries win for its own names.
  */
@@ -301,16 +353,50 @@ export function describeRelease(
     nixVersion: flake.nixVersion,
     ciRun: options.ciRun,
     createdAt: new Date().toISOString(),
-    assets: assets.map((asset) => ({
-      name: asset.name,
-      size: asset.size,
-      sha256: asset.sha256,
-      target: asset.target,
-      system: asset.system,
-      storePath: asset.path,
-      narHash: asset.narHash,
-      drvPath: asset.drvPath,
-    })),
+    assets: assets.map(describeAsset),
+  };
+}
+
+/** The release page, readably: what it is, where it came from, and how to check it. */
+export function releaseBody(manifest: Manifest, options: Pick<ReleaseOptions, "site">): string {
+  const commitUrl = `${options.site?.server}/${options.site?.repo}/commit/${manifest.commit}`;
+  const lines = [
+    `Boot images built from commit [${
+      manifest.commit.slice(0, 12)
+    }](${commitUrl}) with Nix ${manifest.nixVersion}.`,
+    "",
+  ];
+  const inputs = Object.entries(manifest.flake.inputs);
+  if (inputs.length > 0) {
+    lines.push("| flake input | source | rev |", "|---|---|---|");
+    for (const [name, input] of inputs) {
+      lines.push(
+        `| ${name} | ${input.url ?? input.type} | \`${input.rev ?? input.narHash ?? "?"}\` |`,
+      );
+    }
+    lines.push("");
+  }
+  lines.push("| asset | size | sha256 |", "|---|---|---|");
+  for (const asset of manifest.assets) {
+    lines.push(`| ${asset.name} | ${formatBytes(asset.size)} | \`${asset.sha256}\` |`);
+  }
+  lines.push("", `Verify a download: \`sha256sum -c --ignore-missing ${SUMS_NAME}\`.`);
+  if (manifest.ciRun) lines.push("", `Built by [CI run](${manifest.ciRun}).`);
+  return `${lines.join("\n")}\n`;
+}
+
+/** One asset as manifest.json records it. */
+export function describeAsset(asset: FileAsset): ManifestAsset {
+  return {
+    name: asset.name,
+    size: asset.size,
+    sha256: asset.sha256,
+    target: asset.target,
+    system: asset.system,
+    storePath: asset.path,
+    // Bytes release-boot made (a rewritten script) are not the store file nix vouches for.
+    narHash: asset.bytes ? undefined : asset.narHash,
+    drvPath: asset.drvPath,
   };
 }
 
@@ -332,6 +418,8 @@ interface Judgement {
  * union of every job's), or undefined to accept what manifest.json lists. `signer`: the
  * fingerprint of the signing key this run holds; then the release must carry its signature
  * and its signed provenance. Signatures or provenances left out of `index` are not judged.
+ * `ipxeSigned`: what signing for iPXE makes of the release with the iPXE key this run holds
+ * (verifying scripts and `.sig`s, the same bytes each time): the index must list each as made.
  */
 export function judgeRelease(
   assets: Pick<Attachment, "name" | "size">[],
@@ -340,6 +428,7 @@ export function judgeRelease(
     & Partial<Pick<RemoteIndex, "signatures" | "provenances">>,
   wanted?: Pick<ManifestAsset, "name" | "sha256">[],
   signer?: string,
+  ipxeSigned?: Pick<ManifestAsset, "name" | "sha256">[],
 ): Judgement {
   const problems: Judgement = { index: [], assets: [] };
   if (index.signatures) problems.index.push(...signatureProblems(index.signatures, signer));
@@ -373,6 +462,11 @@ export function judgeRelease(
   for (const entry of wanted ? listed : []) {
     if (!wanted?.some((asset) => same(entry, asset))) {
       problems.index.push(`${SUMS_NAME} lists ${entry.name}, which is not wanted`);
+    }
+  }
+  for (const file of ipxeSigned ?? []) {
+    if (!listed.some((entry) => same(entry, file))) {
+      problems.index.push(`${SUMS_NAME} does not list ${file.name} as signed for iPXE`);
     }
   }
   const copies = new Map<string, number[]>();

@@ -22,7 +22,13 @@ import { type VerifyOptions } from "./cli.ts";
 import { connectForgejo, type Forgejo, mirrorOf, readToken } from "./forgejo.ts";
 import { hashFiles } from "./hash.ts";
 
-import { pointIpxeAtRelease } from "./ipxe.ts";
+import {
+  IPXE_SIGNATURE_SUFFIX,
+  madeForIpxe,
+  pointIpxeAtRelease,
+  verifyingScripts,
+  withIpxeFiles,
+} from "./ipxe.ts";
 import { type TrustedKey } from "./sshsig.ts";
 import { readTrust } from "./allowed_signers.ts";
 import {
@@ -45,6 +51,16 @@ export async function verifyRelease(run: Run, options: VerifyOptions, env: Env):
     () => readIndexToVerify(run, forgejo, release, trusted),
   );
   const scope = rebuildScope(manifest, sums, options.system);
+  // Only the iPXE key makes a signature: what a rebuild can check is the file it signs.
+  const signatures = [...scope.expected.keys()].filter((name) =>
+    madeForIpxe(name) && name.endsWith(IPXE_SIGNATURE_SUFFIX)
+  );
+  for (const name of signatures) scope.expected.delete(name);
+  if (signatures.length > 0) {
+    run.log(
+      `${signatures.length} iPXE signatures (.sig) are not rebuilt, only the files they sign: check them with openssl cms -verify (docs/PXE.md, Verified boot)`,
+    );
+  }
   const repository = await forgejo.repository();
   const flake = options.flake ??
     releaseFlake(repositoryOn(repository, forgejo.origin), manifest);
@@ -56,6 +72,7 @@ export async function verifyRelease(run: Run, options: VerifyOptions, env: Env):
       system: scope.system,
       targets: scope.targets,
       downloadBase: releaseDownloadBase(repository, manifest.tag),
+      signedForIpxe: signatures.length > 0,
     }));
   const checks = compareRebuild(scope.expected, rebuilt);
   await reportVerification(
@@ -261,6 +278,8 @@ interface RebuildRequest {
   targets: string[];
   /** The release's download base, as publishing computed it (`downloadBase`). */
   downloadBase: string;
+  /** The release is signed for iPXE: its scripts are the verifying ones. */
+  signedForIpxe?: boolean;
 }
 
 /** What checks leave behind: nix's `<out>.check` copies and the kept build directories. */
@@ -276,7 +295,8 @@ interface CheckLeftovers {
  * derivation, and a netboot bundle only links a kernel and an initrd that others build.
  * Where the check differs, the file is hashed as rebuilt (nix keeps it at `<out>.check`,
  * removed afterwards). The published `.ipxe` is regenerated from the rebuilt script with
- * `downloadBase`, exactly as publishing wrote it.
+ * `downloadBase`, exactly as publishing wrote it (in a release signed for iPXE, the verifying
+ * scripts, `.dir.ipxe` too).
  */
 export async function rebuildRelease(run: Run, request: RebuildRequest): Promise<RebuiltAsset[]> {
   const builds = await buildTargets(run, request);
@@ -309,11 +329,18 @@ export async function rebuildRelease(run: Run, request: RebuildRequest): Promise
     const changed = products.filter((product) => rebuiltAt.has(outputOf(product.path)));
     const storeSums = await hashFiles(changed.map((product) => product.path));
     const storeSha256 = new Map(changed.map((product, i) => [product.name, storeSums[i].sha256]));
-    const assets = await pointIpxeAtRelease(
+    const pointed = await pointIpxeAtRelease(
       run,
       await hashProducts(run, rebuilt),
       request.downloadBase,
     );
+    const assets = request.signedForIpxe
+      ? withIpxeFiles(
+        pointed,
+        (await verifyingScripts(pointed, (b) => fs.readFile(b.path, "utf8"), request.downloadBase))
+          .scripts,
+      )
+      : pointed;
     return assets.map((asset) => {
       const inStore = storeSha256.get(asset.name);
       return {

@@ -43,19 +43,78 @@ export function makeIntermediate(dir: string, name: string, issuer: Issued): Pro
 
 /**
  * A code-signing certificate under `issuer`. `extensions` replaces the usual keyUsage and
- * extendedKeyUsage, for certificates iPXE must refuse.
+ * extendedKeyUsage, for certificates iPXE must refuse; `validity` replaces the usual 30 days
+ * from now (openssl's `YYYYMMDDHHMMSSZ`), for one expired or not valid yet.
  */
 export function makeCodeSigning(
   dir: string,
   name: string,
   issuer: Issued,
-  options: { key?: KeyKind; extensions?: string[] } = {},
+  options: { key?: KeyKind; extensions?: string[]; validity?: { from: string; to: string } } = {},
 ): Promise<Issued> {
-  return issue(dir, name, options.key ?? "rsa2048", issuer, [
+  const extensions = [
     "basicConstraints=critical,CA:FALSE",
     ...(options.extensions ??
       ["keyUsage=critical,digitalSignature", "extendedKeyUsage=codeSigning"]),
+  ];
+  return options.validity
+    ? issueDated(dir, name, issuer, extensions, options.validity)
+    : issue(dir, name, options.key ?? "rsa2048", issuer, extensions);
+}
+
+/**
+ * An RSA certificate under `issuer` valid from `from` to `to`: `openssl req` gives only days
+ * from now, `openssl ca` any dates. Its database and serial live in a directory of their own.
+ */
+async function issueDated(
+  dir: string,
+  name: string,
+  issuer: Issued,
+  extensions: string[],
+  { from, to }: { from: string; to: string },
+): Promise<Issued> {
+  const keyFile = path.join(dir, `${name}.key`);
+  const certFile = path.join(dir, `${name}.crt`);
+  const ca = await fs.mkdtemp(path.join(dir, "ca-"));
+  const request = path.join(ca, "request.csr");
+  const config = path.join(ca, "ca.cnf");
+  const extfile = path.join(ca, "extensions");
+  await fs.writeFile(path.join(ca, "index.txt"), "");
+  await fs.writeFile(path.join(ca, "serial"), "01\n");
+  await fs.writeFile(extfile, extensions.map((line) => `${line}\n`).join(""));
+  await fs.writeFile(
+    config,
+    [
+      "[ca]",
+      "default_ca = test",
+      "[test]",
+      `database = ${path.join(ca, "index.txt")}`,
+      `new_certs_dir = ${ca}`,
+      `serial = ${path.join(ca, "serial")}`,
+      "default_md = sha256",
+      "policy = any",
+      "[any]",
+      "commonName = supplied",
+      "",
+    ].join("\n"),
+  );
+  const requested = await runCommand("openssl", [
+    ...["req", "-new", ...NEW_KEY.rsa2048, "-noenc", "-keyout", keyFile, "-out", request],
+    ...["-subj", `/CN=${name}`],
   ]);
+  assert.equal(requested.code, 0, requested.stderr);
+  const signed = await runCommand("openssl", [
+    ...["ca", "-batch", "-notext", "-config", config, "-extfile", extfile],
+    ...["-cert", issuer.certFile, "-keyfile", issuer.keyFile],
+    ...["-startdate", from, "-enddate", to, "-in", request, "-out", certFile],
+  ]);
+  assert.equal(signed.code, 0, signed.stderr);
+  return {
+    keyFile,
+    certFile,
+    key: await fs.readFile(keyFile, "utf8"),
+    cert: await fs.readFile(certFile, "utf8"),
+  };
 }
 
 async function issue(

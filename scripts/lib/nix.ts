@@ -63,7 +63,15 @@ export function nixErrorTail(stderr: string, lines = 12): string {
 }
 
 export async function readFlake(run: Run, options: ReleaseOptions): Promise<FlakeInfo> {
-  const available = await listTargets(run, options);
+  // Three reads that need nothing of each other, started together and judged in this order.
+  // Without KEEP_LOCK: nix then fails, instead of warning, when flake.lock is not complete.
+  const [listed, version, strict] = await Promise.allSettled([
+    listTargets(run, options),
+    run.$`nix --version`.quiet(),
+    run.$`nix ${NIX_FEATURES} flake metadata --json --no-update-lock-file ${options.flake}`
+      .quiet().nothrow(),
+  ]);
+  const available = settled(listed);
   const unknown = options.targets.filter((target) => !available.includes(target));
   if (unknown.length > 0) {
     throw new UsageError(
@@ -72,18 +80,17 @@ export async function readFlake(run: Run, options: ReleaseOptions): Promise<Flak
       } for ${options.system}`,
     );
   }
-  const version = await run.$`nix --version`.quiet();
-  const nixVersion = version.stdout.trim().match(/(\d+\.\d+\S*)/)?.[1] ?? version.stdout.trim();
-  // Without KEEP_LOCK: nix then fails, instead of warning, when flake.lock is not complete.
-  const strict = await run
-    .$`nix ${NIX_FEATURES} flake metadata --json --no-update-lock-file ${options.flake}`
-    .quiet().nothrow();
-  const locked = strict.exitCode === 0;
-  if (!locked && !/requires lock file changes/.test(strict.stderr)) {
-    throw new ReleaseError(`cannot read the flake's metadata: ${nixErrorTail(strict.stderr, 1)}`);
+  const versionText = settled(version).stdout.trim();
+  const nixVersion = versionText.match(/(\d+\.\d+\S*)/)?.[1] ?? versionText;
+  const metadataRun = settled(strict);
+  const locked = metadataRun.exitCode === 0;
+  if (!locked && !/requires lock file changes/.test(metadataRun.stderr)) {
+    throw new ReleaseError(
+      `cannot read the flake's metadata: ${nixErrorTail(metadataRun.stderr, 1)}`,
+    );
   }
   const metadata = locked
-    ? parseJson(FlakeMetadataSchema, strict.stdout, "nix flake metadata")
+    ? parseJson(FlakeMetadataSchema, metadataRun.stdout, "nix flake metadata")
     : await nixJson(
       run,
       FlakeMetadataSchema,
@@ -92,6 +99,12 @@ export async function readFlake(run: Run, options: ReleaseOptions): Promise<Flak
     );
   const dirty = metadata.locked.type === "git" && !metadata.revision;
   return { metadata, locked, dirty, nixVersion };
+}
+
+/** The value of a settled promise, or its failure thrown. */
+function settled<T>(result: PromiseSettledResult<T>): T {
+  if (result.status === "rejected") throw result.reason;
+  return result.value;
 }
 
 async function listTargets(run: Run, options: ReleaseOptions): Promise<string[]> {
@@ -120,14 +133,19 @@ type BuildRequest = Pick<ReleaseOptions, "flake" | "system" | "targets">;
  * result is matched to its target by derivation.
  */
 export async function buildTargets(run: Run, options: BuildRequest): Promise<TargetBuild[]> {
-  // One target has one result: only several need their derivations to be told apart.
-  const drvPaths = options.targets.length > 1 ? await targetDerivations(run, options) : undefined;
   const installables = options.targets.map((target) => installable(options, target));
   const build = run.$`nix ${NIX_FEATURES} build ${KEEP_LOCK} --json --no-link ${installables}`
     .quiet()
     .nothrow();
   build.stderr.on("data", (chunk: Buffer) => run.io.stderr(chunk));
-  const result = await build;
+  // One target has one result: only several need their derivations to be told apart, read
+  // while nix builds.
+  const [derivations, built] = await Promise.allSettled([
+    options.targets.length > 1 ? targetDerivations(run, options) : undefined,
+    build,
+  ]);
+  const drvPaths = settled(derivations);
+  const result = settled(built);
   if (result.exitCode !== 0) {
     const named = options.targets.filter((target) =>
       drvPaths && result.stderr.includes(drvPaths[target])

@@ -20,12 +20,7 @@
 import * as fs from "node:fs/promises";
 import * as path from "node:path";
 import { sleep } from "zx";
-import {
-  type Attachment,
-  type EditReleaseOption,
-  type Release,
-  type Repository,
-} from "../types/forgejo.ts";
+import { type EditReleaseOption, type Release, type Repository } from "../types/forgejo.ts";
 import {
   ASSET_NAME,
   INDEX_NAMES,
@@ -62,10 +57,10 @@ import {
 
 import {
   buildTargets,
+  checksumProducts,
   collectProducts,
   type FileAsset,
   type FlakeInfo,
-  hashProducts,
   readFlake,
 } from "./lib/nix.ts";
 import {
@@ -81,6 +76,7 @@ import {
   readListedText,
   readRecordedSums,
   readUploadRecord,
+  recordedAssets,
   releaseBody,
   type RemoteIndex,
   renderSums,
@@ -97,6 +93,7 @@ import { buildStatement, provenanceFile, runDetailsOf, signerOf } from "./lib/pr
 import { fetchForBoot } from "./lib/fetch.ts";
 import { releaseFlake, verifyRelease } from "./lib/verify.ts";
 import { pruneReleases } from "./lib/prune.ts";
+import { uploadPlanned } from "./lib/uploads.ts";
 
 /**
  * One run of release-boot: its exit status (0 done, 1 failed, 2 bad usage), and on failure
@@ -155,7 +152,8 @@ async function runbook(run: Run, argv: string[], env: Env): Promise<void> {
   if (forgejo) refuseUntrustedFlake(flake, options);
   const builds = await run.step("Build", () => buildTargets(run, options));
   const products = await collectProducts(builds);
-  const hashed = await run.step("Hash", () => hashProducts(run, products));
+  const recorded = await recordedAssets(forgejo, options, key?.fingerprint);
+  const hashed = await run.step("Hash", () => checksumProducts(run, products, recorded));
   const base = downloadBase(options, repository);
   const built = await pointIpxeAtRelease(run, hashed, base);
   const ipxeSigned = await signBuildForIpxe(run, options, built, base, ipxe);
@@ -180,7 +178,7 @@ async function runbook(run: Run, argv: string[], env: Env): Promise<void> {
     options.replace,
   );
   refuseConflicts(plan, draft, options);
-  await run.step("Upload", () => uploadPlanned(run, forgejo, draft, plan));
+  await run.step("Upload", () => uploadPlanned(run, forgejo, draft, plan, options.uploads));
   await run.step(
     "Write checksums",
     () => writeIndex(run, forgejo, repository, draft, bundle.manifest, plan, options, key),
@@ -528,18 +526,6 @@ async function adoptRelease(
   return await forgejo.releases.edit(release.id, edit);
 }
 
-async function recordUpload(
-  forgejo: Forgejo,
-  releaseId: number,
-  asset: BundleAsset,
-  stored: Attachment,
-): Promise<void> {
-  const release = await forgejo.releases.get(releaseId);
-  const record = readUploadRecord(release.body);
-  record[asset.name] = { id: stored.id, size: stored.size, sha256: asset.sha256 };
-  await forgejo.releases.edit(releaseId, { body: withUploadRecord(release.body, record) });
-}
-
 // ---------------------------------------------------------------------------------------------
 // What to upload: the plan (release_index's planUploads) refused when it would change history
 // ---------------------------------------------------------------------------------------------
@@ -558,28 +544,6 @@ function refuseConflicts(plan: PlannedAction[], release: Release, options: Relea
       conflicts.length > 1 ? ` and ${conflicts.length - 1} more` : ""
     }; nothing was changed: rerun with --replace to store the new bytes, or release a new tag`,
   );
-}
-
-// ---------------------------------------------------------------------------------------------
-// Uploads, each recorded in the release body
-// ---------------------------------------------------------------------------------------------
-
-async function uploadPlanned(
-  run: Run,
-  forgejo: Forgejo,
-  release: Release,
-  plan: PlannedAction[],
-): Promise<void> {
-  const uploads = plan.filter((action) => action.kind === "upload");
-  for (const action of plan) {
-    if (action.kind === "skip") run.log(`${action.asset.name}: already in the release, skipped`);
-  }
-  for (const [done, action] of uploads.entries()) {
-    await sayingWhatIsLeft(run, forgejo, release, async () => {
-      const stored = await uploadAsset(run, forgejo, release.id, action.asset, release.assets);
-      await recordUpload(forgejo, release.id, action.asset, stored);
-    }, `${done} of ${uploads.length} uploads had finished and `);
-  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -814,7 +778,10 @@ async function finalizeRelease(
   const complete = union !== undefined &&
     problemsOf(judgeRelease(built, unsignedParts)).length === 0;
   const signed = complete && ipxe
-    ? await signDraftForIpxe(run, forgejo, adopted, union, downloadBase(options, repository), ipxe)
+    ? await signDraftForIpxe(run, forgejo, adopted, union, downloadBase(options, repository), {
+      identity: ipxe,
+      uploads: options.uploads,
+    })
     : undefined;
   if (complete && (key || ipxe)) {
     const { manifest = union, plan = [] } = signed ?? {};
@@ -853,7 +820,7 @@ async function signDraftForIpxe(
   release: Release,
   union: Manifest,
   base: string,
-  identity: IpxeSigningIdentity,
+  { identity, uploads }: { identity: IpxeSigningIdentity; uploads: number },
 ): Promise<{ files: FileAsset[]; manifest: Manifest; plan: PlannedAction[] }> {
   const readBuilt = async (built: FileAsset) => {
     const text = await readListedText(forgejo, release, built);
@@ -873,7 +840,7 @@ async function signDraftForIpxe(
   );
   const changes = plan.some((action) => action.kind !== "skip" || action.remove.length > 0);
   if (changes && !release.draft) return { files, manifest: union, plan: [] };
-  await uploadPlanned(run, forgejo, release, plan);
+  await uploadPlanned(run, forgejo, release, plan, uploads);
   const signed = { ...union, assets: files.map(describeAsset) };
   return { files, manifest: mergeManifests(union, signed), plan };
 }

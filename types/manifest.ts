@@ -22,6 +22,12 @@ export const ManifestAssetSchema = v.object({
   target: v.string(),
   system: v.string(),
   storePath: v.string(),
+  /**
+   * nix's narHash of the store path holding storePath, when it was hashed (absent before
+   * release-boot recorded it). A rerun whose file has the same store path and narHash reuses
+   * sha256 instead of reading the file again.
+   */
+  narHash: v.optional(v.string()),
   drvPath: v.string(),
 });
 export type ManifestAsset = v.InferOutput<typeof ManifestAssetSchema>;

@@ -22,6 +22,27 @@ export const AttrNamesSchema = v.array(v.string());
 /** `nix eval --json ... --apply` mapping target names to their output paths. */
 export const OutPathsSchema = v.record(v.string(), StorePathSchema);
 
+/**
+ * `nix path-info --json PATH...`: nix's database record of each store path, read without
+ * reading the path's files. Nix 2.8 to 2.18 print a list of `{path, narHash}` (`valid: false`
+ * and no narHash for a path it does not hold); later versions an object keyed by path, with
+ * null for such a path. Either way it becomes narHash by store path.
+ */
+export const PathInfoSchema = v.pipe(
+  v.union([
+    v.array(v.object({ path: StorePathSchema, narHash: v.optional(v.string()) })),
+    v.record(StorePathSchema, v.nullable(v.object({ narHash: v.optional(v.string()) }))),
+  ]),
+  v.transform((info) =>
+    new Map(
+      (Array.isArray(info)
+        ? info.map((entry) => [entry.path, entry.narHash] as const)
+        : Object.entries(info).map(([path, entry]) => [path, entry?.narHash] as const))
+        .filter((entry): entry is readonly [string, string] => entry[1] !== undefined),
+    )
+  ),
+);
+
 /** A node of flake.lock as `nix flake metadata --json` reports it under `locks.nodes`. */
 export const LockNodeSchema = v.object({
   inputs: v.optional(v.record(v.string(), v.union([v.string(), v.array(v.string())]))),

@@ -15,6 +15,12 @@ const PRUNE_KEEP = 5;
 
 const PRUNE_STALE_DAYS = 7;
 
+/** Assets uploaded at once, unless RELEASE_BOOT_UPLOAD_CONCURRENCY says otherwise. */
+const DEFAULT_UPLOADS = 2;
+
+/** More uploads at once only split the same link and server between them. */
+const MAX_UPLOADS = 8;
+
 /** Where releases live: a Forgejo base URL and a repository on it. */
 export interface Site {
   server: string;
@@ -64,6 +70,8 @@ export interface ReleaseOptions extends CommonOptions {
   signingKeyFile?: string;
   /** The iPXE code-signing key and its certificate chain: where this run reads them from. */
   ipxeSigning?: IpxeSigningSource;
+  /** Assets uploaded at once (RELEASE_BOOT_UPLOAD_CONCURRENCY). */
+  uploads: number;
 }
 
 /** A secret's text: in the file a flag names, or in an environment variable (a CI secret). */
@@ -270,6 +278,7 @@ Environment:
   RELEASE_BOOT_RETRY_DELAY_MS  first retry delay in milliseconds (default 500)
   RELEASE_BOOT_POLL_MS  wait between looks at a release another job completes (default 1000)
   RELEASE_BOOT_INDEX_WAIT_MS  least wait after colliding SHA256SUMS writes (default 100)
+  RELEASE_BOOT_UPLOAD_CONCURRENCY  assets uploaded at once, 1 to ${MAX_UPLOADS} (default ${DEFAULT_UPLOADS})
 
 Examples:
   deno task release --flake path:./test/fixture --targets netboot,iso
@@ -415,6 +424,11 @@ const TimeoutFlagSchema = WholeNumberSchema("seconds", 1);
 const KeepTagsFlagSchema = WholeNumberSchema("tag directories", 1);
 
 const DelaySchema = WholeNumberSchema("milliseconds", 0);
+
+const UploadsSchema = v.pipe(
+  WholeNumberSchema("uploads", 1),
+  v.maxValue(MAX_UPLOADS, `give 1 to ${MAX_UPLOADS} uploads at a time`),
+);
 
 export function serverProblem(text: string): string | undefined {
   let url: URL;
@@ -655,6 +669,12 @@ async function releaseOptions(
     allowDirty: flags.on("allow-dirty"),
     signingKeyFile: flags.value("signing-key"),
     ipxeSigning: ipxeSigningSource(flags, env),
+    uploads: parseFlag(
+      "upload concurrency",
+      UploadsSchema,
+      env.RELEASE_BOOT_UPLOAD_CONCURRENCY || String(DEFAULT_UPLOADS),
+      "RELEASE_BOOT_UPLOAD_CONCURRENCY",
+    ),
     ciRun: ci?.runUrl,
     ci,
     ...common,

@@ -11,6 +11,7 @@ import { constants as fsConstants } from "node:fs";
 import { type Attachment, type Release } from "../../types/forgejo.ts";
 import { type Manifest, MANIFEST_NAME, SUMS_NAME } from "../../types/manifest.ts";
 import { hashFile, READ_SIZE, sha256Hex } from "./hash.ts";
+import { inLanes } from "./lanes.ts";
 import { type Env, fileSystemFailure, formatBytes, ReleaseError, type Run } from "./run.ts";
 import { readTrust } from "./allowed_signers.ts";
 import { type DownloadOptions, type FetchOptions } from "./cli.ts";
@@ -64,9 +65,15 @@ export async function fetchForBoot(run: Run, options: FetchOptions, env: Env): P
   const dir = await withBootLock(run, out, async () => {
     await refuseWithoutRoom(out, directory, release, boot.files);
     const dir = await openTagDirectory(out, directory);
-    await run.step("Download and verify", async () => {
-      for (const file of boot.files) await downloadVerified(run, forgejo, release, file, dir);
-    });
+    await run.step(
+      "Download and verify",
+      () =>
+        inLanes(
+          boot.files,
+          DOWNLOAD_LANES,
+          (file, signal) => downloadVerified(run, forgejo, release, file, dir, signal),
+        ),
+    );
     await writeBootDirectory(run, dir, boot);
     await pointCurrentAt(run, out, directory);
     await removeOldReleases(run, out, options.keep);
@@ -231,6 +238,15 @@ function oneScript(scripts: string[], options: DownloadOptions, tag: string): st
     }) fits --targets and --system: cannot tell which to boot`,
   );
 }
+
+/**
+ * Files downloaded at once. Each is hashed on this process's one JS thread as it arrives, so
+ * more lanes add no hashing speed: on loopback with 2 cores, 1, 2, 3 and 4 lanes fetched
+ * 4 x 512 MiB in 3.9, 3.7, 3.7 and 3.8 s (medians), that thread busy throughout. A few lanes
+ * keep it busy while the server or the network is slow on one file, and a file that stalls
+ * no longer holds up the rest; more would only hold more connections and memory.
+ */
+const DOWNLOAD_LANES = 3;
 
 const CURRENT = "current";
 
@@ -449,7 +465,7 @@ async function openTagDirectory(out: string, name: string): Promise<string> {
  * Downloads into `<name>.<sha>.part` (resuming one left by an interrupted run), hashing the
  * bytes as they are written, and only when they match SHA256SUMS renames the part to its
  * final name. A part that does not match is deleted; an existing file with other bytes is
- * refused, never replaced.
+ * refused, never replaced. `signal` stops the download where it is, its part kept to resume.
  */
 async function downloadVerified(
   run: Run,
@@ -457,6 +473,7 @@ async function downloadVerified(
   release: Release,
   file: BootFile,
   dir: string,
+  signal?: AbortSignal,
 ): Promise<void> {
   const local = file.localName ?? file.name;
   const final = path.join(dir, local);
@@ -477,7 +494,7 @@ async function downloadVerified(
   await removeStaleParts(dir, local, part);
   // Nothing past the size the server lists, nor past the one a signed manifest records.
   const limit = Math.min(copy.size, file.size ?? copy.size);
-  const got = await downloadToPart(run, forgejo, copy, limit, part, release.tag_name);
+  const got = await downloadToPart(run, forgejo, copy, limit, part, release.tag_name, signal);
   if (got.sha256 !== file.sha256) {
     await fs.rm(part, { force: true });
     throw new ReleaseError(
@@ -498,10 +515,13 @@ async function renameNew(from: string, to: string): Promise<void> {
   await fs.rename(from, to);
 }
 
+/** Parts of `name` other than `keep`; never another file's, whose name may start like it. */
 async function removeStaleParts(dir: string, name: string, keep: string): Promise<void> {
   for (const entry of await fs.readdir(dir)) {
     const file = path.join(dir, entry);
-    if (entry.startsWith(`${name}.`) && entry.endsWith(".part") && file !== keep) {
+    const ofName = entry.startsWith(`${name}.`) &&
+      /^[0-9a-f]{16}\.part$/.test(entry.slice(name.length + 1));
+    if (ofName && file !== keep) {
       // openTagDirectory refused links: this unlinks a regular file release-boot named.
       await fs.rm(file, { force: true });
     }
@@ -524,13 +544,14 @@ async function downloadToPart(
   limit: number,
   part: string,
   tag: string,
+  signal?: AbortSignal,
 ): Promise<{ sha256: string; size: number }> {
   const left = await lstatOrUndefined(part);
   if (left) refuseHardLink(part, left);
   // A part at or past the listed size is no download in progress: it goes, never resumed.
   if (left && left.size >= limit) await fs.rm(part);
   const have = left && left.size < limit ? left.size : 0;
-  const response = await forgejo.assets.open(copy, have).catch((error: Error) => {
+  const response = await forgejo.assets.open(copy, have, signal).catch((error: Error) => {
     throw new ReleaseError(
       `the download of ${copy.name} failed (${error.message}); rerun to resume`,
     );
@@ -560,8 +581,9 @@ async function downloadToPart(
   if (resuming) {
     run.log(`${copy.name}: resuming after ${formatBytes(have)}`);
     await hashPart(part, hash);
-  } else if (have > 0) {
+  } else if (left && left.size < copy.size) {
     // Unlinked and made anew, never truncated: truncating writes to whatever the name holds.
+    // An empty part, left by a fetch stopped before its first byte, goes the same way.
     await fs.rm(part);
   }
   const flags = resuming ? O_WRONLY | O_NOFOLLOW | O_APPEND : "wx";

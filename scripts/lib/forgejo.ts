@@ -455,7 +455,9 @@ export function connectForgejo(
       async upload(releaseId: number, asset: BundleAsset): Promise<Attachment> {
         const url = repoApi(`/releases/${releaseId}/assets`, { name: asset.name });
         const answer = await send("POST", url, {
-          body: asset.bytes ?? Readable.from(readWithProgress(run, asset)),
+          // One chunk read ahead, not Readable.from's 16: the socket is the slower side, and
+          // each MiB held ahead is RSS (two uploads peaked ~30 MiB higher with 16).
+          body: asset.bytes ?? Readable.from(readWithProgress(run, asset), { highWaterMark: 1 }),
           headers: {
             "content-type": "application/octet-stream",
             "content-length": String(asset.size),
@@ -493,8 +495,8 @@ export function connectForgejo(
         });
         return answer.status === 404 ? undefined : answer.text;
       },
-      /** A streamed download (for fetch): the caller reads the body. */
-      async open(copy: Attachment, from = 0): Promise<Dispatcher.ResponseData> {
+      /** A streamed download (for fetch): the caller reads the body, until `stop` aborts. */
+      async open(copy: Attachment, from = 0, stop?: AbortSignal): Promise<Dispatcher.ResponseData> {
         const url = new URL(assetAddress(site, copy));
         return await request(url, {
           method: "GET",
@@ -503,7 +505,10 @@ export function connectForgejo(
             ...(from > 0 ? { range: `bytes=${from}-` } : {}),
           }),
           dispatcher: agent,
-          signal: AbortSignal.timeout(deadlineFor(http, copy.size)),
+          signal: AbortSignal.any([
+            AbortSignal.timeout(deadlineFor(http, copy.size)),
+            ...(stop ? [stop] : []),
+          ]),
         });
       },
     },
@@ -708,14 +713,14 @@ async function copiesSince(
 /**
  * Runs `work` on `release`; a failure part-way also says what it leaves behind. A draft stays
  * as it is; a published release is put back as it was when that is still possible.
- * `progress` says how far the work got, when that helps.
+ * `progress`, asked once the work has failed, says how far it got, when that helps.
  */
 export async function sayingWhatIsLeft<T>(
   run: Run,
   forgejo: Forgejo,
   release: Release,
   work: () => Promise<T>,
-  progress = "",
+  progress = () => "",
 ): Promise<T> {
   try {
     return await work();
@@ -723,7 +728,7 @@ export async function sayingWhatIsLeft<T>(
     if (!(error instanceof ReleaseError)) throw error;
     if (release.draft) {
       throw new ReleaseError(
-        `${error.message}; ${progress}the release stays a draft: rerun the same command to resume`,
+        `${error.message}; ${progress()}the release stays a draft: rerun the same command to resume`,
       );
     }
     const removed = await takeBackUploads(run, forgejo, release).catch((failure) => {
@@ -732,7 +737,7 @@ export async function sayingWhatIsLeft<T>(
     });
     const copies = removed === 1 ? "copy this run uploaded was" : "copies this run uploaded were";
     const left = removed === undefined
-      ? `${progress}the published release ${release.tag_name} still has its SHA256SUMS and every copy it lists (new copies may sit beside them)`
+      ? `${progress()}the published release ${release.tag_name} still has its SHA256SUMS and every copy it lists (new copies may sit beside them)`
       : `the published release ${release.tag_name} is as it was${
         removed > 0 ? `: the ${removed} ${copies} deleted again` : ""
       }`;
@@ -774,25 +779,31 @@ export async function deleteAsset(
   run.log(`Deleted ${why}: ${copy.name} (id ${copy.id}, ${copy.size} bytes)`);
 }
 
-/** Streams a file in 1 MiB chunks and shows progress: a bar on a terminal, a few lines in CI. */
+/**
+ * Streams a file in 1 MiB chunks and shows progress: a bar on a terminal (one per upload under
+ * way), a few lines in CI.
+ */
 async function* readWithProgress(run: Run, asset: BundleAsset): AsyncIterable<Uint8Array> {
   if (asset.path === undefined) throw new ReleaseError(`${asset.name} has no file to upload`);
   const terminal = !run.ci && run.io.stderrIsTerminal;
   const large = asset.size >= 64 << 20;
   let sent = 0;
   let reported = 0;
-  for await (const chunk of createReadStream(asset.path, { highWaterMark: READ_SIZE })) {
-    sent += chunk.length;
-    yield chunk;
-    const percent = Math.floor((sent / asset.size) * 100);
-    if (terminal && large) {
-      const bar = "#".repeat(Math.floor(percent / 4)).padEnd(25, ".");
-      run.drawProgress(`\r${asset.name} [${bar}] ${percent}%`);
-    } else if (large && percent >= reported + 25) {
-      reported = percent - (percent % 25);
-      run.log(`${asset.name}: ${reported}% of ${formatBytes(asset.size)}`);
+  try {
+    for await (const chunk of createReadStream(asset.path, { highWaterMark: READ_SIZE })) {
+      sent += chunk.length;
+      yield chunk;
+      const percent = Math.floor((sent / asset.size) * 100);
+      if (terminal && large) {
+        run.drawProgress(asset.name, percent);
+      } else if (large && percent >= reported + 25) {
+        reported = percent - (percent % 25);
+        run.log(`${asset.name}: ${reported}% of ${formatBytes(asset.size)}`);
+      }
     }
+  } finally {
+    // A stopped upload's bar goes; a finished one's stays at 100%.
+    if (terminal && large && sent !== asset.size) run.drawProgress(asset.name);
   }
-  if (terminal && large) run.drawProgress("\n");
   if (sent !== asset.size) throw new ReleaseError(`${asset.path} changed size while uploading`);
 }

@@ -6,6 +6,7 @@
 import { createHash } from "node:crypto";
 import * as fs from "node:fs/promises";
 import { Worker } from "node:worker_threads";
+import { inLanes } from "./lanes.ts";
 
 export const READ_SIZE = 1 << 20;
 
@@ -52,19 +53,12 @@ export async function hashFile(file: string): Promise<{ sha256: string; size: nu
 /** Hashes every file, as many at once as there are cores. */
 export async function hashFiles(files: string[]): Promise<{ sha256: string; size: number }[]> {
   const results = new Array<{ sha256: string; size: number }>(files.length);
-  let next = 0;
   // Each worker costs ~15 MiB of RSS: four keep a large runner under 200 MiB, and hashing
   // four files at once already outruns the disk and the upload.
-  const lanes = Math.max(
-    1,
-    Math.min(navigator.hardwareConcurrency || 2, files.length, MAX_HASH_WORKERS),
-  );
-  await Promise.all(Array.from({ length: lanes }, async () => {
-    while (next < files.length) {
-      const index = next++;
-      results[index] = await hashFile(files[index]);
-    }
-  }));
+  const lanes = Math.min(navigator.hardwareConcurrency || 2, MAX_HASH_WORKERS);
+  await inLanes([...files.keys()], lanes, async (index) => {
+    results[index] = await hashFile(files[index]);
+  });
   return results;
 }
 

@@ -7,7 +7,7 @@ import * as fs from "node:fs/promises";
 import * as path from "node:path";
 import * as v from "valibot";
 import { Buffer } from "node:buffer";
-import { ASSET_NAME } from "../../types/manifest.ts";
+import { ASSET_NAME, type ManifestAsset } from "../../types/manifest.ts";
 import {
   AttrNamesSchema,
   type BuildResult,
@@ -15,6 +15,7 @@ import {
   type FlakeMetadata,
   FlakeMetadataSchema,
   OutPathsSchema,
+  PathInfoSchema,
 } from "../../types/nix.ts";
 import { formatBytes, ReleaseError, type Run, UsageError } from "./run.ts";
 import { type ReleaseOptions } from "./cli.ts";
@@ -62,7 +63,15 @@ export function nixErrorTail(stderr: string, lines = 12): string {
 }
 
 export async function readFlake(run: Run, options: ReleaseOptions): Promise<FlakeInfo> {
-  const available = await listTargets(run, options);
+  // Three reads that need nothing of each other, started together and judged in this order.
+  // Without KEEP_LOCK: nix then fails, instead of warning, when flake.lock is not complete.
+  const [listed, version, strict] = await Promise.allSettled([
+    listTargets(run, options),
+    run.$`nix --version`.quiet(),
+    run.$`nix ${NIX_FEATURES} flake metadata --json --no-update-lock-file ${options.flake}`
+      .quiet().nothrow(),
+  ]);
+  const available = settled(listed);
   const unknown = options.targets.filter((target) => !available.includes(target));
   if (unknown.length > 0) {
     throw new UsageError(
@@ -71,18 +80,17 @@ export async function readFlake(run: Run, options: ReleaseOptions): Promise<Flak
       } for ${options.system}`,
     );
   }
-  const version = await run.$`nix --version`.quiet();
-  const nixVersion = version.stdout.trim().match(/(\d+\.\d+\S*)/)?.[1] ?? version.stdout.trim();
-  // Without KEEP_LOCK: nix then fails, instead of warning, when flake.lock is not complete.
-  const strict = await run
-    .$`nix ${NIX_FEATURES} flake metadata --json --no-update-lock-file ${options.flake}`
-    .quiet().nothrow();
-  const locked = strict.exitCode === 0;
-  if (!locked && !/requires lock file changes/.test(strict.stderr)) {
-    throw new ReleaseError(`cannot read the flake's metadata: ${nixErrorTail(strict.stderr, 1)}`);
+  const versionText = settled(version).stdout.trim();
+  const nixVersion = versionText.match(/(\d+\.\d+\S*)/)?.[1] ?? versionText;
+  const metadataRun = settled(strict);
+  const locked = metadataRun.exitCode === 0;
+  if (!locked && !/requires lock file changes/.test(metadataRun.stderr)) {
+    throw new ReleaseError(
+      `cannot read the flake's metadata: ${nixErrorTail(metadataRun.stderr, 1)}`,
+    );
   }
   const metadata = locked
-    ? parseJson(FlakeMetadataSchema, strict.stdout, "nix flake metadata")
+    ? parseJson(FlakeMetadataSchema, metadataRun.stdout, "nix flake metadata")
     : await nixJson(
       run,
       FlakeMetadataSchema,
@@ -91,6 +99,12 @@ export async function readFlake(run: Run, options: ReleaseOptions): Promise<Flak
     );
   const dirty = metadata.locked.type === "git" && !metadata.revision;
   return { metadata, locked, dirty, nixVersion };
+}
+
+/** The value of a settled promise, or its failure thrown. */
+function settled<T>(result: PromiseSettledResult<T>): T {
+  if (result.status === "rejected") throw result.reason;
+  return result.value;
 }
 
 async function listTargets(run: Run, options: ReleaseOptions): Promise<string[]> {
@@ -119,14 +133,19 @@ type BuildRequest = Pick<ReleaseOptions, "flake" | "system" | "targets">;
  * result is matched to its target by derivation.
  */
 export async function buildTargets(run: Run, options: BuildRequest): Promise<TargetBuild[]> {
-  // One target has one result: only several need their derivations to be told apart.
-  const drvPaths = options.targets.length > 1 ? await targetDerivations(run, options) : undefined;
   const installables = options.targets.map((target) => installable(options, target));
   const build = run.$`nix ${NIX_FEATURES} build ${KEEP_LOCK} --json --no-link ${installables}`
     .quiet()
     .nothrow();
   build.stderr.on("data", (chunk: Buffer) => run.io.stderr(chunk));
-  const result = await build;
+  // One target has one result: only several need their derivations to be told apart, read
+  // while nix builds.
+  const [derivations, built] = await Promise.allSettled([
+    options.targets.length > 1 ? targetDerivations(run, options) : undefined,
+    build,
+  ]);
+  const drvPaths = settled(derivations);
+  const result = settled(built);
   if (result.exitCode !== 0) {
     const named = options.targets.filter((target) =>
       drvPaths && result.stderr.includes(drvPaths[target])
@@ -284,6 +303,8 @@ function refuseBadNames(products: Product[]): void {
 export interface FileAsset extends Product {
   size: number;
   sha256: string;
+  /** nix's narHash of the store path holding `path`, from its database: what a rerun compares. */
+  narHash?: string;
   /** Content made by release-boot from `path` (a rewritten iPXE script) instead of the file. */
   bytes?: Uint8Array;
 }
@@ -295,6 +316,83 @@ export async function hashProducts(run: Run, products: Product[]): Promise<FileA
     run.log(`${asset.sha256}  ${asset.name} (${formatBytes(asset.size)})`);
   }
   return assets;
+}
+
+/**
+ * The products' sizes and checksums for publishing, each with its store path's narHash. A
+ * product that `recorded` (manifest.json of an earlier run) lists under its name and file,
+ * whose store path nix's database still gives the narHash recorded then, and whose size is
+ * the recorded one, keeps the recorded checksum unread: nix vouches that the store path's
+ * bytes are the ones hashed then. Every other product is hashed.
+ */
+export async function checksumProducts(
+  run: Run,
+  products: Product[],
+  recorded: ManifestAsset[],
+): Promise<FileAsset[]> {
+  // A derivation lies in the store directory its outputs do.
+  const storePaths = products.map((product) =>
+    storePathOf(product.path, path.dirname(product.drvPath))
+  );
+  const narHashes = await storeNarHashes(run, storePaths);
+  const narHashOf = (index: number) => narHashes.get(storePaths[index] ?? "");
+  const reused = await Promise.all(
+    products.map((product, index) => recordedSum(product, narHashOf(index), recorded)),
+  );
+  const unread = products.filter((_, index) => !reused[index]);
+  const hashed = await hashProducts(run, unread);
+  const assets = products.map((product, index): FileAsset => {
+    const { sha256, size } = reused[index] ?? hashed[unread.indexOf(product)];
+    return { ...product, narHash: narHashOf(index), sha256, size };
+  });
+  for (const [index, asset] of assets.entries()) {
+    if (reused[index]) {
+      run.log(`${asset.sha256}  ${asset.name} (${formatBytes(asset.size)}, as recorded)`);
+    }
+  }
+  const kept = products.length - hashed.length;
+  run.log(
+    `Reused ${kept} recorded checksum${kept === 1 ? "" : "s"}, hashed ${hashed.length} file${
+      hashed.length === 1 ? "" : "s"
+    }`,
+  );
+  return assets;
+}
+
+/** The size and checksum `recorded` gives a product, when nix vouches for its bytes. */
+async function recordedSum(
+  product: Product,
+  narHash: string | undefined,
+  recorded: ManifestAsset[],
+): Promise<{ sha256: string; size: number } | undefined> {
+  const earlier = recorded.find((asset) =>
+    asset.name === product.name && asset.storePath === product.path &&
+    asset.narHash !== undefined && asset.narHash === narHash
+  );
+  if (!earlier || (await fs.stat(product.path)).size !== earlier.size) return undefined;
+  return { sha256: earlier.sha256, size: earlier.size };
+}
+
+/** The store path `file` lies in (`<store>/<hash>-<name>`), if it lies in `storeDir`. */
+export function storePathOf(file: string, storeDir: string): string | undefined {
+  const relative = path.relative(storeDir, file);
+  if (relative === "" || relative.startsWith("..") || path.isAbsolute(relative)) return undefined;
+  return path.join(storeDir, relative.split(path.sep)[0]);
+}
+
+/** narHash by store path, as nix's database records it: no file of the paths is read. */
+async function storeNarHashes(
+  run: Run,
+  storePaths: (string | undefined)[],
+): Promise<Map<string, string>> {
+  const paths = [...new Set(storePaths.filter((storePath) => storePath !== undefined))];
+  if (paths.length === 0) return new Map();
+  return await nixJson(
+    run,
+    PathInfoSchema,
+    ["path-info", "--json", ...paths],
+    "reading nix's record of the built store paths",
+  );
 }
 
 /** Built iPXE script of a target: `<target>-<system>.built.ipxe`, kept as nix built it. */

@@ -6,6 +6,8 @@
  * checksums fetch and verify start from; what to upload (the plan) and the release page. It
  * reads releases and renders what is written to them; it never uploads, edits or deletes.
  */
+import * as fs from "node:fs/promises";
+import * as path from "node:path";
 import * as v from "valibot";
 import { type Attachment, type Release } from "../../types/forgejo.ts";
 import {
@@ -175,6 +177,35 @@ export function unionManifest(index: RemoteIndex): Manifest | undefined {
     (union, next) => mergeManifests(union, next.manifest),
     undefined,
   );
+}
+
+/**
+ * What a release recorded of its assets, for a rerun to reuse the checksums nix still vouches
+ * for. On Forgejo: the manifest.json the release's SHA256SUMS lists, and when this run signs
+ * (`signer`), only under this run's signature, so a record someone else wrote is never signed
+ * as built. Staged locally (no `forgejo`): the earlier stage's manifest.json in `out`.
+ */
+export async function recordedAssets(
+  forgejo: Forgejo | undefined,
+  options: Pick<ReleaseOptions, "tag" | "out">,
+  signer: string | undefined,
+): Promise<ManifestAsset[]> {
+  if (!forgejo) return await stagedAssets(options.out);
+  const release = await forgejo.releases.byTag(options.tag);
+  if (!release) return [];
+  const index = await readIndex(forgejo, release);
+  const listed = index.sums.length === 1
+    ? parseSums(index.sums[0].text).get(MANIFEST_NAME)
+    : undefined;
+  const signed = !signer || index.signatures.some((signature) => signature.signer === signer);
+  const manifest = index.manifests.find((copy) => copy.sha256 === listed);
+  return signed && manifest ? manifest.manifest.assets : [];
+}
+
+async function stagedAssets(dir: string): Promise<ManifestAsset[]> {
+  const text = await fs.readFile(path.join(dir, MANIFEST_NAME), "utf8").catch(() => undefined);
+  const parsed = v.safeParse(ManifestSchema, safeJson(text ?? ""));
+  return parsed.success ? parsed.output.assets : [];
 }
 
 /** What the release says a stored copy holds: its sha256, or undefined when unknown. */
@@ -390,6 +421,8 @@ export function describeAsset(asset: FileAsset): ManifestAsset {
     target: asset.target,
     system: asset.system,
     storePath: asset.path,
+    // Bytes release-boot made (a rewritten script) are not the store file nix vouches for.
+    narHash: asset.bytes ? undefined : asset.narHash,
     drvPath: asset.drvPath,
   };
 }

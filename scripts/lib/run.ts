@@ -71,8 +71,11 @@ export interface Run {
   log(message: string): void;
   /** The result a caller may capture (a URL, a directory, a plan): stdout. */
   result(line: string): void;
-  /** Rewrites the current terminal line: upload progress bars. */
-  drawProgress(line: string): void;
+  /**
+   * A terminal's progress bar for `name` at `percent`: one line per file under way, redrawn
+   * in place below the log; at 100 its line stays, without a percent it goes.
+   */
+  drawProgress(name: string, percent?: number): void;
   step<T>(title: string, work: () => Promise<T>): Promise<T>;
   /** Registers a secret: masked by the CI log, and replaced by *** in everything printed. */
   mask(secret: string): void;
@@ -102,7 +105,20 @@ export function startRun(env: Env, io: Io, cwd: string = Deno.cwd()): StartedRun
   const closers: (() => Promise<void>)[] = [];
   const redact = (text: string) =>
     secrets.reduce((out, secret) => out.replaceAll(secret, "***"), text);
-  const log = (message: string) => io.stderr(`${redact(message)}\n`);
+  // The progress bars on screen, by name: drawn below everything the run logs.
+  const bars = new Map<string, number>();
+  const barLine = (name: string, percent: number) =>
+    `\r${redact(name)} [${
+      "#".repeat(Math.floor(percent / 4)).padEnd(25, ".")
+    }] ${percent}%\x1b[K\n`;
+  /** Clears the `shown` bar lines, writes `text` in their place, then the bars as they are now. */
+  const repaint = (shown: number, text: string) =>
+    io.stderr(
+      `${shown > 0 ? `\x1b[${shown}A\r\x1b[J` : ""}${text}${
+        [...bars].map(([name, percent]) => barLine(name, percent)).join("")
+      }`,
+    );
+  const log = (message: string) => repaint(bars.size, `${redact(message)}\n`);
   return {
     ci,
     startedOn: new Date(),
@@ -110,7 +126,16 @@ export function startRun(env: Env, io: Io, cwd: string = Deno.cwd()): StartedRun
     io,
     log,
     result: (line) => io.stdout(`${redact(line)}\n`),
-    drawProgress: (line) => io.stderr(redact(line)),
+    drawProgress(name, percent) {
+      if (percent === bars.get(name)) return;
+      const shown = bars.size;
+      if (percent === undefined || percent >= 100) {
+        bars.delete(name);
+        return repaint(shown, percent === undefined ? "" : barLine(name, 100));
+      }
+      bars.set(name, percent);
+      repaint(shown, "");
+    },
     async step(title, work) {
       log(ci ? `::group::${title}` : `==> ${title}`);
       try {

@@ -15,6 +15,7 @@ import {
   nixErrorTail,
   nixJson,
   type Product,
+  storePathOf,
 } from "./nix.ts";
 import { type Env, ReleaseError, type Run, UsageError } from "./run.ts";
 import { type VerifyOptions } from "./cli.ts";
@@ -356,11 +357,11 @@ export async function rebuildRelease(run: Run, request: RebuildRequest): Promise
 
 /** The top-level store path a file lives in: `<store>/<hash>-<name>`. */
 function storeOutput(file: string, storeDir: string): string {
-  const relative = path.relative(storeDir, file);
-  if (relative.startsWith("..") || path.isAbsolute(relative)) {
+  const storePath = storePathOf(file, storeDir);
+  if (!storePath) {
     throw new ReleaseError(`${file} is not in the nix store ${storeDir}, so it cannot be rebuilt`);
   }
-  return path.join(storeDir, relative.split(path.sep)[0]);
+  return storePath;
 }
 
 /** Output path -> the derivation that built it. */

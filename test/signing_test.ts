@@ -430,7 +430,7 @@ Deno.test("a key file other users can read is used, with a warning to chmod 600 
     const warnings: string[] = [];
     const run = {
       log: (message: string) => warnings.push(message),
-      mask: () => {},
+      maskKeyText: () => {},
       resolve: (file: string) => file,
     };
     assert.equal(

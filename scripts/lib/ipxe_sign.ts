@@ -69,14 +69,10 @@ interface ChainCertificate {
 export async function readIpxeSigningIdentity(
   source: IpxeSigningSource | undefined,
   env: Env,
-  run: Pick<Run, "log" | "mask" | "resolve">,
+  run: Pick<Run, "log" | "maskKeyText" | "resolve">,
 ): Promise<IpxeSigningIdentity | undefined> {
   if (!source) return undefined;
-  if ("variable" in source.key) {
-    for (const line of env[source.key.variable]?.split("\n") ?? []) {
-      if (line.trim().length >= 16 && !line.includes("-----")) run.mask(line.trim());
-    }
-  }
+  if ("variable" in source.key) run.maskKeyText(env[source.key.variable]);
   const keyPem = await readText(source.key, env, run, true);
   const chainPem = await readText(source.cert, env, run, false);
   return checkSigningIdentity(keyPem, chainPem, new Date());

@@ -79,6 +79,11 @@ export interface Run {
   step<T>(title: string, work: () => Promise<T>): Promise<T>;
   /** Registers a secret: masked by the CI log, and replaced by *** in everything printed. */
   mask(secret: string): void;
+  /**
+   * Registers a key's PEM or OpenSSH text, line by line: a log shows a key one line at a time.
+   * Armor lines and short lines are public and would mask unrelated output.
+   */
+  maskKeyText(text: string | undefined): void;
   redact(text: string): string;
   /**
    * The directory the run was started in: relative paths given to it mean paths under this,
@@ -119,6 +124,11 @@ export function startRun(env: Env, io: Io, cwd: string = Deno.cwd()): StartedRun
       }`,
     );
   const log = (message: string) => repaint(bars.size, `${redact(message)}\n`);
+  const mask = (secret: string) => {
+    // The mask command is the one line that must carry the secret itself.
+    if (ci) io.stderr(`::add-mask::${secret}\n`);
+    secrets.push(secret);
+  };
   return {
     ci,
     startedOn: new Date(),
@@ -144,11 +154,12 @@ export function startRun(env: Env, io: Io, cwd: string = Deno.cwd()): StartedRun
         if (ci) log("::endgroup::");
       }
     },
-    mask(secret) {
-      // The mask command is the one line that must carry the secret itself.
-      if (ci) io.stderr(`::add-mask::${secret}\n`);
-      secrets.push(secret);
+    maskKeyText(text) {
+      for (const line of text?.split("\n") ?? []) {
+        if (line.trim().length >= 16 && !line.includes("-----")) mask(line.trim());
+      }
     },
+    mask,
     redact,
     cwd,
     resolve: (file) => path.resolve(cwd, file),

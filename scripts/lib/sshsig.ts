@@ -118,11 +118,9 @@ export interface TrustedKey {
 export async function readSigningKey(
   flagFile: string | undefined,
   env: Env,
-  run: Pick<Run, "log" | "mask" | "resolve">,
+  run: Pick<Run, "log" | "maskKeyText" | "resolve">,
 ): Promise<SigningKey | undefined> {
-  for (const line of env[SIGNING_KEY_ENV]?.split("\n") ?? []) {
-    if (line.trim().length >= 16 && !line.includes("-----")) run.mask(line.trim());
-  }
+  run.maskKeyText(env[SIGNING_KEY_ENV]);
   const fromEnv = env[SIGNING_KEY_ENV]?.trim() ? env[SIGNING_KEY_ENV] : undefined;
   if (flagFile !== undefined && fromEnv !== undefined) {
     throw new UsageError(

@@ -451,24 +451,29 @@ Deno.test("a --mirrors entry without a scheme is the mirror: fetch sends it no t
 // 10. Step outputs
 // ---------------------------------------------------------------------------------------------
 
+/** The server answers every read of the release with `suffix` appended to its html_url. */
+function appendToHtmlUrl(w: World, suffix: string): void {
+  w.forgejo.addFault({
+    method: "GET",
+    path: /\/releases\/\d+$/,
+    times: 1000,
+    fault: {
+      kind: "edit",
+      edit: (release) => {
+        const listed = release as { html_url: string };
+        return { ...listed, html_url: `${listed.html_url}${suffix}` };
+      },
+    },
+  });
+}
+
 nixTest(
   "a newline in the server's html_url cannot add a step output",
   () =>
     withWorldInProcess(async (w) => {
       const file = path.join(w.work.dir, "github-output");
       const injected = "\ninjected=by the server";
-      w.forgejo.addFault({
-        method: "GET",
-        path: /\/releases\/\d+$/,
-        times: 1000,
-        fault: {
-          kind: "edit",
-          edit: (release) => {
-            const listed = release as { html_url: string };
-            return { ...listed, html_url: `${listed.html_url}${injected}` };
-          },
-        },
-      });
+      appendToHtmlUrl(w, injected);
       const run = await w.publish(["--targets", "netboot"], { GITHUB_OUTPUT: file });
       assert.equal(run.code, 0, run.stderr);
       const outputs = parseStepOutputs(await fs.readFile(file, "utf8"));
@@ -489,18 +494,7 @@ nixTest(
     withWorldInProcess(async (w) => {
       const file = path.join(w.work.dir, "step-summary.md");
       const injected = ") [sign in again](https://evil.example.org/login) <img src=x>";
-      w.forgejo.addFault({
-        method: "GET",
-        path: /\/releases\/\d+$/,
-        times: 1000,
-        fault: {
-          kind: "edit",
-          edit: (release) => {
-            const listed = release as { html_url: string };
-            return { ...listed, html_url: `${listed.html_url}${injected}` };
-          },
-        },
-      });
+      appendToHtmlUrl(w, injected);
       const run = await w.publish(["--targets", "netboot"], { GITHUB_STEP_SUMMARY: file });
       assert.equal(run.code, 0, run.stderr);
       const heading = (await fs.readFile(file, "utf8")).split("\n")[0];

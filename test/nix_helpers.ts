@@ -16,12 +16,20 @@ async function nixRuns(): Promise<boolean> {
 export const nixAvailable: boolean = await nixRuns();
 const required = Deno.env.get("REQUIRE_NIX") === "1";
 
+/**
+ * The tests' own nix calls leave the evaluation cache alone: test files running side by side
+ * evaluate the same flakes, and nix 2.8 answers wrongly when another process holds the cache
+ * ("attribute ... unexpectedly missing"). release-boot itself repeats such a call.
+ */
 export const NIX_FLAGS = [
   "--extra-experimental-features",
   "nix-command flakes",
   "--option",
   "substituters",
   "",
+  "--option",
+  "eval-cache",
+  "false",
 ];
 
 export function nixTest(name: string, fn: () => Promise<void>): void {

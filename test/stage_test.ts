@@ -4,10 +4,12 @@ import * as fs from "node:fs/promises";
 import * as path from "node:path";
 import { nixTest } from "./nix_helpers.ts";
 import {
+  baseEnv,
   exists,
   fixtureDir,
   makeFixture,
   makeWorkdir,
+  runCommand,
   runMain,
   runRelease,
   sha256sumCheck,
@@ -257,5 +259,39 @@ nixTest(
         await fs.rm(work.dir, { recursive: true, force: true });
       }
     }
+  },
+);
+
+nixTest(
+  "nix's evaluation cache answering wrongly while another nix holds it does not fail the run",
+  async () => {
+    // What nix 2.8 prints when two processes evaluate the same flake at once: it ignores the
+    // busy cache, then reports an attribute that exists as missing. This nix does it to every
+    // evaluation and build that uses the cache, and runs the real nix for the rest.
+    const work = await makeWorkdir();
+    const realNix = (await runCommand("sh", ["-c", "command -v nix"])).stdout.trim();
+    const bin = path.join(work.dir, "bin");
+    await fs.mkdir(bin);
+    await fs.writeFile(
+      path.join(bin, "nix"),
+      `#!/bin/sh
+case " $* " in
+  *" eval-cache false "*|*" --version "*|*" path-info "*|*" metadata "*) exec ${realNix} "$@" ;;
+esac
+echo "error (ignored): error: SQLite database '$HOME/.cache/nix/eval-cache-v2/0.sqlite' is busy" >&2
+echo "error: attribute 'packages.x86_64-linux.packages' is unexpectedly missing" >&2
+exit 1
+`,
+      { mode: 0o755 },
+    );
+    const run = await runMain(["--flake", FIXTURE, "--targets", "netboot,iso"], {
+      cwd: work.dir,
+      env: baseEnv({ PATH: `${bin}:${Deno.env.get("PATH")}` }),
+    });
+    assert.equal(run.code, 0, run.stderr);
+    const out = path.join(work.dir, "dist", `boot-dev-${work.commit.slice(0, 12)}`);
+    assert.deepEqual((await fs.readdir(out)).sort(), STAGED_NETBOOT_ISO);
+    assert.equal((await sha256sumCheck(out)).code, 0);
+    await fs.rm(work.dir, { recursive: true });
   },
 );

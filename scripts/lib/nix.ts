@@ -7,6 +7,7 @@ import * as fs from "node:fs/promises";
 import * as path from "node:path";
 import * as v from "valibot";
 import { Buffer } from "node:buffer";
+import { type ProcessOutput } from "zx";
 import { ASSET_NAME, type ManifestAsset } from "../../types/manifest.ts";
 import {
   AttrNamesSchema,
@@ -41,13 +42,36 @@ function installable(options: Pick<ReleaseOptions, "flake" | "system">, target?:
   return `${options.flake}#${target ? `${attr}.${target}` : attr}`;
 }
 
+// Nix 2.8 keeps one evaluation cache (a SQLite file) per flake. When another nix process holds
+// it (this run's own evaluation beside its build, a second run, a test beside another), nix
+// prints "SQLite database '…eval-cache…' is busy", ignores it, and can then answer wrongly:
+// "attribute 'packages.x86_64-linux.packages' is unexpectedly missing" for an attribute that
+// exists. A run that saw that is repeated once without the cache: slower, never wrong.
+const EVAL_CACHE_BUSY = /SQLite database '[^']*eval-cache[^']*' is busy/;
+const WITHOUT_EVAL_CACHE = ["--option", "eval-cache", "false"];
+
+/** Runs `nix ARGS` (never throwing on its exit code), repeated without the cache if it was busy. */
+export async function runNix(
+  run: Run,
+  args: string[],
+  onStderr?: (chunk: Buffer) => void,
+): Promise<ProcessOutput> {
+  const attempt = async (options: string[]) => {
+    const child = run.$`nix ${NIX_FEATURES} ${options} ${args}`.quiet().nothrow();
+    if (onStderr) child.stderr.on("data", onStderr);
+    return await child;
+  };
+  const first = await attempt([]);
+  return EVAL_CACHE_BUSY.test(first.stderr) ? await attempt(WITHOUT_EVAL_CACHE) : first;
+}
+
 export async function nixJson<T>(
   run: Run,
   schema: v.GenericSchema<unknown, T>,
   args: string[],
   what: string,
 ): Promise<T> {
-  const result = await run.$`nix ${NIX_FEATURES} ${args}`.quiet().nothrow();
+  const result = await runNix(run, args);
   if (result.exitCode !== 0) {
     throw new ReleaseError(`${what} failed: ${nixErrorTail(result.stderr, 1)}`);
   }
@@ -68,8 +92,7 @@ export async function readFlake(run: Run, options: ReleaseOptions): Promise<Flak
   const [listed, version, strict] = await Promise.allSettled([
     listTargets(run, options),
     run.$`nix --version`.quiet(),
-    run.$`nix ${NIX_FEATURES} flake metadata --json --no-update-lock-file ${options.flake}`
-      .quiet().nothrow(),
+    runNix(run, ["flake", "metadata", "--json", "--no-update-lock-file", options.flake]),
   ]);
   const available = settled(listed);
   const unknown = options.targets.filter((target) => !available.includes(target));
@@ -108,10 +131,14 @@ function settled<T>(result: PromiseSettledResult<T>): T {
 }
 
 async function listTargets(run: Run, options: ReleaseOptions): Promise<string[]> {
-  const result = await run.$`nix ${NIX_FEATURES} eval ${KEEP_LOCK} --json ${
-    installable(options)
-  } --apply builtins.attrNames`
-    .quiet().nothrow();
+  const result = await runNix(run, [
+    "eval",
+    KEEP_LOCK,
+    "--json",
+    installable(options),
+    "--apply",
+    "builtins.attrNames",
+  ]);
   if (result.exitCode === 0) return parseJson(AttrNamesSchema, result.stdout, "nix eval");
   if (/does not provide attribute/.test(result.stderr)) return [];
   throw new UsageError(`cannot read the flake ${options.flake}: ${nixErrorTail(result.stderr, 1)}`);
@@ -134,10 +161,11 @@ type BuildRequest = Pick<ReleaseOptions, "flake" | "system" | "targets">;
  */
 export async function buildTargets(run: Run, options: BuildRequest): Promise<TargetBuild[]> {
   const installables = options.targets.map((target) => installable(options, target));
-  const build = run.$`nix ${NIX_FEATURES} build ${KEEP_LOCK} --json --no-link ${installables}`
-    .quiet()
-    .nothrow();
-  build.stderr.on("data", (chunk: Buffer) => run.io.stderr(chunk));
+  const build = runNix(
+    run,
+    ["build", KEEP_LOCK, "--json", "--no-link", ...installables],
+    (chunk) => run.io.stderr(chunk),
+  );
   // One target has one result: only several need their derivations to be told apart, read
   // while nix builds.
   const [derivations, built] = await Promise.allSettled([

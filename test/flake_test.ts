@@ -730,8 +730,11 @@ interface TestCa {
 async function makeCa(): Promise<TestCa> {
   const dir = await fs.mkdtemp(path.join(os.tmpdir(), "release-boot-ca-"));
   try {
-    const [key, crt] = [path.join(dir, "ca.key"), path.join(dir, "ca.crt")];
-    await $`openssl req -x509 -newkey rsa:2048 -nodes -sha256 -days 2 -subj /CN=runners-boot-test -keyout ${key} -out ${crt}`
+    // A pooled key (test/boot/pki.ts says why): each certificate is still new, with its own
+    // serial number and so its own fingerprint.
+    const key = path.join(repoRoot, "test", "boot", "keys", "runners-boot-test.rsa2048.pem");
+    const crt = path.join(dir, "ca.crt");
+    await $`openssl req -x509 -key ${key} -sha256 -days 2 -subj /CN=runners-boot-test -out ${crt}`
       .quiet();
     const fingerprint = (await $`openssl x509 -in ${crt} -noout -sha256 -fingerprint`.quiet())
       .stdout.trim();

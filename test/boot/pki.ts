@@ -1,6 +1,12 @@
 /**
  * A test CA and code-signing certificates made with the openssl CLI, by the same commands
  * docs/PXE.md gives operators. Writes only into the directory it is given.
+ *
+ * RSA keys come from test/boot/keys/, one per certificate name, made once with
+ * `openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:BITS`: generating them was most of
+ * the suite's CPU time, and no check of a certificate depends on its key being new. Names share
+ * no key, so a key that is not a certificate's own is still a different key. A name without
+ * one there gets a new key.
  */
 import assert from "node:assert/strict";
 import * as fs from "node:fs/promises";
@@ -16,6 +22,23 @@ const NEW_KEY = {
   ed25519: ["-newkey", "ed25519"],
 };
 export type KeyKind = keyof typeof NEW_KEY;
+
+const KEYS = new URL("./keys/", import.meta.url).pathname;
+
+/**
+ * openssl arguments giving the certificate `name` its key in `keyFile`: the pooled RSA key
+ * copied there, or a new key written there.
+ */
+async function keyArguments(name: string, key: KeyKind, keyFile: string): Promise<string[]> {
+  const slug = name.toLowerCase().replace(/[^a-z0-9]+/g, "-");
+  try {
+    await fs.copyFile(path.join(KEYS, `${slug}.${key}.pem`), keyFile);
+    return ["-key", keyFile];
+  } catch (error) {
+    if (!(error instanceof Deno.errors.NotFound)) throw error;
+    return [...NEW_KEY[key], "-keyout", keyFile];
+  }
+}
 
 /** A key and its certificate, as files and as PEM text. */
 export interface Issued {
@@ -99,7 +122,7 @@ async function issueDated(
     ].join("\n"),
   );
   const requested = await runCommand("openssl", [
-    ...["req", "-new", ...NEW_KEY.rsa2048, "-noenc", "-keyout", keyFile, "-out", request],
+    ...["req", "-new", ...await keyArguments(name, "rsa2048", keyFile), "-noenc", "-out", request],
     ...["-subj", `/CN=${name}`],
   ]);
   assert.equal(requested.code, 0, requested.stderr);
@@ -129,10 +152,8 @@ async function issue(
   const made = await runCommand("openssl", [
     "req",
     "-x509",
-    ...NEW_KEY[key],
+    ...await keyArguments(name, key, keyFile),
     "-noenc",
-    "-keyout",
-    keyFile,
     "-out",
     certFile,
     "-days",

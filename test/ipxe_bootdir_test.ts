@@ -9,6 +9,7 @@ import assert from "node:assert/strict";
 import * as fs from "node:fs/promises";
 import * as path from "node:path";
 import { checkSignedScript } from "../scripts/lib/ipxe.ts";
+import { type Release } from "../types/forgejo.ts";
 import {
   checkSigningIdentity,
   type IpxeSigningIdentity,
@@ -315,7 +316,23 @@ Deno.test("a signature that does not match SHA256SUMS is refused before any imag
         // A valid signature of something else: same CA, other bytes.
         const other = signDigest(scene.ipxe, sha256(new TextEncoder().encode("another kernel")));
         await scene.w.forgejo.tamper(release, `${signed}.sig`, other);
+        // The bad signature is slow to come, so that lanes free for other work find images
+        // next in line, were images queued behind the signatures.
+        const assets = (scene.w.forgejo.releases() as Release[])
+          .find((r) => r.id === release)?.assets ?? [];
+        const uuid = (name: string) => assets.find((asset) => asset.name === name)?.uuid;
+        scene.w.forgejo.addFault({
+          method: "GET",
+          path: `/attachments/${uuid(`${signed}.sig`)}`,
+          fault: { kind: "trickle", bytesPerSecond: 5000 },
+        });
         const run = await fetchTrusting(scene, tag);
+        const images = [KERNEL, INITRD].map((name) => `/attachments/${uuid(name)}`);
+        assert.deepEqual(
+          scene.w.forgejo.requests.filter((r) => images.includes(r.path)).map((r) => r.path),
+          [],
+          "no image was asked for",
+        );
         assertOneLineFailure(
           run,
           new RegExp(

@@ -65,15 +65,17 @@ export async function fetchForBoot(run: Run, options: FetchOptions, env: Env): P
   const dir = await withBootLock(run, out, async () => {
     await refuseWithoutRoom(out, directory, release, boot.files);
     const dir = await openTagDirectory(out, directory);
-    await run.step(
-      "Download and verify",
-      () =>
-        inLanes(
-          boot.files,
+    await run.step("Download and verify", async () => {
+      // Every signature before any image: lanes freed by signatures would otherwise start on
+      // images while a signature that does not match is still on its way.
+      for (const batch of signaturesThenImages(boot.files)) {
+        await inLanes(
+          batch,
           DOWNLOAD_LANES,
           (file, signal) => downloadVerified(run, forgejo, release, file, dir, signal),
-        ),
-    );
+        );
+      }
+    });
     await writeBootDirectory(run, dir, boot);
     await pointCurrentAt(run, out, directory);
     await removeOldReleases(run, out, options.keep);
@@ -85,6 +87,12 @@ export async function fetchForBoot(run: Run, options: FetchOptions, env: Env): P
     } points at it: serve that over HTTP and chain netboot.ipxe`,
   );
   run.result(dir);
+}
+
+/** The iPXE signatures to download, then the rest. */
+function signaturesThenImages(files: BootFile[]): BootFile[][] {
+  const isSignature = (file: BootFile) => file.name.endsWith(".sig");
+  return [files.filter(isSignature), files.filter((file) => !isSignature(file))];
 }
 
 /**
@@ -170,8 +178,8 @@ async function bootFilesOf(
     }
     return { name, sha256 };
   };
-  // The signatures are small and come first: one that does not match is found before any image
-  // is downloaded.
+  // The signatures are small and are downloaded first: one that does not match is found before
+  // any image is asked for.
   const signatures = signed
     ? assets.filter((a) => sums.has(`${a.name}.sig`)).map((a) => listed(`${a.name}.sig`))
     : [];

@@ -568,9 +568,14 @@ async function writeIndex(
   key: SigningKey | undefined,
 ): Promise<void> {
   await sayingWhatIsLeft(run, forgejo, draft, async () => {
+    let roundMs = 0;
     for (let round = 1; round <= 8; round++) {
-      // Jobs that collide back off by different amounts, so one of them settles first.
-      if (round > 1) await sleep(options.http.indexWaitMs * (1 + Math.random() * 4));
+      // Jobs that collide back off by different amounts, so one of them settles first; the
+      // amounts are on the scale of a round, or a slow server keeps them colliding.
+      if (round > 1) {
+        await sleep(Math.max(options.http.indexWaitMs, roundMs) * (1 + Math.random() * 4));
+      }
+      const started = performance.now();
       const release = await forgejo.releases.get(draft.id);
       const index = await readIndex(forgejo, release, key);
       const merged = mergeManifests(unionManifest(index), manifest);
@@ -611,6 +616,7 @@ async function writeIndex(
       for (const { copy } of older) {
         await deleteAsset(run, forgejo, release.id, copy, "an older index");
       }
+      roundMs = performance.now() - started;
     }
     throw new ReleaseError(
       `${SUMS_NAME} of ${options.tag} kept changing under this run (other jobs writing)`,

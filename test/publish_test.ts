@@ -350,3 +350,28 @@ nixTest("the build happens before any write: a failing target publishes nothing"
     assert.equal(w.forgejo.releases().length, 0);
   });
 });
+
+nixTest(
+  "three jobs publishing at once still converge when the server is slow to answer",
+  async () => {
+    await withWorldInProcess(async (w) => {
+      // Every read of the release and every asset upload take 100 ms: a round of reading and
+      // writing the index takes far longer than the least wait between rounds, so jobs that
+      // waited only that long would meet again round after round.
+      for (const path of [/\/releases\/\d+$/, /\/releases\/\d+\/assets$/]) {
+        w.forgejo.addFault({
+          path,
+          times: 1000,
+          fault: { kind: "then", run: () => new Promise((done) => setTimeout(done, 100)) },
+        });
+      }
+      const runs = await Promise.all(
+        ["netboot", "iso", "plain"].map((target) =>
+          w.publish(["--targets", target, "--timeout", "20"])
+        ),
+      );
+      for (const run of runs) assert.equal(run.code, 0, run.stderr);
+      assert.equal(w.release().draft, false);
+    });
+  },
+);

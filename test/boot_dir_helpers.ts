@@ -8,7 +8,7 @@ import * as fs from "node:fs/promises";
 import * as os from "node:os";
 import * as path from "node:path";
 import { baseEnv, type Run, runMain } from "./run_helpers.ts";
-import { sha256, TOKEN, type World, worldInProcess } from "./forgejo_world.ts";
+import { sha256, TOKEN, type World, world } from "./forgejo_world.ts";
 
 const API = "/api/v1/repos/ops/runners";
 
@@ -85,7 +85,7 @@ export async function rollback(out: string): Promise<Run> {
  */
 export async function scene(
   test: (w: World, out: string, outside: string) => Promise<void>,
-  makeWorld: () => Promise<World> = worldInProcess,
+  makeWorld: () => Promise<World> = world,
 ) {
   const w = await makeWorld();
   const scratch = await fs.mkdtemp(path.join(os.tmpdir(), "release-boot-bootdir-"));

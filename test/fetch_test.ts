@@ -5,15 +5,7 @@ import * as os from "node:os";
 import * as path from "node:path";
 import { nixTest } from "./nix_helpers.ts";
 import { runMain, sha256sumCheck } from "./run_helpers.ts";
-import {
-  sha256,
-  TAG,
-  TOKEN,
-  uploadBehindItsBack,
-  type World,
-  world,
-  worldInProcess,
-} from "./forgejo_world.ts";
+import { sha256, TAG, TOKEN, uploadBehindItsBack, type World, world } from "./forgejo_world.ts";
 
 const NETBOOT_FILES = [
   ".release-boot-tag",
@@ -94,7 +86,7 @@ nixTest(
 );
 
 nixTest("a file that does not match SHA256SUMS is refused and nothing of it is left", async () => {
-  const w = await worldInProcess();
+  const w = await world();
   const out = await scratch();
   try {
     assert.equal((await w.publish(["--targets", "netboot"])).code, 0);
@@ -126,7 +118,7 @@ nixTest("a file that does not match SHA256SUMS is refused and nothing of it is l
 });
 
 nixTest("an interrupted download resumes where it stopped", async () => {
-  const w = await worldInProcess();
+  const w = await world();
   const out = await scratch();
   try {
     assert.equal((await w.publish(["--targets", "netboot"])).code, 0);
@@ -164,7 +156,7 @@ nixTest("an interrupted download resumes where it stopped", async () => {
 });
 
 nixTest("downloads follow a 303 to object storage without sending the token there", async () => {
-  const w = await worldInProcess({ serveDirect: true });
+  const w = await world({ serveDirect: true });
   const out = await scratch();
   try {
     assert.equal((await w.publish(["--targets", "netboot"])).code, 0);
@@ -182,7 +174,7 @@ nixTest("downloads follow a 303 to object storage without sending the token ther
 });
 
 nixTest("a token is never sent to a server on the mirror list", async () => {
-  const w = await worldInProcess();
+  const w = await world();
   const out = await scratch();
   try {
     assert.equal((await w.publish(["--targets", "netboot"])).code, 0);
@@ -199,7 +191,7 @@ nixTest("a token is never sent to a server on the mirror list", async () => {
 nixTest(
   "latest is the newest published boot-v* release, never a draft or a boot-dev one",
   async () => {
-    const w = await worldInProcess();
+    const w = await world();
     const out = await scratch();
     try {
       assert.equal((await w.publish(["--targets", "netboot", "--tag", "boot-v1.1.0"])).code, 0);

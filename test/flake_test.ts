@@ -12,7 +12,7 @@ import * as os from "node:os";
 import * as path from "node:path";
 import { $, YAML } from "zx";
 import { NIX_FLAGS, nixTest } from "./nix_helpers.ts";
-import { repoRoot, runRelease, STAGED_NETBOOT_ISO } from "./run_helpers.ts";
+import { repoRoot, runMain, STAGED_NETBOOT_ISO } from "./run_helpers.ts";
 import { DEFAULT_KERNEL_ARGUMENTS, ipxeLocalConfig, renderFirstStage } from "./boot/first_stage.ts";
 
 const STAND_IN = `path:${path.join(repoRoot, "test", "stand-in-nixpkgs")}`;
@@ -686,7 +686,7 @@ nixTest(
       ) {
         const out = await fs.mkdtemp(path.join(os.tmpdir(), "release-boot-stage-"));
         try {
-          const run = await runRelease([
+          const run = await runMain([
             "--flake",
             ref,
             "--targets",

@@ -15,7 +15,6 @@ import {
   type Run,
   runMain,
   type Runner,
-  runRelease,
 } from "./run_helpers.ts";
 
 export const TOKEN = "test-token";
@@ -45,11 +44,14 @@ export interface World {
   close(): Promise<void>;
 }
 
-/** `runner`: runRelease (a child process, as operators run it) or runMain (in this process). */
+/**
+ * `runner`: runMain (in this process, the default: what main decides) or runRelease (a child
+ * process, as operators run it: for what only a process shows, a signal, its permissions).
+ */
 export async function world(
   options: EmulatorOptions = {},
   salt = "one",
-  runner: Runner = runRelease,
+  runner: Runner = runMain,
 ): Promise<World> {
   const forgejo = await startForgejo(options);
   const work = await makeWorkdir();
@@ -157,7 +159,7 @@ export function assertNoToken(run: Run, forgejo: Emulator) {
 export async function withWorld(
   test: (w: World) => Promise<void>,
   options: EmulatorOptions = {},
-  runner: Runner = runRelease,
+  runner: Runner = runMain,
 ): Promise<void> {
   const w = await world(options, "one", runner);
   try {
@@ -165,19 +167,6 @@ export async function withWorld(
   } finally {
     await w.close();
   }
-}
-
-/** withWorld, its runs made by main in this process: for what main decides, not the process. */
-export function withWorldInProcess(
-  test: (w: World) => Promise<void>,
-  options: EmulatorOptions = {},
-): Promise<void> {
-  return withWorld(test, options, runMain);
-}
-
-/** world, its runs made by main in this process. */
-export function worldInProcess(options: EmulatorOptions = {}, salt = "one"): Promise<World> {
-  return world(options, salt, runMain);
 }
 
 /** Uploads `body` as asset `name` straight through the API, as someone other than release-boot. */

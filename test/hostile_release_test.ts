@@ -15,9 +15,9 @@ import {
   TAG,
   TOKEN,
   verifyAgainstSums,
-  withWorldInProcess,
+  withWorld,
   type World,
-  worldInProcess,
+  world,
 } from "./forgejo_world.ts";
 import {
   api,
@@ -52,7 +52,7 @@ function lines(text: string): string[] {
 async function signedScene(
   test: (w: World, keys: Keys, out: string) => Promise<void>,
 ): Promise<void> {
-  const w = await worldInProcess();
+  const w = await world();
   const keys = await makeKeys();
   const out = path.join(keys.dir, "pxe");
   try {
@@ -262,7 +262,7 @@ Deno.test("a release larger than the free space under DIR is refused before anyt
 nixTest(
   "verify without --flake refuses a repository html_url off --server instead of building it",
   () =>
-    withWorldInProcess(async (w) => {
+    withWorld(async (w) => {
       const checkout = await publishFromGit(w, "netboot", `html-url-${crypto.randomUUID()}`);
       try {
         w.forgejo.addFault({
@@ -470,7 +470,7 @@ function appendToHtmlUrl(w: World, suffix: string): void {
 nixTest(
   "a newline in the server's html_url cannot add a step output",
   () =>
-    withWorldInProcess(async (w) => {
+    withWorld(async (w) => {
       const file = path.join(w.work.dir, "github-output");
       const injected = "\ninjected=by the server";
       appendToHtmlUrl(w, injected);
@@ -491,7 +491,7 @@ nixTest(
 nixTest(
   "the server's html_url cannot add a link or HTML of its own to the step summary",
   () =>
-    withWorldInProcess(async (w) => {
+    withWorld(async (w) => {
       const file = path.join(w.work.dir, "step-summary.md");
       const injected = ") [sign in again](https://evil.example.org/login) <img src=x>";
       appendToHtmlUrl(w, injected);
@@ -615,7 +615,7 @@ async function storedCopies(w: World): Promise<Record<string, string[]>> {
 nixTest(
   "a --replace that cannot finish deletes the copies it added: the release holds exactly its previous files",
   () =>
-    withWorldInProcess(async (w) => {
+    withWorld(async (w) => {
       assert.equal((await w.publish(["--targets", "netboot"])).code, 0);
       const before = await storedCopies(w);
       // New bytes for kernel and initrd; their two uploads land, every later upload gets 500.
@@ -763,7 +763,7 @@ Deno.test("an asset's download address or uuid that is not one is a one-line fai
   }));
 
 Deno.test("a repository page that is empty or relative is a one-line failure of publish, before building", (t) =>
-  withWorldInProcess(async (w) => {
+  withWorld(async (w) => {
     for (const html_url of ["", "ops/runners"]) {
       await t.step(JSON.stringify(html_url), async () => {
         w.forgejo.addFault({

@@ -18,7 +18,6 @@ import {
   uploadBehindItsBack,
   uploadsOf,
   withWorld,
-  withWorldInProcess,
   type World,
 } from "./forgejo_world.ts";
 
@@ -61,7 +60,7 @@ async function everySumHasItsBytes(w: World): Promise<void> {
 nixTest(
   "a draft that names a branch is pinned to the built commit before it is published",
   async () => {
-    await withWorldInProcess(async (w) => {
+    await withWorld(async (w) => {
       // Someone made the draft by hand on the branch; the branch then moved on.
       await apiPost(w, "/releases", { tag_name: TAG, target_commitish: "main", draft: true });
       w.forgejo.setDefaultBranchHead(OTHER_SHA);
@@ -96,6 +95,7 @@ nixTest(
         assert.ok(listings.length <= 4, `${listings.length} listing requests, not endless paging`);
       },
       { ignorePaging: true, draftsHiddenFromTagLookup: true },
+      runRelease,
     );
   },
 );
@@ -163,7 +163,7 @@ nixTest("a stage removes what an interrupted stage left beside --out", async () 
 nixTest(
   "--replace on a published release keeps every listed copy until the new index is in",
   async () => {
-    await withWorldInProcess(async (w) => {
+    await withWorld(async (w) => {
       assert.equal((await w.publish(["--targets", "netboot"])).code, 0);
       // Other bytes for the same names; writing the new SHA256SUMS fails every time.
       await fs.writeFile(path.join(w.fixture.dir, "salt.nix"), '"two"\n');
@@ -233,7 +233,7 @@ nixTest(
 );
 
 nixTest("a gigantic API answer is refused in one line instead of being held", async () => {
-  await withWorldInProcess(async (w) => {
+  await withWorld(async (w) => {
     w.forgejo.addFault({
       method: "GET",
       path: /\/repos\/ops\/runners$/,
@@ -247,7 +247,7 @@ nixTest("a gigantic API answer is refused in one line instead of being held", as
 });
 
 nixTest("an index file larger than any real one is refused, not downloaded", async () => {
-  await withWorldInProcess(async (w) => {
+  await withWorld(async (w) => {
     await apiPost(w, "/releases", { tag_name: TAG, target_commitish: "", draft: true });
     await uploadBehindItsBack(w, "SHA256SUMS", "x".repeat(2 << 20));
     const run = await w.publish(["--targets", "netboot"]);
@@ -259,7 +259,7 @@ nixTest("an index file larger than any real one is refused, not downloaded", asy
 });
 
 nixTest("a release holding dozens of index copies is refused, not read", async () => {
-  await withWorldInProcess(async (w) => {
+  await withWorld(async (w) => {
     await apiPost(w, "/releases", { tag_name: TAG, target_commitish: "", draft: true });
     for (let n = 0; n < 25; n++) await uploadBehindItsBack(w, "SHA256SUMS", `copy ${n}\n`);
     const run = await w.publish(["--targets", "netboot"]);
@@ -271,7 +271,7 @@ nixTest("a release holding dozens of index copies is refused, not read", async (
 });
 
 nixTest("a server that trickles its answer hits the request's overall deadline", async () => {
-  await withWorldInProcess(async (w) => {
+  await withWorld(async (w) => {
     w.forgejo.addFault({ method: "GET", path: "/version", fault: { kind: "trickle" } });
     const started = Date.now();
     const run = await w.publish(["--targets", "netboot", "--timeout", "1"]);
@@ -282,7 +282,7 @@ nixTest("a server that trickles its answer hits the request's overall deadline",
 });
 
 nixTest("an upload stored before the connection dropped is kept, not sent again", async () => {
-  await withWorldInProcess(async (w) => {
+  await withWorld(async (w) => {
     const name = "netboot-x86_64-linux.initrd";
     w.forgejo.addFault({
       method: "POST",
@@ -319,7 +319,7 @@ nixTest("the token never reaches nix or git, and an echoed token is redacted", a
     }).output();
     const key = await fs.readFile(`${stubs}/key`, "utf8");
     const keyBody = key.split("\n")[1];
-    await withWorldInProcess(async (w) => {
+    await withWorld(async (w) => {
       // A server (or proxy) that quotes the credential back in its error.
       w.forgejo.addFault({
         method: "POST",
@@ -349,7 +349,7 @@ nixTest("the token never reaches nix or git, and an echoed token is redacted", a
 nixTest(
   "a redirect to another origin, even the same host spelled otherwise, loses the token",
   async () => {
-    await withWorldInProcess(async (w) => {
+    await withWorld(async (w) => {
       const other = w.forgejo.url.replace("127.0.0.1", "localhost");
       w.forgejo.addFault({
         method: "GET",

@@ -27,7 +27,7 @@ import {
   memoryIo,
   repoRoot,
   runCommand,
-  runRelease,
+  runMain,
   sha256sumCheck,
 } from "./run_helpers.ts";
 import { makeKeys } from "./signing_helpers.ts";
@@ -285,7 +285,7 @@ nixTest(
     const work = await makeWorkdir();
     try {
       const out = path.join(work.dir, "staged");
-      const run = await runRelease([
+      const run = await runMain([
         ...["--flake", `path:${path.join(repoRoot, "test", "fixture")}`, "--targets", "netboot"],
         ...["--out", out, "--tag", TAG],
         ...["--ipxe-signing-key", pki.signer.keyFile, "--ipxe-signing-cert", pki.chainFile],
@@ -326,7 +326,7 @@ nixTest(
       await fs.writeFile(path.join(flake, "bzImage"), "a kernel\n");
       await fs.writeFile(path.join(flake, "initrd"), "an initrd\n");
       const out = path.join(work.dir, "staged");
-      const run = await runRelease([
+      const run = await runMain([
         ...["--flake", `path:${flake}`, "--targets", "netboot", "--out", out, "--tag", TAG],
         ...["--ipxe-signing-key", pki.signer.keyFile, "--ipxe-signing-cert", pki.chainFile],
       ], { cwd: work.dir });
@@ -350,7 +350,7 @@ nixTest(
     scene(async (w, pki) => {
       const checkout = await publishFromGit(w, "netboot", `ipxe-${crypto.randomUUID()}`, pki.env);
       try {
-        const run = await runRelease([
+        const run = await runMain([
           ...["verify", "--server", w.forgejo.url, "--repo", "ops/runners", "--tag", TAG],
           ...["--flake", checkout.pinned, "--timeout", "3"],
         ], { cwd: w.work.dir });

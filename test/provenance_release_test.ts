@@ -33,7 +33,7 @@ import {
   sha256,
   TAG,
   verifyAgainstSums,
-  withWorldInProcess,
+  withWorld,
   type World,
 } from "./forgejo_world.ts";
 import { nixTest } from "./nix_helpers.ts";
@@ -286,7 +286,7 @@ nixTest(
   "a release published in CI with a key carries a signed envelope naming the workflow; @sigstore/verify accepts it and its subjects are SHA256SUMS",
   () =>
     withKeys((dir, key) =>
-      withWorldInProcess(async (w) => {
+      withWorld(async (w) => {
         const ci = {
           GITHUB_SERVER_URL: "https://git.example.org/",
           GITHUB_REPOSITORY: "ops/runners",
@@ -342,7 +342,7 @@ nixTest(
   "a --draft … --finalize release attests every job's images; finalize with the key replaces the jobs' unsigned statement with an envelope",
   () =>
     withKeys((dir, key) =>
-      withWorldInProcess(async (w) => {
+      withWorld(async (w) => {
         for (const target of ["netboot", "iso"]) {
           const job = await w.publish(["--targets", target, "--draft"]);
           assert.equal(job.code, 0, job.stderr);
@@ -431,7 +431,7 @@ nixTest(
   "fetch --trust and verify --trust refuse a changed envelope, a subject SHA256SUMS does not list, and an envelope by a key not trusted",
   () =>
     withKeys((dir, key, stranger) =>
-      withWorldInProcess(async (w) => {
+      withWorld(async (w) => {
         const published = await w.publish(["--targets", "netboot"], {
           RELEASE_BOOT_SIGNING_KEY: key.keyText,
         });

@@ -21,9 +21,8 @@ import {
   uploadsOf,
   verifyAgainstSums,
   withWorld,
-  withWorldInProcess,
   type World,
-  worldInProcess,
+  world,
   writes,
 } from "./forgejo_world.ts";
 const ISO_UPLOAD = { method: "POST", path: "/assets", query: { name: "iso-x86_64-linux.iso" } };
@@ -31,38 +30,43 @@ const ISO_UPLOAD = { method: "POST", path: "/assets", query: { name: "iso-x86_64
 nixTest(
   "a run killed mid-upload leaves a draft without a tag; the next run finishes it",
   async () => {
-    await withWorld(async (w) => {
-      w.forgejo.addFault({ ...ISO_UPLOAD, fault: { kind: "hang" } });
-      const running = w.publish(["--targets", "netboot,iso", "--timeout", "600"]);
-      const started = Date.now();
-      while (!w.forgejo.requests.some((r) => r.query.name === "iso-x86_64-linux.iso")) {
-        if (Date.now() - started > 60_000) throw new Error("the iso upload never started");
-        await new Promise((resolve) => setTimeout(resolve, 50));
-      }
-      await killProcessesWithArg(w.fixture.ref);
-      assert.notEqual((await running).code, 0);
-      const interrupted = w.release();
-      assert.equal(interrupted.draft, true, "an interrupted run leaves a draft");
-      assert.equal(w.forgejo.tags()[TAG], undefined, "a draft makes no tag");
-      assert.deepEqual(names(interrupted), NETBOOT);
+    await withWorld(
+      async (w) => {
+        w.forgejo.addFault({ ...ISO_UPLOAD, fault: { kind: "hang" } });
+        const running = w.publish(["--targets", "netboot,iso", "--timeout", "600"]);
+        const started = Date.now();
+        while (!w.forgejo.requests.some((r) => r.query.name === "iso-x86_64-linux.iso")) {
+          if (Date.now() - started > 60_000) throw new Error("the iso upload never started");
+          await new Promise((resolve) => setTimeout(resolve, 50));
+        }
+        await killProcessesWithArg(w.fixture.ref);
+        assert.notEqual((await running).code, 0);
+        const interrupted = w.release();
+        assert.equal(interrupted.draft, true, "an interrupted run leaves a draft");
+        assert.equal(w.forgejo.tags()[TAG], undefined, "a draft makes no tag");
+        assert.deepEqual(names(interrupted), NETBOOT);
 
-      const resumed = await w.publish(["--targets", "netboot,iso"]);
-      assert.equal(resumed.code, 0, resumed.stderr);
-      const release = w.release();
-      assert.equal(release.draft, false);
-      assert.deepEqual(
-        names(release),
-        [...ALL, "SHA256SUMS", "manifest.json", "provenance.intoto.json"].sort(),
-      );
-      for (const name of NETBOOT) {
-        assert.equal(
-          uploadsOf(w.forgejo, name).length,
-          1,
-          `${name} uploaded once`,
+        const resumed = await w.publish(["--targets", "netboot,iso"]);
+        assert.equal(resumed.code, 0, resumed.stderr);
+        const release = w.release();
+        assert.equal(release.draft, false);
+        assert.deepEqual(
+          names(release),
+          [...ALL, "SHA256SUMS", "manifest.json", "provenance.intoto.json"].sort(),
         );
-      }
-      await verifyAgainstSums(w.forgejo, release);
-    });
+        for (const name of NETBOOT) {
+          assert.equal(
+            uploadsOf(w.forgejo, name).length,
+            1,
+            `${name} uploaded once`,
+          );
+        }
+        await verifyAgainstSums(w.forgejo, release);
+        // A child process: only a process can be killed mid-upload.
+      },
+      {},
+      runRelease,
+    );
   },
 );
 
@@ -80,7 +84,7 @@ async function killProcessesWithArg(marker: string): Promise<void> {
 nixTest(
   "a connection lost for good says how far it got; a rerun resumes without re-uploading",
   async () => {
-    await withWorldInProcess(async (w) => {
+    await withWorld(async (w) => {
       w.forgejo.addFault({ ...ISO_UPLOAD, times: 5, fault: { kind: "reset", afterBytes: 10 } });
       const first = await w.publish(["--targets", "netboot,iso"]);
       assert.equal(first.code, 1);
@@ -108,7 +112,7 @@ nixTest(
 nixTest(
   "transient faults are retried: 502 page, 429 with Retry-After, a reset mid-body; no duplicates",
   async () => {
-    await withWorldInProcess(async (w) => {
+    await withWorld(async (w) => {
       w.forgejo.addFault({
         method: "POST",
         path: /\/releases$/,
@@ -150,7 +154,7 @@ nixTest(
 nixTest(
   "a run that cannot complete the release fails after waiting, and leaves it a draft",
   async () => {
-    await withWorldInProcess(async (w) => {
+    await withWorld(async (w) => {
       assert.equal((await w.publish(["--targets", "netboot", "--draft"])).code, 0);
       await uploadBehindItsBack(w, "extra.img", "left by a run with other targets");
       const started = Date.now();
@@ -239,7 +243,7 @@ Deno.test("errors a user must understand at once: one line, exit 1, token never 
 nixTest(
   "a token without write:repository is refused at the first write, with the fix",
   async () => {
-    await withWorldInProcess(async (w) => {
+    await withWorld(async (w) => {
       const run = await w.publish(["--targets", "netboot"]);
       assert.equal(run.code, 1);
       assert.match(
@@ -254,7 +258,7 @@ nixTest(
 nixTest(
   "an asset over the proxy's body limit is refused with its size and the setting to raise",
   async () => {
-    await withWorldInProcess(async (w) => {
+    await withWorld(async (w) => {
       const run = await w.publish(["--targets", "netboot"]);
       assert.equal(run.code, 1);
       assert.match(
@@ -267,7 +271,7 @@ nixTest(
 );
 
 nixTest("a file type the server does not allow names ALLOWED_TYPES", async () => {
-  await withWorldInProcess(async (w) => {
+  await withWorld(async (w) => {
     const run = await w.publish(["--targets", "netboot"]);
     assert.equal(run.code, 1);
     assert.match(
@@ -350,7 +354,7 @@ function publishFrom(w: World, dir: string, args: string[]) {
 nixTest(
   "publishing refuses unlocked inputs (staging records them) until flake.lock pins them",
   async () => {
-    const w = await worldInProcess();
+    const w = await world();
     const repo = await gitFlake("locked?");
     const dep = await fs.mkdtemp(path.join(os.tmpdir(), "release-boot-dep-"));
     try {
@@ -405,7 +409,7 @@ nixTest(
 );
 
 nixTest("publishing refuses a flake that is not a git checkout unless --allow-dirty", async () => {
-  await withWorldInProcess(async (w) => {
+  await withWorld(async (w) => {
     const refused = await runMain(
       [
         "--server",
@@ -431,7 +435,7 @@ nixTest("publishing refuses a flake that is not a git checkout unless --allow-di
 nixTest(
   "publishing refuses a checkout at another commit, and uncommitted changes unless --allow-dirty",
   async () => {
-    const w = await worldInProcess();
+    const w = await world();
     const repo = await fs.mkdtemp(path.join(os.tmpdir(), "release-boot-repo-"));
     try {
       await fs.copyFile(path.join(w.fixture.dir, "flake.nix"), path.join(repo, "flake.nix"));

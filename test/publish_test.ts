@@ -18,8 +18,7 @@ import {
   uploadBehindItsBack,
   verifyAgainstSums,
   withWorld,
-  withWorldInProcess,
-  worldInProcess,
+  world,
   writes,
 } from "./forgejo_world.ts";
 
@@ -91,7 +90,7 @@ nixTest(
 );
 
 nixTest("a rerun of a finished release uploads nothing and changes nothing", async () => {
-  await withWorldInProcess(async (w) => {
+  await withWorld(async (w) => {
     assert.equal((await w.publish(["--targets", "netboot,iso"])).code, 0);
     const before = w.forgejo.requests.length;
     const rerun = await w.publish(["--targets", "netboot,iso"]);
@@ -114,7 +113,7 @@ nixTest(
       "plain-x86_64-linux.img",
     ];
     const every = [...ALL, ...plain].sort();
-    await withWorldInProcess(async (w) => {
+    await withWorld(async (w) => {
       const runs = await Promise.all(
         ["netboot", "iso", "plain"].map((target) =>
           w.publish(["--targets", target, "--timeout", "20"])
@@ -139,7 +138,7 @@ nixTest(
 nixTest(
   "a matrix of --draft jobs is published once by --finalize after checking coverage",
   async () => {
-    await withWorldInProcess(async (w) => {
+    await withWorld(async (w) => {
       const early = await w.publish(["--finalize"]);
       assert.equal(early.code, 1);
       assert.match(early.stderr, /there is no release boot-v1\.0\.0 to finalize/);
@@ -168,7 +167,7 @@ nixTest(
 nixTest(
   "--finalize refuses to publish when the tag was made on another commit meanwhile",
   async () => {
-    await withWorldInProcess(async (w) => {
+    await withWorld(async (w) => {
       assert.equal((await w.publish(["--targets", "netboot", "--draft"])).code, 0);
       w.forgejo.addTag(TAG, "e".repeat(40));
       const final = await w.publish(["--finalize"]);
@@ -183,7 +182,7 @@ nixTest(
 );
 
 nixTest("--finalize refuses a draft with an asset its checksums do not cover", async () => {
-  await withWorldInProcess(async (w) => {
+  await withWorld(async (w) => {
     assert.equal((await w.publish(["--targets", "netboot", "--draft"])).code, 0);
     await uploadBehindItsBack(w, "extra.img", "not built by release-boot");
     const final = await w.publish(["--finalize"]);
@@ -199,7 +198,7 @@ nixTest("--finalize refuses a draft with an asset its checksums do not cover", a
 nixTest(
   "different bytes are refused untouched; --replace stores the new bytes before deleting the old",
   async () => {
-    const w = await worldInProcess();
+    const w = await world();
     const other = await makeFixture("two");
     try {
       assert.equal((await w.publish(["--targets", "netboot"])).code, 0);
@@ -244,7 +243,7 @@ nixTest(
 nixTest(
   "a tag on another commit is refused with both SHAs, before anything is written",
   async () => {
-    await withWorldInProcess(async (w) => {
+    await withWorld(async (w) => {
       const elsewhere = "f".repeat(40);
       w.forgejo.addTag(TAG, elsewhere);
       const run = await w.publish(["--targets", "netboot"]);
@@ -261,7 +260,7 @@ nixTest(
 nixTest(
   "an older server that hides drafts from the tag lookup still gets one release",
   async () => {
-    await withWorldInProcess(async (w) => {
+    await withWorld(async (w) => {
       assert.equal((await w.publish(["--targets", "netboot", "--draft"])).code, 0);
       assert.equal((await w.publish(["--targets", "iso"])).code, 0);
       const release = w.release();
@@ -277,7 +276,7 @@ nixTest(
 nixTest(
   "in CI: the token is masked, phases are grouped, and it never reaches the output otherwise",
   async () => {
-    await withWorldInProcess(async (w) => {
+    await withWorld(async (w) => {
       const run = await w.publish(["--targets", "netboot"], { CI: "true", GITHUB_ACTIONS: "true" });
       assert.equal(run.code, 0, run.stderr);
       const lines = run.stderr.split("\n");
@@ -342,7 +341,7 @@ nixTest("upload progress: a few percentage lines in CI, a bar on a terminal", as
 });
 
 nixTest("the build happens before any write: a failing target publishes nothing", async () => {
-  await withWorldInProcess(async (w) => {
+  await withWorld(async (w) => {
     const run = await w.publish(["--targets", "netboot,broken"]);
     assert.equal(run.code, 1);
     assert.match(run.stderr, /nix build failed for target broken/);
@@ -354,7 +353,7 @@ nixTest("the build happens before any write: a failing target publishes nothing"
 nixTest(
   "three jobs publishing at once still converge when the server is slow to answer",
   async () => {
-    await withWorldInProcess(async (w) => {
+    await withWorld(async (w) => {
       // Every read of the release and every asset upload take 100 ms: a round of reading and
       // writing the index takes far longer than the least wait between rounds, so jobs that
       // waited only that long would meet again round after round.

@@ -12,7 +12,7 @@ import * as os from "node:os";
 import * as path from "node:path";
 import { INDEX_NAMES } from "../types/manifest.ts";
 import { NIX_FLAGS, nixTest } from "./nix_helpers.ts";
-import { fixtureDir, makeWorkdir, type Run, runCommand, runRelease } from "./run_helpers.ts";
+import { fixtureDir, makeWorkdir, type Run, runCommand, runMain } from "./run_helpers.ts";
 import {
   sha256,
   TOKEN,
@@ -182,7 +182,7 @@ nixTest("a rerun of a local stage reuses the checksums of the stage it replaces"
   try {
     const out = path.join(work.dir, "stage");
     const args = ["--flake", `path:${fixtureDir}`, ...TARGETS, "--out", out];
-    const first = await runRelease(args, { cwd: work.dir });
+    const first = await runMain(args, { cwd: work.dir });
     assert.equal(first.code, 0, first.stderr);
     assert.deepEqual(hashing(first), { reused: 0, hashed: 4 });
     // The index files differ in when they were written; the files' lines are the same.
@@ -190,7 +190,7 @@ nixTest("a rerun of a local stage reuses the checksums of the stage it replaces"
       (await fs.readFile(path.join(out, "SHA256SUMS"), "utf8")).split("\n")
         .filter((line) => !INDEX_NAMES.has(line.split("  ")[1]));
     const before = await listed();
-    const rerun = await runRelease(args, { cwd: work.dir });
+    const rerun = await runMain(args, { cwd: work.dir });
     assert.equal(rerun.code, 0, rerun.stderr);
     assert.deepEqual(hashing(rerun), { reused: 4, hashed: 0 });
     assert.deepEqual(await listed(), before);

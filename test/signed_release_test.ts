@@ -9,7 +9,7 @@ import { judgeRelease } from "../scripts/lib/release_index.ts";
 import { nixTest } from "./nix_helpers.ts";
 import { type Run, runCommand } from "./run_helpers.ts";
 import { type Keys, makeKeys } from "./signing_helpers.ts";
-import { sha256, TAG, verifyAgainstSums, type World, worldInProcess } from "./forgejo_world.ts";
+import { sha256, TAG, verifyAgainstSums, type World, world } from "./forgejo_world.ts";
 
 const INITRD = "netboot-x86_64-linux.initrd";
 
@@ -52,7 +52,7 @@ async function listing(dir: string): Promise<string[]> {
 }
 
 async function scene(test: (w: World, keys: Keys, out: string) => Promise<void>): Promise<void> {
-  const w = await worldInProcess();
+  const w = await world();
   const keys = await makeKeys();
   const out = path.join(keys.dir, "pxe");
   try {

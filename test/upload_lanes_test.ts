@@ -8,7 +8,7 @@ import { readUploadRecord } from "../scripts/lib/release_index.ts";
 import { INDEX_NAMES } from "../types/manifest.ts";
 import { startRun } from "../scripts/lib/run.ts";
 import { nixTest } from "./nix_helpers.ts";
-import { memoryIo, runRelease } from "./run_helpers.ts";
+import { memoryIo, runMain } from "./run_helpers.ts";
 import { names, verifyAgainstSums, withWorld, type World } from "./forgejo_world.ts";
 
 const ISO = "iso-x86_64-linux.iso";
@@ -78,7 +78,7 @@ nixTest("RELEASE_BOOT_UPLOAD_CONCURRENCY=1 uploads one file at a time", async ()
 
 Deno.test("a bad RELEASE_BOOT_UPLOAD_CONCURRENCY is refused in one line before any work", async () => {
   for (const value of ["0", "9", "two", "1.5"]) {
-    const run = await runRelease(["--dry-run"], {
+    const run = await runMain(["--dry-run"], {
       env: {
         PATH: Deno.env.get("PATH") ?? "/usr/bin:/bin",
         RELEASE_BOOT_UPLOAD_CONCURRENCY: value,

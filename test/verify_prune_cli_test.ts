@@ -7,7 +7,7 @@ import * as fs from "node:fs/promises";
 import * as path from "node:path";
 import { parseSigningKey, signSums } from "../scripts/lib/sshsig.ts";
 import { type Emulator, startForgejo } from "./forgejo/emulator.ts";
-import { TAG, TOKEN, withWorldInProcess, type World } from "./forgejo_world.ts";
+import { TAG, TOKEN, withWorld, type World } from "./forgejo_world.ts";
 import { nixTest } from "./nix_helpers.ts";
 import { baseEnv, type Run, runMain } from "./run_helpers.ts";
 import { git, publishFromGit } from "./git_fixture.ts";
@@ -333,7 +333,7 @@ async function verify(w: World, args: string[], env: Record<string, string> = {}
 nixTest(
   "verify rebuilds a release from its commit: every file identical, exit 0, JSON and step summary",
   () =>
-    withWorldInProcess(async (w) => {
+    withWorld(async (w) => {
       const checkout = await publishFromGit(w, "netboot", `verify-${crypto.randomUUID()}`);
       try {
         const summary = path.join(checkout.dir, "summary.md");
@@ -393,7 +393,7 @@ nixTest(
 nixTest(
   "verify reports a file that does not rebuild the same with both sums and exits 1",
   () =>
-    withWorldInProcess(async (w) => {
+    withWorld(async (w) => {
       const checkout = await publishFromGit(w, "unstable", `unstable-${crypto.randomUUID()}`);
       try {
         const run = await verify(w, ["--tag", TAG, "--flake", checkout.pinned]);
@@ -427,7 +427,7 @@ nixTest(
 nixTest(
   "verify --trust requires SHA256SUMS.sig by a trusted key, and never sends the token to a mirror",
   () =>
-    withWorldInProcess(async (w) => {
+    withWorld(async (w) => {
       const checkout = await publishFromGit(w, "netboot", `signed-${crypto.randomUUID()}`);
       try {
         const keyFile = path.join(checkout.dir, "release-key");

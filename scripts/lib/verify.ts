@@ -31,14 +31,13 @@ import {
 } from "./ipxe.ts";
 import { type TrustedKey } from "./sshsig.ts";
 import { readTrust } from "./allowed_signers.ts";
+import { readIndex, unionManifest } from "./release_index.ts";
 import {
   authenticSums,
   chooseAssets,
   findBootRelease,
-  readIndex,
   releaseManifest,
-  unionManifest,
-} from "./release_index.ts";
+} from "./trusted_release.ts";
 
 export async function verifyRelease(run: Run, options: VerifyOptions, env: Env): Promise<void> {
   // Read like fetch: a mirror serves public files, and never sees the primary's token.

@@ -380,6 +380,15 @@ export function releaseBody(manifest: Manifest, options: Pick<ReleaseOptions, "s
 }
 
 /**
+ * Words from a server (a tag, an asset name) as Markdown text in a step summary: on one line,
+ * with every character Markdown or HTML would read (a table's `|`, a code span's backtick, a
+ * tag's `<`) escaped, so they show as written and add nothing of their own.
+ */
+export function markdownText(text: string): string {
+  return text.replace(/\s+/g, " ").replace(/[\\`*_[\]<>&|~]/g, "\\$&");
+}
+
+/**
  * The job's summary: the release, linked, and a table of its assets. The tag and the URL are
  * the server's words, so neither can add Markdown or HTML of its own: the tag is escaped as
  * text, and the URL (absolute http(s), as read) is percent-encoded where a link would end.
@@ -388,7 +397,7 @@ export function stepSummary(
   release: Pick<Release, "tag_name" | "html_url" | "draft">,
   manifest: Pick<Manifest, "assets">,
 ): string {
-  const tag = release.tag_name.replace(/\s+/g, " ").replace(/[\\`*_[\]<>&|~]/g, "\\$&");
+  const tag = markdownText(release.tag_name);
   const url = new URL(release.html_url).href.replace(
     /[()\\]/g,
     (char) => `%${char.charCodeAt(0).toString(16).toUpperCase()}`,

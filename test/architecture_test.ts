@@ -102,6 +102,155 @@ Deno.test("a cycle of imports, direct or through other modules, is found", () =>
   );
 });
 
+/** The line in docs/ARCHITECTURE.md that opens the layer list, top layer first. */
+const LAYERS_LEAD = "Imports go one way, each layer only from the layers below it:";
+
+/**
+ * The numbered layer list that follows LAYERS_LEAD, each layer as the names in its backticks:
+ * a module's file name (`fetch.ts`) or a directory (`types/`). A wrapped item goes on.
+ */
+function readLayers(markdown: string): string[][] {
+  const start = markdown.indexOf(LAYERS_LEAD);
+  if (start < 0) return [];
+  const layers: string[] = [];
+  for (const line of markdown.slice(start + LAYERS_LEAD.length).split("\n").slice(1)) {
+    const item = line.match(/^\d+\.\s+(.*)$/);
+    if (item) layers.push(item[1]);
+    else if (layers.length > 0 && /^\s+\S/.test(line)) layers[layers.length - 1] += line;
+    else if (layers.length > 0 || line.trim() !== "") break;
+  }
+  return layers.map((layer) => [...layer.matchAll(/`([^`]+)`/g)].map((match) => match[1]));
+}
+
+/** Where the layer list puts a module: its layer (1 is the top) and the entry naming it. */
+interface Place {
+  layer: number;
+  entry: string;
+}
+
+/**
+ * Each module (a repo-relative path) placed by the layer list: a directory entry holds every
+ * file under it, a file name entry the one module of that name under scripts/. What the list
+ * names twice, names but cannot find, or leaves out is a problem.
+ */
+function placeModules(
+  layers: string[][],
+  modules: string[],
+): { places: Map<string, Place>; problems: string[] } {
+  const places = new Map<string, Place>();
+  const problems: string[] = [];
+  layers.forEach((entries, index) => {
+    for (const entry of entries) {
+      const directory = entry.endsWith("/");
+      const named = directory
+        ? modules.filter((file) => file.startsWith(entry))
+        : modules.filter((file) => file.startsWith("scripts/") && path.basename(file) === entry);
+      if (named.length === 0) problems.push(`the layer list names ${entry}, which is no module`);
+      if (!directory && named.length > 1) {
+        problems.push(`${entry} names ${named.length} modules: ${named.join(", ")}`);
+      }
+      for (const file of directory || named.length === 1 ? named : []) {
+        const earlier = places.get(file);
+        if (earlier) problems.push(`${file} is in layer ${earlier.layer} and ${index + 1}`);
+        else places.set(file, { layer: index + 1, entry });
+      }
+    }
+  });
+  for (const file of modules.filter((file) => !places.has(file))) {
+    problems.push(`${file} is in no layer`);
+  }
+  return { places, problems };
+}
+
+/**
+ * Every import of a module of its own layer or a higher one. Files of one directory entry
+ * (`types/`) are one module to the list and may import each other.
+ */
+function layerViolations(graph: Map<string, string[]>, places: Map<string, Place>): string[] {
+  const violations: string[] = [];
+  for (const [file, imports] of graph) {
+    const from = places.get(file);
+    for (const imported of imports) {
+      const to = places.get(imported);
+      if (!from || !to || (to.entry === from.entry && from.entry.endsWith("/"))) continue;
+      if (to.layer <= from.layer) {
+        violations.push(`${file} (layer ${from.layer}) imports ${imported} (layer ${to.layer})`);
+      }
+    }
+  }
+  return violations;
+}
+
+/** The import graph with repo-relative paths, as the layer list names modules. */
+async function relativeGraph(): Promise<Map<string, string[]>> {
+  return new Map(
+    [...await importGraph()].map(([file, imports]) => [relative(file), imports.map(relative)]),
+  );
+}
+
+async function documentedLayers(): Promise<string[][]> {
+  const layers = readLayers(
+    await fs.readFile(path.join(repoRoot, "docs", "ARCHITECTURE.md"), "utf8"),
+  );
+  assert.ok(
+    layers.length > 3,
+    `docs/ARCHITECTURE.md lists ${layers.length} layers after "${LAYERS_LEAD}"`,
+  );
+  return layers;
+}
+
+Deno.test("every module under scripts/ and types/ is in one layer of docs/ARCHITECTURE.md", async () => {
+  const graph = await relativeGraph();
+  const { problems } = placeModules(await documentedLayers(), [...graph.keys()]);
+  assert.deepEqual(problems, []);
+});
+
+Deno.test("each module imports only modules of the layers below its own in docs/ARCHITECTURE.md", async () => {
+  const graph = await relativeGraph();
+  const { places } = placeModules(await documentedLayers(), [...graph.keys()]);
+  assert.deepEqual(layerViolations(graph, places), []);
+});
+
+Deno.test("the layer rule refuses an import of the same or a higher layer, and a module left out", () => {
+  const layers = readLayers(
+    [
+      "Some text.",
+      LAYERS_LEAD,
+      "",
+      "1. `top.ts`",
+      "2. `a.ts`, `b.ts`,",
+      "   `d.ts`",
+      "3. `types/`, `gone.ts`",
+      "",
+      "Imports are read by a test.",
+    ].join("\n"),
+  );
+  assert.deepEqual(layers, [["top.ts"], ["a.ts", "b.ts", "d.ts"], ["types/", "gone.ts"]]);
+  const graph = new Map([
+    ["scripts/top.ts", ["scripts/lib/a.ts"]],
+    ["scripts/lib/a.ts", ["scripts/lib/b.ts", "types/x.ts"]],
+    ["scripts/lib/b.ts", ["scripts/top.ts"]],
+    ["scripts/lib/c.ts", []],
+    ["scripts/lib/d.ts", ["scripts/lib/d.ts"]],
+    ["types/x.ts", ["types/y.ts"]],
+    ["types/y.ts", ["scripts/lib/a.ts"]],
+  ]);
+  const { places, problems } = placeModules(layers, [...graph.keys()]);
+  assert.deepEqual(problems, [
+    "the layer list names gone.ts, which is no module",
+    "scripts/lib/c.ts is in no layer",
+  ]);
+  assert.deepEqual(layerViolations(graph, places), [
+    "scripts/lib/a.ts (layer 2) imports scripts/lib/b.ts (layer 2)",
+    "scripts/lib/b.ts (layer 2) imports scripts/top.ts (layer 1)",
+    "scripts/lib/d.ts (layer 2) imports scripts/lib/d.ts (layer 2)",
+    "types/y.ts (layer 3) imports scripts/lib/a.ts (layer 2)",
+  ]);
+  assert.deepEqual(placeModules([["a.ts"], ["a.ts"]], ["scripts/lib/a.ts"]).problems, [
+    "scripts/lib/a.ts is in layer 1 and 2",
+  ]);
+});
+
 Deno.test("every module under scripts/lib opens with what it owns and what it must not do", async () => {
   for (const file of await sources(path.join(repoRoot, "scripts", "lib"))) {
     const text = await fs.readFile(file, "utf8");

@@ -8,8 +8,8 @@ import {
   mirrorOf,
   retryAfterMs,
 } from "../scripts/lib/forgejo.ts";
+import { chooseAssets } from "../scripts/lib/trusted_release.ts";
 import {
-  chooseAssets,
   judgeRelease,
   mergeManifests,
   parseSums,

@@ -281,6 +281,30 @@ Deno.test("a verification prints one line per asset, a JSON document, and a step
   );
 });
 
+Deno.test("the verify step summary shows the release's tag, system and asset names as text", () => {
+  const summary = verificationSummary({
+    tag: "boot-v1 <img src=x>|`x`\n# Sign in",
+    commit: "0123456789abcdef0123456789abcdef01234567",
+    system: "x86_64-linux|<b>",
+    checks: [
+      { name: "a|b`c`<i>\n| injected | row |", result: "identical", sha256: SHA_A },
+      { name: "d.notes<script>", result: "unlisted", actual: SHA_B },
+    ],
+  });
+  const tag = "boot-v1 \\<img src=x\\>\\|\\`x\\` # Sign in";
+  assert.deepEqual(summary.split("\n"), [
+    `### Verify ${tag} (x86\\_64-linux\\|\\<b\\>)`,
+    "",
+    `${tag} rebuilds identically from commit 0123456789abcdef0123456789abcdef01234567: 1 of 1 files`,
+    "",
+    "| asset | result | release sha256 | rebuilt sha256 |",
+    "|---|---|---|---|",
+    `| a\\|b\\\`c\\\`\\<i\\> \\| injected \\| row \\| | identical | \`${SHA_A}\` | \`${SHA_A}\` |`,
+    `| d.notes\\<script\\> | not in the release | | \`${SHA_B}\` |`,
+    "",
+  ]);
+});
+
 const NOW = new Date("2026-12-01T12:00:00Z");
 const MiB = 1 << 20;
 

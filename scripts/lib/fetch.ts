@@ -24,15 +24,13 @@ import {
   readCapped,
   readToken,
 } from "./forgejo.ts";
+import { readIndex, type RemoteIndex, renderSums } from "./release_index.ts";
 import {
   assetsOfTargets,
   authenticSums,
   findBootRelease,
-  readIndex,
   releaseManifest,
-  type RemoteIndex,
-  renderSums,
-} from "./release_index.ts";
+} from "./trusted_release.ts";
 import {
   type BootFile,
   bootFilesByName,

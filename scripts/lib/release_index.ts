@@ -2,16 +2,15 @@
  * A release's index, the one home every command reads it from: manifest.json described from a
  * build; SHA256SUMS, manifest.json and the provenance rendered, parsed and read back from a
  * release with who signed them, merged across jobs, and judged complete or not; which copy
- * holds which bytes (the upload record in the release body); and the published release and
- * checksums fetch and verify start from; what to upload (the plan) and the release page. It
- * reads releases and renders what is written to them; it never uploads, edits or deletes.
+ * holds which bytes (the upload record in the release body); what to upload (the plan) and the
+ * release page. It reads releases and renders what is written to them; it never uploads, edits
+ * or deletes, and never decides which published files to trust (trusted_release.ts does).
  */
 import * as fs from "node:fs/promises";
 import * as path from "node:path";
 import * as v from "valibot";
 import { type Attachment, type Release } from "../../types/forgejo.ts";
 import {
-  ASSET_NAME,
   type FlakeInput,
   INDEX_NAMES,
   type Manifest,
@@ -21,20 +20,15 @@ import {
   SIGNATURE_NAME,
   SUMS_NAME,
 } from "../../types/manifest.ts";
-import { formatBytes, ReleaseError, type Run, UsageError } from "./run.ts";
+import { formatBytes, ReleaseError, UsageError } from "./run.ts";
 import { type BundleAsset, type Forgejo } from "./forgejo.ts";
 import { type ReleaseOptions } from "./cli.ts";
 import { type FileAsset, type FlakeInfo } from "./nix.ts";
 import { type FlakeMetadata } from "../../types/nix.ts";
 import { parseJson, safeJson } from "./json.ts";
 import { sha256Hex } from "./hash.ts";
-import { signatureKey, type SigningKey, type TrustedKey, verifySums } from "./sshsig.ts";
-import {
-  ENVELOPE_NAME,
-  type ProvenanceName,
-  type Statement,
-  STATEMENT_NAME,
-} from "../../types/provenance.ts";
+import { signatureKey, type SigningKey, verifySums } from "./sshsig.ts";
+import { ENVELOPE_NAME, type ProvenanceName, STATEMENT_NAME } from "../../types/provenance.ts";
 import { checkSubjects, readStatement, signerOf, verifyEnvelope } from "./provenance.ts";
 
 /** Index copies read from one release: racing jobs leave a few, never dozens. */
@@ -386,6 +380,15 @@ export function releaseBody(manifest: Manifest, options: Pick<ReleaseOptions, "s
 }
 
 /**
+ * Words from a server (a tag, an asset name) as Markdown text in a step summary: on one line,
+ * with every character Markdown or HTML would read (a table's `|`, a code span's backtick, a
+ * tag's `<`) escaped, so they show as written and add nothing of their own.
+ */
+export function markdownText(text: string): string {
+  return text.replace(/\s+/g, " ").replace(/[\\`*_[\]<>&|~]/g, "\\$&");
+}
+
+/**
  * The job's summary: the release, linked, and a table of its assets. The tag and the URL are
  * the server's words, so neither can add Markdown or HTML of its own: the tag is escaped as
  * text, and the URL (absolute http(s), as read) is percent-encoded where a link would end.
@@ -394,7 +397,7 @@ export function stepSummary(
   release: Pick<Release, "tag_name" | "html_url" | "draft">,
   manifest: Pick<Manifest, "assets">,
 ): string {
-  const tag = release.tag_name.replace(/\s+/g, " ").replace(/[\\`*_[\]<>&|~]/g, "\\$&");
+  const tag = markdownText(release.tag_name);
   const url = new URL(release.html_url).href.replace(
     /[()\\]/g,
     (char) => `%${char.charCodeAt(0).toString(16).toUpperCase()}`,
@@ -578,199 +581,4 @@ function sumsAgree(text: string, assets: ManifestAsset[], manifestSha: string): 
 /** All problems of a judgement, as one list. */
 export function problemsOf(judgement: Judgement): string[] {
   return [...judgement.index, ...judgement.assets];
-}
-
-/** `latest` is the newest published boot-v* release: never a draft, pre-release or boot-dev. */
-export async function findBootRelease(forgejo: Forgejo, tag: string): Promise<Release> {
-  if (tag === "latest") {
-    const published = await forgejo.releases.list({ draft: false, prerelease: false });
-    const found = published.find((r) =>
-      r.tag_name.startsWith("boot-v") && !r.draft && !r.prerelease
-    );
-    if (!found) {
-      throw new ReleaseError(`${forgejo.repo} has no published boot-v* release yet; pass --tag`);
-    }
-    return found;
-  }
-  const release = await forgejo.releases.byTag(tag);
-  if (!release) {
-    throw new ReleaseError(
-      `${forgejo.repo} has no release ${tag} that this token can see; check --tag`,
-    );
-  }
-  // Forgejo matches tags case-insensitively; any other answer is a release served in its place.
-  if (release.tag_name.toLowerCase() !== tag.toLowerCase()) {
-    throw new ReleaseError(
-      `asked for release ${tag}, the server answered with ${release.tag_name}: refusing it; nothing was changed: check --server`,
-    );
-  }
-  if (release.draft) {
-    throw new ReleaseError(`${tag} is still a draft: publish it before booting from it`);
-  }
-  return release;
-}
-
-/**
- * SHA256SUMS as the release holds it, the root every file is checked against. With --trust
- * its signature must verify against a trusted key first; without, one line says that only
- * integrity, not authenticity, is checked. With --trust, the provenance it lists must agree
- * with it too.
- */
-export async function authenticSums(
-  run: Run,
-  index: RemoteIndex,
-  tag: string,
-  trust: TrustedKey[] | undefined,
-): Promise<Map<string, string>> {
-  if (index.sums.length !== 1) {
-    throw new ReleaseError(
-      index.sums.length === 0
-        ? `${tag} has no ${SUMS_NAME}: it was not finished, or not made to be verified; nothing can be checked`
-        : `${tag} holds ${SUMS_NAME} ${index.sums.length} times: it is not finished; fetch it once it has one`,
-    );
-  }
-  const sums = index.sums[0].text;
-  if (trust) {
-    const signature = index.signatures.at(-1);
-    if (!signature) {
-      throw new ReleaseError(
-        `${tag} has no ${SIGNATURE_NAME}, so nothing proves who made its ${SUMS_NAME}; nothing was changed: publish it with a signing key, or drop --trust to check integrity only`,
-      );
-    }
-    const signer = await verifySums(trust, new TextEncoder().encode(sums), signature.text);
-    run.log(`${tag}: ${SUMS_NAME} is signed by ${signer.principal} (${signer.fingerprint})`);
-  } else {
-    run.log(
-      `${tag}: files are checked against its ${SUMS_NAME} (integrity), but not who made it (authenticity): pass --trust FILE to require its signature`,
-    );
-  }
-  const listed = plainNames(parseSums(sums), tag);
-  if (trust) await checkProvenance(run, index, listed, tag, trust);
-  return listed;
-}
-
-/**
- * The provenance an authentic SHA256SUMS lists: the copy with that checksum, attesting exactly
- * the files SHA256SUMS lists, and an envelope signed by a trusted key. A release made before
- * provenance lists none, and has none to check.
- */
-async function checkProvenance(
-  run: Run,
-  index: RemoteIndex,
-  sums: Map<string, string>,
-  tag: string,
-  trust: TrustedKey[],
-): Promise<void> {
-  for (const name of [STATEMENT_NAME, ENVELOPE_NAME].filter((name) => sums.has(name))) {
-    const copy = index.provenances.find((p) => p.name === name && p.sha256 === sums.get(name));
-    if (!copy) {
-      throw new ReleaseError(
-        `${name} of ${tag} does not match its ${SUMS_NAME}: the release was changed, refusing to trust it`,
-      );
-    }
-    let statement: Statement;
-    if (copy.name === ENVELOPE_NAME) {
-      const signed = await verifyEnvelope(copy.bytes, trust);
-      run.log(`${tag}: ${name} is signed by ${signed.principal} (${signed.keyid})`);
-      statement = signed.statement;
-    } else {
-      statement = readStatement(copy.name, copy.bytes);
-    }
-    const problems = checkSubjects(statement, sums, INDEX_NAMES);
-    if (problems.length > 0) {
-      throw new ReleaseError(
-        `${name} of ${tag} does not agree with its ${SUMS_NAME}: ${problems[0]}${
-          problems.length > 1 ? ` (and ${problems.length - 1} more)` : ""
-        }; the release is inconsistent, refusing to trust it`,
-      );
-    }
-  }
-}
-
-/**
- * The manifest.json that says what a release boots: the copy SHA256SUMS lists (only that exact
- * copy is believed), else the union of the copies (releases from before SHA256SUMS listed it).
- * `signed`: SHA256SUMS was checked against --trust; then it must list manifest.json, or an
- * unsigned file would decide what boots. The manifest must name the release's own tag: one
- * naming another is an older release served again under a new tag. `command` words the fix.
- */
-export function releaseManifest(
-  index: RemoteIndex,
-  sums: Map<string, string>,
-  tag: string,
-  { signed, command }: { signed: boolean; command: "fetch" | "verify" },
-): Manifest | undefined {
-  const listed = sums.get(MANIFEST_NAME);
-  if (listed === undefined && signed) {
-    throw new ReleaseError(
-      `the signed ${SUMS_NAME} of ${tag} does not list ${MANIFEST_NAME}, so nothing signed says how to boot it: refusing it under --trust; nothing was changed: publish the release again with a signing key`,
-    );
-  }
-  const manifest = listed === undefined
-    ? unionManifest(index)
-    : index.manifests.find((copy) => copy.sha256 === listed)?.manifest;
-  if (listed !== undefined && !manifest) {
-    throw new ReleaseError(
-      `${tag}'s ${MANIFEST_NAME} does not match its ${SUMS_NAME}: the release was changed, refusing to trust it`,
-    );
-  }
-  if (manifest && manifest.tag.toLowerCase() !== tag.toLowerCase()) {
-    throw new ReleaseError(
-      `the ${
-        signed ? "signed " : ""
-      }${MANIFEST_NAME} of ${tag} names ${manifest.tag}: an older release served under another tag; nothing was changed: ${command} ${manifest.tag} by its own tag, or check --server`,
-    );
-  }
-  return manifest;
-}
-
-/** A release names files: never a path, which could reach outside the directory written. */
-function plainNames(sums: Map<string, string>, tag: string): Map<string, string> {
-  const bad = [...sums.keys()].find((name) => !ASSET_NAME.test(name));
-  if (bad !== undefined) {
-    throw new ReleaseError(
-      `${SUMS_NAME} of ${tag} lists ${
-        JSON.stringify(bad)
-      }, which is not a plain file name: refusing to trust the release`,
-    );
-  }
-  return sums;
-}
-
-/** manifest.json's assets of the chosen targets; a target it has no files for is refused. */
-export function assetsOfTargets(
-  manifest: Pick<Manifest, "assets">,
-  targets: string[],
-  system: string,
-  tag: string,
-): ManifestAsset[] {
-  for (const target of targets) {
-    if (!manifest.assets.some((a) => a.target === target && a.system === system)) {
-      throw new ReleaseError(
-        `${tag} has no ${target} files for ${system}; it has ${
-          [...new Set(manifest.assets.map((a) => `${a.target} (${a.system})`))].join(", ")
-        }`,
-      );
-    }
-  }
-  return manifest.assets.filter((a) => targets.includes(a.target) && a.system === system);
-}
-
-/** The assets of the chosen targets, each with the checksum SHA256SUMS gives it. */
-export function chooseAssets(
-  manifest: Pick<Manifest, "assets">,
-  sums: Map<string, string>,
-  targets: string[],
-  system: string,
-  tag: string,
-): ManifestAsset[] {
-  const wanted = assetsOfTargets(manifest, targets, system, tag);
-  for (const asset of wanted) {
-    if (sums.get(asset.name) !== asset.sha256) {
-      throw new ReleaseError(
-        `${asset.name} is not listed in ${tag}'s ${SUMS_NAME} as ${MANIFEST_NAME} says: the release is inconsistent, refusing to trust it`,
-      );
-    }
-  }
-  return wanted;
 }

@@ -31,14 +31,13 @@ import {
 } from "./ipxe.ts";
 import { type TrustedKey } from "./sshsig.ts";
 import { readTrust } from "./allowed_signers.ts";
+import { markdownText, readIndex, unionManifest } from "./release_index.ts";
 import {
   authenticSums,
   chooseAssets,
   findBootRelease,
-  readIndex,
   releaseManifest,
-  unionManifest,
-} from "./release_index.ts";
+} from "./trusted_release.ts";
 
 export async function verifyRelease(run: Run, options: VerifyOptions, env: Env): Promise<void> {
   // Read like fetch: a mirror serves public files, and never sees the primary's token.
@@ -536,25 +535,30 @@ export function verificationJson(verification: Verification): {
   return { tag, commit, system, identical: rebuildsIdentically(checks), assets: checks };
 }
 
-/** A table for GITHUB_STEP_SUMMARY. */
+/**
+ * A table for GITHUB_STEP_SUMMARY. The tag, the system and the asset names are the release's
+ * words, shown as text (markdownText) so none can break the table or add Markdown or HTML.
+ */
 export function verificationSummary(verification: Verification): string {
   const sum = (sha256: string | undefined) => sha256 ? `\`${sha256}\`` : "";
   const rows = verification.checks.map((check) => {
+    const name = markdownText(check.name);
     switch (check.result) {
       case "identical":
-        return `| ${check.name} | identical | ${sum(check.sha256)} | ${sum(check.sha256)} |`;
+        return `| ${name} | identical | ${sum(check.sha256)} | ${sum(check.sha256)} |`;
       case "different":
-        return `| ${check.name} | **different** | ${sum(check.expected)} | ${sum(check.actual)} |`;
+        return `| ${name} | **different** | ${sum(check.expected)} | ${sum(check.actual)} |`;
       case "missing":
-        return `| ${check.name} | **missing** | ${sum(check.expected)} | |`;
+        return `| ${name} | **missing** | ${sum(check.expected)} | |`;
       case "unlisted":
-        return `| ${check.name} | not in the release | | ${sum(check.actual)} |`;
+        return `| ${name} | not in the release | | ${sum(check.actual)} |`;
     }
   });
   return [
-    `### Verify ${verification.tag} (${verification.system})`,
+    `### Verify ${markdownText(verification.tag)} (${markdownText(verification.system)})`,
     "",
-    verificationVerdict(verification),
+    // Escaped whole: its own words hold nothing Markdown reads; its tag is the release's.
+    markdownText(verificationVerdict(verification)),
     "",
     "| asset | result | release sha256 | rebuilt sha256 |",
     "|---|---|---|---|",

@@ -51,7 +51,6 @@ import {
   MAX_INDEX_FILE,
   refuseMirror,
   requireToken,
-  sayingWhatIsLeft,
   uploadAsset,
 } from "./lib/forgejo.ts";
 
@@ -93,7 +92,7 @@ import { buildStatement, provenanceFile, runDetailsOf, signerOf } from "./lib/pr
 import { fetchForBoot } from "./lib/fetch.ts";
 import { releaseFlake, verifyRelease } from "./lib/verify.ts";
 import { pruneReleases } from "./lib/prune.ts";
-import { uploadPlanned } from "./lib/uploads.ts";
+import { sayingWhatIsLeft, uploadPlanned } from "./lib/uploads.ts";
 
 /**
  * One run of release-boot: its exit status (0 done, 1 failed, 2 bad usage), and on failure

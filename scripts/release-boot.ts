@@ -125,7 +125,7 @@ export async function main(
 /** What a run does, in order: the commands, then the release pipeline step by step. */
 async function runbook(run: Run, argv: string[], env: Env): Promise<void> {
   if (argv.includes("--help") || argv.includes("-h")) return run.result(HELP);
-  const options = await readOptions(argv, env, run.$);
+  const options = await readOptions(argv, env, () => checkoutCommit(run));
   if (options.command === "fetch") return await fetchForBoot(run, options, env);
   if (options.command === "verify") return await verifyRelease(run, options, env);
   if (options.command === "prune") return await pruneReleases(run, options, env);
@@ -187,6 +187,12 @@ async function runbook(run: Run, argv: string[], env: Env): Promise<void> {
     () => publishWhenComplete(run, forgejo, draft, options, key, ipxeSigned),
   );
   await reportRelease(run, release, bundle.manifest, env);
+}
+
+/** HEAD of the git checkout the run is in: a release's commit by default; undefined outside one. */
+async function checkoutCommit(run: Run): Promise<string | undefined> {
+  const head = await run.$`git rev-parse HEAD`.quiet().nothrow();
+  return head.exitCode === 0 ? head.stdout.trim() : undefined;
 }
 
 // ---------------------------------------------------------------------------------------------

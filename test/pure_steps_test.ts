@@ -463,13 +463,39 @@ Deno.test("options: a tag push names the release, other runs get a boot-dev pre-
   ]);
 });
 
+Deno.test("options: the checkout's commit is asked for only when neither --commit nor GITHUB_SHA names one", async () => {
+  let asked = 0;
+  const checkout = (head: string | undefined) => () => {
+    asked++;
+    return Promise.resolve(head);
+  };
+  await readOptions(["--commit", COMMIT], {}, checkout(COMMIT));
+  await readOptions([], { GITHUB_SHA: COMMIT }, checkout(COMMIT));
+  await readOptions(["prune", "--server", "https://x.org", "--repo", "o/r"], {}, checkout(COMMIT));
+  assert.equal(asked, 0, "a commit given, or no release: no git");
+  const local = await readOptions([], {}, checkout(COMMIT));
+  assert(local.command === "release");
+  assert.deepEqual([asked, local.commit, local.tag], [1, COMMIT, "boot-dev-0123456789ab"]);
+  const refusal = (pattern: RegExp) => (e: Error) =>
+    e instanceof UsageError && pattern.test(e.message);
+  await assert.rejects(
+    readOptions([], {}, checkout(undefined)),
+    refusal(
+      /^no commit to release: this is not a git checkout and GITHUB_SHA is unset; pass --commit SHA$/,
+    ),
+  );
+  await assert.rejects(readOptions([], {}, checkout("main")), refusal(/^bad commit "main": /));
+});
+
 Deno.test("options: unknown, repeated and empty flags are usage errors", async () => {
   await assert.rejects(
     readOptions(["--taget", "x"], {}),
     (e: Error) => e instanceof UsageError && /unknown flag --taget/.test(e.message),
   );
-  await assert.rejects(readOptions(["--tag", "a", "--tag", "b"], {}), /more than once/);
-  await assert.rejects(readOptions(["--tag="], {}), /needs a value/);
+  // The tag is read once the commit is known: here the checkout's, as in a git checkout.
+  const inCheckout = () => Promise.resolve(COMMIT);
+  await assert.rejects(readOptions(["--tag", "a", "--tag", "b"], {}, inCheckout), /more than once/);
+  await assert.rejects(readOptions(["--tag="], {}, inCheckout), /needs a value/);
   await assert.rejects(
     readOptions(["--tag", "v1", "--commit", COMMIT, "--server", "https://x.org"], {}),
     /--repo OWNER\/NAME/,

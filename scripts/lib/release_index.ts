@@ -93,8 +93,11 @@ export async function readIndex(
 ): Promise<RemoteIndex> {
   const copies = release.assets.filter((copy) => INDEX_NAMES.has(copy.name)).length;
   if (copies > MAX_INDEX_COPIES) {
+    const kinds = [...INDEX_NAMES];
     throw new ReleaseError(
-      `${release.tag_name} holds ${copies} copies of ${SUMS_NAME}, ${MANIFEST_NAME} and ${SIGNATURE_NAME}, more than racing jobs ever leave (${MAX_INDEX_COPIES}): refusing to read them; delete the extra copies in Forgejo`,
+      `${release.tag_name} holds ${copies} copies of ${kinds.slice(0, -1).join(", ")} and ${
+        kinds.at(-1)
+      }, more than racing jobs ever leave (${MAX_INDEX_COPIES}): refusing to read them; delete the extra copies in Forgejo`,
     );
   }
   const index: RemoteIndex = { manifests: [], sums: [], signatures: [], provenances: [] };

@@ -11,6 +11,7 @@ import {
 import {
   chooseAssets,
   judgeRelease,
+  listsIndexAsRead,
   mergeManifests,
   parseSums,
   planUploads,
@@ -146,10 +147,39 @@ function manifest(
   };
 }
 
-/** The recorded sha of each copy by name, as readRecordedSums would answer. */
+/** The recorded sha of each copy by name, as recordedSums would answer. */
 function recorded(sums: Record<string, string>) {
   return (copy: Attachment) => sums[copy.name];
 }
+
+Deno.test("an index read stays current until a copy of it is added, deleted or renamed", () => {
+  const image = attachment(1, "a.iso", 10);
+  const sums = attachment(2, "SHA256SUMS", 100);
+  const record = attachment(3, "manifest.json", 300);
+  const index = {
+    manifests: [{ copy: record, manifest: manifest([]), sha256: SHA_A }],
+    sums: [{ copy: sums, text: "" }],
+    signatures: [],
+    provenances: [],
+  };
+  assert.equal(listsIndexAsRead({ assets: [image, sums, record] }, index), true);
+  assert.equal(
+    listsIndexAsRead({ assets: [sums, record, attachment(4, "a.iso", 10)] }, index),
+    true,
+    "other assets do not count",
+  );
+  assert.equal(
+    listsIndexAsRead({ assets: [sums, record, attachment(4, "SHA256SUMS", 90)] }, index),
+    false,
+    "another job's copy",
+  );
+  assert.equal(listsIndexAsRead({ assets: [image, sums] }, index), false, "a copy deleted");
+  assert.equal(
+    listsIndexAsRead({ assets: [sums, { ...record, name: "SHA256SUMS.sig" }] }, index),
+    false,
+    "a copy renamed",
+  );
+});
 
 Deno.test("plan: identical assets are skipped, missing ones uploaded", () => {
   const plan = planUploads(

@@ -130,6 +130,23 @@ export async function readIndex(
 }
 
 /**
+ * True when the index copies `release` lists are exactly those `index` was read from: no job
+ * wrote, deleted or renamed one since, and a copy's bytes never change under its id.
+ */
+export function listsIndexAsRead(
+  release: Pick<Release, "assets">,
+  index: RemoteIndex,
+): boolean {
+  const read = [...index.manifests, ...index.sums, ...index.signatures, ...index.provenances]
+    .map(({ copy }) => copy);
+  const listed = release.assets.filter((copy) => INDEX_NAMES.has(copy.name));
+  return listed.length === read.length &&
+    listed.every((copy) =>
+      read.some((same) => same.id === copy.id && same.name === copy.name && same.size === copy.size)
+    );
+}
+
+/**
  * The fingerprint of the key that made `signature` over `sums`, checked with the public key
  * the signature carries: proof that it signs these bytes, not that the key is trusted.
  */
@@ -240,10 +257,13 @@ export function withUploadRecord(body: string, record: UploadRecord): string {
   return `${text}\n\n<!-- release-boot:uploaded ${JSON.stringify(record)} -->\n`;
 }
 
-/** A copy's sha256 from the upload record, else (for older copies) from manifest.json. */
-export async function readRecordedSums(forgejo: Forgejo, release: Release): Promise<RecordedSha> {
+/**
+ * A copy's sha256 from the upload record, else (for older copies) from manifest.json: from
+ * `release` and its `index` as read.
+ */
+export function recordedSums(release: Release, index: RemoteIndex): RecordedSha {
   const record = readUploadRecord(release.body);
-  const manifest = unionManifest(await readIndex(forgejo, release));
+  const manifest = unionManifest(index);
   return (copy) => {
     const entry = record[copy.name];
     if (entry) return entry.id === copy.id ? entry.sha256 : undefined;

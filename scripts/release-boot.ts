@@ -51,7 +51,6 @@ import {
   MAX_INDEX_FILE,
   refuseMirror,
   requireToken,
-  sayingWhatIsLeft,
   uploadAsset,
 } from "./lib/forgejo.ts";
 
@@ -67,6 +66,7 @@ import {
   describeAsset,
   describeRelease,
   judgeRelease,
+  listsIndexAsRead,
   mergeManifests,
   parseSums,
   type PlannedAction,
@@ -74,9 +74,9 @@ import {
   problemsOf,
   readIndex,
   readListedText,
-  readRecordedSums,
   readUploadRecord,
   recordedAssets,
+  recordedSums,
   releaseBody,
   type RemoteIndex,
   renderSums,
@@ -93,7 +93,7 @@ import { buildStatement, provenanceFile, runDetailsOf, signerOf } from "./lib/pr
 import { fetchForBoot } from "./lib/fetch.ts";
 import { releaseFlake, verifyRelease } from "./lib/verify.ts";
 import { pruneReleases } from "./lib/prune.ts";
-import { uploadPlanned } from "./lib/uploads.ts";
+import { sayingWhatIsLeft, uploadPlanned } from "./lib/uploads.ts";
 
 /**
  * One run of release-boot: its exit status (0 done, 1 failed, 2 bad usage), and on failure
@@ -126,7 +126,7 @@ export async function main(
 /** What a run does, in order: the commands, then the release pipeline step by step. */
 async function runbook(run: Run, argv: string[], env: Env): Promise<void> {
   if (argv.includes("--help") || argv.includes("-h")) return run.result(HELP);
-  const options = await readOptions(argv, env, run.$);
+  const options = await readOptions(argv, env, () => checkoutCommit(run));
   if (options.command === "fetch") return await fetchForBoot(run, options, env);
   if (options.command === "verify") return await verifyRelease(run, options, env);
   if (options.command === "prune") return await pruneReleases(run, options, env);
@@ -170,10 +170,12 @@ async function runbook(run: Run, argv: string[], env: Env): Promise<void> {
     "Find or create the draft",
     () => findOrCreateDraft(run, forgejo, options, bundle),
   );
+  // Read once, to plan and to start writing the index from: the uploads add no index copy.
+  const index = await readIndex(forgejo, draft, key);
   const plan = planUploads(
     bundle.files,
     draft.assets,
-    await readRecordedSums(forgejo, draft),
+    recordedSums(draft, index),
     draft.draft,
     options.replace,
   );
@@ -181,13 +183,19 @@ async function runbook(run: Run, argv: string[], env: Env): Promise<void> {
   await run.step("Upload", () => uploadPlanned(run, forgejo, draft, plan, options.uploads));
   await run.step(
     "Write checksums",
-    () => writeIndex(run, forgejo, repository, draft, bundle.manifest, plan, options, key),
+    () => writeIndex(run, forgejo, repository, draft, index, bundle.manifest, plan, options, key),
   );
   const release = await run.step(
     "Publish",
     () => publishWhenComplete(run, forgejo, draft, options, key, ipxeSigned),
   );
   await reportRelease(run, release, bundle.manifest, env);
+}
+
+/** HEAD of the git checkout the run is in: a release's commit by default; undefined outside one. */
+async function checkoutCommit(run: Run): Promise<string | undefined> {
+  const head = await run.$`git rev-parse HEAD`.quiet().nothrow();
+  return head.exitCode === 0 ? head.stdout.trim() : undefined;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -555,13 +563,14 @@ function refuseConflicts(plan: PlannedAction[], release: Release, options: Relea
  * exactly one of each is there and lists what every job built; then removes the copies this
  * run replaced. Jobs writing at once converge: each writes the union of every copy it sees,
  * and deletes only older manifest copies whose every name its own lists, so no job's entries
- * are lost.
+ * are lost. `read`: the index of `draft` as this run last read it (with `key`).
  */
 async function writeIndex(
   run: Run,
   forgejo: Forgejo,
   repository: Repository | undefined,
   draft: Release,
+  read: RemoteIndex,
   manifest: Manifest,
   plan: PlannedAction[],
   options: ReleaseOptions,
@@ -577,7 +586,11 @@ async function writeIndex(
       }
       const started = performance.now();
       const release = await forgejo.releases.get(draft.id);
-      const index = await readIndex(forgejo, release, key);
+      // The first round starts from `read` while the release lists exactly its copies: a copy
+      // another job wrote or deleted since shows in the listing, and then all are read again.
+      const index = round === 1 && listsIndexAsRead(release, read)
+        ? read
+        : await readIndex(forgejo, release, key);
       const merged = mergeManifests(unionManifest(index), manifest);
       if (judgeRelease(release.assets, index, merged.assets, key?.fingerprint).index.length === 0) {
         // Only now, with the new SHA256SUMS in, may the copies it no longer lists go.
@@ -776,22 +789,27 @@ async function finalizeRelease(
   }
   await refuseTagOnOtherCommit(forgejo, options);
   const adopted = await adoptRelease(run, forgejo, found, options);
-  const unsigned = await readIndex(forgejo, adopted);
-  const union = unionManifest(unsigned);
+  const read = await readIndex(forgejo, adopted, key);
+  const union = unionManifest(read);
   // Complete but for its signatures (build jobs need not hold the keys): written again, signed.
-  const { signatures: _, ...unsignedParts } = unsigned;
+  const { signatures: _, ...unsignedParts } = read;
   const built = ipxe && union ? asBuiltForIpxe(adopted.assets, union) : adopted.assets;
   const complete = union !== undefined &&
     problemsOf(judgeRelease(built, unsignedParts)).length === 0;
   const signed = complete && ipxe
-    ? await signDraftForIpxe(run, forgejo, adopted, union, downloadBase(options, repository), {
-      identity: ipxe,
-      uploads: options.uploads,
-    })
+    ? await signDraftForIpxe(
+      run,
+      forgejo,
+      adopted,
+      read,
+      union,
+      downloadBase(options, repository),
+      { identity: ipxe, uploads: options.uploads },
+    )
     : undefined;
   if (complete && (key || ipxe)) {
     const { manifest = union, plan = [] } = signed ?? {};
-    await writeIndex(run, forgejo, repository, adopted, manifest, plan, options, key);
+    await writeIndex(run, forgejo, repository, adopted, read, manifest, plan, options, key);
   }
   const release = await forgejo.releases.get(adopted.id);
   const index = await readIndex(forgejo, release, key);
@@ -824,6 +842,7 @@ async function signDraftForIpxe(
   run: Run,
   forgejo: Forgejo,
   release: Release,
+  index: RemoteIndex,
   union: Manifest,
   base: string,
   { identity, uploads }: { identity: IpxeSigningIdentity; uploads: number },
@@ -840,7 +859,7 @@ async function signDraftForIpxe(
   const plan = planUploads(
     files,
     release.assets,
-    await readRecordedSums(forgejo, release),
+    recordedSums(release, index),
     release.draft,
     true,
   );

@@ -8,6 +8,7 @@ import * as fs from "node:fs/promises";
 import * as path from "node:path";
 import { nixTest } from "./nix_helpers.ts";
 import { baseEnv, makeFixture, parseStepOutputs, repoRoot } from "./run_helpers.ts";
+import { INDEX_NAMES } from "../types/manifest.ts";
 import {
   ALL,
   assertNoToken,
@@ -16,6 +17,7 @@ import {
   TAG,
   TOKEN,
   uploadBehindItsBack,
+  uploadsOf,
   verifyAgainstSums,
   withWorld,
   world,
@@ -103,6 +105,65 @@ nixTest("a rerun of a finished release uploads nothing and changes nothing", asy
     assert.equal(rerun.stdout, `${w.release().html_url}\n`);
   }, { serveDirect: true });
 });
+
+nixTest(
+  "a rerun reads the release's index three times: for reuse before the build, to plan, before publishing",
+  async () => {
+    await withWorldInProcess(async (w) => {
+      assert.equal((await w.publish(["--targets", "netboot"])).code, 0);
+      const before = w.forgejo.requests.length;
+      const rerun = await w.publish(["--targets", "netboot"]);
+      assert.equal(rerun.code, 0, rerun.stderr);
+      // The plan's read serves the first round of writing the index too: the uploads between
+      // add no index copy. The look before publishing reads the server again.
+      const downloads = (uuid?: string) =>
+        w.forgejo.requests.slice(before).filter((r) =>
+          r.host === "forgejo" && r.method === "GET" && r.path === `/attachments/${uuid}`
+        ).length;
+      const index = w.release().assets.filter((copy) => INDEX_NAMES.has(copy.name));
+      assert.deepEqual(
+        Object.fromEntries(index.map((copy) => [copy.name, downloads(copy.uuid)])),
+        { "SHA256SUMS": 3, "manifest.json": 3, "provenance.intoto.json": 3 },
+      );
+    });
+  },
+);
+
+nixTest(
+  "an index another job writes while this run uploads is merged in this run's first write",
+  async () => {
+    await withWorldInProcess(async (w) => {
+      // The iso is stored, and before its upload is answered a --draft job publishes netboot
+      // into the same draft and writes an index listing it.
+      w.forgejo.addFault({
+        method: "POST",
+        path: "/assets",
+        query: { name: "iso-x86_64-linux.iso" },
+        fault: {
+          kind: "then",
+          run: async () => {
+            const other = await w.publish(["--targets", "netboot", "--draft"]);
+            assert.equal(other.code, 0, other.stderr);
+          },
+        },
+      });
+      const run = await w.publish(["--targets", "iso", "--timeout", "60"]);
+      assert.equal(run.code, 0, run.stderr);
+      const release = w.release();
+      assert.equal(release.draft, false);
+      const sums = await verifyAgainstSums(w.forgejo, release);
+      assert.deepEqual(
+        [...sums.keys()].sort(),
+        [...ALL, "manifest.json", "provenance.intoto.json"].sort(),
+      );
+      assert.equal(
+        uploadsOf(w.forgejo, "manifest.json").length,
+        2,
+        "one index by each job: this run saw the other's before writing its own",
+      );
+    });
+  },
+);
 
 nixTest(
   "three jobs publishing the same tag at once end with one release, every asset once, sums over all",

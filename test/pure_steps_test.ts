@@ -11,6 +11,7 @@ import {
 import { chooseAssets } from "../scripts/lib/trusted_release.ts";
 import {
   judgeRelease,
+  listsIndexAsRead,
   mergeManifests,
   parseSums,
   planUploads,
@@ -146,10 +147,39 @@ function manifest(
   };
 }
 
-/** The recorded sha of each copy by name, as readRecordedSums would answer. */
+/** The recorded sha of each copy by name, as recordedSums would answer. */
 function recorded(sums: Record<string, string>) {
   return (copy: Attachment) => sums[copy.name];
 }
+
+Deno.test("an index read stays current until a copy of it is added, deleted or renamed", () => {
+  const image = attachment(1, "a.iso", 10);
+  const sums = attachment(2, "SHA256SUMS", 100);
+  const record = attachment(3, "manifest.json", 300);
+  const index = {
+    manifests: [{ copy: record, manifest: manifest([]), sha256: SHA_A }],
+    sums: [{ copy: sums, text: "" }],
+    signatures: [],
+    provenances: [],
+  };
+  assert.equal(listsIndexAsRead({ assets: [image, sums, record] }, index), true);
+  assert.equal(
+    listsIndexAsRead({ assets: [sums, record, attachment(4, "a.iso", 10)] }, index),
+    true,
+    "other assets do not count",
+  );
+  assert.equal(
+    listsIndexAsRead({ assets: [sums, record, attachment(4, "SHA256SUMS", 90)] }, index),
+    false,
+    "another job's copy",
+  );
+  assert.equal(listsIndexAsRead({ assets: [image, sums] }, index), false, "a copy deleted");
+  assert.equal(
+    listsIndexAsRead({ assets: [sums, { ...record, name: "SHA256SUMS.sig" }] }, index),
+    false,
+    "a copy renamed",
+  );
+});
 
 Deno.test("plan: identical assets are skipped, missing ones uploaded", () => {
   const plan = planUploads(
@@ -463,13 +493,39 @@ Deno.test("options: a tag push names the release, other runs get a boot-dev pre-
   ]);
 });
 
+Deno.test("options: the checkout's commit is asked for only when neither --commit nor GITHUB_SHA names one", async () => {
+  let asked = 0;
+  const checkout = (head: string | undefined) => () => {
+    asked++;
+    return Promise.resolve(head);
+  };
+  await readOptions(["--commit", COMMIT], {}, checkout(COMMIT));
+  await readOptions([], { GITHUB_SHA: COMMIT }, checkout(COMMIT));
+  await readOptions(["prune", "--server", "https://x.org", "--repo", "o/r"], {}, checkout(COMMIT));
+  assert.equal(asked, 0, "a commit given, or no release: no git");
+  const local = await readOptions([], {}, checkout(COMMIT));
+  assert(local.command === "release");
+  assert.deepEqual([asked, local.commit, local.tag], [1, COMMIT, "boot-dev-0123456789ab"]);
+  const refusal = (pattern: RegExp) => (e: Error) =>
+    e instanceof UsageError && pattern.test(e.message);
+  await assert.rejects(
+    readOptions([], {}, checkout(undefined)),
+    refusal(
+      /^no commit to release: this is not a git checkout and GITHUB_SHA is unset; pass --commit SHA$/,
+    ),
+  );
+  await assert.rejects(readOptions([], {}, checkout("main")), refusal(/^bad commit "main": /));
+});
+
 Deno.test("options: unknown, repeated and empty flags are usage errors", async () => {
   await assert.rejects(
     readOptions(["--taget", "x"], {}),
     (e: Error) => e instanceof UsageError && /unknown flag --taget/.test(e.message),
   );
-  await assert.rejects(readOptions(["--tag", "a", "--tag", "b"], {}), /more than once/);
-  await assert.rejects(readOptions(["--tag="], {}), /needs a value/);
+  // The tag is read once the commit is known: here the checkout's, as in a git checkout.
+  const inCheckout = () => Promise.resolve(COMMIT);
+  await assert.rejects(readOptions(["--tag", "a", "--tag", "b"], {}, inCheckout), /more than once/);
+  await assert.rejects(readOptions(["--tag="], {}, inCheckout), /needs a value/);
   await assert.rejects(
     readOptions(["--tag", "v1", "--commit", COMMIT, "--server", "https://x.org"], {}),
     /--repo OWNER\/NAME/,

@@ -1,12 +1,13 @@
 /**
  * The command line: option types, the flag table, --help, input rules and `readOptions`, which
  * turns flags and environment into one command's options or a UsageError before any work.
- * It does no work itself: it never talks to Forgejo, builds, or writes files.
+ * It does no work itself: it never talks to Forgejo, builds, reads or writes files, or runs
+ * git (the caller reads the checkout's commit for it).
  */
 import * as path from "node:path";
 import * as v from "valibot";
-import { minimist, type Shell } from "zx";
-import { childShell, type Env, UsageError } from "./run.ts";
+import { minimist } from "zx";
+import { type Env, UsageError } from "./run.ts";
 
 const DEFAULT_MIRRORS = "https://codeberg.org";
 
@@ -551,13 +552,14 @@ function flagOrEnv<T>(
 }
 
 /**
- * Flags and environment become Options, or a UsageError before any work is done. `shell`
- * runs git when the commit must come from the checkout.
+ * Flags and environment become Options, or a UsageError before any work is done. Without
+ * --commit or GITHUB_SHA a release is of the checkout's commit, which `checkoutCommit` reads
+ * then and only then (undefined: not a git checkout; a caller without one leaves it out).
  */
 export async function readOptions(
   argv: string[],
   env: Env,
-  shell: Shell = childShell(env),
+  checkoutCommit: () => Promise<string | undefined> = () => Promise.resolve(undefined),
 ): Promise<Options> {
   const command = COMMANDS.find((name) => name === argv[0]);
   const fetching = command === "fetch";
@@ -591,7 +593,7 @@ export async function readOptions(
   if (command === "prune") return pruneOptions(flags, env, common);
   return fetching
     ? fetchOptions(flags, env, common)
-    : await releaseOptions(flags, env, common, shell);
+    : await releaseOptions(flags, env, common, checkoutCommit);
 }
 
 /** The commands named by the first argument; without one, release. */
@@ -628,7 +630,7 @@ async function releaseOptions(
   flags: Flags,
   env: Env,
   common: CommonOptions,
-  shell: Shell,
+  checkoutCommit: () => Promise<string | undefined>,
 ): Promise<ReleaseOptions> {
   const server = flagOrEnv(flags, "server", env, "GITHUB_SERVER_URL", ServerFlagSchema);
   const repo = flagOrEnv(flags, "repo", env, "GITHUB_REPOSITORY", RepoFlagSchema);
@@ -646,7 +648,7 @@ async function releaseOptions(
     throw new UsageError("--finalize publishes the draft; it cannot be combined with --draft");
   }
   const commit = flagOrEnv(flags, "commit", env, "GITHUB_SHA", CommitFlagSchema) ??
-    parseFlag("commit", CommitFlagSchema, await gitHead(shell), "commit");
+    parseFlag("commit", CommitFlagSchema, await requireCheckoutCommit(checkoutCommit), "commit");
   const tag = (flags.value("tag") === undefined && env.GITHUB_REF_TYPE !== "tag")
     ? `boot-dev-${commit.slice(0, 12)}`
     : flagOrEnv(flags, "tag", env, "GITHUB_REF_NAME", TagFlagSchema) ??
@@ -824,12 +826,14 @@ function pruneOptions(flags: Flags, env: Env, common: CommonOptions): PruneOptio
   };
 }
 
-async function gitHead(shell: Shell): Promise<string> {
-  const head = await shell`git rev-parse HEAD`.quiet().nothrow();
-  if (head.exitCode !== 0) {
+async function requireCheckoutCommit(
+  checkoutCommit: () => Promise<string | undefined>,
+): Promise<string> {
+  const head = await checkoutCommit();
+  if (head === undefined) {
     throw new UsageError(
       "no commit to release: this is not a git checkout and GITHUB_SHA is unset; pass --commit SHA",
     );
   }
-  return head.stdout.trim();
+  return head;
 }

@@ -1,8 +1,7 @@
 /**
  * The Forgejo API as one client with verb methods (retries, redirects, caps, deadlines), the
- * explanations of its failures, the token and mirror guards, the upload that looks before it
- * retries, and what a failed run's uploads leave of a release (a published one is put back).
- * It speaks HTTP only; what a release should hold is decided elsewhere.
+ * explanations of its failures, the token and mirror guards, and the upload that looks before
+ * it retries. It speaks HTTP only; what a release should hold is decided elsewhere.
  */
 import * as v from "valibot";
 import { Buffer } from "node:buffer";
@@ -708,64 +707,6 @@ async function copiesSince(
     }
   }
   return undefined;
-}
-
-/**
- * Runs `work` on `release`; a failure part-way also says what it leaves behind. A draft stays
- * as it is; a published release is put back as it was when that is still possible.
- * `progress`, asked once the work has failed, says how far it got, when that helps.
- */
-export async function sayingWhatIsLeft<T>(
-  run: Run,
-  forgejo: Forgejo,
-  release: Release,
-  work: () => Promise<T>,
-  progress = () => "",
-): Promise<T> {
-  try {
-    return await work();
-  } catch (error) {
-    if (!(error instanceof ReleaseError)) throw error;
-    if (release.draft) {
-      throw new ReleaseError(
-        `${error.message}; ${progress()}the release stays a draft: rerun the same command to resume`,
-      );
-    }
-    const removed = await takeBackUploads(run, forgejo, release).catch((failure) => {
-      if (failure instanceof ReleaseError) return undefined;
-      throw failure;
-    });
-    const copies = removed === 1 ? "copy this run uploaded was" : "copies this run uploaded were";
-    const left = removed === undefined
-      ? `${progress()}the published release ${release.tag_name} still has its SHA256SUMS and every copy it lists (new copies may sit beside them)`
-      : `the published release ${release.tag_name} is as it was${
-        removed > 0 ? `: the ${removed} ${copies} deleted again` : ""
-      }`;
-    throw new ReleaseError(`${error.message}; ${left}; rerun the same command to finish`);
-  }
-}
-
-/**
- * Takes back what a run uploaded to a published release it could not finish: every copy added
- * since `before` is deleted and the body (its upload record) restored, so the release holds
- * exactly its previous files again. Only while none of those is gone (undefined otherwise: a
- * new SHA256SUMS replaced the old one). Returns how many copies went.
- */
-async function takeBackUploads(
-  run: Run,
-  forgejo: Forgejo,
-  before: Release,
-): Promise<number | undefined> {
-  const now = await forgejo.releases.get(before.id);
-  if (before.assets.some((copy) => !now.assets.some((kept) => kept.id === copy.id))) {
-    return undefined;
-  }
-  const added = now.assets.filter((copy) => !before.assets.some((old) => old.id === copy.id));
-  for (const copy of added) {
-    await deleteAsset(run, forgejo, before.id, copy, "a copy of an unfinished replacement");
-  }
-  if (now.body !== before.body) await forgejo.releases.edit(before.id, { body: before.body });
-  return added.length;
 }
 
 export async function deleteAsset(

@@ -87,8 +87,11 @@ export async function readIndex(
 ): Promise<RemoteIndex> {
   const copies = release.assets.filter((copy) => INDEX_NAMES.has(copy.name)).length;
   if (copies > MAX_INDEX_COPIES) {
+    const kinds = [...INDEX_NAMES];
     throw new ReleaseError(
-      `${release.tag_name} holds ${copies} copies of ${SUMS_NAME}, ${MANIFEST_NAME} and ${SIGNATURE_NAME}, more than racing jobs ever leave (${MAX_INDEX_COPIES}): refusing to read them; delete the extra copies in Forgejo`,
+      `${release.tag_name} holds ${copies} copies of ${kinds.slice(0, -1).join(", ")} and ${
+        kinds.at(-1)
+      }, more than racing jobs ever leave (${MAX_INDEX_COPIES}): refusing to read them; delete the extra copies in Forgejo`,
     );
   }
   const index: RemoteIndex = { manifests: [], sums: [], signatures: [], provenances: [] };
@@ -118,6 +121,23 @@ export async function readIndex(
     signature.signer = newest && await signerOver(new TextEncoder().encode(newest.text), signature);
   }
   return index;
+}
+
+/**
+ * True when the index copies `release` lists are exactly those `index` was read from: no job
+ * wrote, deleted or renamed one since, and a copy's bytes never change under its id.
+ */
+export function listsIndexAsRead(
+  release: Pick<Release, "assets">,
+  index: RemoteIndex,
+): boolean {
+  const read = [...index.manifests, ...index.sums, ...index.signatures, ...index.provenances]
+    .map(({ copy }) => copy);
+  const listed = release.assets.filter((copy) => INDEX_NAMES.has(copy.name));
+  return listed.length === read.length &&
+    listed.every((copy) =>
+      read.some((same) => same.id === copy.id && same.name === copy.name && same.size === copy.size)
+    );
 }
 
 /**
@@ -231,10 +251,13 @@ export function withUploadRecord(body: string, record: UploadRecord): string {
   return `${text}\n\n<!-- release-boot:uploaded ${JSON.stringify(record)} -->\n`;
 }
 
-/** A copy's sha256 from the upload record, else (for older copies) from manifest.json. */
-export async function readRecordedSums(forgejo: Forgejo, release: Release): Promise<RecordedSha> {
+/**
+ * A copy's sha256 from the upload record, else (for older copies) from manifest.json: from
+ * `release` and its `index` as read.
+ */
+export function recordedSums(release: Release, index: RemoteIndex): RecordedSha {
   const record = readUploadRecord(release.body);
-  const manifest = unionManifest(await readIndex(forgejo, release));
+  const manifest = unionManifest(index);
   return (copy) => {
     const entry = record[copy.name];
     if (entry) return entry.id === copy.id ? entry.sha256 : undefined;

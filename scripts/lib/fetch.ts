@@ -15,15 +15,7 @@ import { inLanes } from "./lanes.ts";
 import { type Env, fileSystemFailure, formatBytes, ReleaseError, type Run } from "./run.ts";
 import { readTrust } from "./allowed_signers.ts";
 import { type DownloadOptions, type FetchOptions } from "./cli.ts";
-import {
-  connectForgejo,
-  explainStatus,
-  type Forgejo,
-  MAX_API_BODY,
-  mirrorOf,
-  readCapped,
-  readToken,
-} from "./forgejo.ts";
+import { connectForgejo, type Forgejo, mirrorOf, readToken } from "./forgejo.ts";
 import {
   assetsOfTargets,
   authenticSums,
@@ -539,11 +531,12 @@ async function removeStaleParts(dir: string, name: string, keep: string): Promis
 const { O_WRONLY, O_APPEND, O_RDONLY, O_NOFOLLOW } = fsConstants;
 
 /**
- * One GET of an asset into `part`, from where an earlier run stopped, hashed in the same pass
- * that writes it (a resumed part's bytes are hashed first). The part is opened never through
- * a link: a new one exclusively, a resumed one with O_NOFOLLOW and one name only. Nothing past
- * `limit`, the size the release lists, is read or kept. The client's interceptors follow
- * redirects (without the token off the Forgejo origin) and retry.
+ * One GET of an asset into `part`, from where an earlier run stopped (from the start when the
+ * server will not resume there), hashed in the same pass that writes it (a resumed part's
+ * bytes are hashed first). The part is opened never through a link: a new one exclusively, a
+ * resumed one with O_NOFOLLOW and one name only. Nothing past `limit`, the size the release
+ * lists, is read or kept. The client judges the server's range answer, follows redirects
+ * (without the token off the Forgejo origin) and retries.
  */
 async function downloadToPart(
   run: Run,
@@ -559,33 +552,25 @@ async function downloadToPart(
   // A part at or past the listed size is no download in progress: it goes, never resumed.
   if (left && left.size >= limit) await fs.rm(part);
   const have = left && left.size < limit ? left.size : 0;
-  const response = await forgejo.assets.open(copy, have, signal).catch((error: Error) => {
+  const answer = await forgejo.assets.openFrom(copy, have, signal).catch((error: Error) => {
+    if (error instanceof ReleaseError) throw error;
     throw new ReleaseError(
       `the download of ${copy.name} failed (${error.message}); rerun to resume`,
     );
   });
   const hash = createHash("sha256");
-  if (response.statusCode === 416 && have > 0) {
-    await response.body.dump();
+  if (answer.kind === "nothing past the offset") {
     return { sha256: await hashPart(part, hash), size: have }; // The part has every byte.
   }
-  if (response.statusCode !== 200 && response.statusCode !== 206) {
-    const text = await readCapped(response.body, MAX_API_BODY, `GET ${copy.name}`);
-    throw new ReleaseError(
-      explainStatus(forgejo, { status: response.statusCode, text }, `download of ${copy.name}`),
-    );
-  }
-  const range = String(response.headers["content-range"] ?? "");
-  if (response.statusCode === 206 && !range.startsWith(`bytes ${have}-`)) {
-    await response.body.dump();
+  if (answer.kind === "elsewhere") {
     await fs.rm(part, { force: true });
     throw new ReleaseError(
       `the server resumed ${copy.name} at ${
-        range || "an unknown offset"
+        answer.range || "an unknown offset"
       }, not at ${have}; rerun to download it whole`,
     );
   }
-  const resuming = have > 0 && response.statusCode === 206;
+  const resuming = answer.from > 0;
   if (resuming) {
     run.log(`${copy.name}: resuming after ${formatBytes(have)}`);
     await hashPart(part, hash);
@@ -606,7 +591,7 @@ async function downloadToPart(
   let resumable = true;
   try {
     refuseHardLink(part, await handle.stat());
-    for await (const chunk of response.body) {
+    for await (const chunk of answer.body) {
       size += chunk.length;
       if (size > limit) {
         resumable = false;

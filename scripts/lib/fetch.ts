@@ -64,7 +64,8 @@ export async function fetchForBoot(run: Run, options: FetchOptions, env: Env): P
         await inLanes(
           batch,
           DOWNLOAD_LANES,
-          (file, signal) => downloadVerified(run, forgejo, release, file, dir, signal),
+          (file, signal) =>
+            downloadVerified(run, forgejo, release, file, dir, boot.checked.get(file.name), signal),
         );
       }
     });
@@ -87,6 +88,12 @@ function signaturesThenImages(files: BootFile[]): BootFile[][] {
   return [files.filter(isSignature), files.filter((file) => !isSignature(file))];
 }
 
+/** The files to boot, and the texts of the scripts read to choose them, by name. */
+interface BootPlan extends BootSet {
+  /** Each checked against SHA256SUMS already: one among the files is written, not fetched again. */
+  checked: Map<string, string>;
+}
+
 /**
  * The files to boot: with manifest.json (checked against SHA256SUMS), the chosen targets'
  * assets; without it, a release another tool made, the iPXE script and the kernel and initrd
@@ -100,14 +107,19 @@ async function chooseBootFiles(
   sums: Map<string, string>,
   options: DownloadOptions,
   signed: boolean,
-): Promise<BootSet> {
+): Promise<BootPlan> {
   const tag = release.tag_name;
-  const readScript = (name: string) => verifiedText(forgejo, release, name, sums);
+  const checked = new Map<string, string>();
+  const readScript = async (name: string) => {
+    const text = await verifiedText(forgejo, release, name, sums);
+    checked.set(name, text);
+    return text;
+  };
   const manifest = releaseManifest(index, sums, tag, { signed, command: "fetch" });
   if (manifest) {
     const { targets, system } = options;
     const boot = await bootFilesOf(manifest, sums, targets, system, tag, readScript);
-    return signed ? withSignedSizes(boot, manifest) : boot;
+    return { ...(signed ? withSignedSizes(boot, manifest) : boot), checked };
   }
   const scripts = [...sums.keys()].filter((name) => name.endsWith(".ipxe"));
   if (scripts.length === 0) {
@@ -115,10 +127,10 @@ async function chooseBootFiles(
     run.log(
       `${tag} has no iPXE script: fetching its kernel and initrd only; boot them with your own`,
     );
-    return boot;
+    return { ...boot, checked };
   }
   const script = oneScript(scripts, options, tag);
-  return bootFilesOfScript(script, await readScript(script), sums, tag);
+  return { ...bootFilesOfScript(script, await readScript(script), sums, tag), checked };
 }
 
 /** An iPXE script of the release, read whole and checked against SHA256SUMS. */
@@ -465,7 +477,8 @@ async function openTagDirectory(out: string, name: string): Promise<string> {
  * Downloads into `<name>.<sha>.part` (resuming one left by an interrupted run), hashing the
  * bytes as they are written, and only when they match SHA256SUMS renames the part to its
  * final name. A part that does not match is deleted; an existing file with other bytes is
- * refused, never replaced. `signal` stops the download where it is, its part kept to resume.
+ * refused, never replaced. `text`, a script already read, is written the same way instead of
+ * being downloaded again. `signal` stops the download where it is, its part kept to resume.
  */
 async function downloadVerified(
   run: Run,
@@ -473,6 +486,7 @@ async function downloadVerified(
   release: Release,
   file: BootFile,
   dir: string,
+  text?: string,
   signal?: AbortSignal,
 ): Promise<void> {
   const local = file.localName ?? file.name;
@@ -494,7 +508,9 @@ async function downloadVerified(
   await removeStaleParts(dir, local, part);
   // Nothing past the size the server lists, nor past the one a signed manifest records.
   const limit = Math.min(copy.size, file.size ?? copy.size);
-  const got = await downloadToPart(run, forgejo, copy, limit, part, release.tag_name, signal);
+  const known = text === undefined ? undefined : new TextEncoder().encode(text);
+  const tag = release.tag_name;
+  const got = await downloadToPart(run, forgejo, copy, limit, part, tag, known, signal);
   if (got.sha256 !== file.sha256) {
     await fs.rm(part, { force: true });
     throw new ReleaseError(
@@ -536,7 +552,8 @@ const { O_WRONLY, O_APPEND, O_RDONLY, O_NOFOLLOW } = fsConstants;
  * bytes are hashed first). The part is opened never through a link: a new one exclusively, a
  * resumed one with O_NOFOLLOW and one name only. Nothing past `limit`, the size the release
  * lists, is read or kept. The client judges the server's range answer, follows redirects
- * (without the token off the Forgejo origin) and retries.
+ * (without the token off the Forgejo origin) and retries. `known`, the asset's bytes already
+ * read, are written as if downloaded whole, and nothing is asked of the server.
  */
 async function downloadToPart(
   run: Run,
@@ -545,6 +562,7 @@ async function downloadToPart(
   limit: number,
   part: string,
   tag: string,
+  known: Uint8Array | undefined,
   signal?: AbortSignal,
 ): Promise<{ sha256: string; size: number }> {
   const left = await lstatOrUndefined(part);
@@ -552,12 +570,14 @@ async function downloadToPart(
   // A part at or past the listed size is no download in progress: it goes, never resumed.
   if (left && left.size >= limit) await fs.rm(part);
   const have = left && left.size < limit ? left.size : 0;
-  const answer = await forgejo.assets.openFrom(copy, have, signal).catch((error: Error) => {
-    if (error instanceof ReleaseError) throw error;
-    throw new ReleaseError(
-      `the download of ${copy.name} failed (${error.message}); rerun to resume`,
-    );
-  });
+  const answer = known
+    ? { kind: "bytes" as const, from: 0, body: [known] }
+    : await forgejo.assets.openFrom(copy, have, signal).catch((error: Error) => {
+      if (error instanceof ReleaseError) throw error;
+      throw new ReleaseError(
+        `the download of ${copy.name} failed (${error.message}); rerun to resume`,
+      );
+    });
   const hash = createHash("sha256");
   if (answer.kind === "nothing past the offset") {
     return { sha256: await hashPart(part, hash), size: have }; // The part has every byte.

@@ -12,6 +12,7 @@ import { type Attachment, type Release } from "../../types/forgejo.ts";
 import { type Manifest, MANIFEST_NAME, SUMS_NAME } from "../../types/manifest.ts";
 import { hashFile, READ_SIZE, sha256Hex } from "./hash.ts";
 import { inLanes } from "./lanes.ts";
+import { readSmallFile } from "./small_file.ts";
 import { type Env, fileSystemFailure, formatBytes, ReleaseError, type Run } from "./run.ts";
 import { readTrust } from "./allowed_signers.ts";
 import { type DownloadOptions, type FetchOptions } from "./cli.ts";
@@ -269,6 +270,9 @@ const LOCK_NAME = ".release-boot.lock";
 /** In every tag directory release-boot made: its tag, and by its mtime when it was fetched. */
 const TAG_MARK = ".release-boot-tag";
 
+/** A lock holds a pid, a mark a directory name: a larger file is neither, and is not read. */
+const MAX_MARK_SIZE = 1024;
+
 /** A tag as one directory name: `/` (valid in a tag) cannot make a subdirectory. */
 function tagDirectoryName(tag: string): string {
   const name = tag.replaceAll("/", "%2F");
@@ -347,9 +351,8 @@ async function takeLock(run: Run, lock: string): Promise<void> {
         );
       }
     }
-    const stat = await lstatOrUndefined(lock);
-    if (stat && !stat.isFile()) throw notOurs(lock, "not a lock file");
-    const pid = Number((await fs.readFile(lock, "utf8").catch(() => "")).trim());
+    const pid = await lockHolder(lock);
+    if (pid === undefined) throw notOurs(lock, "not a lock file");
     if (attempt > 2 || (Number.isInteger(pid) && pid > 0 && isRunning(pid))) {
       throw new ReleaseError(
         `another fetch (pid ${pid || "unknown"}) is writing ${
@@ -361,10 +364,11 @@ async function takeLock(run: Run, lock: string): Promise<void> {
     // that fetch's live lock and goes straight back.
     const aside = `${lock}.${process.pid}.stale`;
     if (!await fs.rename(lock, aside).then(() => true, () => false)) continue;
-    const moved = Number((await fs.readFile(aside, "utf8").catch(() => "")).trim());
+    const moved = await lockHolder(aside);
     if (moved !== pid) {
       await fs.link(aside, lock).catch(() => undefined);
       await fs.rm(aside, { force: true });
+      if (moved === undefined) throw notOurs(lock, "not a lock file");
       throw new ReleaseError(
         `another fetch (pid ${moved}) is writing ${path.dirname(lock)}: let it finish and rerun`,
       );
@@ -372,6 +376,17 @@ async function takeLock(run: Run, lock: string): Promise<void> {
     await fs.rm(aside, { force: true });
     run.log(`Taking over ${lock}: its fetch (pid ${pid || "unknown"}) is gone`);
   }
+}
+
+/**
+ * The pid a lock file holds: 0 when it is gone or unreadable, NaN when it holds no number;
+ * undefined when it is no lock at all (not a regular file, or larger than any lock), which is
+ * never read, so a FIFO or a huge file there can neither block nor fill this process.
+ */
+async function lockHolder(file: string): Promise<number | undefined> {
+  const read = await readSmallFile(file, MAX_MARK_SIZE, { followLinks: false });
+  if ("bytes" in read) return Number(new TextDecoder().decode(read.bytes).trim());
+  return read.problem === "unreadable" ? 0 : undefined;
 }
 
 /** Under the lock, what a killed fetch left half-made (`.NAME.PID.new`, `.stale`) goes. */
@@ -422,12 +437,20 @@ function refuseHardLink(file: string, stat: { nlink: number }): void {
   if (stat.nlink !== 1) throw notOurs(file, `a file with ${stat.nlink} hard links`);
 }
 
-/** The mark of a tag directory release-boot made: the directory's name, and when it was fetched. */
+/**
+ * The mark of a tag directory release-boot made: the directory's name, and when it was fetched.
+ * Anything but a small regular file is no mark, and is not read.
+ */
 async function readMark(dir: string): Promise<{ tag: string; at: number } | undefined> {
   const mark = path.join(dir, TAG_MARK);
-  const stat = await lstatOrUndefined(mark);
-  if (!stat?.isFile() || stat.size > 1024) return undefined;
-  return { tag: (await fs.readFile(mark, "utf8")).trim(), at: stat.mtimeMs };
+  const read = await readSmallFile(mark, MAX_MARK_SIZE, { followLinks: false });
+  if ("bytes" in read) {
+    return { tag: new TextDecoder().decode(read.bytes).trim(), at: read.mtimeMs };
+  }
+  if (read.problem === "unreadable" && read.code !== "ENOENT") {
+    throw new ReleaseError(`cannot read ${mark} (${read.code})`);
+  }
+  return undefined;
 }
 
 /**

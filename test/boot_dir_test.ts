@@ -41,6 +41,25 @@ Deno.test("a release without manifest.json boots from what its iPXE script names
     assert.match(local, /^initrd initrd$/m);
   }));
 
+Deno.test("the iPXE script of a release without manifest.json is downloaded once", () =>
+  scene(async (w, out) => {
+    const files = await releaseByHand(w, "boot-v1", netboot("boot-v1"));
+    const script = (await api(w, "GET", "/releases/tags/boot-v1")).assets
+      .find((a: { name: string }) => a.name === "runner.ipxe");
+    const run = await fetchTag(w, out, "boot-v1");
+    assert.equal(run.code, 0, run.stderr);
+    const downloads = w.forgejo.requests.filter((r) =>
+      r.method === "GET" && r.path === `/attachments/${script.uuid}`
+    );
+    assert.equal(downloads.length, 1, `runner.ipxe was asked for ${downloads.length} times`);
+    const current = path.join(out, "current");
+    assert.equal(
+      await fs.readFile(path.join(current, "runner.ipxe"), "utf8"),
+      files["runner.ipxe"],
+    );
+    assert.equal((await sha256sumCheck(current)).code, 0);
+  }));
+
 Deno.test("a release that says nothing about what to boot is refused in one line", () =>
   scene(async (w, out) => {
     await releaseByHand(w, "boot-v1", { "notes.txt": "hello\n", "disk.img": "a disk\n" });

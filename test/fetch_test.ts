@@ -85,6 +85,36 @@ nixTest(
   },
 );
 
+nixTest(
+  "the built iPXE script is downloaded once: the text that chose the boot files is the file kept",
+  async () => {
+    const w = await world();
+    const out = await scratch();
+    try {
+      assert.equal((await w.publish(["--targets", "netboot"])).code, 0);
+      const built = "netboot-x86_64-linux.built.ipxe";
+      const copy = w.release().assets.find((a) => a.name === built)!;
+      const [published] = await w.forgejo.assetBytes(w.release().id, built);
+      const run = await fetchInto(w, out, ["--tag", TAG]);
+      assert.equal(run.code, 0, run.stderr);
+      const downloads = w.forgejo.requests.filter((r) =>
+        r.method === "GET" && r.path === `/attachments/${copy.uuid}`
+      );
+      assert.equal(downloads.length, 1, `${built} was asked for ${downloads.length} times`);
+      const current = path.join(out, "current");
+      assert.equal(sha256(await fs.readFile(path.join(current, built))), sha256(published));
+      assert.equal((await sha256sumCheck(current)).code, 0);
+      assert.match(
+        run.stderr,
+        new RegExp(`^${built.replaceAll(".", "\\.")}: .+, sha256 verified$`, "m"),
+      );
+    } finally {
+      await fs.rm(out, { recursive: true, force: true });
+      await w.close();
+    }
+  },
+);
+
 nixTest("a file that does not match SHA256SUMS is refused and nothing of it is left", async () => {
   const w = await world();
   const out = await scratch();

@@ -1,7 +1,8 @@
 /**
  * What a careless operator or another local user can still do to the boot directory: a hard
  * link that a resume writes through, a copied tag directory that --keep or --rollback takes
- * for its own, a directory or trust file others can write, a `current` that is not a link.
+ * for its own, a directory or trust file others can write, a `current` that is not a link, a
+ * FIFO or a huge file as the lock or a tag directory's mark.
  */
 import assert from "node:assert/strict";
 import * as fs from "node:fs/promises";
@@ -17,6 +18,7 @@ import {
   scene,
 } from "./boot_dir_helpers.ts";
 import { nixTest } from "./nix_helpers.ts";
+import { baseEnv, type Run, runRelease } from "./run_helpers.ts";
 import { makeKeys } from "./signing_helpers.ts";
 
 function warnings(stderr: string): string[] {
@@ -214,3 +216,72 @@ Deno.test("a name too long for DIR's file system is one line naming the call, pa
       /^release-boot: cannot \w+ \S+pxe\/\.boot-v1-x+\.\d+\.new \(ENAMETOOLONG\): check that this user can write --out \S+pxe \(not read-only, full or immutable\), then rerun$/,
     );
   }));
+
+// ---------------------------------------------------------------------------------------------
+// 15. A lock or a mark that is no small regular file
+// ---------------------------------------------------------------------------------------------
+
+/** release-boot as a child process, stopped after 30 s: a blocked open or endless read ends. */
+function runWithin(w: World, args: string[]): Promise<Run> {
+  return runRelease(args, {
+    cwd: w.work.dir,
+    env: baseEnv(),
+    signal: AbortSignal.timeout(30_000),
+  });
+}
+
+function fetchWithin(w: World, out: string, tag: string): Promise<Run> {
+  const server = ["--server", w.forgejo.url, "--repo", "ops/runners", "--timeout", "3"];
+  return runWithin(w, ["fetch", ...server, "--out", out, "--tag", tag]);
+}
+
+Deno.test("a FIFO or a huge file as the lock or a tag directory's mark is one line, never read", (t) =>
+  scene(async (w, out) => {
+    for (const tag of ["boot-v1", "boot-v2"]) {
+      await releaseByHand(w, tag, netboot(tag));
+      assert.equal((await fetchTag(w, out, tag)).code, 0);
+    }
+    const plants: [string, (at: string) => Promise<void>][] = [
+      ["a FIFO", async (at) => {
+        const made = await new Deno.Command("mkfifo", { args: [at] }).output();
+        assert.ok(made.success, `mkfifo ${at}`);
+      }],
+      // Sparse: it takes no room, but a read of it whole would hold 4 GiB.
+      ["a 4 GiB file", async (at) => {
+        const file = await fs.open(at, "wx");
+        await file.truncate(4 * 2 ** 30);
+        await file.close();
+      }],
+    ];
+    const lock = path.join(out, ".release-boot.lock");
+    const mark = path.join(out, "boot-v1", ".release-boot-tag");
+    for (const [name, plant] of plants) {
+      await t.step(`${name} as the lock`, async () => {
+        await plant(lock);
+        const planted = await fs.lstat(lock);
+        assertOneLineFailure(
+          await fetchWithin(w, out, "boot-v1"),
+          /^release-boot: \S+pxe\/\.release-boot\.lock is not a lock file, which release-boot did not make: nothing was written through it; remove it, or fetch into another --out$/,
+        );
+        const left = await fs.lstat(lock);
+        assert.deepEqual([left.ino, left.size], [planted.ino, planted.size], "the lock was kept");
+        assert.equal(await fs.readlink(path.join(out, "current")), "boot-v2");
+        await fs.rm(lock);
+      });
+      await t.step(`${name} as a tag directory's mark`, async () => {
+        await fs.rm(mark);
+        await plant(mark);
+        assertOneLineFailure(
+          await fetchWithin(w, out, "boot-v1"),
+          /^release-boot: \S+pxe\/boot-v1 is a directory without release-boot's mark, which release-boot did not make: nothing was written through it; remove it, or fetch into another --out$/,
+        );
+        assertOneLineFailure(
+          await runWithin(w, ["fetch", "--rollback", "--out", out]),
+          /^release-boot: \S+pxe\/previous points at boot-v1, which is not a release directory release-boot made \(it has no \.release-boot-tag\): nothing was changed; fetch the release to roll back to with --tag instead$/,
+        );
+        assert.equal(await fs.readlink(path.join(out, "current")), "boot-v2");
+        await fs.rm(mark);
+        await fs.writeFile(mark, "boot-v1\n");
+      });
+    }
+  }, world));

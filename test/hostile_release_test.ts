@@ -32,7 +32,15 @@ import {
 } from "./boot_dir_helpers.ts";
 import { publishFromGit } from "./git_fixture.ts";
 import { nixTest } from "./nix_helpers.ts";
-import { baseEnv, parseStepOutputs, runMain, runRelease, sha256sumCheck } from "./run_helpers.ts";
+import {
+  baseEnv,
+  exists,
+  parseStepOutputs,
+  type Run,
+  runMain,
+  runRelease,
+  sha256sumCheck,
+} from "./run_helpers.ts";
 import { type Keys, makeKeys, sshSign } from "./signing_helpers.ts";
 
 const INITRD = "netboot-x86_64-linux.initrd";
@@ -226,6 +234,89 @@ Deno.test("a part left at or past a file's size is never resumed: the file is do
       (await fs.readdir(path.join(out, "boot-v1"))).filter((name) => name.endsWith(".part")),
       [],
     );
+  }));
+
+/** A server answering every request with `answer`, and the Range header of each it got. */
+function serveOnLoopback(answer: () => Response) {
+  const ranges: (string | null)[] = [];
+  const server = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen: () => {} }, (request) => {
+    ranges.push(request.headers.get("range"));
+    return answer();
+  });
+  return {
+    url: `http://127.0.0.1:${server.addr.port}/initrd`,
+    ranges,
+    close: () => server.shutdown(),
+  };
+}
+
+Deno.test("a resume the server does not honour starts again from 0, or is refused, or judges the part as it is", (t) =>
+  scene(async (w, out) => {
+    const files = await releaseByHand(w, "boot-v1", netboot("boot-v1"));
+    const initrd = new TextEncoder().encode(files.initrd);
+    const uuid = await assetUuid(w, "boot-v1", "initrd");
+    w.forgejo.addFault({
+      method: "GET",
+      path: `/attachments/${uuid}`,
+      fault: { kind: "status", status: 404 },
+    });
+    assert.equal((await fetchTag(w, out, "boot-v1")).code, 1, "the first fetch stops at initrd");
+    const part = path.join(out, "boot-v1", `initrd.${sha256(initrd).slice(0, 16)}.part`);
+    const whole = `bytes 0-${initrd.length - 1}/${initrd.length}`;
+    const cases: [string, () => Response, (run: Run) => Promise<void>][] = [
+      ["a whole answer (200) to a resume", () => new Response(initrd), async (run) => {
+        assert.equal(run.code, 0, run.stderr);
+        assert.doesNotMatch(run.stderr, /resuming/);
+        assert.equal(await fs.readFile(path.join(out, "current", "initrd"), "utf8"), files.initrd);
+      }],
+      [
+        "a 206 from another offset",
+        () => new Response(initrd, { status: 206, headers: { "content-range": whole } }),
+        async (run) => {
+          assertOneLineFailure(
+            run,
+            new RegExp(
+              `^release-boot: the server resumed initrd at ${whole}, not at 5; rerun to download it whole$`,
+            ),
+          );
+          assert.equal(await exists(part), false, "the part was deleted");
+        },
+      ],
+      [
+        "a 416 to a part shorter than the file",
+        () =>
+          new Response("", {
+            status: 416,
+            headers: { "content-range": `bytes */${initrd.length}` },
+          }),
+        async (run) => {
+          assertOneLineFailure(
+            run,
+            /^release-boot: initrd does not match SHA256SUMS \(expected [0-9a-f]{64}, got [0-9a-f]{64} for 5 bytes\); the download was deleted: rerun, and if it persists the release's file is damaged$/,
+          );
+          assert.equal(await exists(part), false, "the part was deleted");
+        },
+      ],
+    ];
+    for (const [what, answer, check] of cases) {
+      await t.step(what, async () => {
+        await fs.rm(path.join(out, "current"), { force: true });
+        await fs.rm(path.join(out, "boot-v1", "initrd"), { force: true });
+        await fs.writeFile(part, initrd.subarray(0, 5));
+        const server = serveOnLoopback(answer);
+        try {
+          w.forgejo.addFault({
+            method: "GET",
+            path: `/attachments/${uuid}`,
+            fault: { kind: "redirect", location: server.url },
+          });
+          await check(await fetchTag(w, out, "boot-v1"));
+          assert.deepEqual(server.ranges, ["bytes=5-"], "the download resumed after the part");
+        } finally {
+          await server.close();
+        }
+      });
+    }
   }));
 
 Deno.test("a release larger than the free space under DIR is refused before anything is written", () =>

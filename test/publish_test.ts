@@ -109,7 +109,7 @@ nixTest("a rerun of a finished release uploads nothing and changes nothing", asy
 nixTest(
   "a rerun reads the release's index three times: for reuse before the build, to plan, before publishing",
   async () => {
-    await withWorldInProcess(async (w) => {
+    await withWorld(async (w) => {
       assert.equal((await w.publish(["--targets", "netboot"])).code, 0);
       const before = w.forgejo.requests.length;
       const rerun = await w.publish(["--targets", "netboot"]);
@@ -132,7 +132,7 @@ nixTest(
 nixTest(
   "an index another job writes while this run uploads is merged in this run's first write",
   async () => {
-    await withWorldInProcess(async (w) => {
+    await withWorld(async (w) => {
       // The iso is stored, and before its upload is answered a --draft job publishes netboot
       // into the same draft and writes an index listing it.
       w.forgejo.addFault({

@@ -12,18 +12,11 @@ import { type Attachment, type Release } from "../../types/forgejo.ts";
 import { type Manifest, MANIFEST_NAME, SUMS_NAME } from "../../types/manifest.ts";
 import { hashFile, READ_SIZE, sha256Hex } from "./hash.ts";
 import { inLanes } from "./lanes.ts";
+import { readSmallFile } from "./small_file.ts";
 import { type Env, fileSystemFailure, formatBytes, ReleaseError, type Run } from "./run.ts";
 import { readTrust } from "./allowed_signers.ts";
 import { type DownloadOptions, type FetchOptions } from "./cli.ts";
-import {
-  connectForgejo,
-  explainStatus,
-  type Forgejo,
-  MAX_API_BODY,
-  mirrorOf,
-  readCapped,
-  readToken,
-} from "./forgejo.ts";
+import { connectForgejo, type Forgejo, mirrorOf, readToken } from "./forgejo.ts";
 import { readIndex, type RemoteIndex, renderSums } from "./release_index.ts";
 import {
   assetsOfTargets,
@@ -70,7 +63,8 @@ export async function fetchForBoot(run: Run, options: FetchOptions, env: Env): P
         await inLanes(
           batch,
           DOWNLOAD_LANES,
-          (file, signal) => downloadVerified(run, forgejo, release, file, dir, signal),
+          (file, signal) =>
+            downloadVerified(run, forgejo, release, file, dir, boot.checked.get(file.name), signal),
         );
       }
     });
@@ -93,6 +87,12 @@ function signaturesThenImages(files: BootFile[]): BootFile[][] {
   return [files.filter(isSignature), files.filter((file) => !isSignature(file))];
 }
 
+/** The files to boot, and the texts of the scripts read to choose them, by name. */
+interface BootPlan extends BootSet {
+  /** Each checked against SHA256SUMS already: one among the files is written, not fetched again. */
+  checked: Map<string, string>;
+}
+
 /**
  * The files to boot: with manifest.json (checked against SHA256SUMS), the chosen targets'
  * assets; without it, a release another tool made, the iPXE script and the kernel and initrd
@@ -106,14 +106,19 @@ async function chooseBootFiles(
   sums: Map<string, string>,
   options: DownloadOptions,
   signed: boolean,
-): Promise<BootSet> {
+): Promise<BootPlan> {
   const tag = release.tag_name;
-  const readScript = (name: string) => verifiedText(forgejo, release, name, sums);
+  const checked = new Map<string, string>();
+  const readScript = async (name: string) => {
+    const text = await verifiedText(forgejo, release, name, sums);
+    checked.set(name, text);
+    return text;
+  };
   const manifest = releaseManifest(index, sums, tag, { signed, command: "fetch" });
   if (manifest) {
     const { targets, system } = options;
     const boot = await bootFilesOf(manifest, sums, targets, system, tag, readScript);
-    return signed ? withSignedSizes(boot, manifest) : boot;
+    return { ...(signed ? withSignedSizes(boot, manifest) : boot), checked };
   }
   const scripts = [...sums.keys()].filter((name) => name.endsWith(".ipxe"));
   if (scripts.length === 0) {
@@ -121,10 +126,10 @@ async function chooseBootFiles(
     run.log(
       `${tag} has no iPXE script: fetching its kernel and initrd only; boot them with your own`,
     );
-    return boot;
+    return { ...boot, checked };
   }
   const script = oneScript(scripts, options, tag);
-  return bootFilesOfScript(script, await readScript(script), sums, tag);
+  return { ...bootFilesOfScript(script, await readScript(script), sums, tag), checked };
 }
 
 /** An iPXE script of the release, read whole and checked against SHA256SUMS. */
@@ -263,6 +268,9 @@ const LOCK_NAME = ".release-boot.lock";
 /** In every tag directory release-boot made: its tag, and by its mtime when it was fetched. */
 const TAG_MARK = ".release-boot-tag";
 
+/** A lock holds a pid, a mark a directory name: a larger file is neither, and is not read. */
+const MAX_MARK_SIZE = 1024;
+
 /** A tag as one directory name: `/` (valid in a tag) cannot make a subdirectory. */
 function tagDirectoryName(tag: string): string {
   const name = tag.replaceAll("/", "%2F");
@@ -341,9 +349,8 @@ async function takeLock(run: Run, lock: string): Promise<void> {
         );
       }
     }
-    const stat = await lstatOrUndefined(lock);
-    if (stat && !stat.isFile()) throw notOurs(lock, "not a lock file");
-    const pid = Number((await fs.readFile(lock, "utf8").catch(() => "")).trim());
+    const pid = await lockHolder(lock);
+    if (pid === undefined) throw notOurs(lock, "not a lock file");
     if (attempt > 2 || (Number.isInteger(pid) && pid > 0 && isRunning(pid))) {
       throw new ReleaseError(
         `another fetch (pid ${pid || "unknown"}) is writing ${
@@ -355,10 +362,11 @@ async function takeLock(run: Run, lock: string): Promise<void> {
     // that fetch's live lock and goes straight back.
     const aside = `${lock}.${process.pid}.stale`;
     if (!await fs.rename(lock, aside).then(() => true, () => false)) continue;
-    const moved = Number((await fs.readFile(aside, "utf8").catch(() => "")).trim());
+    const moved = await lockHolder(aside);
     if (moved !== pid) {
       await fs.link(aside, lock).catch(() => undefined);
       await fs.rm(aside, { force: true });
+      if (moved === undefined) throw notOurs(lock, "not a lock file");
       throw new ReleaseError(
         `another fetch (pid ${moved}) is writing ${path.dirname(lock)}: let it finish and rerun`,
       );
@@ -366,6 +374,17 @@ async function takeLock(run: Run, lock: string): Promise<void> {
     await fs.rm(aside, { force: true });
     run.log(`Taking over ${lock}: its fetch (pid ${pid || "unknown"}) is gone`);
   }
+}
+
+/**
+ * The pid a lock file holds: 0 when it is gone or unreadable, NaN when it holds no number;
+ * undefined when it is no lock at all (not a regular file, or larger than any lock), which is
+ * never read, so a FIFO or a huge file there can neither block nor fill this process.
+ */
+async function lockHolder(file: string): Promise<number | undefined> {
+  const read = await readSmallFile(file, MAX_MARK_SIZE, { followLinks: false });
+  if ("bytes" in read) return Number(new TextDecoder().decode(read.bytes).trim());
+  return read.problem === "unreadable" ? 0 : undefined;
 }
 
 /** Under the lock, what a killed fetch left half-made (`.NAME.PID.new`, `.stale`) goes. */
@@ -416,12 +435,20 @@ function refuseHardLink(file: string, stat: { nlink: number }): void {
   if (stat.nlink !== 1) throw notOurs(file, `a file with ${stat.nlink} hard links`);
 }
 
-/** The mark of a tag directory release-boot made: the directory's name, and when it was fetched. */
+/**
+ * The mark of a tag directory release-boot made: the directory's name, and when it was fetched.
+ * Anything but a small regular file is no mark, and is not read.
+ */
 async function readMark(dir: string): Promise<{ tag: string; at: number } | undefined> {
   const mark = path.join(dir, TAG_MARK);
-  const stat = await lstatOrUndefined(mark);
-  if (!stat?.isFile() || stat.size > 1024) return undefined;
-  return { tag: (await fs.readFile(mark, "utf8")).trim(), at: stat.mtimeMs };
+  const read = await readSmallFile(mark, MAX_MARK_SIZE, { followLinks: false });
+  if ("bytes" in read) {
+    return { tag: new TextDecoder().decode(read.bytes).trim(), at: read.mtimeMs };
+  }
+  if (read.problem === "unreadable" && read.code !== "ENOENT") {
+    throw new ReleaseError(`cannot read ${mark} (${read.code})`);
+  }
+  return undefined;
 }
 
 /**
@@ -471,7 +498,8 @@ async function openTagDirectory(out: string, name: string): Promise<string> {
  * Downloads into `<name>.<sha>.part` (resuming one left by an interrupted run), hashing the
  * bytes as they are written, and only when they match SHA256SUMS renames the part to its
  * final name. A part that does not match is deleted; an existing file with other bytes is
- * refused, never replaced. `signal` stops the download where it is, its part kept to resume.
+ * refused, never replaced. `text`, a script already read, is written the same way instead of
+ * being downloaded again. `signal` stops the download where it is, its part kept to resume.
  */
 async function downloadVerified(
   run: Run,
@@ -479,6 +507,7 @@ async function downloadVerified(
   release: Release,
   file: BootFile,
   dir: string,
+  text?: string,
   signal?: AbortSignal,
 ): Promise<void> {
   const local = file.localName ?? file.name;
@@ -500,7 +529,9 @@ async function downloadVerified(
   await removeStaleParts(dir, local, part);
   // Nothing past the size the server lists, nor past the one a signed manifest records.
   const limit = Math.min(copy.size, file.size ?? copy.size);
-  const got = await downloadToPart(run, forgejo, copy, limit, part, release.tag_name, signal);
+  const known = text === undefined ? undefined : new TextEncoder().encode(text);
+  const tag = release.tag_name;
+  const got = await downloadToPart(run, forgejo, copy, limit, part, tag, known, signal);
   if (got.sha256 !== file.sha256) {
     await fs.rm(part, { force: true });
     throw new ReleaseError(
@@ -537,11 +568,13 @@ async function removeStaleParts(dir: string, name: string, keep: string): Promis
 const { O_WRONLY, O_APPEND, O_RDONLY, O_NOFOLLOW } = fsConstants;
 
 /**
- * One GET of an asset into `part`, from where an earlier run stopped, hashed in the same pass
- * that writes it (a resumed part's bytes are hashed first). The part is opened never through
- * a link: a new one exclusively, a resumed one with O_NOFOLLOW and one name only. Nothing past
- * `limit`, the size the release lists, is read or kept. The client's interceptors follow
- * redirects (without the token off the Forgejo origin) and retry.
+ * One GET of an asset into `part`, from where an earlier run stopped (from the start when the
+ * server will not resume there), hashed in the same pass that writes it (a resumed part's
+ * bytes are hashed first). The part is opened never through a link: a new one exclusively, a
+ * resumed one with O_NOFOLLOW and one name only. Nothing past `limit`, the size the release
+ * lists, is read or kept. The client judges the server's range answer, follows redirects
+ * (without the token off the Forgejo origin) and retries. `known`, the asset's bytes already
+ * read, are written as if downloaded whole, and nothing is asked of the server.
  */
 async function downloadToPart(
   run: Run,
@@ -550,6 +583,7 @@ async function downloadToPart(
   limit: number,
   part: string,
   tag: string,
+  known: Uint8Array | undefined,
   signal?: AbortSignal,
 ): Promise<{ sha256: string; size: number }> {
   const left = await lstatOrUndefined(part);
@@ -557,33 +591,27 @@ async function downloadToPart(
   // A part at or past the listed size is no download in progress: it goes, never resumed.
   if (left && left.size >= limit) await fs.rm(part);
   const have = left && left.size < limit ? left.size : 0;
-  const response = await forgejo.assets.open(copy, have, signal).catch((error: Error) => {
-    throw new ReleaseError(
-      `the download of ${copy.name} failed (${error.message}); rerun to resume`,
-    );
-  });
+  const answer = known
+    ? { kind: "bytes" as const, from: 0, body: [known] }
+    : await forgejo.assets.openFrom(copy, have, signal).catch((error: Error) => {
+      if (error instanceof ReleaseError) throw error;
+      throw new ReleaseError(
+        `the download of ${copy.name} failed (${error.message}); rerun to resume`,
+      );
+    });
   const hash = createHash("sha256");
-  if (response.statusCode === 416 && have > 0) {
-    await response.body.dump();
+  if (answer.kind === "nothing past the offset") {
     return { sha256: await hashPart(part, hash), size: have }; // The part has every byte.
   }
-  if (response.statusCode !== 200 && response.statusCode !== 206) {
-    const text = await readCapped(response.body, MAX_API_BODY, `GET ${copy.name}`);
-    throw new ReleaseError(
-      explainStatus(forgejo, { status: response.statusCode, text }, `download of ${copy.name}`),
-    );
-  }
-  const range = String(response.headers["content-range"] ?? "");
-  if (response.statusCode === 206 && !range.startsWith(`bytes ${have}-`)) {
-    await response.body.dump();
+  if (answer.kind === "elsewhere") {
     await fs.rm(part, { force: true });
     throw new ReleaseError(
       `the server resumed ${copy.name} at ${
-        range || "an unknown offset"
+        answer.range || "an unknown offset"
       }, not at ${have}; rerun to download it whole`,
     );
   }
-  const resuming = have > 0 && response.statusCode === 206;
+  const resuming = answer.from > 0;
   if (resuming) {
     run.log(`${copy.name}: resuming after ${formatBytes(have)}`);
     await hashPart(part, hash);
@@ -604,7 +632,7 @@ async function downloadToPart(
   let resumable = true;
   try {
     refuseHardLink(part, await handle.stat());
-    for await (const chunk of response.body) {
+    for await (const chunk of answer.body) {
       size += chunk.length;
       if (size > limit) {
         resumable = false;

@@ -494,10 +494,14 @@ export function connectForgejo(
         });
         return answer.status === 404 ? undefined : answer.text;
       },
-      /** A streamed download (for fetch): the caller reads the body, until `stop` aborts. */
-      async open(copy: Attachment, from = 0, stop?: AbortSignal): Promise<Dispatcher.ResponseData> {
+      /**
+       * The bytes of an asset from offset `from` on (for fetch), streamed: the caller reads the
+       * body, until `stop` aborts. A server may not honour the offset; the answer says what it
+       * did. Any status but 200, 206 and a 416 to a resume is a ReleaseError saying why.
+       */
+      async openFrom(copy: Attachment, from: number, stop?: AbortSignal): Promise<AssetBytes> {
         const url = new URL(assetAddress(site, copy));
-        return await request(url, {
+        const response = await request(url, {
           method: "GET",
           headers: headersFor(url, {
             accept: "*/*",
@@ -509,6 +513,22 @@ export function connectForgejo(
             ...(stop ? [stop] : []),
           ]),
         });
+        if (response.statusCode === 416 && from > 0) {
+          await response.body.dump();
+          return { kind: "nothing past the offset" };
+        }
+        if (response.statusCode !== 200 && response.statusCode !== 206) {
+          const text = await readCapped(response.body, MAX_API_BODY, `GET ${copy.name}`);
+          throw new ReleaseError(
+            explainStatus(site, { status: response.statusCode, text }, `download of ${copy.name}`),
+          );
+        }
+        const range = String(response.headers["content-range"] ?? "");
+        if (response.statusCode === 206 && !range.startsWith(`bytes ${from}-`)) {
+          await response.body.dump();
+          return { kind: "elsewhere", range };
+        }
+        return { kind: "bytes", from: response.statusCode === 206 ? from : 0, body: response.body };
       },
     },
 
@@ -531,6 +551,15 @@ export function connectForgejo(
     },
   };
 }
+
+/** What a server sent when asked for an asset's bytes from an offset on. */
+export type AssetBytes =
+  /** `body` starts at `from`: the offset asked, or 0 when the server sent the whole asset. */
+  | { kind: "bytes"; from: number; body: Dispatcher.ResponseData["body"] }
+  /** A 416 to a resume: the asset holds no byte past the offset. */
+  | { kind: "nothing past the offset" }
+  /** A 206 from another offset than asked; `range` is its Content-Range, empty without one. */
+  | { kind: "elsewhere"; range: string };
 
 /** The longest timer there is (about 24 days): a longer AbortSignal.timeout fires at once. */
 const MAX_DEADLINE_MS = 2 ** 31 - 1;

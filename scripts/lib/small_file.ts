@@ -1,13 +1,13 @@
 /**
  * Reading a small file whose path someone else chose (a key, a trust file, a stage's
- * SHA256SUMS): only a regular file, never past a cap, and never a read that blocks (a FIFO) or
- * never ends (a device). It does not interpret what it reads.
+ * SHA256SUMS, fetch's lock and tag marks): only a regular file, never past a cap, and never a
+ * read that blocks (a FIFO) or never ends (a device). It does not interpret what it reads.
  */
 import * as fs from "node:fs/promises";
 import { constants as fsConstants } from "node:fs";
 
 export type SmallFile =
-  | { bytes: Uint8Array; mode: number }
+  | { bytes: Uint8Array; mode: number; mtimeMs: number }
   /** `code`: why it could not be opened (ENOENT, EACCES, ...). */
   | { problem: "unreadable"; code: string }
   | { problem: "not a regular file" | "too large" };
@@ -57,7 +57,7 @@ export async function readSmallFile(
       buffer.fill(0);
       return { problem: "too large" };
     }
-    return { bytes: buffer.subarray(0, length), mode: opened.mode };
+    return { bytes: buffer.subarray(0, length), mode: opened.mode, mtimeMs: opened.mtimeMs };
   } finally {
     await handle.close();
   }

@@ -8,7 +8,7 @@ import assert from "node:assert/strict";
 import * as fs from "node:fs/promises";
 import * as path from "node:path";
 import { bootFilesByName, bootFilesOfScript } from "../scripts/lib/ipxe.ts";
-import { type Run, runMain, sha256sumCheck } from "./run_helpers.ts";
+import { type Run, runMain, runRelease, sha256sumCheck } from "./run_helpers.ts";
 import { sha256, world } from "./forgejo_world.ts";
 import {
   api,
@@ -233,7 +233,7 @@ Deno.test("one fetch at a time per DIR: a second one stops in one line; a dead o
     );
     assert.equal(await fs.lstat(lock).catch(() => undefined), undefined, "the lock is released");
     assert.deepEqual((await fs.readdir(out)).sort(), ["boot-v1", "boot-v2", "current", "previous"]);
-  }, world));
+  }, () => world({}, "one", runRelease)));
 
 Deno.test("without manifest.json, the iPXE script's kernel and initrd lines say what to boot", () => {
   const sums = new Map([

@@ -4,7 +4,7 @@ import * as fs from "node:fs/promises";
 import * as os from "node:os";
 import * as path from "node:path";
 import { nixTest } from "./nix_helpers.ts";
-import { runMain, sha256sumCheck } from "./run_helpers.ts";
+import { runMain, runRelease, sha256sumCheck } from "./run_helpers.ts";
 import { sha256, TAG, TOKEN, uploadBehindItsBack, type World, world } from "./forgejo_world.ts";
 
 const NETBOOT_FILES = [
@@ -28,7 +28,8 @@ async function scratch(): Promise<string> {
 nixTest(
   "fetch lays out a verified directory anonymously, with netboot.ipxe loading from beside it",
   async () => {
-    const w = await world();
+    // Child processes, as operators run them: the end-to-end check of a fetch.
+    const w = await world({}, "one", runRelease);
     const out = await scratch();
     try {
       assert.equal((await w.publish(["--targets", "netboot,iso"])).code, 0);

@@ -7,7 +7,7 @@ import assert from "node:assert/strict";
 import * as fs from "node:fs/promises";
 import * as path from "node:path";
 import { nixTest } from "./nix_helpers.ts";
-import { baseEnv, makeFixture, parseStepOutputs, repoRoot } from "./run_helpers.ts";
+import { baseEnv, makeFixture, parseStepOutputs, repoRoot, runRelease } from "./run_helpers.ts";
 import { INDEX_NAMES } from "../types/manifest.ts";
 import {
   ALL,
@@ -27,67 +27,72 @@ import {
 nixTest(
   "publishes a complete release: draft at the commit, assets, then checksums, then publish",
   async () => {
-    await withWorld(async (w) => {
-      const summary = path.join(w.work.dir, "summary.md");
-      const output = path.join(w.work.dir, "output.txt");
-      const run = await w.publish(["--targets", "netboot,iso"], {
-        GITHUB_OUTPUT: output,
-        GITHUB_STEP_SUMMARY: summary,
-      });
-      assert.equal(run.code, 0, run.stderr);
-      const release = w.release();
-      assert.equal(release.draft, false);
-      assert.equal(release.target_commitish, w.work.commit);
-      assert.equal(
-        w.forgejo.tags()[TAG],
-        w.work.commit,
-        "publishing made the tag at the built commit",
-      );
-      assert.deepEqual(
-        names(release),
-        [...ALL, "SHA256SUMS", "manifest.json", "provenance.intoto.json"].sort(),
-      );
-      const sums = await verifyAgainstSums(w.forgejo, release);
-      assert.deepEqual(
-        [...sums.keys()].sort(),
-        [...ALL, "manifest.json", "provenance.intoto.json"].sort(),
-      );
-      assert.equal(run.stdout, `${release.html_url}\n`, "stdout carries the release URL only");
+    await withWorld(
+      async (w) => {
+        const summary = path.join(w.work.dir, "summary.md");
+        const output = path.join(w.work.dir, "output.txt");
+        const run = await w.publish(["--targets", "netboot,iso"], {
+          GITHUB_OUTPUT: output,
+          GITHUB_STEP_SUMMARY: summary,
+        });
+        assert.equal(run.code, 0, run.stderr);
+        const release = w.release();
+        assert.equal(release.draft, false);
+        assert.equal(release.target_commitish, w.work.commit);
+        assert.equal(
+          w.forgejo.tags()[TAG],
+          w.work.commit,
+          "publishing made the tag at the built commit",
+        );
+        assert.deepEqual(
+          names(release),
+          [...ALL, "SHA256SUMS", "manifest.json", "provenance.intoto.json"].sort(),
+        );
+        const sums = await verifyAgainstSums(w.forgejo, release);
+        assert.deepEqual(
+          [...sums.keys()].sort(),
+          [...ALL, "manifest.json", "provenance.intoto.json"].sort(),
+        );
+        assert.equal(run.stdout, `${release.html_url}\n`, "stdout carries the release URL only");
 
-      // The draft is created first, the index files come after every image, publish is last.
-      const order = writes(w.forgejo).map((r) => `${r.method} ${r.query.name ?? r.path}`);
-      const create = order.indexOf("POST /api/v1/repos/ops/runners/releases");
-      const lastImage = Math.max(...ALL.map((name) => order.indexOf(`POST ${name}`)));
-      assert.ok(create >= 0 && create < lastImage);
-      assert.ok(lastImage < order.indexOf("POST SHA256SUMS"));
-      assert.ok(lastImage < order.indexOf("POST manifest.json"));
-      const created = w.forgejo.requests.find((r) =>
-        r.method === "POST" && r.path.endsWith("/releases")
-      );
-      assert.ok(created);
+        // The draft is created first, the index files come after every image, publish is last.
+        const order = writes(w.forgejo).map((r) => `${r.method} ${r.query.name ?? r.path}`);
+        const create = order.indexOf("POST /api/v1/repos/ops/runners/releases");
+        const lastImage = Math.max(...ALL.map((name) => order.indexOf(`POST ${name}`)));
+        assert.ok(create >= 0 && create < lastImage);
+        assert.ok(lastImage < order.indexOf("POST SHA256SUMS"));
+        assert.ok(lastImage < order.indexOf("POST manifest.json"));
+        const created = w.forgejo.requests.find((r) =>
+          r.method === "POST" && r.path.endsWith("/releases")
+        );
+        assert.ok(created);
 
-      const manifest = JSON.parse(
-        new TextDecoder().decode((await w.forgejo.assetBytes(release.id, "manifest.json"))[0]),
-      );
-      assert.equal(manifest.commit, w.work.commit);
-      assert.deepEqual(
-        manifest.assets.map((a: { name: string }) => a.name).sort(),
-        [...ALL].sort(),
-      );
-      assert.match(release.body, new RegExp(`commit/${w.work.commit}`));
-      assert.match(release.body, /iso-x86_64-linux\.iso \| 1014 B \| `[0-9a-f]{64}`/);
+        const manifest = JSON.parse(
+          new TextDecoder().decode((await w.forgejo.assetBytes(release.id, "manifest.json"))[0]),
+        );
+        assert.equal(manifest.commit, w.work.commit);
+        assert.deepEqual(
+          manifest.assets.map((a: { name: string }) => a.name).sort(),
+          [...ALL].sort(),
+        );
+        assert.match(release.body, new RegExp(`commit/${w.work.commit}`));
+        assert.match(release.body, /iso-x86_64-linux\.iso \| 1014 B \| `[0-9a-f]{64}`/);
 
-      assert.deepEqual(
-        parseStepOutputs(await fs.readFile(output, "utf8")),
-        new Map([
-          ["release-url", release.html_url],
-          ["tag", TAG],
-          ["release-id", String(release.id)],
-        ]),
-      );
-      assert.match(await fs.readFile(summary, "utf8"), /\| iso-x86_64-linux\.iso \| 1014 B \|/);
-      assertNoToken(run, w.forgejo);
-    });
+        assert.deepEqual(
+          parseStepOutputs(await fs.readFile(output, "utf8")),
+          new Map([
+            ["release-url", release.html_url],
+            ["tag", TAG],
+            ["release-id", String(release.id)],
+          ]),
+        );
+        assert.match(await fs.readFile(summary, "utf8"), /\| iso-x86_64-linux\.iso \| 1014 B \|/);
+        assertNoToken(run, w.forgejo);
+        // A child process, as the workflow runs it: the end-to-end check of a publish.
+      },
+      {},
+      runRelease,
+    );
   },
 );
 

@@ -119,6 +119,43 @@ Deno.test("a draft creates no tag; publishing creates it from the stored target_
   });
 });
 
+Deno.test("two edits arriving together each change only the fields they send", async () => {
+  await withForgejo({}, async (em) => {
+    em.addCommit(BUILT_SHA);
+    const draft = await createRelease(em, {
+      tag_name: "boot-v1",
+      target_commitish: BUILT_SHA,
+      draft: true,
+    });
+    // The body edit's request starts first and finishes its body last.
+    let finish = () => {};
+    const held = new Promise<void>((resolve) => finish = resolve);
+    const slowBody = new ReadableStream<Uint8Array>({
+      async start(controller) {
+        controller.enqueue(bytesOf('{"body":'));
+        await held;
+        controller.enqueue(bytesOf('"notes"}'));
+        controller.close();
+      },
+    });
+    const bodyEdit = fetch(`${em.url}/api/v1/repos/ops/runners/releases/${draft.id}`, {
+      method: "PATCH",
+      headers: { authorization: `token ${TOKEN}`, "content-type": "application/json" },
+      body: slowBody,
+    }).then(async (answer) => ({ status: answer.status, text: await answer.text() }));
+    while (!em.requests.some((r) => r.method === "PATCH")) {
+      await new Promise((resolve) => setTimeout(resolve, 5));
+    }
+    const published = await call(em, "PATCH", `/releases/${draft.id}`, { json: { draft: false } });
+    assert.equal(published.status, 200);
+    finish();
+    assert.equal((await bodyEdit).status, 200);
+    const release = await call(em, "GET", `/releases/${draft.id}`);
+    assert.equal(release.json.draft, false, "the publish is not undone by the body edit");
+    assert.equal(release.json.body, "notes");
+  });
+});
+
 Deno.test("a published create tags the default branch HEAD when target_commitish is empty", async () => {
   await withForgejo({ defaultBranchSha: OTHER_SHA, version: "15.0.3" }, async (em) => {
     const rel = await createRelease(em, { tag_name: "boot-v1" });

@@ -1266,9 +1266,11 @@ const EditReleaseOption = v.object({
 });
 
 async function editRelease(f: Forgejo, ex: Exchange, params: Params): Promise<void> {
-  const rel = visibleRelease(f, ex, params.id);
+  // The row is read once the body is in, as Forgejo binds the form before its handler reads
+  // the release: "only the fields sent change" (API-FACTS), even with edits arriving together.
   const form = await readJsonOption(f, ex, EditReleaseOption);
   if (!form) return;
+  const rel = visibleRelease(f, ex, params.id);
   if (!rel) return sendNotFound(f, ex);
   // API-FACTS is silent on empty strings: Forgejo changes text fields only when the sent
   // value is non-empty (len > 0), so "" leaves a field as it was.

@@ -733,7 +733,14 @@ async function publishWhenComplete(
       ),
     );
     if (problems.length === 0) {
-      if (release.draft && !options.draft) return await publishDraft(run, forgejo, release);
+      if (release.draft && !options.draft) {
+        const published = await publishDraft(run, forgejo, release);
+        if (!published.draft) return published;
+        // Another job's edit, written from the release as it read it before, can undo ours.
+        if (Date.now() > deadline) throw notPublished(release);
+        run.log(`${options.tag} still reads as a draft after publishing it: publishing it again`);
+        continue;
+      }
       if (release.draft) {
         run.log(
           `Left ${options.tag} a draft (--draft): publish it with --finalize --tag ${options.tag}`,
@@ -758,14 +765,16 @@ async function publishWhenComplete(
   }
 }
 
+/** Publishes the draft, and returns the release as Forgejo then reads it. */
 async function publishDraft(run: Run, forgejo: Forgejo, release: Release): Promise<Release> {
   await forgejo.releases.edit(release.id, { draft: false });
   const published = await forgejo.releases.get(release.id);
-  if (published.draft) {
-    throw new ReleaseError(`Forgejo did not publish ${release.tag_name}; rerun to try again`);
-  }
-  run.log(`Published ${published.tag_name}`);
+  if (!published.draft) run.log(`Published ${published.tag_name}`);
   return published;
+}
+
+function notPublished(release: Release): ReleaseError {
+  return new ReleaseError(`Forgejo did not publish ${release.tag_name}; rerun to try again`);
 }
 
 /**
@@ -828,6 +837,7 @@ async function finalizeRelease(
     );
   }
   const published = release.draft ? await publishDraft(run, forgejo, release) : release;
+  if (published.draft) throw notPublished(release);
   await reportRelease(run, published, index.manifests[0].manifest, env);
 }
 

@@ -9,6 +9,7 @@ import * as path from "node:path";
 import { nixTest } from "./nix_helpers.ts";
 import { baseEnv, makeFixture, parseStepOutputs, repoRoot, runRelease } from "./run_helpers.ts";
 import { INDEX_NAMES } from "../types/manifest.ts";
+import { api } from "./boot_dir_helpers.ts";
 import {
   ALL,
   assertNoToken,
@@ -436,6 +437,36 @@ nixTest(
         ),
       );
       for (const run of runs) assert.equal(run.code, 0, run.stderr);
+      assert.equal(w.release().draft, false);
+    });
+  },
+);
+
+nixTest(
+  "a publish undone by another job's edit is published again, not reported as failed",
+  async () => {
+    await withWorld(async (w) => {
+      // Right after the release is first published, a stale edit (one written from the release
+      // as it read before) puts the draft flag back, as another job's body update can.
+      let undone = false;
+      w.forgejo.addFault({
+        method: "PATCH",
+        path: /\/releases\/\d+$/,
+        times: 1000,
+        fault: {
+          kind: "then",
+          run: async () => {
+            const release = w.release();
+            if (undone || release.draft) return;
+            undone = true;
+            await api(w, "PATCH", `/releases/${release.id}`, JSON.stringify({ draft: true }));
+          },
+        },
+      });
+      const run = await w.publish(["--targets", "netboot"]);
+      assert.equal(run.code, 0, run.stderr);
+      assert.ok(undone, "the publish was undone once");
+      assert.match(run.stderr, /still reads as a draft after publishing it: publishing it again/);
       assert.equal(w.release().draft, false);
     });
   },

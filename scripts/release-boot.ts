@@ -39,6 +39,8 @@ import {
   type Run,
   startRun,
   stepOutputs,
+  stoppable,
+  Stopped,
   UsageError,
 } from "./lib/run.ts";
 import { HELP, readOptions, type ReleaseOptions } from "./lib/cli.ts";
@@ -96,9 +98,10 @@ import { pruneReleases } from "./lib/prune.ts";
 import { sayingWhatIsLeft, uploadPlanned } from "./lib/uploads.ts";
 
 /**
- * One run of release-boot: its exit status (0 done, 1 failed, 2 bad usage), and on failure
- * the one line that says why (and, in CI, the same line as an error annotation). Relative
- * paths mean paths under `cwd`; nothing of the run (connections, listeners) outlives it.
+ * One run of release-boot: its exit status (0 done, 1 failed, 2 bad usage, 130 or 143 stopped
+ * by SIGINT or SIGTERM), and on failure the one line that says why (and, in CI, the same line
+ * as an error annotation). Relative paths mean paths under `cwd`; nothing of the run
+ * (connections, listeners) outlives it.
  */
 export async function main(
   argv: string[],
@@ -111,6 +114,8 @@ export async function main(
     await runbook(run, argv, env);
     return 0;
   } catch (error) {
+    // The stopped step has cleaned up, and whoever sent the signal knows why the run ended.
+    if (error instanceof Stopped) return error.exitCode;
     const known = error instanceof UsageError || error instanceof ReleaseError;
     const message = known
       ? (error as Error).message
@@ -384,36 +389,34 @@ async function stageLocally(run: Run, bundle: Bundle, options: ReleaseOptions): 
   const partial = await startStage(run, out).catch((error) => {
     throw cannotWrite(error);
   });
-  // Stopped part-way (SIGTERM from CI, Ctrl-C), the partial copy goes; --out stays as it was.
-  const onStop = (signal: "SIGTERM" | "SIGINT") => () => {
+  // Stopped part-way (SIGTERM from CI, Ctrl-C), the partial copy goes at once and nothing
+  // more is written; --out stays as it was.
+  const removePartial = () => {
     try {
       Deno.removeSync(partial, { recursive: true });
     } catch {
       // Already renamed into place: nothing partial is left.
     }
-    Deno.exit(signal === "SIGTERM" ? 143 : 130);
   };
-  const stops = (["SIGTERM", "SIGINT"] as const).map((signal) => ({
-    signal,
-    stop: onStop(signal),
-  }));
-  for (const { signal, stop } of stops) Deno.addSignalListener(signal, stop);
-  try {
-    await fs.chmod(partial, 0o755);
-    for (const asset of [...bundle.files, bundle.sums, bundle.manifestAsset, bundle.provenance]) {
-      const target = path.join(partial, asset.name);
-      if (asset.path) await fs.copyFile(asset.path, target);
-      else await fs.writeFile(target, asset.bytes ?? new Uint8Array());
-      await fs.chmod(target, 0o644);
+  await stoppable(async (stop) => {
+    try {
+      await fs.chmod(partial, 0o755);
+      for (const asset of [...bundle.files, bundle.sums, bundle.manifestAsset, bundle.provenance]) {
+        stop.throwIfAborted();
+        const target = path.join(partial, asset.name);
+        if (asset.path) await fs.copyFile(asset.path, target);
+        else await fs.writeFile(target, asset.bytes ?? new Uint8Array());
+        await fs.chmod(target, 0o644);
+      }
+      stop.throwIfAborted();
+      await fs.rm(out, { recursive: true, force: true });
+      stop.throwIfAborted();
+      await fs.rename(partial, out);
+    } catch (error) {
+      await fs.rm(partial, { recursive: true, force: true });
+      throw cannotWrite(error);
     }
-    await fs.rm(out, { recursive: true, force: true });
-    await fs.rename(partial, out);
-  } catch (error) {
-    await fs.rm(partial, { recursive: true, force: true });
-    throw cannotWrite(error);
-  } finally {
-    for (const { signal, stop } of stops) Deno.removeSignalListener(signal, stop);
-  }
+  }, removePartial);
   run.log(
     `Staged ${bundle.files.length} assets, ${SUMS_NAME}, ${MANIFEST_NAME} and ${bundle.provenance.name} in ${out}`,
   );

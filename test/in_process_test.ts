@@ -1,6 +1,8 @@
 /**
- * release-boot's main run in this process, as most tests run it: a run takes nothing from the
- * process it happens to be in (its directory) and leaves nothing behind in it (connections).
+ * release-boot's main run in this process, as most tests run it, or in a program of its own
+ * that embeds it: a run takes nothing from the process it happens to be in (its directory) and
+ * leaves nothing behind in it (connections, signal listeners), and a signal stops the
+ * run, not the program running it.
  */
 import assert from "node:assert/strict";
 import * as fs from "node:fs/promises";
@@ -8,7 +10,19 @@ import { createServer } from "node:http";
 import type { AddressInfo } from "node:net";
 import * as os from "node:os";
 import * as path from "node:path";
-import { baseEnv, runMain } from "./run_helpers.ts";
+import { nixTest } from "./nix_helpers.ts";
+import {
+  baseEnv,
+  fixtureDir,
+  makeWorkdir,
+  repoRoot,
+  runMain,
+  stageUnderWay,
+  startRelease,
+} from "./run_helpers.ts";
+
+/** A program that runs main inside itself, as another program embedding release-boot would. */
+const EMBEDDING_HOST = path.join(repoRoot, "test", "embedding_host.ts");
 
 async function inTempDir(test: (dir: string) => Promise<void>): Promise<void> {
   const dir = await fs.mkdtemp(path.join(os.tmpdir(), "release-boot-cwd-"));
@@ -82,3 +96,32 @@ Deno.test("a run closes its connections to the server when it ends", async () =>
     await new Promise((resolve) => server.close(resolve));
   }
 });
+
+nixTest(
+  "a SIGTERM during a stage ends main with 143, not the program running it, and leaves no listener",
+  async () => {
+    const work = await makeWorkdir();
+    try {
+      // A signal to this process would reach every test file running beside it: the stage
+      // runs in a program of its own that embeds main, as another tool would.
+      const host = startRelease(
+        ["--flake", `path:${fixtureDir}`, "--targets", "large", "--out", "staged"],
+        { cwd: work.dir, env: baseEnv({ EMBEDDING_HOST_THEN: "SIGTERM" }) },
+        EMBEDDING_HOST,
+      );
+      const output = host.output();
+      assert.ok(await stageUnderWay(work.dir, "staged", output), "the stage never started");
+      host.kill("SIGTERM");
+      const { stdout, stderr, signal } = await output;
+      const text = new TextDecoder();
+      assert.match(text.decode(stdout), /^main returned 143$/m, text.decode(stderr));
+      assert.doesNotMatch(text.decode(stderr), /^release-boot:/m, "a stop says nothing more");
+      assert.equal(signal, "SIGTERM", "after main, SIGTERM ends the program: no listener is left");
+      assert.doesNotMatch(text.decode(stdout), /survived/);
+      const left = (await fs.readdir(work.dir)).filter((name) => name !== ".git");
+      assert.deepEqual(left, [], "neither the stage nor its partial copy is left");
+    } finally {
+      await fs.rm(work.dir, { recursive: true, force: true });
+    }
+  },
+);

@@ -92,9 +92,31 @@ function permissions(hosts: string | undefined): string[] {
 }
 
 export async function runRelease(args: string[], options: RunOptions = {}): Promise<Run> {
+  const output = await releaseCommand(script, args, options).output();
+  const decoder = new TextDecoder();
+  return {
+    code: output.code,
+    stdout: decoder.decode(output.stdout),
+    stderr: decoder.decode(output.stderr),
+  };
+}
+
+/**
+ * Starts `program` (release-boot, or a program that runs its main) as runRelease runs it, for
+ * a test that acts on it while it runs: sends it a signal, reads its output as it comes.
+ */
+export function startRelease(
+  args: string[],
+  options: RunOptions = {},
+  program = script,
+): Deno.ChildProcess {
+  return releaseCommand(program, args, options).spawn();
+}
+
+function releaseCommand(program: string, args: string[], options: RunOptions): Deno.Command {
   const config = ["--config", path.join(repoRoot, "deno.json")];
-  const command = new Deno.Command(Deno.execPath(), {
-    args: ["run", ...permissions(options.allowNet), ...config, script, ...args],
+  return new Deno.Command(Deno.execPath(), {
+    args: ["run", ...permissions(options.allowNet), ...config, program, ...args],
     cwd: options.cwd ?? repoRoot,
     env: options.env ?? baseEnv(),
     clearEnv: true,
@@ -103,13 +125,30 @@ export async function runRelease(args: string[], options: RunOptions = {}): Prom
     stdin: "null",
     signal: options.signal,
   });
-  const output = await command.output();
-  const decoder = new TextDecoder();
-  return {
-    code: output.code,
-    stdout: decoder.decode(output.stdout),
-    stderr: decoder.decode(output.stderr),
-  };
+}
+
+/**
+ * Waits until a stage of `out` (a name in `dir`) is being written: its `<out>.partial-*` copy
+ * holds a file, so the stage is past the point where it starts listening for signals. False
+ * when `running` (the run) ends first.
+ */
+export async function stageUnderWay(
+  dir: string,
+  out: string,
+  running: Promise<unknown>,
+): Promise<boolean> {
+  let ended = false;
+  const end = () => void (ended = true);
+  running.then(end, end);
+  while (!ended) {
+    for (const entry of await fs.readdir(dir)) {
+      if (!entry.startsWith(`${out}.partial-`)) continue;
+      const written = await fs.readdir(path.join(dir, entry)).catch(() => []);
+      if (written.length > 0) return true;
+    }
+    await new Promise((resolve) => setTimeout(resolve, 1));
+  }
+  return false;
 }
 
 /**

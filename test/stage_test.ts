@@ -14,6 +14,8 @@ import {
   runRelease,
   sha256sumCheck,
   STAGED_NETBOOT_ISO,
+  stageUnderWay,
+  startRelease,
 } from "./run_helpers.ts";
 
 const FIXTURE = `path:${fixtureDir}`;
@@ -87,6 +89,32 @@ nixTest("a rerun of a stage replaces it whole", async () => {
   assert.deepEqual(leftovers, []);
   await fs.rm(work.dir, { recursive: true });
 });
+
+// A child process: only a process shows what Ctrl-C does to it.
+nixTest(
+  "Ctrl-C during a stage exits 130, says nothing more, and leaves neither stage nor partial copy",
+  async () => {
+    const work = await makeWorkdir();
+    try {
+      const child = startRelease(["--flake", FIXTURE, "--targets", "large", "--out", "staged"], {
+        cwd: work.dir,
+      });
+      const output = child.output();
+      assert.ok(await stageUnderWay(work.dir, "staged", output), "the stage never started");
+      child.kill("SIGINT");
+      const { code, signal, stdout, stderr } = await output;
+      const text = new TextDecoder();
+      assert.equal(code, 130, text.decode(stderr));
+      assert.equal(signal, null, "release-boot ended itself, its partial copy removed");
+      assert.equal(text.decode(stdout), "", "no staged directory is reported");
+      assert.doesNotMatch(text.decode(stderr), /^release-boot:/m);
+      assert.match(text.decode(stderr), /^==> Hash$/m, "the run got as far as the stage");
+      assert.deepEqual((await fs.readdir(work.dir)).filter((name) => name !== ".git"), []);
+    } finally {
+      await fs.rm(work.dir, { recursive: true, force: true });
+    }
+  },
+);
 
 nixTest("a stage never replaces a directory that is not an earlier stage", async () => {
   const work = await makeWorkdir();

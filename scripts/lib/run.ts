@@ -2,8 +2,8 @@
  * One run's context, made in main and passed down: where its output goes (progress on stderr,
  * results on stdout, its secrets redacted), the directory relative paths mean, the shell its
  * child processes start from (no secret in their environment), what to close when it ends,
- * and the two error classes that end a run. Nothing here outlives a run; it knows nothing of
- * releases, Forgejo or nix.
+ * the error classes that end a run, and SIGINT or SIGTERM made a run's own end. Nothing here
+ * outlives a run; it knows nothing of releases, Forgejo or nix.
  */
 import * as path from "node:path";
 import { $, type Shell } from "zx";
@@ -13,6 +13,61 @@ export class UsageError extends Error {}
 
 /** The release could not be made as asked: exit 1, nothing half-done visible. */
 export class ReleaseError extends Error {}
+
+/** The exit status of a run a signal stopped, as a shell reports a process that signal ended. */
+const STOP_STATUS = { SIGINT: 130, SIGTERM: 143 } as const;
+
+type StopSignal = keyof typeof STOP_STATUS;
+
+/** Stopped by SIGINT (Ctrl-C) or SIGTERM (a cancelled CI job): exit 130 or 143, nothing said. */
+export class Stopped extends Error {
+  readonly exitCode: number;
+
+  constructor(readonly signal: StopSignal) {
+    super(`stopped by ${signal}`);
+    this.exitCode = STOP_STATUS[signal];
+  }
+}
+
+/**
+ * Runs `work` so that SIGINT or SIGTERM stops it as the run's own failure, never by ending the
+ * process from inside main (a program running main in-process decides that for itself). On
+ * the first signal, `cleanUp` runs at once, the listeners go (a second signal ends the process
+ * as it would without them, and `cleanUp` has already run), and `work`'s `stop` aborts: it
+ * must change nothing more. Once `work` has settled, this throws Stopped. Without a signal,
+ * the listeners go as `work` settles, however it ends.
+ */
+export async function stoppable<T>(
+  work: (stop: AbortSignal) => Promise<T>,
+  cleanUp: () => void,
+): Promise<T> {
+  const stop = new AbortController();
+  let stoppedBy: StopSignal | undefined;
+  const listeners = (Object.keys(STOP_STATUS) as StopSignal[]).map((signal) => ({
+    signal,
+    listener: () => {
+      stoppedBy = signal;
+      removeListeners();
+      cleanUp();
+      stop.abort();
+    },
+  }));
+  const removeListeners = () => {
+    for (const { signal, listener } of listeners) Deno.removeSignalListener(signal, listener);
+  };
+  for (const { signal, listener } of listeners) Deno.addSignalListener(signal, listener);
+  try {
+    const done = await work(stop.signal).catch((error) => {
+      // Once stopped, what `work` failed with is the stop's doing, not news.
+      throw stoppedBy ? new Stopped(stoppedBy) : error;
+    });
+    // A signal that came after the last change stops the run all the same, as it asked.
+    if (stoppedBy) throw new Stopped(stoppedBy);
+    return done;
+  } finally {
+    removeListeners();
+  }
+}
 
 /**
  * A failed file-system call (Node's ErrnoException) as one ReleaseError line: the call, its

@@ -589,8 +589,9 @@ async function downloadToPart(
   const left = await lstatOrUndefined(part);
   if (left) refuseHardLink(part, left);
   // A part at or past the listed size is no download in progress: it goes, never resumed.
-  if (left && left.size >= limit) await fs.rm(part);
-  const have = left && left.size < limit ? left.size : 0;
+  const kept = left && left.size < limit ? left : undefined;
+  if (left && !kept) await fs.rm(part);
+  const have = kept?.size ?? 0;
   const answer = known
     ? { kind: "bytes" as const, from: 0, body: [known] }
     : await forgejo.assets.openFrom(copy, have, signal).catch((error: Error) => {
@@ -615,7 +616,7 @@ async function downloadToPart(
   if (resuming) {
     run.log(`${copy.name}: resuming after ${formatBytes(have)}`);
     await hashPart(part, hash);
-  } else if (left && left.size < copy.size) {
+  } else if (kept) {
     // Unlinked and made anew, never truncated: truncating writes to whatever the name holds.
     // An empty part, left by a fetch stopped before its first byte, goes the same way.
     await fs.rm(part);

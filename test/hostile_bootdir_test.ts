@@ -235,6 +235,20 @@ function fetchWithin(w: World, out: string, tag: string): Promise<Run> {
   return runWithin(w, ["fetch", ...server, "--out", out, "--tag", tag]);
 }
 
+Deno.test("a lock file that holds no pid is one line naming it and the fix, and is kept", () =>
+  scene(async (w, out) => {
+    await releaseByHand(w, "boot-v1", netboot("boot-v1"));
+    await fs.mkdir(out);
+    const lock = path.join(out, ".release-boot.lock");
+    await fs.writeFile(lock, "x7!\n");
+    assertOneLineFailure(
+      await fetchTag(w, out, "boot-v1"),
+      /^release-boot: \S+pxe\/\.release-boot\.lock is not a lock file, which release-boot did not make: nothing was written through it; remove it, or fetch into another --out$/,
+    );
+    assert.equal(await fs.readFile(lock, "utf8"), "x7!\n", "the lock was kept");
+    assert.deepEqual(await fs.readdir(out), [".release-boot.lock"], "nothing was fetched");
+  }));
+
 Deno.test("a FIFO or a huge file as the lock or a tag directory's mark is one line, never read", (t) =>
   scene(async (w, out) => {
     for (const tag of ["boot-v1", "boot-v2"]) {

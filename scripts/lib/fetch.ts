@@ -351,7 +351,7 @@ async function takeLock(run: Run, lock: string): Promise<void> {
     }
     const pid = await lockHolder(lock);
     if (pid === undefined) throw notOurs(lock, "not a lock file");
-    if (attempt > 2 || (Number.isInteger(pid) && pid > 0 && isRunning(pid))) {
+    if (attempt > 2 || (pid > 0 && isRunning(pid))) {
       throw new ReleaseError(
         `another fetch (pid ${pid || "unknown"}) is writing ${
           path.dirname(lock)
@@ -377,14 +377,16 @@ async function takeLock(run: Run, lock: string): Promise<void> {
 }
 
 /**
- * The pid a lock file holds: 0 when it is gone or unreadable, NaN when it holds no number;
- * undefined when it is no lock at all (not a regular file, or larger than any lock), which is
- * never read, so a FIFO or a huge file there can neither block nor fill this process.
+ * The pid a lock file holds: 0 when it is gone, unreadable or empty (a lock whose fetch has not
+ * yet written its pid); undefined when it is no lock at all: it holds anything but a pid, or is
+ * not a regular file or larger than any lock, which is never read, so a FIFO or a huge file
+ * there can neither block nor fill this process.
  */
 async function lockHolder(file: string): Promise<number | undefined> {
   const read = await readSmallFile(file, MAX_MARK_SIZE, { followLinks: false });
-  if ("bytes" in read) return Number(new TextDecoder().decode(read.bytes).trim());
-  return read.problem === "unreadable" ? 0 : undefined;
+  if (!("bytes" in read)) return read.problem === "unreadable" ? 0 : undefined;
+  const text = new TextDecoder().decode(read.bytes).trim();
+  return /^\d{0,10}$/.test(text) ? Number(text) : undefined;
 }
 
 /** Under the lock, what a killed fetch left half-made (`.NAME.PID.new`, `.stale`) goes. */

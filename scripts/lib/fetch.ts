@@ -4,6 +4,7 @@
  * outside DIR and nothing to the release.
  */
 import process from "node:process";
+import { Buffer } from "node:buffer";
 import * as fs from "node:fs/promises";
 import * as path from "node:path";
 import { createHash } from "node:crypto";
@@ -705,13 +706,24 @@ async function writeBootDirectory(run: Run, dir: string, boot: BootSet): Promise
   await writeOwnFile(path.join(dir, SUMS_NAME), renderSums([...written, ...served]));
 }
 
-/** Writes a file release-boot makes; one already there with other bytes is not ours. */
+/**
+ * Writes a file release-boot makes; one already there with other bytes is not ours. What is
+ * there is read only as far as the bytes it should hold, never through a link or from a FIFO:
+ * a larger file has other contents, however large.
+ */
 async function writeOwnFile(file: string, text: string): Promise<void> {
-  const existing = await lstatOrUndefined(file);
-  if (existing) {
-    if (existing.isFile() && await fs.readFile(file, "utf8") === text) return;
-    throw notOurs(file, existing.isFile() ? "a file with other contents" : "not a regular file");
+  const bytes = new TextEncoder().encode(text);
+  const existing = await readSmallFile(file, bytes.length, { followLinks: false });
+  if ("bytes" in existing) {
+    refuseHardLink(file, existing);
+    if (Buffer.from(existing.bytes).equals(bytes)) return;
+    throw notOurs(file, "a file with other contents");
   }
+  if (existing.problem !== "unreadable") {
+    const larger = existing.problem === "too large";
+    throw notOurs(file, larger ? "a file with other contents" : "not a regular file");
+  }
+  if (existing.code !== "ENOENT") throw new ReleaseError(`cannot read ${file} (${existing.code})`);
   const part = `${file}.part`;
   await fs.rm(part, { force: true });
   await fs.writeFile(part, text, { flag: "wx" });

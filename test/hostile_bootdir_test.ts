@@ -235,6 +235,20 @@ function fetchWithin(w: World, out: string, tag: string): Promise<Run> {
   return runWithin(w, ["fetch", ...server, "--out", out, "--tag", tag]);
 }
 
+Deno.test("a lock file that holds no pid is one line naming it and the fix, and is kept", () =>
+  scene(async (w, out) => {
+    await releaseByHand(w, "boot-v1", netboot("boot-v1"));
+    await fs.mkdir(out);
+    const lock = path.join(out, ".release-boot.lock");
+    await fs.writeFile(lock, "x7!\n");
+    assertOneLineFailure(
+      await fetchTag(w, out, "boot-v1"),
+      /^release-boot: \S+pxe\/\.release-boot\.lock is not a lock file, which release-boot did not make: nothing was written through it; remove it, or fetch into another --out$/,
+    );
+    assert.equal(await fs.readFile(lock, "utf8"), "x7!\n", "the lock was kept");
+    assert.deepEqual(await fs.readdir(out), [".release-boot.lock"], "nothing was fetched");
+  }));
+
 Deno.test("a FIFO or a huge file as the lock or a tag directory's mark is one line, never read", (t) =>
   scene(async (w, out) => {
     for (const tag of ["boot-v1", "boot-v2"]) {
@@ -285,3 +299,103 @@ Deno.test("a FIFO or a huge file as the lock or a tag directory's mark is one li
       });
     }
   }, world));
+
+// ---------------------------------------------------------------------------------------------
+// 16. The files fetch writes beside the boot files, planted while it downloads
+// ---------------------------------------------------------------------------------------------
+
+/**
+ * Runs `fetch`, and `plant` once the download of the asset `uuid` has begun: after fetch
+ * checked DIR/<tag>, before it writes netboot.ipxe and SHA256SUMS. The download is trickled
+ * over half a second, so the plant is in place before it ends.
+ */
+async function whileDownloading(
+  w: World,
+  uuid: string,
+  fetch: () => Promise<Run>,
+  plant: () => Promise<void>,
+): Promise<Run> {
+  const served = `/attachments/${uuid}`;
+  w.forgejo.addFault({
+    method: "GET",
+    path: served,
+    fault: { kind: "trickle", bytesPerSecond: 30 },
+  });
+  const asked = w.forgejo.requests.length;
+  const running = fetch();
+  while (!w.forgejo.requests.slice(asked).some((r) => r.path === served)) {
+    await new Promise((resolve) => setTimeout(resolve, 5));
+  }
+  await plant();
+  return await running;
+}
+
+Deno.test("a huge, FIFO or linked netboot.ipxe or SHA256SUMS planted in DIR/<tag> is one line, never read whole", (t) =>
+  scene(async (w, out, outside) => {
+    await releaseByHand(w, "boot-v1", netboot("boot-v1"));
+    assert.equal((await fetchTag(w, out, "boot-v1")).code, 0);
+    const dir = path.join(out, "boot-v1");
+    const uuid = await assetUuid(w, "boot-v1", "initrd");
+    const plants: [string, (at: string, text: string) => Promise<void>, string][] = [
+      // Sparse: it takes no room, but a read of it whole would hold 4 GiB.
+      ["a 4 GiB file", async (at) => {
+        const file = await fs.open(at, "wx");
+        await file.truncate(4 * 2 ** 30);
+        await file.close();
+      }, "a file with other contents"],
+      ["a FIFO", async (at) => {
+        const made = await new Deno.Command("mkfifo", { args: [at] }).output();
+        assert.ok(made.success, `mkfifo ${at}`);
+      }, "not a regular file"],
+      // Both with the very bytes fetch writes: whoever writes outside DIR would change what boots.
+      ["a hard link to a file outside DIR", async (at, text) => {
+        const victim = path.join(outside, `${path.basename(at)}.hard`);
+        await fs.writeFile(victim, text);
+        await fs.link(victim, at);
+      }, "a file with 2 hard links"],
+      ["a symbolic link to a file outside DIR", async (at, text) => {
+        const victim = path.join(outside, `${path.basename(at)}.soft`);
+        await fs.writeFile(victim, text);
+        await fs.symlink(victim, at);
+      }, "not a regular file"],
+    ];
+    for (const name of ["netboot.ipxe", "SHA256SUMS"]) {
+      const file = path.join(dir, name);
+      const text = await fs.readFile(file, "utf8");
+      for (const [what, plant, refusal] of plants) {
+        await t.step(`${what} as ${name}`, async () => {
+          await fs.rm(path.join(dir, "initrd"), { force: true });
+          await fs.rm(file, { force: true });
+          const failed = await whileDownloading(
+            w,
+            uuid,
+            () => fetchWithin(w, out, "boot-v1"),
+            () => plant(file, text),
+          );
+          await fs.rm(file, { force: true });
+          assertOneLineFailure(
+            failed,
+            new RegExp(
+              `^release-boot: \\S+pxe/boot-v1/${
+                name.replace(".", "\\.")
+              } is ${refusal}, which release-boot did not make: nothing was written through it; remove it, or fetch into another --out$`,
+            ),
+          );
+        });
+      }
+    }
+    const run = await fetchTag(w, out, "boot-v1");
+    assert.equal(run.code, 0, run.stderr);
+    for (const name of ["netboot.ipxe", "SHA256SUMS"]) {
+      const written = await fs.lstat(path.join(dir, name));
+      assert.ok(written.isFile() && written.nlink === 1, `${name} is fetch's own file`);
+      for (const link of ["hard", "soft"]) {
+        const victim = path.join(outside, `${name}.${link}`);
+        assert.equal(
+          await fs.readFile(victim, "utf8"),
+          await fs.readFile(path.join(dir, name), "utf8"),
+          `${victim} holds what was planted`,
+        );
+      }
+    }
+  }));

@@ -236,6 +236,69 @@ Deno.test("a part left at or past a file's size is never resumed: the file is do
     );
   }));
 
+nixTest(
+  "under --trust a part between the signed size and the larger one the server lists is discarded, and the file downloaded again within the signed size",
+  () =>
+    signedScene(async (w, keys, out) => {
+      const release = w.release();
+      const initrd = release.assets.find((asset) => asset.name === INITRD)!;
+      const [bytes] = await w.forgejo.assetBytes(release.id, INITRD);
+      // The server lists a kilobyte more than the release key signed for.
+      const extra = 1024;
+      w.forgejo.addFault({
+        method: "GET",
+        path: `/releases/tags/${TAG}`,
+        times: 1000,
+        fault: {
+          kind: "edit",
+          edit: (listed) => {
+            const answer = listed as { assets: { name: string; size: number }[] };
+            return {
+              ...answer,
+              assets: answer.assets.map((a) =>
+                a.name === INITRD ? { ...a, size: a.size + extra } : a
+              ),
+            };
+          },
+        },
+      });
+      const served = `/attachments/${initrd.uuid}`;
+      w.forgejo.addFault({ method: "GET", path: served, fault: { kind: "status", status: 404 } });
+      const stopped = await fetchTrusting(w, keys, out, TAG);
+      assert.equal(stopped.code, 1, "the first fetch stops at the initrd");
+      // What a fetch that believed the server's size leaves: more than was signed, less than listed.
+      const part = path.join(out, TAG, `${INITRD}.${sha256(bytes).slice(0, 16)}.part`);
+      const planted = new Uint8Array(bytes.length + extra / 2).fill(7);
+      planted.set(bytes);
+      const plant = () => fs.writeFile(part, planted);
+
+      await plant();
+      w.forgejo.addFault({ method: "GET", path: served, fault: { kind: "pad", bytes: extra } });
+      const padded = await fetchTrusting(w, keys, out, TAG);
+      assertOneLineFailure(
+        padded,
+        new RegExp(
+          `^release-boot: ${
+            INITRD.replaceAll(".", "\\.")
+          } is larger than the ${bytes.length} bytes ${
+            TAG.replaceAll(".", "\\.")
+          } lists: the server sent more, so the download was stopped and deleted; rerun, and if it persists the release's file is damaged$`,
+        ),
+      );
+      assert.equal(await exists(part), false, "the part was deleted");
+
+      await plant();
+      const run = await fetchTrusting(w, keys, out, TAG);
+      assert.equal(run.code, 0, run.stderr);
+      const resumed = w.forgejo.requests.filter((r) =>
+        r.path === served && r.headers.range !== undefined
+      );
+      assert.deepEqual(resumed.map((r) => r.headers.range), [], "no download was resumed");
+      assert.equal(sha256(await fs.readFile(path.join(out, "current", INITRD))), sha256(bytes));
+      assert.equal(await exists(part), false, "no part is left");
+    }),
+);
+
 /** A server answering every request with `answer`, and the Range header of each it got. */
 function serveOnLoopback(answer: () => Response) {
   const ranges: (string | null)[] = [];

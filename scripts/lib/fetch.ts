@@ -4,6 +4,7 @@
  * outside DIR and nothing to the release.
  */
 import process from "node:process";
+import { Buffer } from "node:buffer";
 import * as fs from "node:fs/promises";
 import * as path from "node:path";
 import { createHash } from "node:crypto";
@@ -351,7 +352,7 @@ async function takeLock(run: Run, lock: string): Promise<void> {
     }
     const pid = await lockHolder(lock);
     if (pid === undefined) throw notOurs(lock, "not a lock file");
-    if (attempt > 2 || (Number.isInteger(pid) && pid > 0 && isRunning(pid))) {
+    if (attempt > 2 || (pid > 0 && isRunning(pid))) {
       throw new ReleaseError(
         `another fetch (pid ${pid || "unknown"}) is writing ${
           path.dirname(lock)
@@ -377,14 +378,16 @@ async function takeLock(run: Run, lock: string): Promise<void> {
 }
 
 /**
- * The pid a lock file holds: 0 when it is gone or unreadable, NaN when it holds no number;
- * undefined when it is no lock at all (not a regular file, or larger than any lock), which is
- * never read, so a FIFO or a huge file there can neither block nor fill this process.
+ * The pid a lock file holds: 0 when it is gone, unreadable or empty (a lock whose fetch has not
+ * yet written its pid); undefined when it is no lock at all: it holds anything but a pid, or is
+ * not a regular file or larger than any lock, which is never read, so a FIFO or a huge file
+ * there can neither block nor fill this process.
  */
 async function lockHolder(file: string): Promise<number | undefined> {
   const read = await readSmallFile(file, MAX_MARK_SIZE, { followLinks: false });
-  if ("bytes" in read) return Number(new TextDecoder().decode(read.bytes).trim());
-  return read.problem === "unreadable" ? 0 : undefined;
+  if (!("bytes" in read)) return read.problem === "unreadable" ? 0 : undefined;
+  const text = new TextDecoder().decode(read.bytes).trim();
+  return /^\d{0,10}$/.test(text) ? Number(text) : undefined;
 }
 
 /** Under the lock, what a killed fetch left half-made (`.NAME.PID.new`, `.stale`) goes. */
@@ -589,8 +592,9 @@ async function downloadToPart(
   const left = await lstatOrUndefined(part);
   if (left) refuseHardLink(part, left);
   // A part at or past the listed size is no download in progress: it goes, never resumed.
-  if (left && left.size >= limit) await fs.rm(part);
-  const have = left && left.size < limit ? left.size : 0;
+  const kept = left && left.size < limit ? left : undefined;
+  if (left && !kept) await fs.rm(part);
+  const have = kept?.size ?? 0;
   const answer = known
     ? { kind: "bytes" as const, from: 0, body: [known] }
     : await forgejo.assets.openFrom(copy, have, signal).catch((error: Error) => {
@@ -615,7 +619,7 @@ async function downloadToPart(
   if (resuming) {
     run.log(`${copy.name}: resuming after ${formatBytes(have)}`);
     await hashPart(part, hash);
-  } else if (left && left.size < copy.size) {
+  } else if (kept) {
     // Unlinked and made anew, never truncated: truncating writes to whatever the name holds.
     // An empty part, left by a fetch stopped before its first byte, goes the same way.
     await fs.rm(part);
@@ -702,13 +706,24 @@ async function writeBootDirectory(run: Run, dir: string, boot: BootSet): Promise
   await writeOwnFile(path.join(dir, SUMS_NAME), renderSums([...written, ...served]));
 }
 
-/** Writes a file release-boot makes; one already there with other bytes is not ours. */
+/**
+ * Writes a file release-boot makes; one already there with other bytes is not ours. What is
+ * there is read only as far as the bytes it should hold, never through a link or from a FIFO:
+ * a larger file has other contents, however large.
+ */
 async function writeOwnFile(file: string, text: string): Promise<void> {
-  const existing = await lstatOrUndefined(file);
-  if (existing) {
-    if (existing.isFile() && await fs.readFile(file, "utf8") === text) return;
-    throw notOurs(file, existing.isFile() ? "a file with other contents" : "not a regular file");
+  const bytes = new TextEncoder().encode(text);
+  const existing = await readSmallFile(file, bytes.length, { followLinks: false });
+  if ("bytes" in existing) {
+    refuseHardLink(file, existing);
+    if (Buffer.from(existing.bytes).equals(bytes)) return;
+    throw notOurs(file, "a file with other contents");
   }
+  if (existing.problem !== "unreadable") {
+    const larger = existing.problem === "too large";
+    throw notOurs(file, larger ? "a file with other contents" : "not a regular file");
+  }
+  if (existing.code !== "ENOENT") throw new ReleaseError(`cannot read ${file} (${existing.code})`);
   const part = `${file}.part`;
   await fs.rm(part, { force: true });
   await fs.writeFile(part, text, { flag: "wx" });

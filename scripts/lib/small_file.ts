@@ -7,7 +7,8 @@ import * as fs from "node:fs/promises";
 import { constants as fsConstants } from "node:fs";
 
 export type SmallFile =
-  | { bytes: Uint8Array; mode: number; mtimeMs: number }
+  /** `nlink`: the names it has; more than one means it can be changed under another name. */
+  | { bytes: Uint8Array; mode: number; mtimeMs: number; nlink: number }
   /** `code`: why it could not be opened (ENOENT, EACCES, ...). */
   | { problem: "unreadable"; code: string }
   | { problem: "not a regular file" | "too large" };
@@ -57,7 +58,8 @@ export async function readSmallFile(
       buffer.fill(0);
       return { problem: "too large" };
     }
-    return { bytes: buffer.subarray(0, length), mode: opened.mode, mtimeMs: opened.mtimeMs };
+    const { mode, mtimeMs, nlink } = opened;
+    return { bytes: buffer.subarray(0, length), mode, mtimeMs, nlink };
   } finally {
     await handle.close();
   }

@@ -44,7 +44,8 @@ nixTest(
     assert.equal(manifest.commit, work.commit);
     assert.equal(manifest.tag, `boot-dev-${work.commit.slice(0, 12)}`);
     assert.equal(manifest.flake.locked, true);
-    assert.match(manifest.nixVersion, /^\d+\.\d+/);
+    const nixVersion = (await runCommand("nix", ["--version"])).stdout.match(/\d+\.\d+\S*/);
+    assert.equal(manifest.nixVersion, nixVersion?.[0], "the version nix --version prints");
     const iso = manifest.assets.find((a: { name: string }) => a.name === "iso-x86_64-linux.iso");
     assert.match(
       iso.storePath,

@@ -17,7 +17,13 @@ export type BuildResult = v.InferOutput<typeof BuildResultSchema>;
 export const BuildResultsSchema = v.array(BuildResultSchema);
 
 /** `nix eval --json <flake>#packages.<system> --apply builtins.attrNames`. */
-export const AttrNamesSchema = v.array(v.string());
+const AttrNamesSchema = v.array(v.string());
+
+/** `nix eval --json ... --apply` listing a system's packages, with builtins.nixVersion. */
+export const TargetListingSchema = v.object({
+  names: AttrNamesSchema,
+  nixVersion: v.pipe(v.string(), v.regex(/^\d+\.\d+\S*$/, "a nix version such as 2.8.0")),
+});
 
 /** `nix eval --json ... --apply` mapping target names to their output paths. */
 export const OutPathsSchema = v.record(v.string(), StorePathSchema);

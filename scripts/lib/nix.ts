@@ -10,13 +10,13 @@ import { Buffer } from "node:buffer";
 import { type ProcessOutput } from "zx";
 import { ASSET_NAME, type ManifestAsset } from "../../types/manifest.ts";
 import {
-  AttrNamesSchema,
   type BuildResult,
   BuildResultsSchema,
   type FlakeMetadata,
   FlakeMetadataSchema,
   OutPathsSchema,
   PathInfoSchema,
+  TargetListingSchema,
 } from "../../types/nix.ts";
 import { formatBytes, ReleaseError, type Run, UsageError } from "./run.ts";
 import { type ReleaseOptions } from "./cli.ts";
@@ -87,24 +87,13 @@ export function nixErrorTail(stderr: string, lines = 12): string {
 }
 
 export async function readFlake(run: Run, options: ReleaseOptions): Promise<FlakeInfo> {
-  // Three reads that need nothing of each other, started together and judged in this order.
+  // Two reads that need nothing of each other, started together and judged in this order.
   // Without KEEP_LOCK: nix then fails, instead of warning, when flake.lock is not complete.
-  const [listed, version, strict] = await Promise.allSettled([
-    listTargets(run, options),
-    run.$`nix --version`.quiet(),
+  const [checked, strict] = await Promise.allSettled([
+    checkTargets(run, options),
     runNix(run, ["flake", "metadata", "--json", "--no-update-lock-file", options.flake]),
   ]);
-  const available = settled(listed);
-  const unknown = options.targets.filter((target) => !available.includes(target));
-  if (unknown.length > 0) {
-    throw new UsageError(
-      `unknown target ${unknown.join(", ")} in --targets: the flake ${options.flake} has ${
-        available.length ? available.join(", ") : "no packages"
-      } for ${options.system}`,
-    );
-  }
-  const versionText = settled(version).stdout.trim();
-  const nixVersion = versionText.match(/(\d+\.\d+\S*)/)?.[1] ?? versionText;
+  const nixVersion = settled(checked);
   const metadataRun = settled(strict);
   const locked = metadataRun.exitCode === 0;
   if (!locked && !/requires lock file changes/.test(metadataRun.stderr)) {
@@ -130,18 +119,37 @@ function settled<T>(result: PromiseSettledResult<T>): T {
   return result.value;
 }
 
-async function listTargets(run: Run, options: ReleaseOptions): Promise<string[]> {
+/**
+ * Refuses a target the flake does not have for the system, naming those it has. The same
+ * evaluation reads the evaluating nix's version, which the manifest records: one nix process
+ * fewer than asking `nix --version`.
+ */
+async function checkTargets(run: Run, options: ReleaseOptions): Promise<string> {
   const result = await runNix(run, [
     "eval",
     KEEP_LOCK,
     "--json",
     installable(options),
     "--apply",
-    "builtins.attrNames",
+    "ps: { names = builtins.attrNames ps; nixVersion = builtins.nixVersion; }",
   ]);
-  if (result.exitCode === 0) return parseJson(AttrNamesSchema, result.stdout, "nix eval");
-  if (/does not provide attribute/.test(result.stderr)) return [];
-  throw new UsageError(`cannot read the flake ${options.flake}: ${nixErrorTail(result.stderr, 1)}`);
+  if (result.exitCode !== 0 && !/does not provide attribute/.test(result.stderr)) {
+    throw new UsageError(
+      `cannot read the flake ${options.flake}: ${nixErrorTail(result.stderr, 1)}`,
+    );
+  }
+  const listing = result.exitCode === 0
+    ? parseJson(TargetListingSchema, result.stdout, "nix eval")
+    : { names: [], nixVersion: "" }; // No packages for the system: refused just below.
+  const unknown = options.targets.filter((target) => !listing.names.includes(target));
+  if (unknown.length > 0) {
+    throw new UsageError(
+      `unknown target ${unknown.join(", ")} in --targets: the flake ${options.flake} has ${
+        listing.names.length ? listing.names.join(", ") : "no packages"
+      } for ${options.system}`,
+    );
+  }
+  return listing.nixVersion;
 }
 
 interface TargetBuild {

@@ -318,6 +318,10 @@ exit 1
       env: baseEnv({ PATH: `${bin}:${Deno.env.get("PATH")}` }),
     });
     assert.equal(run.code, 0, run.stderr);
+    assert.match(
+      run.stderr,
+      /^nix eval met a busy evaluation cache \(another nix on this flake\); once more without it$/m,
+    );
     const out = path.join(work.dir, "dist", `boot-dev-${work.commit.slice(0, 12)}`);
     assert.deepEqual((await fs.readdir(out)).sort(), STAGED_NETBOOT_ISO);
     assert.equal((await sha256sumCheck(out)).code, 0);

@@ -16,12 +16,9 @@ export type BuildResult = v.InferOutput<typeof BuildResultSchema>;
 
 export const BuildResultsSchema = v.array(BuildResultSchema);
 
-/** `nix eval --json <flake>#packages.<system> --apply builtins.attrNames`. */
-const AttrNamesSchema = v.array(v.string());
-
-/** `nix eval --json ... --apply` listing a system's packages, with builtins.nixVersion. */
+/** `nix eval --json <flake>#packages.<system> --apply` listing the names, and builtins.nixVersion. */
 export const TargetListingSchema = v.object({
-  names: AttrNamesSchema,
+  names: v.array(v.string()),
   nixVersion: v.pipe(v.string(), v.regex(/^\d+\.\d+\S*$/, "a nix version such as 2.8.0")),
 });
 

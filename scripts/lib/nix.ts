@@ -43,26 +43,34 @@ function installable(options: Pick<ReleaseOptions, "flake" | "system">, target?:
 }
 
 // Nix 2.8 keeps one evaluation cache (a SQLite file) per flake. When another nix process holds
-// it (this run's own evaluation beside its build, a second run, a test beside another), nix
-// prints "SQLite database '…eval-cache…' is busy", ignores it, and can then answer wrongly:
-// "attribute 'packages.x86_64-linux.packages' is unexpectedly missing" for an attribute that
-// exists. A run that saw that is repeated once without the cache: slower, never wrong.
+// it (a second run, or anyone's nix evaluating the same flake), nix prints "SQLite database
+// '…eval-cache…' is busy", ignores it, and can then fail wrongly: "attribute
+// 'packages.x86_64-linux.packages' is unexpectedly missing" for an attribute that exists. A
+// call that failed that way is repeated once without the cache: slower, never wrong.
 const EVAL_CACHE_BUSY = /SQLite database '[^']*eval-cache[^']*' is busy/;
 const WITHOUT_EVAL_CACHE = ["--option", "eval-cache", "false"];
 
+interface NixCall {
+  /** Sees nix's stderr as it comes (every attempt's). */
+  onStderr?: (chunk: Buffer) => void;
+  /** Leaves the evaluation cache alone: for an evaluation made beside another of this run. */
+  withoutCache?: boolean;
+}
+
 /** Runs `nix ARGS` (never throwing on its exit code), repeated without the cache if it was busy. */
-export async function runNix(
-  run: Run,
-  args: string[],
-  onStderr?: (chunk: Buffer) => void,
-): Promise<ProcessOutput> {
+async function runNix(run: Run, args: string[], call: NixCall = {}): Promise<ProcessOutput> {
   const attempt = async (options: string[]) => {
     const child = run.$`nix ${NIX_FEATURES} ${options} ${args}`.quiet().nothrow();
-    if (onStderr) child.stderr.on("data", onStderr);
+    if (call.onStderr) child.stderr.on("data", call.onStderr);
     return await child;
   };
+  if (call.withoutCache) return await attempt(WITHOUT_EVAL_CACHE);
   const first = await attempt([]);
-  return EVAL_CACHE_BUSY.test(first.stderr) ? await attempt(WITHOUT_EVAL_CACHE) : first;
+  if (first.exitCode === 0 || !EVAL_CACHE_BUSY.test(first.stderr)) return first;
+  run.log(
+    `nix ${args[0]} met a busy evaluation cache (another nix on this flake); once more without it`,
+  );
+  return await attempt(WITHOUT_EVAL_CACHE);
 }
 
 export async function nixJson<T>(
@@ -70,8 +78,9 @@ export async function nixJson<T>(
   schema: v.GenericSchema<unknown, T>,
   args: string[],
   what: string,
+  call: NixCall = {},
 ): Promise<T> {
-  const result = await runNix(run, args);
+  const result = await runNix(run, args, call);
   if (result.exitCode !== 0) {
     throw new ReleaseError(`${what} failed: ${nixErrorTail(result.stderr, 1)}`);
   }
@@ -172,7 +181,7 @@ export async function buildTargets(run: Run, options: BuildRequest): Promise<Tar
   const build = runNix(
     run,
     ["build", KEEP_LOCK, "--json", "--no-link", ...installables],
-    (chunk) => run.io.stderr(chunk),
+    { onStderr: (chunk) => run.io.stderr(chunk) },
   );
   // One target has one result: only several need their derivations to be told apart, read
   // while nix builds.
@@ -214,6 +223,8 @@ async function targetDerivations(run: Run, options: BuildRequest): Promise<Recor
     OutPathsSchema,
     ["eval", KEEP_LOCK, "--json", installable(options), "--apply", apply],
     `evaluating the targets ${options.targets.join(", ")}`,
+    // Made beside the build, which evaluates the same flake through the cache.
+    { withoutCache: true },
   );
 }
 

@@ -471,3 +471,35 @@ nixTest(
     });
   },
 );
+
+nixTest(
+  "a server that never keeps a release published is asked three times, then named in one line",
+  async () => {
+    await withWorld(async (w) => {
+      // Every publish is undone at once: a broken server, not a race another job could win.
+      let undone = 0;
+      w.forgejo.addFault({
+        method: "PATCH",
+        path: /\/releases\/\d+$/,
+        times: 1000,
+        fault: {
+          kind: "then",
+          run: async () => {
+            const release = w.release();
+            if (release.draft) return;
+            undone++;
+            await api(w, "PATCH", `/releases/${release.id}`, JSON.stringify({ draft: true }));
+          },
+        },
+      });
+      const run = await w.publish(["--targets", "netboot", "--timeout", "60"]);
+      assert.equal(run.code, 1, run.stderr);
+      assert.deepEqual(
+        run.stderr.split("\n").filter((line) => line.startsWith("release-boot:")),
+        ["release-boot: Forgejo did not publish boot-v1.0.0; rerun to try again"],
+      );
+      assert.equal(undone, 3, "three publishes asked for");
+      assert.equal(w.release().draft, true);
+    });
+  },
+);

@@ -390,7 +390,9 @@ async function stageLocally(run: Run, bundle: Bundle, options: ReleaseOptions): 
     throw cannotWrite(error);
   });
   // Stopped part-way (SIGTERM from CI, Ctrl-C), the partial copy goes at once and nothing
-  // more is written; --out stays as it was.
+  // more is written; the copy of a file under way (fs.copyFile cannot be interrupted, and is
+  // several times faster than a copy that could) ends first, and a second signal ends the
+  // process at once.
   const removePartial = () => {
     try {
       Deno.removeSync(partial, { recursive: true });
@@ -398,6 +400,10 @@ async function stageLocally(run: Run, bundle: Bundle, options: ReleaseOptions): 
       // Already renamed into place: nothing partial is left.
     }
   };
+  // The stage it replaces is moved aside, not deleted, until the new one is in place: a run
+  // that fails or is stopped in between puts it back, so --out always holds a whole stage.
+  const aside = `${partial}.replaced`;
+  let movedAside = false;
   await stoppable(async (stop) => {
     try {
       await fs.chmod(partial, 0o755);
@@ -409,13 +415,19 @@ async function stageLocally(run: Run, bundle: Bundle, options: ReleaseOptions): 
         await fs.chmod(target, 0o644);
       }
       stop.throwIfAborted();
-      await fs.rm(out, { recursive: true, force: true });
+      movedAside = await fs.rename(out, aside).then(() => true, (error) => {
+        if (error.code === "ENOENT") return false;
+        throw error;
+      });
       stop.throwIfAborted();
       await fs.rename(partial, out);
     } catch (error) {
       await fs.rm(partial, { recursive: true, force: true });
+      const outGone = await fs.lstat(out).then(() => false, () => true);
+      if (movedAside && outGone) await fs.rename(aside, out);
       throw cannotWrite(error);
     }
+    await fs.rm(aside, { recursive: true, force: true });
   }, removePartial);
   run.log(
     `Staged ${bundle.files.length} assets, ${SUMS_NAME}, ${MANIFEST_NAME} and ${bundle.provenance.name} in ${out}`,

@@ -94,7 +94,8 @@ nixTest(
     try {
       assert.equal((await w.publish(["--targets", "netboot"])).code, 0);
       const built = "netboot-x86_64-linux.built.ipxe";
-      const copy = w.release().assets.find((a) => a.name === built)!;
+      const copy = w.release().assets.find((a) => a.name === built);
+      assert.ok(copy, built);
       const [published] = await w.forgejo.assetBytes(w.release().id, built);
       const run = await fetchInto(w, out, ["--tag", TAG]);
       assert.equal(run.code, 0, run.stderr);
@@ -125,7 +126,8 @@ nixTest("a file that does not match SHA256SUMS is refused and nothing of it is l
     // Someone swaps the initrd behind release-boot's back, keeping its name.
     const api = `${w.forgejo.url}/api/v1/repos/ops/runners/releases/${release.id}/assets`;
     const auth = { authorization: `token ${TOKEN}` };
-    const initrd = release.assets.find((a) => a.name === "netboot-x86_64-linux.initrd")!;
+    const initrd = release.assets.find((a) => a.name === "netboot-x86_64-linux.initrd");
+    assert.ok(initrd, "netboot-x86_64-linux.initrd");
     await (await fetch(`${api}/${initrd.id}`, { method: "DELETE", headers: auth })).body?.cancel();
     await uploadBehindItsBack(w, "netboot-x86_64-linux.initrd", "not the initrd that was built");
 
@@ -155,7 +157,8 @@ nixTest("an interrupted download resumes where it stopped", async () => {
     assert.equal((await w.publish(["--targets", "netboot"])).code, 0);
     const [initrd] = await w.forgejo.assetBytes(w.release().id, "netboot-x86_64-linux.initrd");
     // The first fetch stops at the initrd: DIR/<tag> is started, current is not pointed.
-    const copy = w.release().assets.find((a) => a.name === "netboot-x86_64-linux.initrd")!;
+    const copy = w.release().assets.find((a) => a.name === "netboot-x86_64-linux.initrd");
+    assert.ok(copy, "netboot-x86_64-linux.initrd");
     w.forgejo.addFault({
       method: "GET",
       path: `/attachments/${copy.uuid}`,

@@ -168,7 +168,8 @@ nixTest(
   () =>
     signedScene(async (w, keys, out) => {
       const release = w.release();
-      const initrd = release.assets.find((asset) => asset.name === INITRD)!;
+      const initrd = release.assets.find((asset) => asset.name === INITRD);
+      assert.ok(initrd, INITRD);
       const [bytes] = await w.forgejo.assetBytes(release.id, INITRD);
       // The server lists and serves a kilobyte more than the release key signed for.
       const extra = 1024;
@@ -241,7 +242,8 @@ nixTest(
   () =>
     signedScene(async (w, keys, out) => {
       const release = w.release();
-      const initrd = release.assets.find((asset) => asset.name === INITRD)!;
+      const initrd = release.assets.find((asset) => asset.name === INITRD);
+      assert.ok(initrd, INITRD);
       const [bytes] = await w.forgejo.assetBytes(release.id, INITRD);
       // The server lists a kilobyte more than the release key signed for.
       const extra = 1024;

@@ -89,9 +89,9 @@ nixTest(
         );
         assert.match(await fs.readFile(summary, "utf8"), /\| iso-x86_64-linux\.iso \| 1014 B \|/);
         assertNoToken(run, w.forgejo);
-        // A child process, as the workflow runs it: the end-to-end check of a publish.
       },
       {},
+      // A child process, as the workflow runs it: the end-to-end check of a publish.
       runRelease,
     );
   },

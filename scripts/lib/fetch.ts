@@ -282,6 +282,13 @@ function tagDirectoryName(tag: string): string {
 }
 
 /** Thrown for anything in DIR release-boot did not make: it is never written through. */
+/** A file under --out this user cannot read: one line with the fix. */
+function cannotRead(file: string, code: string): ReleaseError {
+  return new ReleaseError(
+    `cannot read ${file} (${code}): check that this user can read and write --out, then rerun`,
+  );
+}
+
 function notOurs(file: string, what: string): ReleaseError {
   return new ReleaseError(
     `${file} is ${what}, which release-boot did not make: nothing was written through it; remove it, or fetch into another --out`,
@@ -291,7 +298,7 @@ function notOurs(file: string, what: string): ReleaseError {
 async function lstatOrUndefined(file: string) {
   return await fs.lstat(file).catch((error: NodeJS.ErrnoException) => {
     if (error.code === "ENOENT") return undefined;
-    throw new ReleaseError(`cannot read ${file} (${error.code ?? error.message})`);
+    throw cannotRead(file, error.code ?? error.message);
   });
 }
 
@@ -449,7 +456,7 @@ async function readMark(dir: string): Promise<{ tag: string; at: number } | unde
     return { tag: new TextDecoder().decode(read.bytes).trim(), at: read.mtimeMs };
   }
   if (read.problem === "unreadable" && read.code !== "ENOENT") {
-    throw new ReleaseError(`cannot read ${mark} (${read.code})`);
+    throw cannotRead(mark, read.code);
   }
   return undefined;
 }
@@ -723,7 +730,7 @@ async function writeOwnFile(file: string, text: string): Promise<void> {
     const larger = existing.problem === "too large";
     throw notOurs(file, larger ? "a file with other contents" : "not a regular file");
   }
-  if (existing.code !== "ENOENT") throw new ReleaseError(`cannot read ${file} (${existing.code})`);
+  if (existing.code !== "ENOENT") throw cannotRead(file, existing.code);
   const part = `${file}.part`;
   await fs.rm(part, { force: true });
   await fs.writeFile(part, text, { flag: "wx" });

@@ -2,7 +2,8 @@
  * Uploading a release's planned assets, a few at a time, each upload recorded in the release
  * body (which copy holds which bytes) as it finishes; and what a run that fails part-way leaves
  * of a release: a draft as it is, a published release put back as it was. What to upload is
- * planned in release_index.ts; this deletes only what this run added to a published release.
+ * planned in release_index.ts; this deletes, from a published release, only copies added since
+ * this run began (another job's upload to the same release in that time included).
  */
 import { type Attachment, type Release } from "../../types/forgejo.ts";
 import { ReleaseError, type Run } from "./run.ts";

@@ -18,20 +18,11 @@
  * subsystem is a module under scripts/lib/ that never imports this file (docs/ARCHITECTURE.md).
  */
 import * as fs from "node:fs/promises";
-import * as path from "node:path";
 import { sleep } from "zx";
 import { type EditReleaseOption, type Release, type Repository } from "../types/forgejo.ts";
-import {
-  ASSET_NAME,
-  INDEX_NAMES,
-  type Manifest,
-  MANIFEST_NAME,
-  SIGNATURE_NAME,
-  SUMS_NAME,
-} from "../types/manifest.ts";
+import { type Manifest, MANIFEST_NAME, SIGNATURE_NAME, SUMS_NAME } from "../types/manifest.ts";
 import {
   type Env,
-  fileSystemFailure,
   formatBytes,
   type Io,
   processIo,
@@ -39,7 +30,6 @@ import {
   type Run,
   startRun,
   stepOutputs,
-  stoppable,
   Stopped,
   UsageError,
 } from "./lib/run.ts";
@@ -50,7 +40,6 @@ import {
   connectForgejo,
   deleteAsset,
   type Forgejo,
-  MAX_INDEX_FILE,
   refuseMirror,
   requireToken,
   uploadAsset,
@@ -70,7 +59,6 @@ import {
   judgeRelease,
   listsIndexAsRead,
   mergeManifests,
-  parseSums,
   type PlannedAction,
   planUploads,
   problemsOf,
@@ -87,7 +75,6 @@ import {
   withUploadRecord,
 } from "./lib/release_index.ts";
 import { sha256Hex } from "./lib/hash.ts";
-import { readSmallFile } from "./lib/small_file.ts";
 import { asBuiltForIpxe, pointIpxeAtRelease, signForIpxe, withIpxeFiles } from "./lib/ipxe.ts";
 import { type IpxeSigningIdentity, readIpxeSigningIdentity } from "./lib/ipxe_sign.ts";
 import { readSigningKey, SIGNING_KEY_ENV, type SigningKey, signSums } from "./lib/sshsig.ts";
@@ -96,6 +83,7 @@ import { fetchForBoot } from "./lib/fetch.ts";
 import { releaseFlake, verifyRelease } from "./lib/verify.ts";
 import { pruneReleases } from "./lib/prune.ts";
 import { sayingWhatIsLeft, uploadPlanned } from "./lib/uploads.ts";
+import { refuseForeignOut, writeStage } from "./lib/stage.ts";
 
 /**
  * One run of release-boot: its exit status (0 done, 1 failed, 2 bad usage, 130 or 143 stopped
@@ -340,95 +328,17 @@ function printPlan(run: Run, bundle: Bundle, options: ReleaseOptions): void {
 }
 
 /**
- * True when every entry of `dir` is a file an earlier stage wrote: manifest.json, SHA256SUMS
- * and the names SHA256SUMS lists. A stage replaces --out whole, so nothing else may be there.
- */
-async function isEarlierStage(dir: string, entries: string[]): Promise<boolean> {
-  if (!entries.includes(SUMS_NAME) || !entries.includes(MANIFEST_NAME)) return false;
-  // A stage wrote a small regular file: a link, a FIFO or a huge file there is not one.
-  const sums = await readSmallFile(path.join(dir, SUMS_NAME), MAX_INDEX_FILE, {
-    followLinks: false,
-  });
-  if ("problem" in sums) return false;
-  const listed = parseSums(new TextDecoder().decode(sums.bytes));
-  return entries.every((entry) => INDEX_NAMES.has(entry) || listed.has(entry));
-}
-
-/**
- * Refuses, before any build, an --out that is a file or holds anything but an earlier stage.
- * `out` names it as given; `dir` is where it is.
- */
-async function refuseForeignOut(out: string, dir: string): Promise<void> {
-  const stat = await fs.lstat(dir).catch(() => undefined);
-  if (!stat) return;
-  if (!stat.isDirectory()) {
-    throw new UsageError(`--out ${out} is not a directory: choose a new or empty directory`);
-  }
-  const entries = await fs.readdir(dir);
-  if (entries.length > 0 && !await isEarlierStage(dir, entries)) {
-    throw new UsageError(
-      `--out ${out} holds files that are not an earlier stage of release-boot, and a stage replaces it whole: choose a new or empty directory`,
-    );
-  }
-}
-
-/**
  * Writes the bundle next to its final place, then renames it in: a failure, SIGTERM or
  * Ctrl-C never leaves a half-written --out, and a rerun replaces the earlier stage whole.
  */
 async function stageLocally(run: Run, bundle: Bundle, options: ReleaseOptions): Promise<void> {
   const out = run.resolve(options.out);
-  await refuseForeignOut(out, out);
-  const cannotWrite = (error: unknown) =>
-    fileSystemFailure(
-      error,
-      `check that this user can write ${
-        path.dirname(out)
-      } (a directory, not read-only or full), then rerun`,
-    );
-  const partial = await startStage(run, out).catch((error) => {
-    throw cannotWrite(error);
-  });
-  // Stopped part-way (SIGTERM from CI, Ctrl-C), the partial copy goes at once and nothing
-  // more is written; the copy of a file under way (fs.copyFile cannot be interrupted, and is
-  // several times faster than a copy that could) ends first, and a second signal ends the
-  // process at once.
-  const removePartial = () => {
-    try {
-      Deno.removeSync(partial, { recursive: true });
-    } catch {
-      // Already renamed into place: nothing partial is left.
-    }
-  };
-  // The stage it replaces is moved aside, not deleted, until the new one is in place: a run
-  // that fails or is stopped in between puts it back, so --out always holds a whole stage.
-  const aside = `${partial}.replaced`;
-  let movedAside = false;
-  await stoppable(async (stop) => {
-    try {
-      await fs.chmod(partial, 0o755);
-      for (const asset of [...bundle.files, bundle.sums, bundle.manifestAsset, bundle.provenance]) {
-        stop.throwIfAborted();
-        const target = path.join(partial, asset.name);
-        if (asset.path) await fs.copyFile(asset.path, target);
-        else await fs.writeFile(target, asset.bytes ?? new Uint8Array());
-        await fs.chmod(target, 0o644);
-      }
-      stop.throwIfAborted();
-      movedAside = await fs.rename(out, aside).then(() => true, (error) => {
-        if (error.code === "ENOENT") return false;
-        throw error;
-      });
-      stop.throwIfAborted();
-      await fs.rename(partial, out);
-    } catch (error) {
-      await fs.rm(partial, { recursive: true, force: true });
-      const outGone = await fs.lstat(out).then(() => false, () => true);
-      if (movedAside && outGone) await fs.rename(aside, out);
-      throw cannotWrite(error);
-    }
-    await fs.rm(aside, { recursive: true, force: true });
-  }, removePartial);
+  await writeStage(run, out, [
+    ...bundle.files,
+    bundle.sums,
+    bundle.manifestAsset,
+    bundle.provenance,
+  ]);
   run.log(
     `Staged ${bundle.files.length} assets, ${SUMS_NAME}, ${MANIFEST_NAME} and ${bundle.provenance.name} in ${out}`,
   );
@@ -439,30 +349,6 @@ async function stageLocally(run: Run, bundle: Bundle, options: ReleaseOptions): 
     }`,
   );
   run.result(out);
-}
-
-/** The directory a stage is written in beside `out`, once what killed stages left is gone. */
-async function startStage(run: Run, out: string): Promise<string> {
-  await fs.mkdir(path.dirname(out), { recursive: true });
-  await removeAbandonedStages(run, out);
-  return await fs.mkdtemp(`${out}.partial-`);
-}
-
-/** `<out>.partial-*` directories a killed stage left: only plain files, never anything else. */
-async function removeAbandonedStages(run: Run, out: string): Promise<void> {
-  const parent = path.dirname(out);
-  const prefix = `${path.basename(out)}.partial-`;
-  for (const entry of await fs.readdir(parent)) {
-    if (!entry.startsWith(prefix) || entry.length !== prefix.length + 6) continue;
-    const dir = path.join(parent, entry);
-    const stat = await fs.lstat(dir);
-    if (!stat.isDirectory()) continue;
-    const files = await fs.readdir(dir, { withFileTypes: true });
-    if (files.every((file) => file.isFile() && ASSET_NAME.test(file.name))) {
-      await fs.rm(dir, { recursive: true, force: true });
-      run.log(`Removed ${dir}, left by an interrupted stage`);
-    }
-  }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -161,6 +161,27 @@ nixTest("a stage removes what an interrupted stage left beside --out", async () 
 });
 
 nixTest(
+  "a stage killed while the earlier one was moved aside gets it back, then replaces it",
+  async () => {
+    const parent = await fs.mkdtemp(path.join(os.tmpdir(), "release-boot-stage-"));
+    try {
+      const out = path.join(parent, "out");
+      assert.equal((await stageInto(out)).code, 0);
+      // Where a kill between the two renames leaves things: no out, the earlier stage aside.
+      const aside = `${out}.partial-XyZ789.replaced`;
+      await fs.rename(out, aside);
+      const run = await stageInto(out);
+      assert.equal(run.code, 0, run.stderr);
+      assert.match(run.stderr, /Put back .*\/out, which an interrupted stage had moved aside/);
+      assert.deepEqual((await fs.readdir(parent)).sort(), ["out"]);
+      assert.ok((await fs.readdir(out)).includes("SHA256SUMS"));
+    } finally {
+      await fs.rm(parent, { recursive: true, force: true });
+    }
+  },
+);
+
+nixTest(
   "--replace on a published release keeps every listed copy until the new index is in",
   async () => {
     await withWorld(async (w) => {

@@ -282,3 +282,14 @@ Deno.test("each function has one home: no two modules declare a function of the 
     ["a", "b"],
   );
 });
+
+Deno.test("release-boot.ts is the one executable: it runs by its shebang, as operators run it", async () => {
+  const output = await new Deno.Command(EXECUTABLE, {
+    args: ["--help"],
+    cwd: repoRoot,
+    stdout: "piped",
+    stderr: "piped",
+  }).output().catch((error) => assert.fail(`${EXECUTABLE} does not run: ${error.message}`));
+  assert.equal(output.code, 0, new TextDecoder().decode(output.stderr));
+  assert.match(new TextDecoder().decode(output.stdout), /^release-boot: .*\n\nUsage:/);
+});

@@ -1,14 +1,19 @@
 /**
- * docs/PXE.md's "Verified boot" commands, run as an operator runs them: the one block marked
- * `<!-- test: make-ca -->` makes a CA and a code-signing certificate, and openssl then checks
- * what iPXE and release-boot need of them. Needs openssl (.ci/install installs it).
+ * docs/PXE.md's commands, run as an operator runs them. The block marked
+ * `<!-- test: fetch-current -->` fetches a signed release into a boot directory, which must then
+ * hold the layout the doc describes. The block marked `<!-- test: make-ca -->` makes a CA and a
+ * code-signing certificate, and openssl then checks what iPXE and release-boot need of them.
+ * Needs openssl (.ci/install installs it).
  */
 import assert from "node:assert/strict";
 import * as fs from "node:fs/promises";
 import * as os from "node:os";
 import * as path from "node:path";
 import { $ } from "zx";
-import { repoRoot } from "./run_helpers.ts";
+import { world } from "./forgejo_world.ts";
+import { nixTest } from "./nix_helpers.ts";
+import { baseEnv, repoRoot } from "./run_helpers.ts";
+import { makeKeys } from "./signing_helpers.ts";
 
 const PXE_DOC = path.join(repoRoot, "docs", "PXE.md");
 
@@ -39,6 +44,54 @@ function extension(text: string, name: string): string {
   assert.ok(match, `the certificate has X509v3 ${name}`);
   return `${match[1] ? "critical " : ""}${match[2].trim()}`;
 }
+
+nixTest(
+  "the fetch commands of docs/PXE.md's choice (a) leave current pointing at the release, which sha256sum -c checks",
+  async () => {
+    const w = await world();
+    const keys = await makeKeys();
+    const srv = await fs.mkdtemp(path.join(os.tmpdir(), "release-boot-srv-"));
+    try {
+      const published = await w.publish(["--targets", "netboot", "--tag", "boot-v1.2.0"], {
+        RELEASE_BOOT_SIGNING_KEY: keys.keyText,
+      });
+      assert.equal(published.code, 0, published.stderr);
+      // The doc's server, trust file and /srv, here; the operator's sudo is this user already.
+      const netboot = path.join(srv, "netboot");
+      const block = (await markedBlock("fetch-current"))
+        .replaceAll("sudo ", "")
+        .replaceAll("https://git.example.org", w.forgejo.url)
+        .replaceAll("/etc/release-boot/allowed_signers", keys.allowedSigners)
+        .replaceAll("/srv/netboot", netboot);
+      const env = baseEnv({ USER: os.userInfo().username });
+      const run = await $({ cwd: repoRoot, env, nothrow: true })`sh -eu -c ${block}`.quiet();
+      assert.equal(run.exitCode, 0, `${run.stdout}${run.stderr}`);
+      assert.match(run.stdout, /^netboot-x86_64-linux\.bzImage: OK$/m, "sha256sum -c checked");
+
+      // What the doc says /srv/netboot then holds.
+      assert.deepEqual((await fs.readdir(netboot)).filter((name) => !name.startsWith(".")).sort(), [
+        "boot-v1.2.0",
+        "current",
+      ]);
+      assert.equal(await fs.readlink(path.join(netboot, "current")), "boot-v1.2.0");
+      // The four netboot-x86_64-linux.* files, netboot.ipxe and SHA256SUMS.
+      const release = (await fs.readdir(path.join(netboot, "boot-v1.2.0")))
+        .filter((name) => !name.startsWith("."));
+      assert.deepEqual(release.sort(), [
+        "SHA256SUMS",
+        "netboot-x86_64-linux.built.ipxe",
+        "netboot-x86_64-linux.bzImage",
+        "netboot-x86_64-linux.initrd",
+        "netboot-x86_64-linux.ipxe",
+        "netboot.ipxe",
+      ]);
+    } finally {
+      await w.close();
+      await fs.rm(keys.dir, { recursive: true, force: true });
+      await fs.rm(srv, { recursive: true, force: true });
+    }
+  },
+);
 
 Deno.test("the make-ca commands of docs/PXE.md leave a CA, and a code-signing key with its certificate chain up to that CA", async () => {
   const dir = await fs.mkdtemp(path.join(os.tmpdir(), "release-boot-make-ca-"));

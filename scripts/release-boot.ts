@@ -328,8 +328,8 @@ function printPlan(run: Run, bundle: Bundle, options: ReleaseOptions): void {
 }
 
 /**
- * Writes the bundle next to its final place, then renames it in: a failure, SIGTERM or
- * Ctrl-C never leaves a half-written --out, and a rerun replaces the earlier stage whole.
+ * Stages the bundle in --out, whole or not at all (stage.ts says how), then tells the operator
+ * how to check and publish it.
  */
 async function stageLocally(run: Run, bundle: Bundle, options: ReleaseOptions): Promise<void> {
   const out = run.resolve(options.out);

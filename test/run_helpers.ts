@@ -196,9 +196,27 @@ export async function makeFixture(salt: string): Promise<{ dir: string; ref: str
   return { dir, ref: `path:${dir}` };
 }
 
-/** A scratch git checkout to run from, so the default commit comes from git rev-parse HEAD. */
+/**
+ * A scratch git checkout to run from, so the default commit comes from git rev-parse HEAD.
+ * Each is a copy of one checkout that git makes once per test worker: three git processes a
+ * world would otherwise start. Every world so runs at the same commit, in a directory of its
+ * own.
+ */
 export async function makeWorkdir(): Promise<{ dir: string; commit: string }> {
+  checkout ??= makeCheckout();
+  const { dir: original, commit } = await checkout;
   const dir = await fs.mkdtemp(path.join(os.tmpdir(), "release-boot-work-"));
+  await fs.cp(original, dir, { recursive: true });
+  return { dir, commit };
+}
+
+/** The worker's checkout, made at its first world. */
+let checkout: Promise<{ dir: string; commit: string }> | undefined;
+
+async function makeCheckout(): Promise<{ dir: string; commit: string }> {
+  const dir = await fs.mkdtemp(path.join(os.tmpdir(), "release-boot-checkout-"));
+  // Gone with the worker, whose tests all finished with it.
+  globalThis.addEventListener("unload", () => Deno.removeSync(dir, { recursive: true }));
   const git = (...args: string[]) =>
     new Deno.Command("git", {
       args: ["-c", "user.name=t", "-c", "user.email=t@example.org", ...args],

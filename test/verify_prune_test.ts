@@ -305,6 +305,27 @@ Deno.test("the verify step summary shows the release's tag, system and asset nam
   ]);
 });
 
+Deno.test("a tag that would open a heading, a list or a rule opens the verdict as text", () => {
+  const verdicts = ["# Sign in", "- item", "+ item", "1. item", "2) item", "=== x", " # x"]
+    .map((tag) =>
+      verificationSummary({
+        tag,
+        commit: "0123456789abcdef0123456789abcdef01234567",
+        system: "x86_64-linux",
+        checks: [{ name: "a.iso", result: "identical", sha256: SHA_A }],
+      }).split("\n")[2].replace(/ rebuilds identically .*/, "")
+    );
+  assert.deepEqual(verdicts, [
+    "\\# Sign in",
+    "\\- item",
+    "\\+ item",
+    "1\\. item",
+    "2\\) item",
+    "\\=== x",
+    " \\# x",
+  ]);
+});
+
 const NOW = new Date("2026-12-01T12:00:00Z");
 const MiB = 1 << 20;
 

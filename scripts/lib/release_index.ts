@@ -405,10 +405,13 @@ export function releaseBody(manifest: Manifest, options: Pick<ReleaseOptions, "s
 /**
  * Words from a server (a tag, an asset name) as Markdown text in a step summary: on one line,
  * with every character Markdown or HTML would read (a table's `|`, a code span's backtick, a
- * tag's `<`) escaped, so they show as written and add nothing of their own.
+ * tag's `<`) escaped, so they show as written and add nothing of their own. What opens a
+ * block (a heading's `#`, a list's `-`, `+` or `1.`, a rule's `=`) is escaped where it
+ * would open one, at the start, since the text may begin a line.
  */
 export function markdownText(text: string): string {
-  return text.replace(/\s+/g, " ").replace(/[\\`*_[\]<>&|~]/g, "\\$&");
+  return text.replace(/\s+/g, " ").replace(/[\\`*_[\]<>&|~]/g, "\\$&")
+    .replace(/^( ?)([#+=-])/, "$1\\$2").replace(/^( ?\d+)([.)])/, "$1\\$2");
 }
 
 /**

@@ -8,8 +8,8 @@ import assert from "node:assert/strict";
 import * as fs from "node:fs/promises";
 import * as path from "node:path";
 import { bootFilesByName, bootFilesOfScript } from "../scripts/lib/ipxe.ts";
-import { type Run, runMain, runRelease, sha256sumCheck } from "./run_helpers.ts";
-import { sha256, world } from "./forgejo_world.ts";
+import { baseEnv, type Run, runMain, runRelease, sha256sumCheck } from "./run_helpers.ts";
+import { sha256 } from "./forgejo_world.ts";
 import {
   api,
   assertOneLineFailure,
@@ -188,7 +188,7 @@ Deno.test("planted links in DIR are refused, never written through; nothing outs
     await untouched();
   }));
 
-// Child processes: the lock is between two processes, each with its own pid.
+// The lock is between two processes, each with its own pid: the first fetch is a child.
 Deno.test("one fetch at a time per DIR: a second one stops in one line; a dead one's lock is taken over", () =>
   scene(async (w, out) => {
     await releaseByHand(w, "boot-v1", netboot("boot-v1"));
@@ -202,7 +202,11 @@ Deno.test("one fetch at a time per DIR: a second one stops in one line; a dead o
       fault: { kind: "trickle", bytesPerSecond: 6 },
     });
     let finished: Run | undefined;
-    const first = fetchTag(w, out, "boot-v1", ["--timeout", "20"]).then((run) => finished = run);
+    const server = ["--server", w.forgejo.url, "--repo", "ops/runners"];
+    const first = runRelease(
+      ["fetch", ...server, "--out", out, "--tag", "boot-v1", "--timeout", "20"],
+      { cwd: w.work.dir, env: baseEnv() },
+    ).then((run) => finished = run);
     const lock = path.join(out, ".release-boot.lock");
     while (!(await fs.lstat(lock).catch(() => undefined))) {
       assert.equal(finished, undefined, `the first fetch never locked DIR: ${finished?.stderr}`);
@@ -233,7 +237,7 @@ Deno.test("one fetch at a time per DIR: a second one stops in one line; a dead o
     );
     assert.equal(await fs.lstat(lock).catch(() => undefined), undefined, "the lock is released");
     assert.deepEqual((await fs.readdir(out)).sort(), ["boot-v1", "boot-v2", "current", "previous"]);
-  }, () => world({}, "one", runRelease)));
+  }));
 
 Deno.test("without manifest.json, the iPXE script's kernel and initrd lines say what to boot", () => {
   const sums = new Map([

@@ -303,7 +303,8 @@ Deno.test("the mirror guard refuses before any network call", async () => {
       /refusing to publish to http:\/\/127\.0\.0\.1:\d+: it is on the mirror list/,
     );
     assert.deepEqual(forgejo.requests, []);
-    const codeberg = await runRelease(
+    // In this process: the exit status is the same 1 as above.
+    const codeberg = await runMain(
       ["--server", "https://codeberg.org", "--repo", "ops/runners"],
       {
         cwd: work.dir,

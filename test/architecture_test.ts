@@ -283,6 +283,62 @@ Deno.test("each function has one home: no two modules declare a function of the 
   );
 });
 
+/**
+ * The top-level `let` and `var` bindings of `files` (`file: name`), as deno doc's parser reads
+ * them, with the number of files it read: a text search would also match code in a string.
+ */
+async function topLevelVariables(files: string[]): Promise<{ mutable: string[]; read: number }> {
+  const output = await new Deno.Command(Deno.execPath(), {
+    args: ["doc", "--private", "--json", ...files],
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  assert.equal(output.code, 0, new TextDecoder().decode(output.stderr));
+  const doc = JSON.parse(new TextDecoder().decode(output.stdout)) as {
+    nodes: Record<string, { symbols?: DocSymbol[] }>;
+  };
+  const mutable = Object.entries(doc.nodes).flatMap(([url, node]) =>
+    (node.symbols ?? []).flatMap((symbol) =>
+      symbol.declarations
+        .filter((d) => d.kind === "variable" && d.def.kind !== "const")
+        .map(() => `${relative(new URL(url).pathname)}: ${symbol.name}`)
+    )
+  );
+  return { mutable, read: Object.keys(doc.nodes).length };
+}
+
+interface DocSymbol {
+  name: string;
+  declarations: { kind: string; def: { kind?: string } }[];
+}
+
+Deno.test("no module under scripts/ or types/ has a top-level let or var: a run's state lives in its context", async () => {
+  const files = [
+    ...await sources(path.join(repoRoot, "scripts")),
+    ...await sources(path.join(repoRoot, "types")),
+  ];
+  const { mutable, read } = await topLevelVariables(files);
+  assert.equal(read, files.length, "deno doc read every module");
+  assert.deepEqual(mutable, []);
+
+  const scratch = await Deno.makeTempDir();
+  try {
+    const planted = path.join(scratch, "counter.ts");
+    await fs.writeFile(
+      planted,
+      "let calls = 0;\nexport var last = '';\nconst code = `\nlet inString = 1;\n`;\n" +
+        "export function f() { let inner = 0; return [calls++, last, code, inner]; }\n",
+    );
+    const found = await topLevelVariables([planted]);
+    assert.deepEqual(found.mutable.map((line) => line.replace(/^.*: /, "")).sort(), [
+      "calls",
+      "last",
+    ]);
+  } finally {
+    await fs.rm(scratch, { recursive: true });
+  }
+});
+
 Deno.test("release-boot.ts is the one executable: it runs by its shebang, as operators run it", async () => {
   const output = await new Deno.Command(EXECUTABLE, {
     args: ["--help"],

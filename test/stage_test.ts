@@ -91,6 +91,71 @@ nixTest("a rerun of a stage replaces it whole", async () => {
   await fs.rm(work.dir, { recursive: true });
 });
 
+/** A netboot stage into `out`, in this process. */
+async function stageNetboot(work: string, out: string) {
+  return await runMain(["--flake", FIXTURE, "--targets", "netboot", "--out", out], { cwd: work });
+}
+
+nixTest(
+  "a stage into an --out another stage is writing stops in one line, and leaves that stage's copy alone",
+  async () => {
+    const work = await makeWorkdir();
+    const out = path.join(work.dir, "staged");
+    // The other stage: a live process holding the lock, its partial copy under way.
+    const other = new Deno.Command("sleep", { args: ["60"] }).spawn();
+    try {
+      await fs.writeFile(`${out}.lock`, `${other.pid}\n`);
+      const copy = `${out}.partial-AbC123`;
+      await fs.mkdir(copy);
+      await fs.writeFile(path.join(copy, "netboot-x86_64-linux.initrd"), "half");
+      const run = await stageNetboot(work.dir, out);
+      assert.equal(run.code, 1, run.stderr);
+      assert.deepEqual(run.stderr.split("\n").filter((line) => line.startsWith("release-boot:")), [
+        `release-boot: another stage (pid ${other.pid}) is writing ${out}: let it finish and rerun; if no such process runs, remove ${out}.lock`,
+      ]);
+      assert.deepEqual(await fs.readdir(copy), ["netboot-x86_64-linux.initrd"]);
+      assert.equal(await fs.readFile(`${out}.lock`, "utf8"), `${other.pid}\n`);
+      assert.equal(await exists(out), false);
+
+      // What is there but is no lock is never taken for one, nor removed.
+      await fs.writeFile(`${out}.lock`, "not a pid\n");
+      const planted = await stageNetboot(work.dir, out);
+      assert.equal(planted.code, 1, planted.stderr);
+      assert.match(
+        planted.stderr,
+        /^release-boot: \S+staged\.lock is not a lock file, which release-boot did not make: remove it, or stage into another --out$/m,
+      );
+      assert.equal(await fs.readFile(`${out}.lock`, "utf8"), "not a pid\n");
+    } finally {
+      other.kill();
+      await other.status;
+      await fs.rm(work.dir, { recursive: true });
+    }
+  },
+);
+
+nixTest(
+  "a killed stage's lock is taken over, and the stage leaves only --out beside it",
+  async () => {
+    const work = await makeWorkdir();
+    const out = path.join(work.dir, "staged");
+    const dead = new Deno.Command("true").spawn();
+    await dead.status;
+    await fs.writeFile(`${out}.lock`, `${dead.pid}\n`);
+    // What a stage killed while taking over a lock left.
+    await fs.writeFile(`${out}.lock.${dead.pid}.stale`, "1\n");
+    const run = await stageNetboot(work.dir, out);
+    assert.equal(run.code, 0, run.stderr);
+    assert.match(
+      run.stderr,
+      new RegExp(`Taking over \\S+staged\\.lock: its stage \\(pid ${dead.pid}\\) is gone`),
+    );
+    assert.deepEqual((await fs.readdir(work.dir)).filter((name) => name !== ".git"), ["staged"]);
+    assert.equal((await sha256sumCheck(out)).code, 0);
+    await fs.rm(work.dir, { recursive: true });
+  },
+);
+
 // A child process: only a process shows what Ctrl-C does to it.
 nixTest(
   "Ctrl-C during a stage exits 130, says nothing more, and leaves neither stage nor partial copy",

@@ -14,6 +14,7 @@ import { type Manifest, MANIFEST_NAME, SUMS_NAME } from "../../types/manifest.ts
 import { hashFile, READ_SIZE, sha256Hex } from "./hash.ts";
 import { inLanes } from "./lanes.ts";
 import { readSmallFile } from "./small_file.ts";
+import { isStaleLockName, releaseLock, takeLock } from "./dir_lock.ts";
 import { type Env, fileSystemFailure, formatBytes, ReleaseError, type Run } from "./run.ts";
 import { readTrust } from "./allowed_signers.ts";
 import { type DownloadOptions, type FetchOptions } from "./cli.ts";
@@ -269,7 +270,7 @@ const LOCK_NAME = ".release-boot.lock";
 /** In every tag directory release-boot made: its tag, and by its mtime when it was fetched. */
 const TAG_MARK = ".release-boot-tag";
 
-/** A lock holds a pid, a mark a directory name: a larger file is neither, and is not read. */
+/** A mark holds a directory name: a larger file is none, and is not read. */
 const MAX_MARK_SIZE = 1024;
 
 /** A tag as one directory name: `/` (valid in a tag) cannot make a subdirectory. */
@@ -335,83 +336,28 @@ async function lockedIn<T>(run: Run, out: string, work: () => Promise<T>): Promi
       }), who then choose what boots: chmod go-w ${out}`,
     );
   }
-  const lock = path.join(out, LOCK_NAME);
+  const file = path.join(out, LOCK_NAME);
+  const lock = {
+    file,
+    taker: "fetch",
+    guards: path.dirname(file),
+    notALock: () => notOurs(file, "not a lock file"),
+  };
   await takeLock(run, lock);
   try {
     await removeHalfMade(out);
     return await work();
   } finally {
-    await fs.rm(lock, { force: true });
+    await releaseLock(lock);
   }
-}
-
-async function takeLock(run: Run, lock: string): Promise<void> {
-  for (let attempt = 1;; attempt++) {
-    try {
-      await fs.writeFile(lock, `${process.pid}\n`, { flag: "wx" });
-      return;
-    } catch (error) {
-      if ((error as NodeJS.ErrnoException).code !== "EEXIST") {
-        throw new ReleaseError(
-          `cannot lock ${path.dirname(lock)} (${(error as NodeJS.ErrnoException).code})`,
-        );
-      }
-    }
-    const pid = await lockHolder(lock);
-    if (pid === undefined) throw notOurs(lock, "not a lock file");
-    if (attempt > 2 || (pid > 0 && isRunning(pid))) {
-      throw new ReleaseError(
-        `another fetch (pid ${pid || "unknown"}) is writing ${
-          path.dirname(lock)
-        }: let it finish and rerun; if no such process runs, remove ${lock}`,
-      );
-    }
-    // Moved aside, not deleted: if another fetch took it over first, the moved file is
-    // that fetch's live lock and goes straight back.
-    const aside = `${lock}.${process.pid}.stale`;
-    if (!await fs.rename(lock, aside).then(() => true, () => false)) continue;
-    const moved = await lockHolder(aside);
-    if (moved !== pid) {
-      await fs.link(aside, lock).catch(() => undefined);
-      await fs.rm(aside, { force: true });
-      if (moved === undefined) throw notOurs(lock, "not a lock file");
-      throw new ReleaseError(
-        `another fetch (pid ${moved}) is writing ${path.dirname(lock)}: let it finish and rerun`,
-      );
-    }
-    await fs.rm(aside, { force: true });
-    run.log(`Taking over ${lock}: its fetch (pid ${pid || "unknown"}) is gone`);
-  }
-}
-
-/**
- * The pid a lock file holds: 0 when it is gone, unreadable or empty (a lock whose fetch has not
- * yet written its pid); undefined when it is no lock at all: it holds anything but a pid, or is
- * not a regular file or larger than any lock, which is never read, so a FIFO or a huge file
- * there can neither block nor fill this process.
- */
-async function lockHolder(file: string): Promise<number | undefined> {
-  const read = await readSmallFile(file, MAX_MARK_SIZE, { followLinks: false });
-  if (!("bytes" in read)) return read.problem === "unreadable" ? 0 : undefined;
-  const text = new TextDecoder().decode(read.bytes).trim();
-  return /^\d{0,10}$/.test(text) ? Number(text) : undefined;
 }
 
 /** Under the lock, what a killed fetch left half-made (`.NAME.PID.new`, `.stale`) goes. */
 async function removeHalfMade(out: string): Promise<void> {
   for (const entry of await fs.readdir(out)) {
-    if (/^\..+\.\d+\.new$/.test(entry) || /^\.release-boot\.lock\.\d+\.stale$/.test(entry)) {
+    if (/^\..+\.\d+\.new$/.test(entry) || isStaleLockName(entry, LOCK_NAME)) {
       await fs.rm(path.join(out, entry), { recursive: true, force: true });
     }
-  }
-}
-
-function isRunning(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (error) {
-    return (error as NodeJS.ErrnoException).code === "EPERM";
   }
 }
 

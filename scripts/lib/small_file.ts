@@ -1,6 +1,6 @@
 /**
  * Reading a small file whose path someone else chose (a key, a trust file, a stage's
- * SHA256SUMS, fetch's lock and tag marks): only a regular file, never past a cap, and never a
+ * SHA256SUMS, a lock, fetch's tag marks): only a regular file, never past a cap, and never a
  * read that blocks (a FIFO) or never ends (a device). It does not interpret what it reads.
  */
 import * as fs from "node:fs/promises";

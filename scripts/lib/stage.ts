@@ -1,18 +1,23 @@
 /**
  * A local stage: a release's files written to one directory (--out) that is always whole, an
- * earlier stage or the new one, never a mix. It must not touch anything in --out's parent but
- * its own `<out>.partial-*` directories, nor replace a directory it did not write.
+ * earlier stage or the new one, never a mix, by one stage at a time. It must not touch anything
+ * in --out's parent but its own `<out>.partial-*` directories and `<out>.lock`, nor replace a
+ * directory it did not write.
  */
 import * as fs from "node:fs/promises";
 import * as path from "node:path";
 import { ASSET_NAME, INDEX_NAMES, MANIFEST_NAME, SUMS_NAME } from "../../types/manifest.ts";
-import { fileSystemFailure, type Run, stoppable, UsageError } from "./run.ts";
+import { fileSystemFailure, ReleaseError, type Run, stoppable, UsageError } from "./run.ts";
+import { type DirLock, isStaleLockName, releaseLock, takeLock } from "./dir_lock.ts";
 import { type BundleAsset, MAX_INDEX_FILE } from "./forgejo.ts";
 import { parseSums } from "./release_index.ts";
 import { readSmallFile } from "./small_file.ts";
 
 /** The suffix of an earlier stage moved aside while the new one is renamed into its place. */
 const ASIDE = ".replaced";
+
+/** The suffix of the lock beside --out that a stage holds while it writes. */
+const LOCK = ".lock";
 
 /**
  * Refuses, before any build, an --out that is a file or holds anything but an earlier stage.
@@ -60,6 +65,39 @@ export async function writeStage(run: Run, out: string, assets: BundleAsset[]): 
         path.dirname(out)
       } (a directory, not read-only or full), then rerun`,
     );
+  await fs.mkdir(path.dirname(out), { recursive: true }).catch((error) => {
+    throw cannotWrite(error);
+  });
+  // Two stages into one --out at once would each take the other's partial copy for a killed
+  // stage's and remove it.
+  const lock = stageLock(out);
+  await takeLock(run, lock);
+  try {
+    await writeLocked(run, out, assets, cannotWrite);
+  } finally {
+    await releaseLock(lock);
+  }
+}
+
+function stageLock(out: string): DirLock {
+  const file = `${out}${LOCK}`;
+  return {
+    file,
+    taker: "stage",
+    guards: out,
+    notALock: () =>
+      new ReleaseError(
+        `${file} is not a lock file, which release-boot did not make: remove it, or stage into another --out`,
+      ),
+  };
+}
+
+async function writeLocked(
+  run: Run,
+  out: string,
+  assets: BundleAsset[],
+  cannotWrite: (error: unknown) => unknown,
+): Promise<void> {
   const partial = await startStage(run, out).catch((error) => {
     throw cannotWrite(error);
   });
@@ -107,18 +145,24 @@ export async function writeStage(run: Run, out: string, assets: BundleAsset[]): 
 
 /** The directory a stage is written in beside `out`, once what killed stages left is gone. */
 async function startStage(run: Run, out: string): Promise<string> {
-  await fs.mkdir(path.dirname(out), { recursive: true });
   await cleanUpAfterKilledStages(run, out);
   return await fs.mkdtemp(`${out}.partial-`);
 }
 
 /**
- * What a killed stage left beside `out`: `<out>.partial-*` directories of plain files, never
- * anything else. A stage killed between moving the earlier one aside and renaming the new one
- * in left `out` missing: the earlier stage goes back in its place.
+ * What a killed stage left beside `out`: `<out>.partial-*` directories of plain files, and the
+ * file a takeover of its lock moved aside (`<out>.lock.PID.stale`), never anything else. A
+ * stage killed between moving the earlier one aside and renaming the new one in left `out`
+ * missing: the earlier stage goes back in its place.
  */
 async function cleanUpAfterKilledStages(run: Run, out: string): Promise<void> {
   const parent = path.dirname(out);
+  const lockName = `${path.basename(out)}${LOCK}`;
+  for (const entry of await fs.readdir(parent)) {
+    if (!isStaleLockName(entry, lockName)) continue;
+    const stale = path.join(parent, entry);
+    if ((await fs.lstat(stale)).isFile()) await fs.rm(stale, { force: true });
+  }
   const prefix = `${path.basename(out)}.partial-`;
   const entries = (await fs.readdir(parent)).filter((entry) => entry.startsWith(prefix)).sort();
   for (const entry of entries) {

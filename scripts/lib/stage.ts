@@ -1,8 +1,8 @@
 /**
  * A local stage: a release's files written to one directory (--out) that is always whole, an
  * earlier stage or the new one, never a mix, by one stage at a time. It must not touch anything
- * in --out's parent but its own `<out>.partial-*` directories and `<out>.lock`, nor replace a
- * directory it did not write.
+ * in --out's parent but its own `<out>.partial-*` directories and `<out>.lock` (and what a
+ * takeover of that lock left), nor replace a directory it did not write.
  */
 import * as fs from "node:fs/promises";
 import * as path from "node:path";
@@ -161,7 +161,8 @@ async function cleanUpAfterKilledStages(run: Run, out: string): Promise<void> {
   for (const entry of await fs.readdir(parent)) {
     if (!isStaleLockName(entry, lockName)) continue;
     const stale = path.join(parent, entry);
-    if ((await fs.lstat(stale)).isFile()) await fs.rm(stale, { force: true });
+    const stat = await fs.lstat(stale).catch(() => undefined);
+    if (stat?.isFile()) await fs.rm(stale, { force: true });
   }
   const prefix = `${path.basename(out)}.partial-`;
   const entries = (await fs.readdir(parent)).filter((entry) => entry.startsWith(prefix)).sort();

@@ -135,24 +135,37 @@ nixTest(
 );
 
 nixTest(
-  "a killed stage's lock is taken over, and the stage leaves only --out beside it",
+  "a killed stage's lock is taken over, and what killed runs left beside it goes, a live run's stays",
   async () => {
     const work = await makeWorkdir();
     const out = path.join(work.dir, "staged");
     const dead = new Deno.Command("true").spawn();
     await dead.status;
-    await fs.writeFile(`${out}.lock`, `${dead.pid}\n`);
-    // What a stage killed while taking over a lock left.
-    await fs.writeFile(`${out}.lock.${dead.pid}.stale`, "1\n");
-    const run = await stageNetboot(work.dir, out);
-    assert.equal(run.code, 0, run.stderr);
-    assert.match(
-      run.stderr,
-      new RegExp(`Taking over \\S+staged\\.lock: its stage \\(pid ${dead.pid}\\) is gone`),
-    );
-    assert.deepEqual((await fs.readdir(work.dir)).filter((name) => name !== ".git"), ["staged"]);
-    assert.equal((await sha256sumCheck(out)).code, 0);
-    await fs.rm(work.dir, { recursive: true });
+    const live = new Deno.Command("sleep", { args: ["60"] }).spawn();
+    try {
+      await fs.writeFile(`${out}.lock`, `${dead.pid}\n`);
+      // What stages killed while making a lock and while taking one over left.
+      await fs.writeFile(`${out}.lock.${dead.pid}.new`, `${dead.pid}\n`);
+      await fs.writeFile(`${out}.lock.takeover`, `${dead.pid}\n`);
+      await fs.writeFile(`${out}.lock.${dead.pid}.stale`, "1\n");
+      // A live run's lock moved aside while it takes it over.
+      await fs.writeFile(`${out}.lock.${live.pid}.stale`, "1\n");
+      const run = await stageNetboot(work.dir, out);
+      assert.equal(run.code, 0, run.stderr);
+      assert.match(
+        run.stderr,
+        new RegExp(`Taking over \\S+staged\\.lock: its stage \\(pid ${dead.pid}\\) is gone`),
+      );
+      assert.deepEqual(
+        (await fs.readdir(work.dir)).filter((name) => name !== ".git").sort(),
+        ["staged", `staged.lock.${live.pid}.stale`],
+      );
+      assert.equal((await sha256sumCheck(out)).code, 0);
+    } finally {
+      live.kill();
+      await live.status;
+      await fs.rm(work.dir, { recursive: true });
+    }
   },
 );
 

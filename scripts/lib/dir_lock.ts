@@ -1,7 +1,7 @@
 /**
  * One writer at a time: a lock file holding its taker's pid, created exclusively, taken over
- * when that process is gone. It reads and writes only the lock file and its `.PID.stale`
- * aside, never what the lock guards.
+ * when that process is gone. It reads and writes only the lock file and its companions
+ * (`.PID.new`, `.takeover`), never what the lock guards.
  */
 import process from "node:process";
 import * as fs from "node:fs/promises";
@@ -11,6 +11,11 @@ import { readSmallFile } from "./small_file.ts";
 
 /** A lock holds a pid: a larger file is no lock, and is not read. */
 const MAX_LOCK_SIZE = 1024;
+
+/** Looks at a lock another run is taking over, before saying it is held. */
+const TAKEOVER_LOOKS = 5;
+
+const TAKEOVER_WAIT_MS = 20;
 
 export interface DirLock {
   /** The lock file. */
@@ -28,66 +33,119 @@ export interface DirLock {
  * whose process is gone (a run that was killed) is taken over, and the takeover is logged.
  */
 export async function takeLock(run: Run, lock: DirLock): Promise<void> {
-  for (let attempt = 1;; attempt++) {
-    try {
-      await fs.writeFile(lock.file, `${process.pid}\n`, { flag: "wx" });
-      return;
-    } catch (error) {
-      if ((error as NodeJS.ErrnoException).code !== "EEXIST") {
-        throw new ReleaseError(
-          `cannot lock ${lock.guards} (${
-            (error as NodeJS.ErrnoException).code
-          }): check that this user can write ${path.dirname(lock.file)}, then rerun`,
-        );
-      }
-    }
+  for (let look = 1;; look++) {
+    if (await createLock(lock, lock.file)) return;
     const pid = await lockHolder(lock.file);
     if (pid === undefined) throw lock.notALock();
-    if (attempt > 2 || (pid > 0 && isRunning(pid))) {
+    if ((pid > 0 && isRunning(pid)) || look > TAKEOVER_LOOKS) {
       throw new ReleaseError(
         `another ${lock.taker} (pid ${
           pid || "unknown"
         }) is writing ${lock.guards}: let it finish and rerun; if no such process runs, remove ${lock.file}`,
       );
     }
-    // Moved aside, not deleted: if another run took it over first, the moved file is that
-    // run's live lock and goes straight back.
-    const aside = staleName(lock.file, process.pid);
-    if (!await fs.rename(lock.file, aside).then(() => true, () => false)) continue;
-    const moved = await lockHolder(aside);
-    if (moved !== pid) {
-      await fs.link(aside, lock.file).catch(() => undefined);
-      await fs.rm(aside, { force: true });
-      if (moved === undefined) throw lock.notALock();
-      throw new ReleaseError(
-        `another ${lock.taker} (pid ${moved}) is writing ${lock.guards}: let it finish and rerun`,
-      );
-    }
-    await fs.rm(aside, { force: true });
-    run.log(`Taking over ${lock.file}: its ${lock.taker} (pid ${pid || "unknown"}) is gone`);
+    await removeDeadLock(run, lock, pid);
   }
 }
 
-/** Gives `lock` up; the run that took it calls this however it ends. */
-export async function releaseLock(lock: DirLock): Promise<void> {
-  await fs.rm(lock.file, { force: true });
-}
-
-/** The name a takeover moves a dead run's lock to; a run killed meanwhile leaves it behind. */
-function staleName(file: string, pid: number): string {
-  return `${file}.${pid}.stale`;
-}
-
-/** True for the name of what a takeover of lock file `lockName` left (`NAME.PID.stale`). */
-export function isStaleLockName(entry: string, lockName: string): boolean {
-  return entry.startsWith(`${lockName}.`) && /^\.\d+\.stale$/.test(entry.slice(lockName.length));
+/**
+ * Removes `lock` if it still holds `pid`, a run that is gone. One run at a time does this,
+ * the one that makes `<lock>.takeover`: a run that removed a lock it had read as dead could
+ * otherwise remove the live one another run made since. A run that finds another taking it
+ * over waits a moment and looks again.
+ */
+async function removeDeadLock(run: Run, lock: DirLock, pid: number): Promise<void> {
+  const guard = takeoverName(lock.file);
+  if (!await createLock(lock, guard)) {
+    const holder = await lockHolder(guard);
+    if (holder === undefined) throw lock.notALock();
+    // Left by a run killed while taking the lock over: the next look makes it again.
+    if (holder > 0 && !isRunning(holder)) await fs.rm(guard, { force: true });
+    else await new Promise((resolve) => setTimeout(resolve, TAKEOVER_WAIT_MS));
+    return;
+  }
+  try {
+    if (await lockHolder(lock.file) !== pid) return;
+    await fs.rm(lock.file, { force: true });
+    run.log(`Taking over ${lock.file}: its ${lock.taker} (pid ${pid || "unknown"}) is gone`);
+  } finally {
+    await fs.rm(guard, { force: true });
+  }
 }
 
 /**
- * The pid a lock file holds: 0 when it is gone, unreadable or empty (a lock whose run has not
- * yet written its pid); undefined when it is no lock at all: it holds anything but a pid, or is
- * not a regular file or larger than any lock, which is never read, so a FIFO or a huge file
- * there can neither block nor fill this process.
+ * Creates `file` holding this process's pid, or returns false when it is there. The pid is
+ * written under a name of this run's own, then linked in: a lock is never seen empty, so a
+ * run that reads it while it is being made never takes it for a dead run's.
+ */
+async function createLock(lock: DirLock, file: string): Promise<boolean> {
+  const mine = newName(file, process.pid);
+  try {
+    // What a run with this pid left when it was killed.
+    await fs.rm(mine, { force: true });
+    await fs.writeFile(mine, `${process.pid}\n`, { flag: "wx" });
+    try {
+      return await fs.link(mine, file).then(() => true, (error: NodeJS.ErrnoException) => {
+        if (error.code === "EEXIST") return false;
+        throw error;
+      });
+    } finally {
+      await fs.rm(mine, { force: true });
+    }
+  } catch (error) {
+    throw new ReleaseError(
+      `cannot lock ${lock.guards} (${
+        (error as NodeJS.ErrnoException).code
+      }): check that this user can write ${path.dirname(lock.file)}, then rerun`,
+    );
+  }
+}
+
+/**
+ * Gives `lock` up; the run that took it calls this however it ends. A lock that cannot be
+ * removed (its directory made read-only meanwhile) is left for the next run to take over: the
+ * run's own outcome is what it reports.
+ */
+export async function releaseLock(lock: DirLock): Promise<void> {
+  await fs.rm(lock.file, { force: true }).catch(() => undefined);
+}
+
+/** Where a run writes its pid before linking it in as `file`. */
+function newName(file: string, pid: number): string {
+  return `${file}.${pid}.new`;
+}
+
+/** The lock on taking over `file`. */
+function takeoverName(file: string): string {
+  return `${file}.takeover`;
+}
+
+/**
+ * Removes what runs killed while making or taking over lock file `lockName` left in `dir`:
+ * the regular files `NAME.PID.new`, `NAME.takeover`, and `NAME.PID.stale` of earlier versions.
+ * A live run's are its lock in the making, and stay; so does anything that is not a file.
+ */
+export async function removeLeftoversOfKilledRuns(dir: string, lockName: string): Promise<void> {
+  for (const entry of await fs.readdir(dir)) {
+    if (!entry.startsWith(`${lockName}.`)) continue;
+    const file = path.join(dir, entry);
+    const suffix = entry.slice(lockName.length);
+    const named = suffix.match(/^\.(\d{1,10})\.(new|stale)$/)?.[1];
+    const pid = named !== undefined
+      ? Number(named)
+      : suffix === ".takeover"
+      ? await lockHolder(file)
+      : undefined;
+    if (pid === undefined || (pid > 0 && isRunning(pid))) continue;
+    const stat = await fs.lstat(file).catch(() => undefined);
+    if (stat?.isFile()) await fs.rm(file, { force: true });
+  }
+}
+
+/**
+ * The pid a lock file holds: 0 when it is gone, unreadable or empty; undefined when it is no
+ * lock at all: it holds anything but a pid, or is not a regular file or larger than any lock,
+ * which is never read, so a FIFO or a huge file there can neither block nor fill this process.
  */
 async function lockHolder(file: string): Promise<number | undefined> {
   const read = await readSmallFile(file, MAX_LOCK_SIZE, { followLinks: false });

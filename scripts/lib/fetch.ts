@@ -14,7 +14,7 @@ import { type Manifest, MANIFEST_NAME, SUMS_NAME } from "../../types/manifest.ts
 import { hashFile, READ_SIZE, sha256Hex } from "./hash.ts";
 import { inLanes } from "./lanes.ts";
 import { readSmallFile } from "./small_file.ts";
-import { isStaleLockName, releaseLock, takeLock } from "./dir_lock.ts";
+import { releaseLock, removeLeftoversOfKilledRuns, takeLock } from "./dir_lock.ts";
 import { type Env, fileSystemFailure, formatBytes, ReleaseError, type Run } from "./run.ts";
 import { readTrust } from "./allowed_signers.ts";
 import { type DownloadOptions, type FetchOptions } from "./cli.ts";
@@ -352,13 +352,17 @@ async function lockedIn<T>(run: Run, out: string, work: () => Promise<T>): Promi
   }
 }
 
-/** Under the lock, what a killed fetch left half-made (`.NAME.PID.new`, `.stale`) goes. */
+/**
+ * Under the lock, what a killed fetch left half-made goes: a tag directory (`.NAME.PID.new`),
+ * and what it left making or taking over the lock, unless a live fetch is making one now.
+ */
 async function removeHalfMade(out: string): Promise<void> {
   for (const entry of await fs.readdir(out)) {
-    if (/^\..+\.\d+\.new$/.test(entry) || isStaleLockName(entry, LOCK_NAME)) {
+    if (!entry.startsWith(`${LOCK_NAME}.`) && /^\..+\.\d+\.new$/.test(entry)) {
       await fs.rm(path.join(out, entry), { recursive: true, force: true });
     }
   }
+  await removeLeftoversOfKilledRuns(out, LOCK_NAME);
 }
 
 /**

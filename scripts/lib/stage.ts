@@ -1,14 +1,14 @@
 /**
  * A local stage: a release's files written to one directory (--out) that is always whole, an
  * earlier stage or the new one, never a mix, by one stage at a time. It must not touch anything
- * in --out's parent but its own `<out>.partial-*` directories and `<out>.lock` (and what a
- * takeover of that lock left), nor replace a directory it did not write.
+ * in --out's parent but its own `<out>.partial-*` directories and `<out>.lock` (with what a
+ * killed run left making or taking over that lock), nor replace a directory it did not write.
  */
 import * as fs from "node:fs/promises";
 import * as path from "node:path";
 import { ASSET_NAME, INDEX_NAMES, MANIFEST_NAME, SUMS_NAME } from "../../types/manifest.ts";
 import { fileSystemFailure, ReleaseError, type Run, stoppable, UsageError } from "./run.ts";
-import { type DirLock, isStaleLockName, releaseLock, takeLock } from "./dir_lock.ts";
+import { type DirLock, releaseLock, removeLeftoversOfKilledRuns, takeLock } from "./dir_lock.ts";
 import { type BundleAsset, MAX_INDEX_FILE } from "./forgejo.ts";
 import { parseSums } from "./release_index.ts";
 import { readSmallFile } from "./small_file.ts";
@@ -151,19 +151,14 @@ async function startStage(run: Run, out: string): Promise<string> {
 
 /**
  * What a killed stage left beside `out`: `<out>.partial-*` directories of plain files, and the
- * file a takeover of its lock moved aside (`<out>.lock.PID.stale`), never anything else. A
+ * files it left making or taking over the lock (`<out>.lock.PID.new`, `<out>.lock.takeover`),
+ * never anything else. A
  * stage killed between moving the earlier one aside and renaming the new one in left `out`
  * missing: the earlier stage goes back in its place.
  */
 async function cleanUpAfterKilledStages(run: Run, out: string): Promise<void> {
   const parent = path.dirname(out);
-  const lockName = `${path.basename(out)}${LOCK}`;
-  for (const entry of await fs.readdir(parent)) {
-    if (!isStaleLockName(entry, lockName)) continue;
-    const stale = path.join(parent, entry);
-    const stat = await fs.lstat(stale).catch(() => undefined);
-    if (stat?.isFile()) await fs.rm(stale, { force: true });
-  }
+  await removeLeftoversOfKilledRuns(parent, `${path.basename(out)}${LOCK}`);
   const prefix = `${path.basename(out)}.partial-`;
   const entries = (await fs.readdir(parent)).filter((entry) => entry.startsWith(prefix)).sort();
   for (const entry of entries) {

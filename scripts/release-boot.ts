@@ -83,7 +83,7 @@ import { fetchForBoot } from "./lib/fetch.ts";
 import { releaseFlake, verifyRelease } from "./lib/verify.ts";
 import { pruneReleases } from "./lib/prune.ts";
 import { sayingWhatIsLeft, uploadPlanned } from "./lib/uploads.ts";
-import { refuseForeignOut, writeStage } from "./lib/stage.ts";
+import { refuseUnusableOut, writeStage } from "./lib/stage.ts";
 
 /**
  * One run of release-boot: its exit status (0 done, 1 failed, 2 bad usage, 130 or 143 stopped
@@ -135,7 +135,7 @@ async function runbook(run: Run, argv: string[], env: Env): Promise<void> {
       options,
     )
     : undefined;
-  if (!forgejo && !options.dryRun) await refuseForeignOut(options.out, run.resolve(options.out));
+  if (!forgejo && !options.dryRun) await refuseUnusableOut(options.out, run.resolve(options.out));
   const repository = forgejo && await run.step("Check Forgejo", () => checkForgejo(run, forgejo));
   if (forgejo && options.finalize) {
     return await finalizeRelease(run, forgejo, repository, options, { key, ipxe }, env);

@@ -113,6 +113,7 @@ nixTest(
       assert.deepEqual(run.stderr.split("\n").filter((line) => line.startsWith("release-boot:")), [
         `release-boot: another stage (pid ${other.pid}) is writing ${out}: let it finish and rerun; if no such process runs, remove ${out}.lock`,
       ]);
+      assert.doesNotMatch(run.stderr, /^==> Read the flake$/m, "refused before the build");
       assert.deepEqual(await fs.readdir(copy), ["netboot-x86_64-linux.initrd"]);
       assert.equal(await fs.readFile(`${out}.lock`, "utf8"), `${other.pid}\n`);
       assert.equal(await exists(out), false);
@@ -125,6 +126,7 @@ nixTest(
         planted.stderr,
         /^release-boot: \S+staged\.lock is not a lock file, which release-boot did not make: remove it, or stage into another --out$/m,
       );
+      assert.doesNotMatch(planted.stderr, /^==> Read the flake$/m, "refused before the build");
       assert.equal(await fs.readFile(`${out}.lock`, "utf8"), "not a pid\n");
     } finally {
       other.kill();

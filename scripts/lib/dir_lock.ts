@@ -37,15 +37,27 @@ export async function takeLock(run: Run, lock: DirLock): Promise<void> {
     if (await createLock(lock, lock.file)) return;
     const pid = await lockHolder(lock.file);
     if (pid === undefined) throw lock.notALock();
-    if ((pid > 0 && isRunning(pid)) || look > TAKEOVER_LOOKS) {
-      throw new ReleaseError(
-        `another ${lock.taker} (pid ${
-          pid || "unknown"
-        }) is writing ${lock.guards}: let it finish and rerun; if no such process runs, remove ${lock.file}`,
-      );
-    }
+    if ((pid > 0 && isRunning(pid)) || look > TAKEOVER_LOOKS) throw heldBy(lock, pid);
     await removeDeadLock(run, lock, pid);
   }
+}
+
+/**
+ * Fails as takeLock would when a live run holds `lock`, without taking it: a look before long
+ * work (a build), so that a run that would be refused at the end is refused at the start.
+ */
+export async function refuseIfHeld(lock: DirLock): Promise<void> {
+  const pid = await lockHolder(lock.file);
+  if (pid === undefined) throw lock.notALock();
+  if (pid > 0 && isRunning(pid)) throw heldBy(lock, pid);
+}
+
+function heldBy(lock: DirLock, pid: number): ReleaseError {
+  return new ReleaseError(
+    `another ${lock.taker} (pid ${
+      pid || "unknown"
+    }) is writing ${lock.guards}: let it finish and rerun; if no such process runs, remove ${lock.file}`,
+  );
 }
 
 /**

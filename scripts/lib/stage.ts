@@ -8,7 +8,13 @@ import * as fs from "node:fs/promises";
 import * as path from "node:path";
 import { ASSET_NAME, INDEX_NAMES, MANIFEST_NAME, SUMS_NAME } from "../../types/manifest.ts";
 import { fileSystemFailure, ReleaseError, type Run, stoppable, UsageError } from "./run.ts";
-import { type DirLock, releaseLock, removeLeftoversOfKilledRuns, takeLock } from "./dir_lock.ts";
+import {
+  type DirLock,
+  refuseIfHeld,
+  releaseLock,
+  removeLeftoversOfKilledRuns,
+  takeLock,
+} from "./dir_lock.ts";
 import { type BundleAsset, MAX_INDEX_FILE } from "./forgejo.ts";
 import { parseSums } from "./release_index.ts";
 import { readSmallFile } from "./small_file.ts";
@@ -20,10 +26,11 @@ const ASIDE = ".replaced";
 const LOCK = ".lock";
 
 /**
- * Refuses, before any build, an --out that is a file or holds anything but an earlier stage.
- * `out` names it as given; `dir` is where it is.
+ * Refuses, before any build, an --out that another stage is writing, is a file, or holds
+ * anything but an earlier stage. `out` names it as given; `dir` is where it is.
  */
-export async function refuseForeignOut(out: string, dir: string): Promise<void> {
+export async function refuseUnusableOut(out: string, dir: string): Promise<void> {
+  await refuseIfHeld(stageLock(dir));
   const stat = await fs.lstat(dir).catch(() => undefined);
   if (!stat) return;
   if (!stat.isDirectory()) {
@@ -57,7 +64,7 @@ async function isEarlierStage(dir: string, entries: string[]): Promise<boolean> 
  * leaves a half-written `out`, and a rerun replaces the earlier stage whole.
  */
 export async function writeStage(run: Run, out: string, assets: BundleAsset[]): Promise<void> {
-  await refuseForeignOut(out, out);
+  await refuseUnusableOut(out, out);
   const cannotWrite = (error: unknown) =>
     fileSystemFailure(
       error,

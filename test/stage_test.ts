@@ -171,6 +171,32 @@ nixTest(
   },
 );
 
+nixTest(
+  "a lock naming a pid that another process has since (after a reboot, or pids wrapping) is taken over",
+  async () => {
+    const work = await makeWorkdir();
+    const out = path.join(work.dir, "staged");
+    // Its pid runs, but it is not the process the lock recorded: that one started in another boot.
+    const other = new Deno.Command("sleep", { args: ["60"] }).spawn();
+    try {
+      const bootId = (await fs.readFile("/proc/sys/kernel/random/boot_id", "utf8")).trim();
+      const anotherBoot = bootId.replace(/^./, (c) => c === "0" ? "1" : "0");
+      await fs.writeFile(`${out}.lock`, `${other.pid} ${anotherBoot}/12345\n`);
+      const run = await stageNetboot(work.dir, out);
+      assert.equal(run.code, 0, run.stderr);
+      assert.match(
+        run.stderr,
+        new RegExp(`Taking over \\S+staged\\.lock: its stage \\(pid ${other.pid}\\) is gone`),
+      );
+      assert.equal(await exists(`${out}.lock`), false, "the lock is released");
+    } finally {
+      other.kill();
+      await other.status;
+      await fs.rm(work.dir, { recursive: true });
+    }
+  },
+);
+
 // A child process: only a process shows what Ctrl-C does to it.
 nixTest(
   "Ctrl-C during a stage exits 130, says nothing more, and leaves neither stage nor partial copy",

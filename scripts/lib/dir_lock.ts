@@ -1,7 +1,8 @@
 /**
- * One writer at a time: a lock file holding its taker's pid, created exclusively, taken over
- * when that process is gone. It reads and writes only the lock file and its companions
- * (`.PID.new`, `.takeover`), never what the lock guards.
+ * One writer at a time: a lock file holding its taker's pid (with the boot and start time that
+ * tell that process from a later one given the same pid), created exclusively, taken over when
+ * that process is gone. It reads and writes only the lock file and its companions (`.PID.new`,
+ * `.takeover`), never what the lock guards.
  */
 import process from "node:process";
 import * as fs from "node:fs/promises";
@@ -9,7 +10,7 @@ import * as path from "node:path";
 import { ReleaseError, type Run } from "./run.ts";
 import { readSmallFile } from "./small_file.ts";
 
-/** A lock holds a pid: a larger file is no lock, and is not read. */
+/** A lock holds a pid and an identity: a larger file is no lock, and is not read. */
 const MAX_LOCK_SIZE = 1024;
 
 /** Looks at a lock another run is taking over, before saying it is held. */
@@ -35,10 +36,10 @@ export interface DirLock {
 export async function takeLock(run: Run, lock: DirLock): Promise<void> {
   for (let look = 1;; look++) {
     if (await createLock(lock, lock.file)) return;
-    const pid = await lockHolder(lock.file);
-    if (pid === undefined) throw lock.notALock();
-    if ((pid > 0 && isRunning(pid)) || look > TAKEOVER_LOOKS) throw heldBy(lock, pid);
-    await removeDeadLock(run, lock, pid);
+    const holder = await lockHolder(lock.file);
+    if (holder === undefined) throw lock.notALock();
+    if (await isRunning(holder) || look > TAKEOVER_LOOKS) throw heldBy(lock, holder.pid);
+    await removeDeadLock(run, lock, holder);
   }
 }
 
@@ -47,9 +48,9 @@ export async function takeLock(run: Run, lock: DirLock): Promise<void> {
  * work (a build), so that a run that would be refused at the end is refused at the start.
  */
 export async function refuseIfHeld(lock: DirLock): Promise<void> {
-  const pid = await lockHolder(lock.file);
-  if (pid === undefined) throw lock.notALock();
-  if (pid > 0 && isRunning(pid)) throw heldBy(lock, pid);
+  const holder = await lockHolder(lock.file);
+  if (holder === undefined) throw lock.notALock();
+  if (await isRunning(holder)) throw heldBy(lock, holder.pid);
 }
 
 function heldBy(lock: DirLock, pid: number): ReleaseError {
@@ -61,25 +62,26 @@ function heldBy(lock: DirLock, pid: number): ReleaseError {
 }
 
 /**
- * Removes `lock` if it still holds `pid`, a run that is gone. One run at a time does this,
+ * Removes `lock` if it still names `dead`, a run that is gone. One run at a time does this,
  * the one that makes `<lock>.takeover`: a run that removed a lock it had read as dead could
  * otherwise remove the live one another run made since. A run that finds another taking it
  * over waits a moment and looks again.
  */
-async function removeDeadLock(run: Run, lock: DirLock, pid: number): Promise<void> {
+async function removeDeadLock(run: Run, lock: DirLock, dead: Holder): Promise<void> {
   const guard = takeoverName(lock.file);
   if (!await createLock(lock, guard)) {
     const holder = await lockHolder(guard);
     if (holder === undefined) throw lock.notALock();
     // Left by a run killed while taking the lock over: the next look makes it again.
-    if (holder > 0 && !isRunning(holder)) await fs.rm(guard, { force: true });
+    if (holder.pid > 0 && !await isRunning(holder)) await fs.rm(guard, { force: true });
     else await new Promise((resolve) => setTimeout(resolve, TAKEOVER_WAIT_MS));
     return;
   }
   try {
-    if (await lockHolder(lock.file) !== pid) return;
+    const now = await lockHolder(lock.file);
+    if (now?.pid !== dead.pid || now.identity !== dead.identity) return;
     await fs.rm(lock.file, { force: true });
-    run.log(`Taking over ${lock.file}: its ${lock.taker} (pid ${pid || "unknown"}) is gone`);
+    run.log(`Taking over ${lock.file}: its ${lock.taker} (pid ${dead.pid || "unknown"}) is gone`);
   } finally {
     await fs.rm(guard, { force: true });
   }
@@ -92,10 +94,13 @@ async function removeDeadLock(run: Run, lock: DirLock, pid: number): Promise<voi
  */
 async function createLock(lock: DirLock, file: string): Promise<boolean> {
   const mine = newName(file, process.pid);
+  const identity = await processIdentity(process.pid);
   try {
     // What a run with this pid left when it was killed.
     await fs.rm(mine, { force: true });
-    await fs.writeFile(mine, `${process.pid}\n`, { flag: "wx" });
+    await fs.writeFile(mine, `${[process.pid, identity].filter(Boolean).join(" ")}\n`, {
+      flag: "wx",
+    });
     try {
       return await fs.link(mine, file).then(() => true, (error: NodeJS.ErrnoException) => {
         if (error.code === "EEXIST") return false;
@@ -143,34 +148,70 @@ export async function removeLeftoversOfKilledRuns(dir: string, lockName: string)
     const file = path.join(dir, entry);
     const suffix = entry.slice(lockName.length);
     const named = suffix.match(/^\.(\d{1,10})\.(new|stale)$/)?.[1];
-    const pid = named !== undefined
-      ? Number(named)
+    const holder = named !== undefined
+      ? { pid: Number(named) }
       : suffix === ".takeover"
       ? await lockHolder(file)
       : undefined;
-    if (pid === undefined || (pid > 0 && isRunning(pid))) continue;
+    if (holder === undefined || await isRunning(holder)) continue;
     const stat = await fs.lstat(file).catch(() => undefined);
     if (stat?.isFile()) await fs.rm(file, { force: true });
   }
 }
 
-/**
- * The pid a lock file holds: 0 when it is gone, unreadable or empty; undefined when it is no
- * lock at all: it holds anything but a pid, or is not a regular file or larger than any lock,
- * which is never read, so a FIFO or a huge file there can neither block nor fill this process.
- */
-async function lockHolder(file: string): Promise<number | undefined> {
-  const read = await readSmallFile(file, MAX_LOCK_SIZE, { followLinks: false });
-  if (!("bytes" in read)) return read.problem === "unreadable" ? 0 : undefined;
-  const text = new TextDecoder().decode(read.bytes).trim();
-  return /^\d{0,10}$/.test(text) ? Number(text) : undefined;
+/** Who a lock names: `pid` 0 when the lock is gone, unreadable or empty. */
+interface Holder {
+  pid: number;
+  /** The boot and start time of the process (processIdentity), when the lock recorded them. */
+  identity?: string;
 }
 
-function isRunning(pid: number): boolean {
+/**
+ * Who a lock file names; undefined when it is no lock at all: it holds anything but a pid (and
+ * an identity), or is not a regular file or larger than any lock, which is never read, so a
+ * FIFO or a huge file there can neither block nor fill this process.
+ */
+async function lockHolder(file: string): Promise<Holder | undefined> {
+  const read = await readSmallFile(file, MAX_LOCK_SIZE, { followLinks: false });
+  if (!("bytes" in read)) return read.problem === "unreadable" ? { pid: 0 } : undefined;
+  const text = new TextDecoder().decode(read.bytes).trim();
+  const match = text.match(/^(\d{0,10})(?: ([0-9a-f-]{1,64}\/\d{1,20}))?$/);
+  if (!match) return undefined;
+  return match[2] ? { pid: Number(match[1]), identity: match[2] } : { pid: Number(match[1]) };
+}
+
+/**
+ * The boot (the kernel's boot_id) and start time (in clock ticks since boot) of process `pid`:
+ * a pid names one process only until it ends, and after a reboot or once pids wrap around
+ * another process has it. Undefined where /proc does not tell.
+ */
+async function processIdentity(pid: number): Promise<string | undefined> {
   try {
-    process.kill(pid, 0);
-    return true;
-  } catch (error) {
-    return (error as NodeJS.ErrnoException).code === "EPERM";
+    const boot = (await fs.readFile("/proc/sys/kernel/random/boot_id", "utf8")).trim();
+    const stat = await fs.readFile(`/proc/${pid}/stat`, "utf8");
+    // The fields after the command name, which is in parentheses and may hold anything.
+    const started = stat.slice(stat.lastIndexOf(")") + 2).split(" ")[19];
+    return /^[0-9a-f-]{1,64}$/.test(boot) && /^\d{1,20}$/.test(started ?? "")
+      ? `${boot}/${started}`
+      : undefined;
+  } catch {
+    return undefined;
   }
+}
+
+/**
+ * True when the run `holder` names runs now: its pid is a process, and, when the lock recorded
+ * one, the same process (a pid given to another since is not). A process whose identity cannot
+ * be read is taken to be it.
+ */
+async function isRunning(holder: Holder): Promise<boolean> {
+  if (holder.pid <= 0) return false;
+  try {
+    process.kill(holder.pid, 0);
+  } catch (error) {
+    if ((error as NodeJS.ErrnoException).code !== "EPERM") return false;
+  }
+  if (!holder.identity) return true;
+  const identity = await processIdentity(holder.pid);
+  return identity === undefined || identity === holder.identity;
 }

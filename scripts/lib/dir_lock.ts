@@ -2,7 +2,8 @@
  * One writer at a time: a lock file holding its taker's pid (with the boot and start time that
  * tell that process from a later one given the same pid), created exclusively, taken over when
  * that process is gone. It reads and writes only the lock file and its companions (`.PID.new`,
- * `.takeover`), never what the lock guards.
+ * and `.takeover`, which the kernel locks while a dead run's lock is replaced), never what the
+ * lock guards.
  */
 import process from "node:process";
 import * as fs from "node:fs/promises";
@@ -25,8 +26,8 @@ export interface DirLock {
   taker: string;
   /** What it guards, as its messages name it. */
   guards: string;
-  /** The failure for a `file` that is there but is no lock: one line with the fix. */
-  notALock: () => Error;
+  /** The failure for `file` (the lock, or its `.takeover`) there but no lock: one line with the fix. */
+  notALock: (file: string) => Error;
 }
 
 /**
@@ -35,10 +36,19 @@ export interface DirLock {
  */
 export async function takeLock(run: Run, lock: DirLock): Promise<void> {
   for (let look = 1;; look++) {
-    if (await createLock(lock, lock.file)) return;
+    if (await createLock(lock)) return;
     const holder = await lockHolder(lock.file);
-    if (holder === undefined) throw lock.notALock();
-    if (await isRunning(holder) || look > TAKEOVER_LOOKS) throw heldBy(lock, holder.pid);
+    if (holder === undefined) throw lock.notALock(lock.file);
+    // Released since it was found there: make it again.
+    if (holder === GONE && look <= TAKEOVER_LOOKS) continue;
+    if (holder === GONE || holder.unreadable || await isRunning(holder)) {
+      throw heldBy(lock, holder === GONE ? 0 : holder.pid);
+    }
+    if (look > TAKEOVER_LOOKS) {
+      throw new ReleaseError(
+        `another ${lock.taker} is taking over the lock of ${lock.guards} from a run that is gone: rerun`,
+      );
+    }
     await removeDeadLock(run, lock, holder);
   }
 }
@@ -49,8 +59,10 @@ export async function takeLock(run: Run, lock: DirLock): Promise<void> {
  */
 export async function refuseIfHeld(lock: DirLock): Promise<void> {
   const holder = await lockHolder(lock.file);
-  if (holder === undefined) throw lock.notALock();
-  if (await isRunning(holder)) throw heldBy(lock, holder.pid);
+  if (holder === undefined) throw lock.notALock(lock.file);
+  if (holder !== GONE && (holder.unreadable || await isRunning(holder))) {
+    throw heldBy(lock, holder.pid);
+  }
 }
 
 function heldBy(lock: DirLock, pid: number): ReleaseError {
@@ -63,36 +75,57 @@ function heldBy(lock: DirLock, pid: number): ReleaseError {
 
 /**
  * Removes `lock` if it still names `dead`, a run that is gone. One run at a time does this,
- * the one that makes `<lock>.takeover`: a run that removed a lock it had read as dead could
- * otherwise remove the live one another run made since. A run that finds another taking it
- * over waits a moment and looks again.
+ * the one holding the kernel's lock on `<lock>.takeover`: a run that removed a lock it had read
+ * as dead could otherwise remove the live one another run made since. The kernel lock ends
+ * with its process, so a run killed here blocks no one. A run that finds another taking the
+ * lock over waits a moment and looks again.
  */
 async function removeDeadLock(run: Run, lock: DirLock, dead: Holder): Promise<void> {
   const guard = takeoverName(lock.file);
-  if (!await createLock(lock, guard)) {
-    const holder = await lockHolder(guard);
-    if (holder === undefined) throw lock.notALock();
-    // Left by a run killed while taking the lock over: the next look makes it again.
-    if (holder.pid > 0 && !await isRunning(holder)) await fs.rm(guard, { force: true });
-    else await new Promise((resolve) => setTimeout(resolve, TAKEOVER_WAIT_MS));
-    return;
-  }
+  const planted = await fs.lstat(guard).catch(() => undefined);
+  if (planted && !planted.isFile()) throw lock.notALock(guard);
+  const file = await Deno.open(guard, { read: true, write: true, create: true })
+    .catch((error) => {
+      throw cannotLock(lock, error);
+    });
   try {
-    const now = await lockHolder(lock.file);
-    if (now?.pid !== dead.pid || now.identity !== dead.identity) return;
-    await fs.rm(lock.file, { force: true });
-    run.log(`Taking over ${lock.file}: its ${lock.taker} (pid ${dead.pid || "unknown"}) is gone`);
+    // Held, or removed and made again since this run opened it: another run is at it.
+    const held = await file.tryLock(true) &&
+      (await file.stat()).ino === (await fs.lstat(guard).catch(() => undefined))?.ino;
+    if (!held) {
+      await new Promise((resolve) => setTimeout(resolve, TAKEOVER_WAIT_MS));
+      return;
+    }
+    try {
+      const now = await lockHolder(lock.file);
+      if (now === undefined || now === GONE) return;
+      if (now.pid !== dead.pid || now.identity !== dead.identity) return;
+      await fs.rm(lock.file, { force: true });
+      run.log(`Taking over ${lock.file}: its ${lock.taker} (pid ${dead.pid || "unknown"}) is gone`);
+    } finally {
+      // Removed while still held: a run that opened it before then finds it gone, and looks again.
+      await fs.rm(guard, { force: true });
+    }
   } finally {
-    await fs.rm(guard, { force: true });
+    file.close();
   }
 }
 
+function cannotLock(lock: DirLock, error: unknown): ReleaseError {
+  return new ReleaseError(
+    `cannot lock ${lock.guards} (${
+      (error as NodeJS.ErrnoException).code ?? (error as Error).name
+    }): check that this user can write ${path.dirname(lock.file)}, then rerun`,
+  );
+}
+
 /**
- * Creates `file` holding this process's pid, or returns false when it is there. The pid is
+ * Creates the lock file holding this process's pid, or returns false when it is there. The pid is
  * written under a name of this run's own, then linked in: a lock is never seen empty, so a
  * run that reads it while it is being made never takes it for a dead run's.
  */
-async function createLock(lock: DirLock, file: string): Promise<boolean> {
+async function createLock(lock: DirLock): Promise<boolean> {
+  const file = lock.file;
   const mine = newName(file, process.pid);
   const identity = await processIdentity(process.pid);
   try {
@@ -110,11 +143,7 @@ async function createLock(lock: DirLock, file: string): Promise<boolean> {
       await fs.rm(mine, { force: true });
     }
   } catch (error) {
-    throw new ReleaseError(
-      `cannot lock ${lock.guards} (${
-        (error as NodeJS.ErrnoException).code
-      }): check that this user can write ${path.dirname(lock.file)}, then rerun`,
-    );
+    throw cannotLock(lock, error);
   }
 }
 
@@ -139,41 +168,48 @@ function takeoverName(file: string): string {
 
 /**
  * Removes what runs killed while making or taking over lock file `lockName` left in `dir`:
- * the regular files `NAME.PID.new`, `NAME.takeover`, and `NAME.PID.stale` of earlier versions.
- * A live run's are its lock in the making, and stay; so does anything that is not a file.
+ * the regular files `NAME.PID.new` of a pid that runs no more, `NAME.takeover` (a kernel lock,
+ * which no one holds once the lock is taken), and `NAME.PID.stale` of earlier versions.
+ * Anything that is not a file stays.
  */
 export async function removeLeftoversOfKilledRuns(dir: string, lockName: string): Promise<void> {
   for (const entry of await fs.readdir(dir)) {
     if (!entry.startsWith(`${lockName}.`)) continue;
-    const file = path.join(dir, entry);
     const suffix = entry.slice(lockName.length);
     const named = suffix.match(/^\.(\d{1,10})\.(new|stale)$/)?.[1];
-    const holder = named !== undefined
-      ? { pid: Number(named) }
-      : suffix === ".takeover"
-      ? await lockHolder(file)
-      : undefined;
-    if (holder === undefined || await isRunning(holder)) continue;
+    if (suffix !== ".takeover" && named === undefined) continue;
+    if (named !== undefined && await isRunning({ pid: Number(named) })) continue;
+    const file = path.join(dir, entry);
     const stat = await fs.lstat(file).catch(() => undefined);
     if (stat?.isFile()) await fs.rm(file, { force: true });
   }
 }
 
-/** Who a lock names: `pid` 0 when the lock is gone, unreadable or empty. */
+/** Who a lock names. */
 interface Holder {
+  /** 0 when the lock holds no pid (empty). */
   pid: number;
   /** The boot and start time of the process (processIdentity), when the lock recorded them. */
   identity?: string;
+  /** It is there, but this user cannot read it: whose it is is not known. */
+  unreadable?: boolean;
 }
 
+/** A lock file that is not there (any more). */
+const GONE = "gone";
+
 /**
- * Who a lock file names; undefined when it is no lock at all: it holds anything but a pid (and
- * an identity), or is not a regular file or larger than any lock, which is never read, so a
- * FIFO or a huge file there can neither block nor fill this process.
+ * Who a lock file names, or GONE; undefined when it is no lock at all: it holds anything but a
+ * pid (and an identity), or is not a regular file or larger than any lock, which is never
+ * read, so a FIFO or a huge file there can neither block nor fill this process.
  */
-async function lockHolder(file: string): Promise<Holder | undefined> {
+async function lockHolder(file: string): Promise<Holder | typeof GONE | undefined> {
   const read = await readSmallFile(file, MAX_LOCK_SIZE, { followLinks: false });
-  if (!("bytes" in read)) return read.problem === "unreadable" ? { pid: 0 } : undefined;
+  if (!("bytes" in read)) {
+    if (read.problem !== "unreadable") return undefined;
+    // Not there (ENOENT, or a parent that is no directory), or there but not this user's to read.
+    return read.code === "EACCES" || read.code === "EPERM" ? { pid: 0, unreadable: true } : GONE;
+  }
   const text = new TextDecoder().decode(read.bytes).trim();
   const match = text.match(/^(\d{0,10})(?: ([0-9a-f-]{1,64}\/\d{1,20}))?$/);
   if (!match) return undefined;

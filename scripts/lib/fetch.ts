@@ -341,7 +341,7 @@ async function lockedIn<T>(run: Run, out: string, work: () => Promise<T>): Promi
     file,
     taker: "fetch",
     guards: path.dirname(file),
-    notALock: () => notOurs(file, "not a lock file"),
+    notALock: (planted: string) => notOurs(planted, "not a lock file"),
   };
   await takeLock(run, lock);
   try {

@@ -92,9 +92,9 @@ function stageLock(out: string): DirLock {
     file,
     taker: "stage",
     guards: out,
-    notALock: () =>
+    notALock: (planted) =>
       new ReleaseError(
-        `${file} is not a lock file, which release-boot did not make: remove it, or stage into another --out`,
+        `${planted} is not a lock file, which release-boot did not make: remove it, or stage into another --out`,
       ),
   };
 }

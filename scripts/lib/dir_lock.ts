@@ -49,7 +49,9 @@ export async function takeLock(run: Run, lock: DirLock): Promise<void> {
         `another ${lock.taker} is taking over the lock of ${lock.guards} from a run that is gone: rerun`,
       );
     }
-    await removeDeadLock(run, lock, holder);
+    await removeDeadLock(run, lock, holder).catch((error) => {
+      throw error instanceof ReleaseError ? error : cannotLock(lock, error);
+    });
   }
 }
 
@@ -84,30 +86,46 @@ async function removeDeadLock(run: Run, lock: DirLock, dead: Holder): Promise<vo
   const guard = takeoverName(lock.file);
   const planted = await fs.lstat(guard).catch(() => undefined);
   if (planted && !planted.isFile()) throw lock.notALock(guard);
-  const file = await Deno.open(guard, { read: true, write: true, create: true })
-    .catch((error) => {
-      throw cannotLock(lock, error);
-    });
+  const held = await holdGuard(guard);
+  if (!held) {
+    await new Promise((resolve) => setTimeout(resolve, TAKEOVER_WAIT_MS));
+    return;
+  }
   try {
-    // Held, or removed and made again since this run opened it: another run is at it.
-    const held = await file.tryLock(true) &&
-      (await file.stat()).ino === (await fs.lstat(guard).catch(() => undefined))?.ino;
-    if (!held) {
-      await new Promise((resolve) => setTimeout(resolve, TAKEOVER_WAIT_MS));
-      return;
-    }
-    try {
-      const now = await lockHolder(lock.file);
-      if (now === undefined || now === GONE) return;
-      if (now.pid !== dead.pid || now.identity !== dead.identity) return;
-      await fs.rm(lock.file, { force: true });
-      run.log(`Taking over ${lock.file}: its ${lock.taker} (pid ${dead.pid || "unknown"}) is gone`);
-    } finally {
-      // Removed while still held: a run that opened it before then finds it gone, and looks again.
-      await fs.rm(guard, { force: true });
-    }
+    const now = await lockHolder(lock.file);
+    if (now === undefined || now === GONE) return;
+    if (now.pid !== dead.pid || now.identity !== dead.identity) return;
+    await fs.rm(lock.file, { force: true });
+    run.log(`Taking over ${lock.file}: its ${lock.taker} (pid ${dead.pid || "unknown"}) is gone`);
   } finally {
-    file.close();
+    await dropGuard(guard, held);
+  }
+}
+
+/**
+ * The kernel's lock on `guard` (made if missing), or undefined while another run holds it, or
+ * once the name has been removed and made again since it was opened (the lock held is then on
+ * a file no one else will open).
+ */
+async function holdGuard(guard: string): Promise<Deno.FsFile | undefined> {
+  const file = await Deno.open(guard, { read: true, write: true, create: true });
+  const held = await file.tryLock(true) &&
+    (await file.stat()).ino === (await fs.lstat(guard).catch(() => undefined))?.ino;
+  if (held) return file;
+  file.close();
+  return undefined;
+}
+
+/**
+ * Removes `guard` while still holding it, if the name is still the file held (a run that
+ * opened it before then finds it gone, and looks again), then lets it go.
+ */
+async function dropGuard(guard: string, held: Deno.FsFile): Promise<void> {
+  try {
+    const [mine, named] = [await held.stat(), await fs.lstat(guard).catch(() => undefined)];
+    if (named?.ino === mine.ino) await fs.rm(guard, { force: true });
+  } finally {
+    held.close();
   }
 }
 
@@ -168,20 +186,24 @@ function takeoverName(file: string): string {
 
 /**
  * Removes what runs killed while making or taking over lock file `lockName` left in `dir`:
- * the regular files `NAME.PID.new` of a pid that runs no more, `NAME.takeover` (a kernel lock,
- * which no one holds once the lock is taken), and `NAME.PID.stale` of earlier versions.
- * Anything that is not a file stays.
+ * the regular files `NAME.PID.new` of a pid that runs no more, `NAME.takeover` when no run
+ * holds it, and `NAME.PID.stale` of earlier versions. Anything that is not a file stays.
  */
 export async function removeLeftoversOfKilledRuns(dir: string, lockName: string): Promise<void> {
   for (const entry of await fs.readdir(dir)) {
     if (!entry.startsWith(`${lockName}.`)) continue;
-    const suffix = entry.slice(lockName.length);
-    const named = suffix.match(/^\.(\d{1,10})\.(new|stale)$/)?.[1];
-    if (suffix !== ".takeover" && named === undefined) continue;
-    if (named !== undefined && await isRunning({ pid: Number(named) })) continue;
     const file = path.join(dir, entry);
     const stat = await fs.lstat(file).catch(() => undefined);
-    if (stat?.isFile()) await fs.rm(file, { force: true });
+    if (!stat?.isFile()) continue;
+    const suffix = entry.slice(lockName.length);
+    const named = suffix.match(/^\.(\d{1,10})\.(new|stale)$/)?.[1];
+    if (named !== undefined && !await isRunning({ pid: Number(named) })) {
+      await fs.rm(file, { force: true });
+    } else if (suffix === ".takeover") {
+      // A run slow to finish its takeover still holds it: removed only from under no one.
+      const held = await holdGuard(file);
+      if (held) await dropGuard(file, held);
+    }
   }
 }
 

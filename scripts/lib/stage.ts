@@ -159,9 +159,8 @@ async function startStage(run: Run, out: string): Promise<string> {
 /**
  * What a killed stage left beside `out`: `<out>.partial-*` directories of plain files, and the
  * files it left making or taking over the lock (`<out>.lock.PID.new`, `<out>.lock.takeover`),
- * never anything else. A
- * stage killed between moving the earlier one aside and renaming the new one in left `out`
- * missing: the earlier stage goes back in its place.
+ * never anything else. A stage killed between moving the earlier one aside and renaming the new
+ * one in left `out` missing: the earlier stage goes back in its place.
  */
 async function cleanUpAfterKilledStages(run: Run, out: string): Promise<void> {
   const parent = path.dirname(out);

@@ -150,7 +150,7 @@ nixTest(
       await fs.writeFile(`${out}.lock.${dead.pid}.new`, `${dead.pid}\n`);
       await fs.writeFile(`${out}.lock.takeover`, `${dead.pid}\n`);
       await fs.writeFile(`${out}.lock.${dead.pid}.stale`, "1\n");
-      // A live run's lock moved aside while it takes it over.
+      // What a live run of an earlier version moved aside while taking a lock over: it stays.
       await fs.writeFile(`${out}.lock.${live.pid}.stale`, "1\n");
       const run = await stageNetboot(work.dir, out);
       assert.equal(run.code, 0, run.stderr);
